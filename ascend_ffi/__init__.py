@@ -1,0 +1,145 @@
+"""The custom-call layer of xyjax: the tile contract and the compiled library ``libxyjax_ffi``.
+
+The tile contract is one attention task per row of an ``int32[W, NUM_FIELDS]`` table, read by
+every attention backend. Its definition, with the exact meaning of each field and mask kind, is
+the C header ``ascend_ffi/include/xyjax/tile_contract.h``; this module mirrors it, and
+``tests/test_ascend_ffi.py`` checks the two agree through the compiled library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import os
+from importlib import metadata
+from pathlib import Path
+
+__all__ = [
+    "ABI_VERSION",
+    "NUM_FIELDS",
+    "NUM_MASK_KINDS",
+    "Field",
+    "MaskKind",
+    "LIBRARY_NAME",
+    "include_dir",
+    "library_path",
+    "load",
+]
+
+ABI_VERSION = 1
+"""XYJAX_TILE_ABI_VERSION: bumped whenever the field list or the mask kinds change."""
+
+
+class Field(enum.IntEnum):
+    """Column of a task row (the header's XYJAX_TASK_*)."""
+
+    SEQ = 0  # sequence slot: row of block_tables
+    Q_START = 1  # first row of the tile in the flat token array
+    Q_LEN = 2  # query rows in the tile, <= tile size; 0 = padding task
+    Q_POS = 3  # absolute position of the tile's first query row
+    KV_START = 4  # first KV position this task reads
+    KV_END = 5  # one past the last KV position this task reads
+    KV_HEAD = 6  # KV head (GQA group) of the task
+    MASK_KIND = 7  # a MaskKind
+    MASK_BASE = 8  # TREE: KV position of the tree mask's column 0; CAUSAL: 0
+    SPLIT = 9  # index of this KV split
+    NUM_SPLITS = 10  # KV splits merged by log-sum-exp; 1 = no split
+
+
+NUM_FIELDS = len(Field)
+"""XYJAX_TASK_NUM_FIELDS: the width of the task table."""
+
+
+class MaskKind(enum.IntEnum):
+    """Value of the MASK_KIND column (the header's XYJAX_MASK_*)."""
+
+    CAUSAL = 0  # row i sees p <= q_pos + i: prefill, chunked/prefix prefill, decode, chain verify
+    TREE = 1  # row i sees p < mask_base, or p where its per-row tree mask bit is set
+
+
+NUM_MASK_KINDS = len(MaskKind)
+
+LIBRARY_NAME = "libxyjax_ffi.so"
+_ENV_OVERRIDE = "XYJAX_FFI_LIBRARY"
+
+
+def include_dir() -> Path:
+    """The directory holding ``xyjax/tile_contract.h`` (for builds against the contract)."""
+    return Path(__file__).resolve().parent / "include"
+
+
+def _candidates() -> list[Path]:
+    """Places the built library may be, most specific first."""
+    found: list[Path] = []
+    if os.environ.get(_ENV_OVERRIDE):
+        return [Path(os.environ[_ENV_OVERRIDE])]
+    # Regular install: next to this file. Editable install (scikit-build-core redirect mode):
+    # __path__ lists the CMake install tree in site-packages besides the source tree.
+    for entry in list(globals().get("__path__", [])) + [str(Path(__file__).parent)]:
+        found.append(Path(entry) / LIBRARY_NAME)
+    # The source tree imported directly (e.g. from the repo root) while the project is installed.
+    try:
+        located = metadata.distribution("xyjax").locate_file(f"ascend_ffi/{LIBRARY_NAME}")
+        found.append(Path(str(located)))
+    except metadata.PackageNotFoundError:
+        pass
+    unique: list[Path] = []
+    for path in found:
+        if path not in unique:
+            unique.append(path)
+    return unique
+
+
+def library_path() -> Path:
+    """Path of the built ``libxyjax_ffi.so``; FileNotFoundError names every place looked at.
+
+    The environment variable XYJAX_FFI_LIBRARY, when set, names the library directly.
+    """
+    candidates = _candidates()
+    for path in candidates:
+        if path.is_file():
+            return path
+    looked = ", ".join(str(p) for p in candidates)
+    raise FileNotFoundError(
+        f"{LIBRARY_NAME} not found (looked at: {looked}). It is built by the package build: "
+        "run `pip install -e .` (or `make run` / `make test`) in the repository root."
+    )
+
+
+_LIBRARY: ctypes.CDLL | None = None
+
+
+def load() -> ctypes.CDLL:
+    """Load ``libxyjax_ffi`` once (ctypes), with the argument types of its contract functions.
+
+    Raises FileNotFoundError naming the path(s) if the library is missing, and RuntimeError if
+    its ABI version differs from this module's.
+    """
+    global _LIBRARY
+    if _LIBRARY is not None:
+        return _LIBRARY
+    path = library_path()
+    lib = ctypes.CDLL(str(path))
+    i32, cstr, i32p = ctypes.c_int32, ctypes.c_char_p, ctypes.POINTER(ctypes.c_int32)
+    signatures = {
+        "xyjax_ffi_abi_version": ([], i32),
+        "xyjax_tile_num_fields": ([], i32),
+        "xyjax_tile_row_bytes": ([], i32),
+        "xyjax_tile_field_index": ([cstr], i32),
+        "xyjax_tile_field_name": ([i32], cstr),
+        "xyjax_tile_num_mask_kinds": ([], i32),
+        "xyjax_tile_mask_kind": ([cstr], i32),
+        "xyjax_tile_mask_kind_name": ([i32], cstr),
+        "xyjax_ffi_xla_api_version": ([i32p, i32p], i32),
+    }
+    for name, (argtypes, restype) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
+    version = lib.xyjax_ffi_abi_version()
+    if version != ABI_VERSION:
+        raise RuntimeError(
+            f"{path} has tile ABI version {version}, the Python side expects {ABI_VERSION}: "
+            "rebuild it with `pip install -e .`."
+        )
+    _LIBRARY = lib
+    return lib
