@@ -1,0 +1,51 @@
+# make run   installs the project into .venv and generates text with the default model
+# make test  installs it with the test extra and runs the test suite
+#
+# Installs are editable (pip install -e) and skip pip's build isolation: the build requirements
+# of pyproject.toml are installed into .venv first, so a reinstall (after C++ or pyproject
+# changes) takes seconds and CMake rebuilds incrementally in build/<wheel tag>/.
+
+PY ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+TORCH := torch==2.13.0
+PROMPT ?= Write a haiku about the sea.
+MAX_TOKENS ?= 64
+PYTEST_ARGS ?=
+
+.PHONY: run test install install-test build-deps clean
+
+run: install
+	$(BIN)/xyjax generate "$(PROMPT)" --max-tokens $(MAX_TOKENS) --chat
+
+test: install-test
+	@rc=0; HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q tests $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then \
+		echo "make test: pytest collected no tests (exit 5); a run that tests nothing fails" >&2; exit 1; \
+	fi; \
+	exit $$rc
+
+install: build-deps
+	$(PIP) install --no-build-isolation -e .
+
+# torch, pinned to the local CPU build, goes in before the test extra, so nothing can pull a
+# CUDA torch.
+install-test: build-deps
+	$(PIP) install $(TORCH)
+	$(PIP) install --no-build-isolation -e '.[test]'
+
+# build-system.requires, then what scikit-build-core asks for on this machine (cmake and ninja
+# from PyPI when the system has none).
+build-deps: $(BIN)/python
+	$(BIN)/python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))' > $(VENV)/build-requirements.txt
+	$(PIP) install -r $(VENV)/build-requirements.txt
+	$(BIN)/python -c 'from scikit_build_core.build import get_requires_for_build_editable as r; print("\n".join(r()))' > $(VENV)/build-requirements-extra.txt
+	$(PIP) install -r $(VENV)/build-requirements-extra.txt
+
+$(BIN)/python:
+	@test -n "$(PY)" || { echo "no python3.11 or python3 found; set PY=/path/to/python3.11" >&2; exit 1; }
+	$(PY) -m venv $(VENV)
+
+clean:
+	rm -rf build
