@@ -1,0 +1,113 @@
+"""Llama-family decoder as pure functions over a param pytree (Llama, Mistral, Qwen2 with q/k/v bias).
+
+Params (``[in, out]`` weights, layers stacked on a leading axis L so ``lax.scan`` runs them):
+    embed [V, D]; final_norm [D]; lm_head [D, V] (absent when tied to ``embed``)
+    layers: attn_norm [L, D], wqkv [L, D, (H + 2 Hkv) Dh], bqkv [L, (H + 2 Hkv) Dh] (optional),
+            wo [L, H Dh, D], mlp_norm [L, D], w_gate_up [L, D, 2 F], w_down [L, F, D]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.config import ModelConfig
+from xyjax.kv_cache import KVCache
+from xyjax.ops import meta_attention, smooth_gemm
+from xyjax.step_inputs import StepInputs
+
+
+@dataclasses.dataclass(frozen=True)
+class Backends:
+    """Which backend each op uses (static)."""
+
+    attention: str = "xla"
+    gemm: str = "xla"
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """``x / rms(x) * weight`` computed in float32; x [..., D]."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (x32 * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2] float32, with linear / llama3 scaling applied."""
+    inv = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
+    if cfg.rope_scaling is None:
+        return inv.astype(np.float32)
+    kind, factor, *rest = cfg.rope_scaling
+    if kind == "linear":
+        return (inv / factor).astype(np.float32)
+    low, high, original = rest
+    wavelen = 2 * math.pi / inv
+    smooth = (original / wavelen - low) / (high - low)
+    scaled = np.where(wavelen > original / low, inv / factor, inv)
+    mid = (wavelen <= original / low) & (wavelen >= original / high)
+    return np.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotary embedding, HF half-split convention. x [T, H, Dh]; cos, sin [T, Dh]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos[:, None] + rotated * sin[:, None]).astype(x.dtype)
+
+
+def forward(params: dict, kv: KVCache, inputs: StepInputs, *, cfg: ModelConfig,
+            backends: Backends = Backends()) -> tuple[jax.Array, KVCache]:
+    """One step: writes this step's K/V into ``kv`` and returns float32 logits [R, V] for the sampled rows."""
+    m = inputs.num_tokens
+    x = params["embed"][inputs.token_ids]                                   # [T, D]
+    angles = inputs.positions[:, None].astype(jnp.float32) * rope_frequencies(cfg)[None]
+    cos, sin = jnp.cos(jnp.concatenate([angles] * 2, -1)), jnp.sin(jnp.concatenate([angles] * 2, -1))
+    gemm = lambda a, w: smooth_gemm(a, w, m, backend=backends.gemm)       # noqa: E731
+    num_tokens = x.shape[0]
+
+    def layer(carry, scanned):
+        x, kv = carry
+        index, p = scanned
+        h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+        qkv = gemm(h, p["wqkv"])
+        if "bqkv" in p:
+            qkv = qkv + p["bqkv"]
+        q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
+        q = apply_rope(q.reshape(num_tokens, cfg.num_heads, cfg.head_dim), cos, sin)
+        k = apply_rope(k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+        kv = kv.write(index, k, v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim), inputs.slot_mapping)
+        attn = meta_attention(q, kv, index, inputs.attention, backend=backends.attention)
+        x = x + gemm(attn.reshape(num_tokens, cfg.q_size), p["wo"])
+        h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+        gate, up = jnp.split(gemm(h, p["w_gate_up"]), 2, axis=-1)
+        x = x + gemm(jax.nn.silu(gate) * up, p["w_down"])
+        return (x, kv), None
+
+    (x, kv), _ = jax.lax.scan(layer, (x, kv), (jnp.arange(cfg.num_layers), params["layers"]))
+    h = rms_norm(x[inputs.sample_index], params["final_norm"], cfg.rms_norm_eps)
+    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    logits = smooth_gemm(h, head, inputs.num_samples, backend=backends.gemm)
+    return logits.astype(jnp.float32), kv
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.05) -> dict:
+    """Random params with the right structure (for tests and tiny configs)."""
+    L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+    qkv = cfg.q_size + 2 * cfg.kv_size
+    shapes = {"wqkv": (L, D, qkv), "wo": (L, cfg.q_size, D), "w_gate_up": (L, D, 2 * F), "w_down": (L, F, D)}
+    if cfg.attention_bias:
+        shapes["bqkv"] = (L, qkv)
+    keys = iter(jax.random.split(key, len(shapes) + 4))
+    normal = lambda shape: (scale * jax.random.normal(next(keys), shape)).astype(dtype)  # noqa: E731
+    layers = {name: normal(shape) for name, shape in shapes.items()}
+    layers["attn_norm"] = (1.0 + normal((L, D))).astype(dtype)
+    layers["mlp_norm"] = (1.0 + normal((L, D))).astype(dtype)
+    params = {"embed": normal((cfg.vocab_size, D)), "final_norm": (1.0 + normal((D,))).astype(dtype),
+              "layers": layers}
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = normal((D, cfg.vocab_size))
+    return params

@@ -1,0 +1,53 @@
+"""Command line: ``xyjax generate "prompt" [--model M] [--max-tokens N] [--temperature T] [--chat]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="xyjax", description="Serve LLMs from JAX (after XY-Serve).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate text for a prompt and stream it to stdout")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", default=None, help="known name, .gguf path or HF directory (default: smollm2-135m-instruct)")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    gen.add_argument("--dtype", default="float32")
+    args = parser.parse_args(argv)
+
+    from xyjax import LLM, SamplingParams
+
+    try:
+        sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                                  top_p=args.top_p, seed=args.seed)
+        llm = LLM(args.model, dtype=args.dtype)
+        prompt = args.prompt
+        if args.chat:
+            prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                       add_generation_prompt=True, tokenize=True)
+        start, first = time.perf_counter(), None
+        for piece in llm.stream(prompt, sampling):
+            first = first or time.perf_counter()
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"xyjax: error: {e}", file=sys.stderr)
+        return 2
+    end = time.perf_counter()
+    n = llm.stats["generated_tokens"]
+    first = first or end
+    print(file=sys.stdout)
+    print(f"[{n} tokens in {end - start:.2f}s; first after {first - start:.2f}s, "
+          f"then {(n - 1) / max(end - first, 1e-9):.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Paged KV cache: a pytree of per-layer K and V blocks, written functionally through a slot mapping."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class KVCache:
+    """K and V blocks for every layer.
+
+    k, v: ``[num_layers, num_blocks, block_size, num_kv_heads, head_dim]``. Token slot ``s`` of a
+    sequence lives at ``(block = s // block_size, offset = s % block_size)``.
+    """
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def create(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+               dtype=jnp.float32) -> "KVCache":
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[2]
+
+    def write(self, layer: jax.Array | int, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> "KVCache":
+        """Write ``k, v: [T, num_kv_heads, head_dim]`` of ``layer`` at flat slots ``slot_mapping: [T]`` int32.
+
+        Slot -1 writes nothing (padding tokens). Runs in place when the cache is a loop carry or donated.
+        """
+        chex.assert_equal_shape([k, v])
+        chex.assert_shape(slot_mapping, (k.shape[0],))
+        block = jnp.where(slot_mapping < 0, self.num_blocks, slot_mapping // self.block_size)  # OOB -> dropped
+        offset = slot_mapping % self.block_size
+        return KVCache(
+            k=self.k.at[layer, block, offset].set(k.astype(self.k.dtype), mode="drop"),
+            v=self.v.at[layer, block, offset].set(v.astype(self.v.dtype), mode="drop"),
+        )
+
+
+def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype) -> int:
+    """KV bytes one token occupies across all layers (K and V)."""
+    return 2 * num_layers * num_kv_heads * head_dim * jnp.dtype(dtype).itemsize
