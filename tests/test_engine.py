@@ -1,0 +1,114 @@
+"""Engine behaviour on a tiny random-weight model: paging, chunked prefill, preemption, sampling, stops, errors."""
+
+import numpy as np
+import pytest
+from reference import reference_greedy
+
+from xyjax import LLM, SamplingParams
+
+
+def prompts(rng, lengths):
+    return [rng.integers(3, 49000, n).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def small_pool_llm(tiny_model):
+    # 12 blocks of 4 tokens: the batch below cannot all fit, so requests get preempted and recomputed.
+    return LLM(tiny_model, block_size=4, kv_cache_memory=12 * 4 * 2 * 2 * 2 * 16 * 4, max_num_batched_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_model):
+    return LLM(tiny_model, block_size=4, max_num_batched_tokens=32)
+
+
+def test_greedy_batch_matches_reference_with_chunked_prefill(tiny_llm, tiny_model):
+    rng = np.random.default_rng(1)
+    ps = prompts(rng, [1, 5, 37, 70, 9])          # 37 and 70 tokens are prefilled in several chunks
+    outs = tiny_llm.generate(ps, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    for p, out in zip(ps, outs):
+        assert out.finish_reason == "length" and len(out.token_ids) == 8
+        assert out.token_ids == reference_greedy(tiny_model, p, 8)
+    assert tiny_llm.stats["kv_blocks_free"] == tiny_llm.stats["kv_blocks_total"]
+
+
+def test_preemption_recomputes_without_corruption(small_pool_llm, tiny_model):
+    rng = np.random.default_rng(2)
+    ps = prompts(rng, [10, 12, 9, 11])
+    before = small_pool_llm.stats["preemptions"]
+    outs = small_pool_llm.generate(ps, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+    assert small_pool_llm.stats["preemptions"] > before
+    for p, out in zip(ps, outs):
+        assert out.token_ids == reference_greedy(tiny_model, p, 10)
+    assert small_pool_llm.stats["kv_blocks_free"] == small_pool_llm.stats["kv_blocks_total"]
+
+
+def test_seeded_sampling_is_independent_of_batch(tiny_llm):
+    rng = np.random.default_rng(3)
+    p = prompts(rng, [6])[0]
+    s = SamplingParams(max_tokens=12, temperature=1.0, top_k=50, top_p=0.9, seed=1234, ignore_eos=True)
+    alone = tiny_llm.generate([p], s)[0].token_ids
+    others = prompts(rng, [3, 20, 8])
+    mixed = tiny_llm.generate(others[:2] + [p] + others[2:],
+                              [SamplingParams(max_tokens=5, temperature=0.7, seed=7)] * 2 + [s]
+                              + [SamplingParams(max_tokens=15, temperature=1.0)])
+    assert mixed[2].token_ids == alone
+    other_seed = tiny_llm.generate([p], SamplingParams(max_tokens=12, temperature=1.0, top_k=50, top_p=0.9,
+                                                       seed=99, ignore_eos=True))[0].token_ids
+    assert other_seed != alone
+
+
+def test_max_tokens_stop_token_ids_and_min_tokens(tiny_llm, tiny_model):
+    rng = np.random.default_rng(4)
+    p = prompts(rng, [7])[0]
+    greedy = reference_greedy(tiny_model, p, 6)
+    stop_at = greedy[3]
+    k = greedy.index(stop_at) + 1                    # the first time that token appears
+    out = tiny_llm.generate([p], SamplingParams(max_tokens=6, temperature=0, stop_token_ids=[stop_at]))[0]
+    assert out.finish_reason == "stop" and out.token_ids == greedy[:k]
+    # min_tokens masks the stop token until it is reached
+    out = tiny_llm.generate([p], SamplingParams(max_tokens=6, temperature=0, stop_token_ids=[stop_at],
+                                                min_tokens=6))[0]
+    assert len(out.token_ids) == 6 and stop_at not in out.token_ids[:6] and out.finish_reason == "length"
+
+
+def test_stop_strings_cut_text(tiny_llm, tokenizer):
+    rng = np.random.default_rng(5)
+    p = prompts(rng, [5])[0]
+    full = tiny_llm.generate([p], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    assert full.text == tokenizer.decode(full.token_ids, skip_special_tokens=True)
+    stop = full.text[len(full.text) // 2:len(full.text) // 2 + 2]
+    out = tiny_llm.generate([p], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=[stop]))[0]
+    assert out.finish_reason == "stop"
+    assert out.text == full.text[:full.text.index(stop)]
+
+
+def test_bad_prompts_error_and_others_complete(tiny_llm):
+    ok = [5, 6, 7]
+    too_long = list(range(10, 10 + tiny_llm.engine.max_model_len))
+    outs = tiny_llm.generate([ok, too_long, [], [10**9], "hello"], SamplingParams(max_tokens=3, temperature=0))
+    assert [o.finish_reason for o in outs] == ["length", "error", "error", "error", "length"]
+    assert "context length" in outs[1].error and "empty" in outs[2].error and "vocabulary" in outs[3].error
+    assert len(outs[0].token_ids) == 3 and len(outs[4].token_ids) == 3
+    assert tiny_llm.stats["kv_blocks_free"] == tiny_llm.stats["kv_blocks_total"]
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -1.0), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -3),
+                                         ("max_tokens", 0), ("min_tokens", 99), ("seed", -1), ("stop", [""]),
+                                         ("stop_token_ids", [-2]), ("temperature", float("nan"))])
+def test_invalid_sampling_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(max_tokens=8, **{field: value})
+
+
+def test_unknown_engine_option_and_model(tiny_model, tmp_path):
+    with pytest.raises(TypeError, match="block_sise"):
+        LLM(tiny_model, block_sise=8)
+    with pytest.raises(FileNotFoundError, match="tried"):
+        LLM(str(tmp_path / "missing.gguf"))
+
+
+def test_stream_concatenates_to_text(tiny_llm):
+    s = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    pieces = list(tiny_llm.stream([11, 12, 13], s))
+    assert "".join(pieces) == tiny_llm.generate([[11, 12, 13]], s)[0].text
