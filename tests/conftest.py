@@ -45,3 +45,22 @@ def tiny_model(tokenizer) -> LoadedModel:
     """A 2-layer random-weight Llama with the real tokenizer (random weights: outputs are gibberish)."""
     params = init_params(TINY, jax.random.key(0), scale=0.2)
     return LoadedModel(name="tiny", config=TINY, params=params, tokenizer=tokenizer, dtype=jnp.dtype("float32"))
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    """xyjax's LLM on the real default model (SmolLM2-135M-Instruct, float32)."""
+    from xyjax import LLM
+
+    return LLM(progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_reference(gguf_path):
+    """transformers' model and tokenizer loaded from the same GGUF file (float32 on CPU)."""
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    directory, name = os.path.split(gguf_path)
+    tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name)
+    return model.eval(), tok

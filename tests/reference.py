@@ -11,8 +11,6 @@ from xyjax.kv_cache import KVCache
 from xyjax.ops import AttentionMetadata
 from xyjax.step_inputs import StepInputs
 
-T_REF = 128
-
 
 @functools.lru_cache(maxsize=None)
 def _step(cfg):
@@ -20,13 +18,14 @@ def _step(cfg):
 
 
 def reference_logits(cfg, params, ids: list[int]) -> np.ndarray:
-    """float32 logits [V] after the whole of ``ids`` (len <= 128), computed in one pass from an empty cache."""
+    """float32 logits [V] after the whole of ``ids``, computed in one pass from an empty contiguous cache."""
     L = len(ids)
-    kv = KVCache.create(cfg.num_layers, T_REF // 16, 16, cfg.num_kv_heads, cfg.head_dim)
-    pad = lambda a, fill: np.concatenate([a, np.full(T_REF - L, fill)]).astype(np.int32)  # noqa: E731
+    T = max(128, 1 << (L - 1).bit_length())
+    kv = KVCache.create(cfg.num_layers, T // 16, 16, cfg.num_kv_heads, cfg.head_dim)
+    pad = lambda a, fill: np.concatenate([a, np.full(T - L, fill)]).astype(np.int32)  # noqa: E731
     meta = AttentionMetadata(q_start=jnp.zeros(1, jnp.int32), q_len=jnp.array([L], jnp.int32),
                              kv_len=jnp.array([L], jnp.int32),
-                             block_tables=jnp.arange(T_REF // 16, dtype=jnp.int32)[None], max_q_len=T_REF)
+                             block_tables=jnp.arange(T // 16, dtype=jnp.int32)[None], max_q_len=T)
     inputs = StepInputs(token_ids=pad(np.array(ids), 0), positions=pad(np.arange(L), 0),
                         slot_mapping=pad(np.arange(L), -1), num_tokens=jnp.int32(L), attention=meta,
                         sample_index=jnp.array([L - 1], jnp.int32), num_samples=jnp.int32(1))
