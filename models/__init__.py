@@ -1,0 +1,1 @@
+"""Pure-function model families, weight loaders, tokenizer and the registry of known models."""
