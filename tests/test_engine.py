@@ -98,7 +98,7 @@ def test_bad_prompts_error_and_others_complete(tiny_llm):
                                          ("stop_token_ids", [-2]), ("temperature", float("nan"))])
 def test_invalid_sampling_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
-        SamplingParams(max_tokens=8, **{field: value})
+        SamplingParams(**{"max_tokens": 8, field: value})
 
 
 def test_unknown_engine_option_and_model(tiny_model, tmp_path):
