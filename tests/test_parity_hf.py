@@ -1,4 +1,6 @@
-"""The default model against HF transformers loading the same GGUF: logits, greedy text, tokenizer, template."""
+"""The default model against HF transformers loading the same GGUF: last-position logits and greedy text.
+
+Tokenizer encodings and chat templates against transformers' are in test_tokenizer.py."""
 
 import numpy as np
 import pytest
@@ -62,28 +64,3 @@ def test_greedy_continuations_identical(default_llm, hf_reference, parity_prompt
     for name, out in zip(names, outs):
         assert out.token_ids == hf_greedy(model, parity_prompts[name], 24), name
 
-
-TEXTS = ["Hello world", "  leading spaces and\ttabs\n\nnew lines", "def f(x):\n    return x ** 2  # square",
-         "Numbers: 3.14159, 1,000,000 and 2024-11-21", "naïve café — “quotes” 🙂🚀 漢字 かな 한국어",
-         "<|im_start|>user\nhi<|im_end|>", "", long_text(3)]
-
-
-@pytest.mark.parametrize("text", TEXTS)
-def test_tokenizer_matches_transformers(text, default_llm, hf_reference):
-    _, hf_tok = hf_reference
-    ids = default_llm.tokenizer.encode(text)
-    assert ids == hf_tok(text).input_ids
-    assert default_llm.tokenizer.decode(ids) == hf_tok.decode(ids)
-
-
-@pytest.mark.parametrize("messages", [
-    [{"role": "user", "content": "hi"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
-     {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another?"}],
-])
-@pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_chat_template_matches_transformers(messages, add_generation_prompt, default_llm, hf_reference):
-    _, hf_tok = hf_reference
-    kw = dict(add_generation_prompt=add_generation_prompt)
-    assert (default_llm.tokenizer.apply_chat_template(messages, tokenize=False, **kw)
-            == hf_tok.apply_chat_template(messages, tokenize=False, **kw))

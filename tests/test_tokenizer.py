@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 
 from models.tokenizer import IncrementalDetokenizer, Tokenizer, generate_merges, gguf_metadata
 
-DEFAULT_GGUF = "~/.cache/xyjax/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 HYPOTHESIS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -57,24 +56,20 @@ CUSTOM_TEMPLATE = """{%- set ns = namespace(n=0) -%}
 
 
 # ---- fixtures ---------------------------------------------------------------------------------------
+# The default model's GGUF, metadata and tokenizer come from conftest (fetched once, cached).
 @pytest.fixture(scope="module")
-def model_file() -> str:
-    path = os.path.expanduser(os.environ.get("XYJAX_TEST_GGUF") or DEFAULT_GGUF)
-    if not os.path.isfile(path):
-        pytest.skip(f"GGUF not found: {path} (set XYJAX_TEST_GGUF)")
-    return path
+def model_file(gguf_path) -> str:
+    return gguf_path
 
 
 @pytest.fixture(scope="module")
-def meta(model_file) -> dict:
-    import gguf
-
-    return gguf_metadata(gguf.GGUFReader(model_file))
+def meta(gguf_meta) -> dict:
+    return gguf_meta
 
 
 @pytest.fixture(scope="module")
-def tok(meta) -> Tokenizer:
-    return Tokenizer.from_gguf(meta)
+def tok(tokenizer) -> Tokenizer:
+    return tokenizer
 
 
 @pytest.fixture(scope="module")
