@@ -43,6 +43,16 @@ def test_preemption_recomputes_without_corruption(small_pool_llm, tiny_model):
     assert small_pool_llm.stats["kv_blocks_free"] == small_pool_llm.stats["kv_blocks_total"]
 
 
+def test_chunked_prefills_under_a_short_pool_preempt_and_finish(small_pool_llm, tiny_model):
+    rng = np.random.default_rng(6)
+    ps = prompts(rng, [30, 26, 33])              # each needs 2-3 prefill chunks; two do not fit together
+    outs = small_pool_llm.generate(ps, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    for p, out in zip(ps, outs):
+        assert out.token_ids == reference_greedy(tiny_model, p, 8)
+    assert small_pool_llm.engine.max_model_len == 48   # capped by the pool: 12 blocks of 4
+    assert small_pool_llm.stats["kv_blocks_free"] == small_pool_llm.stats["kv_blocks_total"]
+
+
 def test_seeded_sampling_is_independent_of_batch(tiny_llm):
     rng = np.random.default_rng(3)
     p = prompts(rng, [6])[0]

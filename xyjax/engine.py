@@ -2,7 +2,9 @@
 
 This first scheduler is simple and correct: a step is either a prefill step (pending prompt chunks
 under ``max_num_batched_tokens``, oldest first) or a decode step (one token for every running request).
-When the KV pool runs short the newest running request is preempted and later recomputed.
+A waiting request is admitted only when its whole prompt's blocks are free (taken at admission), so a
+started prefill never stalls; when decodes run the pool short, the newest running request is
+preempted and later recomputed.
 """
 
 from __future__ import annotations
@@ -30,13 +32,15 @@ class Engine:
     def __init__(self, model: LoadedModel, config: EngineConfig):
         self.model, self.config, self.tokenizer = model, config, model.tokenizer
         cfg = model.config
-        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         per_block = config.block_size * bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, model.dtype)
         num_blocks = config.kv_cache_memory // per_block
         if num_blocks < 2:
             raise ValueError(f"kv_cache_memory={config.kv_cache_memory} bytes holds {num_blocks} blocks of "
                              f"{per_block} bytes; at least 2 are needed")
         self.blocks = BlockManager(num_blocks, config.block_size)
+        # One sequence of max_model_len tokens always fits the pool, so a request alone always progresses.
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings,
+                                 num_blocks * config.block_size)
         self.runner = Runner(cfg, model.params, num_blocks, config.block_size,
                              Backends(attention=config.attention_backend, gemm=config.gemm_backend), model.dtype)
         self.waiting: collections.deque[Request] = collections.deque()
@@ -77,11 +81,8 @@ class Engine:
             raise ValueError("prompt is empty")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens; the context length is {self.max_model_len} "
-                             f"(prompt + at least 1 generated token must fit)")
-        need = self.blocks.blocks_needed([], len(ids) + 1)
-        if need > self.blocks.num_blocks:
-            raise ValueError(f"prompt needs {need} KV blocks; the KV pool has {self.blocks.num_blocks} "
-                             f"(raise kv_cache_memory)")
+                             f"(prompt + at least 1 generated token must fit; it is also capped by the KV pool, "
+                             f"{self.blocks.num_blocks} blocks of {self.blocks.block_size})")
         return ids
 
     def abort(self, request_id: str) -> None:
@@ -98,6 +99,8 @@ class Engine:
         """Schedule and run one step. Returns the requests that produced a token or finished."""
         batch = self._schedule_prefill() or self._schedule_decode()
         if not batch:
+            if self.has_unfinished():  # cannot happen while every prompt fits the pool; never spin silently
+                raise RuntimeError(f"scheduler found no work for {len(self.waiting)} waiting requests")
             return []
         banned = [self._banned(req) for req, _ in batch]
         sampled = self.runner.run(batch, banned)
@@ -114,15 +117,15 @@ class Engine:
     def _schedule_prefill(self) -> list[tuple[Request, int]]:
         budget = self.config.max_num_batched_tokens
         batch = []
-        for req in [r for r in self.running if r.num_pending > 1]:
+        for req in sorted((r for r in self.running if r.num_pending > 1), key=lambda r: r.arrival):
             n = min(req.num_pending, budget)
-            if n and self.blocks.grow(req.block_table, req.num_computed + n):
+            if n and req.status is Status.RUNNING and self._reserve(req, req.num_computed + n):
                 batch.append((req, n))
                 budget -= n
         while self.waiting and budget and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             n = min(req.num_pending, budget)
-            if not self.blocks.grow(req.block_table, n):
+            if not self.blocks.grow(req.block_table, req.num_pending):  # the whole prompt's blocks, up front
                 break
             self.waiting.popleft()
             req.status = Status.RUNNING
@@ -134,16 +137,19 @@ class Engine:
     def _schedule_decode(self) -> list[tuple[Request, int]]:
         batch = []
         for req in sorted(self.running, key=lambda r: r.arrival):
-            if req.status is not Status.RUNNING:
-                continue  # preempted earlier in this loop
-            while not self.blocks.grow(req.block_table, req.num_computed + 1):
-                victim = max(self.running, key=lambda r: r.arrival)
-                self._preempt(victim)
-                if victim is req:
-                    break
-            if req.status is Status.RUNNING:
-                batch.append((req, req.num_pending))
+            if req.status is Status.RUNNING and self._reserve(req, req.num_computed + 1):
+                batch.append((req, 1))
         return batch
+
+    def _reserve(self, req: Request, num_tokens: int) -> bool:
+        """Grow ``req``'s blocks to ``num_tokens``, preempting the newest running requests while the pool is
+        short. False if ``req`` itself had to be preempted."""
+        while not self.blocks.grow(req.block_table, num_tokens):
+            victim = max(self.running, key=lambda r: r.arrival)
+            self._preempt(victim)
+            if victim is req:
+                return False
+        return True
 
     def _preempt(self, req: Request) -> None:
         self.blocks.free(req.block_table)
