@@ -17,9 +17,9 @@ from xyjax.sampler import SamplingInputs, sample
 from xyjax.step_inputs import StepInputs
 
 
-def bucket(n: int, minimum: int = 1) -> int:
-    """Smallest power of two >= max(n, minimum)."""
-    return 1 << (max(n, minimum) - 1).bit_length()
+def bucket(n: int) -> int:
+    """Smallest power of two >= max(n, 1)."""
+    return 1 << (max(n, 1) - 1).bit_length()
 
 
 def _step(params, kv, inputs, sampling, *, cfg, backends):
@@ -46,14 +46,14 @@ class Runner:
         sampled after each sequence's last row, [len(batch)] int32. ``banned[i]``: token ids masked for i."""
         block_size = self.kv.block_size
         num_tokens = sum(q for _, q in batch)
-        T, S = bucket(num_tokens, 16), bucket(len(batch), 4)
+        T, S = bucket(num_tokens), bucket(len(batch))
         P = bucket(max(len(r.block_table) for r, _ in batch))
         tokens, positions, slots = np.zeros(T, np.int32), np.zeros(T, np.int32), np.full(T, -1, np.int32)
         q_start, q_len, kv_len = np.zeros(S, np.int32), np.zeros(S, np.int32), np.zeros(S, np.int32)
         tables = np.zeros((S, P), np.int32)
         temperature, top_k = np.zeros(S, np.float32), np.zeros(S, np.int32)
         top_p, seed, counter = np.ones(S, np.float32), np.zeros(S, np.uint32), np.zeros(S, np.int32)
-        banned_ids = np.full((S, bucket(max(map(len, banned)), 8)), -1, np.int32)
+        banned_ids = np.full((S, bucket(max(map(len, banned)))), -1, np.int32)
         row = 0
         for i, (req, n) in enumerate(batch):
             start = req.num_computed
