@@ -76,3 +76,33 @@ def test_hf_directory_matches_transformers(arch, tmp_path):
         expected = model(torch.tensor([ids])).logits[0, -1].numpy()
     got = reference_logits(cfg, params, ids)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_resolve_names_gguf_paths_and_hf_dirs(gguf_path, tmp_path):
+    from models.loader import resolve
+
+    assert resolve(None) == gguf_path and resolve("SmolLM2-135M-Instruct") == gguf_path
+    assert resolve(gguf_path) == gguf_path
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="known model names.*GGUF file.*HF directory"):
+        resolve(str(tmp_path / "elsewhere"))
+
+
+def test_llm_serves_an_hf_directory(tmp_path, tokenizer):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from reference import reference_greedy
+
+    from xyjax import LLM, SamplingParams
+
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128, tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save(str(tmp_path))
+    llm = LLM(str(tmp_path), progress=False)
+    out = llm.generate(["Hello there"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
+    assert out.token_ids == reference_greedy(llm.model, tokenizer.encode("Hello there"), 5)
+    assert out.text == tokenizer.decode(out.token_ids, skip_special_tokens=True)
