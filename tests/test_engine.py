@@ -122,3 +122,17 @@ def test_stream_concatenates_to_text(tiny_llm):
     s = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     pieces = list(tiny_llm.stream([11, 12, 13], s))
     assert "".join(pieces) == tiny_llm.generate([[11, 12, 13]], s)[0].text
+
+
+def test_abort_frees_blocks_and_others_finish(tiny_llm):
+    engine = tiny_llm.engine
+    keep = engine.add_request([21, 22, 23], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    drop = engine.add_request([31, 32, 33, 34], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    engine.step()
+    engine.step()
+    assert drop.block_table
+    engine.abort(drop.request_id)
+    while engine.has_unfinished():
+        engine.step()
+    assert drop.finish_reason == "abort" and keep.finish_reason == "length" and len(keep.output_ids) == 6
+    assert tiny_llm.stats["kv_blocks_free"] == tiny_llm.stats["kv_blocks_total"]
