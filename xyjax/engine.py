@@ -53,15 +53,15 @@ class Engine:
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Request:
         """Queue a request. A bad prompt finishes it at once with finish_reason "error" (never raises)."""
-        text = prompt if isinstance(prompt, str) else None
-        seed = params.seed if params.seed is not None else int(self._rng.integers(2**32))
-        req = Request(request_id=request_id or str(next(self._ids)), prompt=text, prompt_token_ids=[],
-                      params=params, seed=seed, arrival=next(self._ids))
         try:
-            req.prompt_token_ids = self._validate_prompt(prompt)
-            req.token_ids = list(req.prompt_token_ids)
+            ids, error = self._validate_prompt(prompt), None
         except ValueError as e:
-            self._finish(req, "error", error=str(e))
+            ids, error = [], str(e)
+        seed = params.seed if params.seed is not None else int(self._rng.integers(2**32))
+        req = Request(request_id=request_id or str(next(self._ids)), prompt=prompt if isinstance(prompt, str) else None,
+                      prompt_token_ids=ids, params=params, seed=seed, arrival=next(self._ids))
+        if error:
+            self._finish(req, "error", error=error)
             return req
         req.detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
         self.waiting.append(req)
