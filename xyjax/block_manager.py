@@ -31,7 +31,3 @@ class BlockManager:
         self._free.extend(reversed(table))
         table.clear()
 
-    def slots(self, table: list[int], start: int, stop: int) -> list[int]:
-        """Flat KV slots of token positions ``start..stop-1``."""
-        bs = self.block_size
-        return [table[p // bs] * bs + p % bs for p in range(start, stop)]

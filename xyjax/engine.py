@@ -118,8 +118,8 @@ class Engine:
         budget = self.config.max_num_batched_tokens
         batch = []
         for req in sorted((r for r in self.running if r.num_pending > 1), key=lambda r: r.arrival):
-            n = min(req.num_pending, budget)
-            if n and req.status is Status.RUNNING and self._reserve(req, req.num_computed + n):
+            n = min(req.num_pending, budget)  # its blocks were all taken at admission
+            if n:
                 batch.append((req, n))
                 budget -= n
         while self.waiting and budget and len(self.running) < self.config.max_num_seqs:
@@ -143,7 +143,8 @@ class Engine:
 
     def _reserve(self, req: Request, num_tokens: int) -> bool:
         """Grow ``req``'s blocks to ``num_tokens``, preempting the newest running requests while the pool is
-        short. False if ``req`` itself had to be preempted."""
+        short. False if ``req`` itself had to be preempted. Decode order is oldest first, so a victim is
+        never a request already in this step's batch."""
         while not self.blocks.grow(req.block_table, num_tokens):
             victim = max(self.running, key=lambda r: r.arrival)
             self._preempt(victim)
@@ -178,11 +179,11 @@ class Engine:
         req.text += delta
         p, n = req.params, len(req.output_ids)
         reason = None
-        if n >= p.min_tokens:
-            if token in self._stop_ids(req):
-                req.text += req.detokenizer.flush()
-                reason = "stop"
-            for s in p.stop if reason is None else ():
+        if n >= p.min_tokens and token in self._stop_ids(req):
+            req.text += req.detokenizer.flush()
+            reason = "stop"
+        elif n >= p.min_tokens:
+            for s in p.stop:  # only a match ending inside the new delta is new
                 at = req.text.find(s, max(0, len(req.text) - len(delta) - len(s) + 1))
                 if at >= 0:
                     req.text, reason = req.text[:at], "stop"

@@ -32,7 +32,7 @@ class Runner:
 
     def __init__(self, cfg: ModelConfig, params: dict, num_blocks: int, block_size: int, backends: Backends,
                  dtype=jnp.float32):
-        self.cfg, self.params = cfg, params
+        self.params = params
         self.kv = KVCache.create(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype)
         self._step = jax.jit(functools.partial(_step, cfg=cfg, backends=backends), donate_argnums=(1,))
 
@@ -58,9 +58,9 @@ class Runner:
         for i, (req, n) in enumerate(batch):
             start = req.num_computed
             tokens[row:row + n] = req.token_ids[start:start + n]
-            positions[row:row + n] = np.arange(start, start + n)
-            table = np.asarray(req.block_table, np.int32)
             pos = np.arange(start, start + n)
+            positions[row:row + n] = pos
+            table = np.asarray(req.block_table, np.int32)
             slots[row:row + n] = table[pos // block_size] * block_size + pos % block_size
             q_start[i], q_len[i], kv_len[i] = row, n, start + n
             tables[i, :len(table)] = table
