@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from xyjax.kv_cache import KVCache
-from xyjax.ops import AttentionMetadata, meta_attention, smooth_gemm
+from xyjax.ops import meta_attention, smooth_gemm
+from xyjax.tiling import attention_metadata
 
 attention = jax.jit(meta_attention, static_argnames="backend")
 
@@ -26,14 +27,15 @@ def reference_attention(q, k_seq, v_seq, q_len, kv_len):
     return np.einsum("hqk,khd->qhd", p, v)
 
 
-def ragged_case(rng, q_lens, histories, heads=4, kv_heads=2, dim=16, block_size=4, T=64, S=8, pages=8, num_blocks=64):
+def ragged_case(rng, q_lens, histories, heads=4, kv_heads=2, dim=16, block_size=4, T=64, S=8, pages=8, num_blocks=64,
+                tile=4):
     """Random cache with each sequence's KV in shuffled blocks, padded to fixed (bucket) shapes so one
     compiled program serves every case; returns the op inputs and the float64 reference."""
     kv_lens = [q + h for q, h in zip(q_lens, histories)]
     assert sum(q_lens) <= T and len(q_lens) <= S and max(kv_lens) <= pages * block_size
     order = rng.permutation(num_blocks)
-    k = rng.standard_normal((2, num_blocks, block_size, kv_heads, dim)).astype(np.float32)
-    v = rng.standard_normal((2, num_blocks, block_size, kv_heads, dim)).astype(np.float32)
+    k = rng.standard_normal((2, num_blocks, kv_heads, block_size, dim)).astype(np.float32)
+    v = rng.standard_normal((2, num_blocks, kv_heads, block_size, dim)).astype(np.float32)
     q = rng.standard_normal((T, heads, dim)).astype(np.float32)
     tables = np.zeros((S, pages), np.int32)
     q_start, q_len, kv_len = (np.zeros(S, np.int32) for _ in range(3))
@@ -44,12 +46,11 @@ def ragged_case(rng, q_lens, histories, heads=4, kv_heads=2, dim=16, block_size=
         tables[i, :nb] = order[used:used + nb]
         used += nb
         q_start[i], q_len[i], kv_len[i] = row, n, total
-        ks = k[1, tables[i, :nb]].reshape(-1, kv_heads, dim)[:total]
-        vs = v[1, tables[i, :nb]].reshape(-1, kv_heads, dim)[:total]
+        ks = k[1, tables[i, :nb]].transpose(0, 2, 1, 3).reshape(-1, kv_heads, dim)[:total]
+        vs = v[1, tables[i, :nb]].transpose(0, 2, 1, 3).reshape(-1, kv_heads, dim)[:total]
         expected[row:row + n] = reference_attention(q[row:row + n], ks, vs, n, total)
         row += n
-    meta = AttentionMetadata(q_start=jnp.asarray(q_start), q_len=jnp.asarray(q_len), kv_len=jnp.asarray(kv_len),
-                             block_tables=jnp.asarray(tables), max_q_len=16)
+    meta = attention_metadata(q_start, q_len, kv_len, tables, num_kv_heads=kv_heads, tile=tile, num_tokens=T)
     return jnp.asarray(q), KVCache(k=jnp.asarray(k), v=jnp.asarray(v)), meta, expected
 
 
@@ -66,6 +67,16 @@ def test_meta_attention_matches_reference(seqs, seed):
 def test_meta_attention_decode_only_and_gqa_groups():
     rng = np.random.default_rng(0)
     q, kv, meta, expected = ragged_case(rng, [1, 1, 1], [0, 7, 30], heads=6, kv_heads=3)
+    np.testing.assert_allclose(np.asarray(attention(q, kv, 1, meta)), expected, rtol=2e-5, atol=2e-5)
+
+
+def test_meta_attention_many_tasks_and_long_histories():
+    """More tasks than one work block and KV longer than one online-softmax chunk."""
+    rng = np.random.default_rng(1)
+    q_lens = [1] * 40 + [37, 5]
+    histories = list(rng.integers(0, 300, 40)) + [250, 0]
+    q, kv, meta, expected = ragged_case(rng, q_lens, histories, block_size=16, T=128, S=48, pages=20,
+                                        num_blocks=900, tile=16)
     np.testing.assert_allclose(np.asarray(attention(q, kv, 1, meta)), expected, rtol=2e-5, atol=2e-5)
 
 
@@ -100,9 +111,9 @@ def test_kv_write_through_slot_mapping_and_padding_writes_nothing():
     k = jnp.arange(5 * 2 * 2, dtype=jnp.float32).reshape(5, 2, 2) + 1
     slots = jnp.array([5, 0, -1, 11, -1], jnp.int32)
     out = kv.write(1, k, -k, slots)
-    expected = np.zeros((2, 3, 4, 2, 2), np.float32)
+    expected = np.zeros((2, 3, 2, 4, 2), np.float32)
     for t, s in enumerate(np.asarray(slots)):
         if s >= 0:
-            expected[1, s // 4, s % 4] = np.asarray(k[t])
+            expected[1, s // 4, :, s % 4] = np.asarray(k[t])
     np.testing.assert_array_equal(np.asarray(out.k), expected)
     np.testing.assert_array_equal(np.asarray(out.v), -expected)

@@ -12,8 +12,9 @@ from flax import struct
 class KVCache:
     """K and V blocks for every layer.
 
-    k, v: ``[num_layers, num_blocks, block_size, num_kv_heads, head_dim]``. Token slot ``s`` of a
-    sequence lives at ``(block = s // block_size, offset = s % block_size)``.
+    k, v: ``[num_layers, num_blocks, num_kv_heads, block_size, head_dim]`` (head-major inside a block, so
+    one head's keys of a block are contiguous). Flat slot ``s`` is ``(block = s // block_size, offset =
+    s % block_size)``.
     """
 
     k: jax.Array
@@ -22,7 +23,7 @@ class KVCache:
     @classmethod
     def create(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                dtype=jnp.float32) -> "KVCache":
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_layers, num_blocks, num_kv_heads, block_size, head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
     @property
@@ -30,8 +31,12 @@ class KVCache:
         return self.k.shape[1]
 
     @property
-    def block_size(self) -> int:
+    def num_kv_heads(self) -> int:
         return self.k.shape[2]
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[3]
 
     def write(self, layer: jax.Array | int, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> "KVCache":
         """Write ``k, v: [T, num_kv_heads, head_dim]`` of ``layer`` at flat slots ``slot_mapping: [T]`` int32.
@@ -43,8 +48,8 @@ class KVCache:
         block = jnp.where(slot_mapping < 0, self.num_blocks, slot_mapping // self.block_size)  # OOB -> dropped
         offset = slot_mapping % self.block_size
         return KVCache(
-            k=self.k.at[layer, block, offset].set(k.astype(self.k.dtype), mode="drop"),
-            v=self.v.at[layer, block, offset].set(v.astype(self.v.dtype), mode="drop"),
+            k=self.k.at[layer, block, :, offset].set(k.astype(self.k.dtype), mode="drop"),
+            v=self.v.at[layer, block, :, offset].set(v.astype(self.v.dtype), mode="drop"),
         )
 
 
