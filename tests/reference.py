@@ -8,8 +8,8 @@ import numpy as np
 
 from models.llama import forward
 from xyjax.kv_cache import KVCache
-from xyjax.ops import AttentionMetadata
 from xyjax.step_inputs import StepInputs
+from xyjax.tiling import attention_metadata
 
 
 @functools.lru_cache(maxsize=None)
@@ -23,9 +23,7 @@ def reference_logits(cfg, params, ids: list[int]) -> np.ndarray:
     T = max(128, 1 << (L - 1).bit_length())
     kv = KVCache.create(cfg.num_layers, T // 16, 16, cfg.num_kv_heads, cfg.head_dim)
     pad = lambda a, fill: np.concatenate([a, np.full(T - L, fill)]).astype(np.int32)  # noqa: E731
-    meta = AttentionMetadata(q_start=jnp.zeros(1, jnp.int32), q_len=jnp.array([L], jnp.int32),
-                             kv_len=jnp.array([L], jnp.int32),
-                             block_tables=jnp.arange(T // 16, dtype=jnp.int32)[None], max_q_len=T)
+    meta = attention_metadata([0], [L], [L], np.arange(T // 16)[None], num_kv_heads=cfg.num_kv_heads, num_tokens=T)
     inputs = StepInputs(token_ids=pad(np.array(ids), 0), positions=pad(np.arange(L), 0),
                         slot_mapping=pad(np.arange(L), -1), num_tokens=jnp.int32(L), attention=meta,
                         sample_index=jnp.array([L - 1], jnp.int32), num_samples=jnp.int32(1))

@@ -14,12 +14,13 @@ def prompts(rng, lengths):
 @pytest.fixture(scope="module")
 def small_pool_llm(tiny_model):
     # 12 blocks of 4 tokens: the batch below cannot all fit, so requests get preempted and recomputed.
-    return LLM(tiny_model, block_size=4, kv_cache_memory=12 * 4 * 2 * 2 * 2 * 16 * 4, max_num_batched_tokens=16)
+    return LLM(tiny_model, block_size=4, kv_cache_memory=12 * 4 * 2 * 2 * 2 * 16 * 4, max_num_batched_tokens=16,
+               max_num_seqs=4, progress=False)
 
 
 @pytest.fixture(scope="module")
 def tiny_llm(tiny_model):
-    return LLM(tiny_model, block_size=4, max_num_batched_tokens=32)
+    return LLM(tiny_model, block_size=4, max_num_batched_tokens=32, max_num_seqs=8, progress=False)
 
 
 def test_greedy_batch_matches_reference_with_chunked_prefill(tiny_llm, tiny_model):
@@ -128,11 +129,13 @@ def test_abort_frees_blocks_and_others_finish(tiny_llm):
     engine = tiny_llm.engine
     keep = engine.add_request([21, 22, 23], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
     drop = engine.add_request([31, 32, 33, 34], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
-    engine.step()
-    engine.step()
-    assert drop.block_table
-    engine.abort(drop.request_id)
+    outs = {}
+    for _ in range(2):
+        outs.update((o.request_id, o) for o in engine.step())
+    assert engine.requests[drop].block_table
+    engine.abort(drop)
+    engine.abort("no-such-request")                        # unknown ids: a no-op
     while engine.has_unfinished():
-        engine.step()
-    assert drop.finish_reason == "abort" and keep.finish_reason == "length" and len(keep.output_ids) == 6
+        outs.update((o.request_id, o) for o in engine.step())
+    assert outs[drop].finish_reason == "abort" and outs[keep].finish_reason == "length"
     assert tiny_llm.stats["kv_blocks_free"] == tiny_llm.stats["kv_blocks_total"]

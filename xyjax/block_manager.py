@@ -1,14 +1,16 @@
-"""A fixed pool of KV blocks handed out to requests (host side, plain Python)."""
+"""A fixed pool of reference-counted KV blocks handed out to requests (host side, plain Python)."""
 
 from __future__ import annotations
 
 
 class BlockManager:
-    """Free list over ``num_blocks`` blocks of ``block_size`` tokens; a block table per request."""
+    """``num_blocks`` blocks of ``block_size`` tokens. A request owns a block table (list of block ids);
+    a block shared by several tables (prefix sharing) is returned to the pool when its last owner frees it."""
 
     def __init__(self, num_blocks: int, block_size: int):
         self.num_blocks, self.block_size = num_blocks, block_size
         self._free = list(range(num_blocks - 1, -1, -1))   # pop() hands out low ids first
+        self.refcount = [0] * num_blocks
 
     @property
     def num_free(self) -> int:
@@ -19,15 +21,30 @@ class BlockManager:
         return max(0, -(-num_tokens // self.block_size) - len(table))
 
     def grow(self, table: list[int], num_tokens: int) -> bool:
-        """Append blocks to ``table`` until it holds ``num_tokens``; False (and no change) if the pool is short."""
+        """Append fresh blocks to ``table`` until it holds ``num_tokens``; False (and no change) if the pool is short."""
         need = self.blocks_needed(table, num_tokens)
         if need > len(self._free):
             return False
-        table.extend(self._free.pop() for _ in range(need))
+        for _ in range(need):
+            block = self._free.pop()
+            self.refcount[block] = 1
+            table.append(block)
         return True
 
-    def free(self, table: list[int]) -> None:
-        """Return every block of ``table`` to the pool and empty it."""
-        self._free.extend(reversed(table))
-        table.clear()
+    def share(self, table: list[int], blocks: list[int]) -> None:
+        """Append already-owned ``blocks`` to ``table`` as one more owner of each."""
+        for block in blocks:
+            if self.refcount[block] < 1:
+                raise ValueError(f"block {block} is free and cannot be shared")
+            self.refcount[block] += 1
+            table.append(block)
 
+    def free(self, table: list[int]) -> None:
+        """Drop ``table``'s ownership of each of its blocks (last owner: back to the pool) and empty it."""
+        for block in reversed(table):
+            self.refcount[block] -= 1
+            if self.refcount[block] == 0:
+                self._free.append(block)
+            elif self.refcount[block] < 0:
+                raise AssertionError(f"block {block} freed more times than it was owned")
+        table.clear()

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+
+
+def default_compilation_cache_dir() -> str:
+    base = os.environ.get("XYJAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "xyjax")
+    return os.path.join(base, "jax-compilation-cache")
 
 
 @dataclasses.dataclass
@@ -10,8 +16,19 @@ class EngineConfig:
     """Engine options.
 
     block_size: tokens per KV block. kv_cache_memory: bytes for the KV block pool (sets num_blocks).
-    max_model_len: context length (prompt + output); None: the model's own. max_num_seqs: sequences
-    running at once. max_num_batched_tokens: prefill tokens per step (longer prompts are chunked).
+    max_model_len: context length (prompt + output); None: the model's own (capped by the pool).
+    max_num_seqs: requests running at once.
+    max_num_batched_tokens: the token budget of one step (decode, verify and prefill tokens together;
+        longer prompts are chunked). 512 was measured best on a 2-core CPU (BENCHMARKS.md).
+    token_buckets: the step shapes (token counts) compiled at start; None: powers of two from 16 up to
+        the budget, plus the budget itself.
+    prefill_tile: query rows per attention task of prefill chunks and verify runs (decodes use 1).
+    max_draft_tokens: speculative tokens a request may verify per step (sets the sampled-row capacity).
+    max_logprobs: the most top logprobs a request may ask for (SamplingParams.logprobs).
+    max_stop_ids: the most token ids one request may mask before min_tokens (its stop ids and EOS).
+    compilation_cache_dir: JAX's persistent compilation cache ("" disables it); default
+        $XYJAX_CACHE_DIR/jax-compilation-cache. It is process-wide (a jax config).
+    precompile: compile every bucket at start (with a progress bar).
     attention_backend / gemm_backend: op backends. seed: seeds requests that bring none.
     """
 
@@ -20,17 +37,39 @@ class EngineConfig:
     max_model_len: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
+    token_buckets: tuple[int, ...] | None = None
+    prefill_tile: int = 16
+    max_draft_tokens: int = 0
+    max_logprobs: int = 20
+    max_stop_ids: int = 16
+    compilation_cache_dir: str | None = dataclasses.field(default_factory=default_compilation_cache_dir)
+    precompile: bool = True
     attention_backend: str = "xla"
     gemm_backend: str = "xla"
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("block_size", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens"):
+        positive = ("block_size", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens", "prefill_tile",
+                    "max_logprobs", "max_stop_ids")
+        for name in positive + ("max_model_len", "max_draft_tokens"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"engine option {name} must be a positive integer, got {value!r}")
-        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
-            raise ValueError(f"engine option max_model_len must be a positive integer, got {self.max_model_len!r}")
+            if name == "max_model_len" and value is None:
+                continue
+            low = 0 if name == "max_draft_tokens" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"engine option {name} must be an integer >= {low}, got {value!r}")
+        budget = self.max_num_batched_tokens
+        if self.token_buckets is None:
+            self.token_buckets = tuple(sorted({min(16, budget)} | {1 << i for i in range(4, budget.bit_length())
+                                                                    if 1 << i <= budget} | {budget}))
+        buckets = self.token_buckets = tuple(sorted(set(self.token_buckets)))
+        if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets) or buckets[-1] != budget:
+            raise ValueError(f"engine option token_buckets must be positive integers whose largest is the token "
+                             f"budget max_num_batched_tokens={budget}, got {self.token_buckets!r}")
+        per_seq = 1 + self.max_draft_tokens
+        if self.max_num_seqs * per_seq > budget:
+            raise ValueError(f"max_num_seqs={self.max_num_seqs} requests x {per_seq} decode/verify tokens exceed the "
+                             f"token budget max_num_batched_tokens={budget}; every running request must fit a step")
 
     @classmethod
     def from_options(cls, options: dict) -> "EngineConfig":

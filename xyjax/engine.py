@@ -1,18 +1,20 @@
-"""Engine: admits requests, schedules each step, runs it, applies sampled tokens and stop conditions.
+"""Engine: requests in, one hybrid P/D/V step at a time, output deltas out.
 
-This first scheduler is simple and correct: a step is either a prefill step (pending prompt chunks
-under ``max_num_batched_tokens``, oldest first) or a decode step (one token for every running request).
-A waiting request is admitted only when its whole prompt's blocks are free (taken at admission), so a
-started prefill never stalls; when decodes run the pool short, the newest running request is
-preempted and later recomputed.
+``add_request`` queues a request; ``step`` schedules (xyjax.scheduler), plans the bucketed arrays
+(xyjax.planner), runs the jitted step (xyjax.runner), then applies sampled tokens: prefill chunks that
+reach the end of their tokens and decodes append one token; a verify run accepts its drafts while they
+equal the token sampled at their position, then appends the sampled one (exact for deterministic drafts);
+stop conditions and detokenization follow, and each changed request yields a RequestOutput delta.
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
+import time
 
 import numpy as np
+from tqdm import tqdm
 
 from models.llama import Backends
 from models.loader import LoadedModel
@@ -20,16 +22,19 @@ from models.tokenizer import IncrementalDetokenizer
 from xyjax.block_manager import BlockManager
 from xyjax.config import EngineConfig
 from xyjax.kv_cache import bytes_per_token
-from xyjax.outputs import RequestOutput
+from xyjax.outputs import RequestMetrics, RequestOutput
+from xyjax.planner import Planner
 from xyjax.request import Request, Status
-from xyjax.runner import Runner
+from xyjax.runner import Runner, enable_persistent_cache
+from xyjax.sampler import SamplerOutput
 from xyjax.sampling_params import SamplingParams
+from xyjax.scheduler import ScheduledBatch, Scheduler, Stage
 
 
 class Engine:
-    """Owns the model runner, the block pool and every request's state."""
+    """Owns the scheduler, the planner, the runner and every live request."""
 
-    def __init__(self, model: LoadedModel, config: EngineConfig):
+    def __init__(self, model: LoadedModel, config: EngineConfig, progress: bool = True):
         self.model, self.config, self.tokenizer = model, config, model.tokenizer
         cfg = model.config
         per_block = config.block_size * bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, model.dtype)
@@ -38,36 +43,61 @@ class Engine:
             raise ValueError(f"kv_cache_memory={config.kv_cache_memory} bytes holds {num_blocks} blocks of "
                              f"{per_block} bytes; at least 2 are needed")
         self.blocks = BlockManager(num_blocks, config.block_size)
-        # One sequence of max_model_len tokens always fits the pool, so a request alone always progresses.
+        # One sequence of max_model_len tokens (plus drafts) always fits the pool, so a request alone progresses.
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings,
-                                 num_blocks * config.block_size)
+                                 num_blocks * config.block_size - config.max_draft_tokens)
+        self.scheduler = Scheduler(config, self.blocks)
+        self.planner = Planner(config, self.max_model_len, cfg.num_kv_heads)
+        if config.compilation_cache_dir:
+            enable_persistent_cache(config.compilation_cache_dir)
         self.runner = Runner(cfg, model.params, num_blocks, config.block_size,
-                             Backends(attention=config.attention_backend, gemm=config.gemm_backend), model.dtype)
-        self.waiting: collections.deque[Request] = collections.deque()
-        self.running: list[Request] = []
+                             Backends(attention=config.attention_backend, gemm=config.gemm_backend), model.dtype,
+                             num_logprobs=config.max_logprobs)
+        self.requests: dict[str, Request] = {}
+        self._reported: list[Request] = []        # finished outside a step (bad prompt, abort): next step reports
         self._ids = itertools.count()
         self._rng = np.random.default_rng(config.seed)
-        self.stats = collections.Counter(steps=0, prefill_tokens=0, decode_tokens=0, generated_tokens=0, preemptions=0,
-                                         finished=0, errors=0, aborted=0)
+        self.stats = collections.Counter(steps=0, step_seconds=0.0, real_tokens=0, padded_tokens=0,
+                                         prefill_tokens=0, decode_tokens=0, verify_tokens=0, accepted_drafts=0,
+                                         generated_tokens=0, preemptions=0, finished=0, errors=0, aborted=0)
+        self.startup_seconds = 0.0
+        if config.precompile:
+            self.precompile(progress)
+
+    def precompile(self, progress: bool = True) -> None:
+        """Compile (or load from the persistent cache) the step program of every token bucket."""
+        start = time.perf_counter()
+        for bucket in tqdm(self.config.token_buckets, desc="compiling step buckets", disable=not progress):
+            self.runner.run(*self.planner.empty(bucket))
+        self.startup_seconds += time.perf_counter() - start
 
     # ---- requests -------------------------------------------------------------------------------
-    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Request:
-        """Queue a request. A bad prompt finishes it at once with finish_reason "error" (never raises)."""
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request and return its id. A bad prompt or parameter does not raise: the request finishes
+        at once with finish_reason "error" (reported by the next ``step``). A live duplicate id raises."""
+        params = params or SamplingParams()
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
         try:
-            ids, error = self._validate_prompt(prompt), None
+            ids, error = self._validate(prompt, params), None
         except ValueError as e:
             ids, error = [], str(e)
         seed = params.seed if params.seed is not None else int(self._rng.integers(2**32))
-        req = Request(request_id=request_id or str(next(self._ids)), prompt=prompt if isinstance(prompt, str) else None,
-                      prompt_token_ids=ids, params=params, seed=seed, arrival=next(self._ids))
+        req = Request(request_id=request_id, prompt=prompt if isinstance(prompt, str) else None,
+                      prompt_token_ids=ids, params=params, seed=seed, arrival=next(self._ids),
+                      metrics=RequestMetrics(arrival_time=time.perf_counter(), num_prompt_tokens=len(ids)))
+        req.logprobs = [] if params.logprobs is not None else None
+        self.requests[request_id] = req
         if error:
             self._finish(req, "error", error=error)
-            return req
-        req.detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
-        self.waiting.append(req)
-        return req
+        else:
+            req.detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
+            self.scheduler.add(req)
+        return request_id
 
-    def _validate_prompt(self, prompt) -> list[int]:
+    def _validate(self, prompt, params: SamplingParams) -> list[int]:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
@@ -83,103 +113,105 @@ class Engine:
             raise ValueError(f"prompt has {len(ids)} tokens; the context length is {self.max_model_len} "
                              f"(prompt + at least 1 generated token must fit; it is also capped by the KV pool, "
                              f"{self.blocks.num_blocks} blocks of {self.blocks.block_size})")
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise ValueError(f"logprobs={params.logprobs} exceeds the engine's max_logprobs={self.config.max_logprobs}")
+        if len(self._stop_ids(params)) > self.config.max_stop_ids and params.min_tokens:
+            raise ValueError(f"min_tokens needs {len(self._stop_ids(params))} stop token ids masked; the engine masks "
+                             f"at most max_stop_ids={self.config.max_stop_ids}")
         return ids
 
     def abort(self, request_id: str) -> None:
-        for req in itertools.chain(self.running, self.waiting):
-            if req.request_id == request_id:
-                self._finish(req, "abort")
-                return
+        """Stop a request and free its blocks; an unknown or finished id is a no-op."""
+        req = self.requests.get(str(request_id))
+        if req is not None and not req.finished:
+            self._finish(req, "abort")
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.requests)
 
     # ---- one step -------------------------------------------------------------------------------
-    def step(self) -> list[Request]:
-        """Schedule and run one step. Returns the requests that produced a token or finished."""
-        batch = self._schedule_prefill() or self._schedule_decode()
-        if not batch:
-            if self.has_unfinished():  # cannot happen while every prompt fits the pool; never spin silently
-                raise RuntimeError(f"scheduler found no work for {len(self.waiting)} waiting requests")
-            return []
-        banned = [self._banned(req) for req, _ in batch]
-        sampled = self.runner.run(batch, banned)
-        self.stats["steps"] += 1
-        changed = []
-        for (req, n), token in zip(batch, sampled):
-            self.stats["prefill_tokens" if n > 1 or not req.output_ids else "decode_tokens"] += n
-            req.num_computed += n
-            if req.num_pending == 0:
-                self._append(req, int(token))
-                changed.append(req)
-        return changed
+    def step(self) -> list[RequestOutput]:
+        """Run one step. Returns a delta (new tokens and text) for every request that changed, finished ones
+        included (then with metrics); a finished request's id is forgotten after it is reported."""
+        changed, self._reported = dict.fromkeys(self._reported), []
+        batch = self.scheduler.schedule()
+        self.stats["preemptions"] += len(batch.preempted)
+        if batch.seqs:
+            start = time.perf_counter()
+            inputs, sampling, rows = self.planner.plan(batch, self._banned)
+            out = self.runner.run(inputs, sampling)
+            now = time.perf_counter()
+            self._account(batch, inputs.token_ids.shape[0], now - start)
+            offset = 0
+            for seq, k in zip(batch.seqs, rows):
+                req = seq.request
+                req.metrics.first_scheduled_time = req.metrics.first_scheduled_time or start
+                req.num_computed += seq.num_tokens
+                if k:
+                    self._apply(req, seq.stage, out, offset, k, now)
+                    changed[req] = None
+                offset += k
+        elif self.scheduler.has_unfinished():   # cannot happen while every prompt fits the pool: never spin
+            raise RuntimeError(f"scheduler found no work for {len(self.scheduler.waiting)} waiting requests")
+        changed.update(dict.fromkeys(self._reported))
+        self._reported = []
+        outputs = [self._delta(req) for req in changed]
+        for req in changed:
+            if req.finished:
+                self.requests.pop(req.request_id, None)
+        return outputs
 
-    def _schedule_prefill(self) -> list[tuple[Request, int]]:
-        budget = self.config.max_num_batched_tokens
-        batch = []
-        for req in sorted((r for r in self.running if r.num_pending > 1), key=lambda r: r.arrival):
-            n = min(req.num_pending, budget)  # its blocks were all taken at admission
-            if n:
-                batch.append((req, n))
-                budget -= n
-        while self.waiting and budget and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            n = min(req.num_pending, budget)
-            if not self.blocks.grow(req.block_table, req.num_pending):  # the whole prompt's blocks, up front
+    def _account(self, batch: ScheduledBatch, bucket: int, seconds: float) -> None:
+        s = self.stats
+        s["steps"] += 1
+        s["step_seconds"] += seconds
+        s["real_tokens"] += batch.num_tokens
+        s["padded_tokens"] += bucket - batch.num_tokens
+        for seq in batch.seqs:
+            s[{Stage.PREFILL: "prefill_tokens", Stage.DECODE: "decode_tokens",
+               Stage.VERIFY: "verify_tokens"}[seq.stage]] += seq.num_tokens
+
+    def _apply(self, req: Request, stage: Stage, out: SamplerOutput, offset: int, k: int, now: float) -> None:
+        """Append the tokens sampled at rows offset..offset+k-1 (k > 1: a verify run)."""
+        sampled = [int(t) for t in out.tokens[offset:offset + k]]
+        accepted = 0
+        if stage is Stage.VERIFY:
+            drafts = req.draft_token_ids
+            while accepted < len(drafts) and drafts[accepted] == sampled[accepted]:
+                accepted += 1
+            req.num_computed -= len(drafts) - accepted        # KV of rejected drafts is dead: overwritten later
+            req.draft_token_ids = []
+            self.stats["accepted_drafts"] += accepted
+        for j in range(accepted + 1):
+            if req.logprobs is not None:
+                top = dict(zip(out.top_ids[offset + j, :req.params.logprobs].tolist(),
+                               out.top_logprobs[offset + j, :req.params.logprobs].tolist()))
+                req.logprobs.append({sampled[j]: float(out.logprob[offset + j]), **top})
+            self._append(req, sampled[j], now)
+            if req.finished:
                 break
-            self.waiting.popleft()
-            req.status = Status.RUNNING
-            self.running.append(req)
-            batch.append((req, n))
-            budget -= n
-        return batch
 
-    def _schedule_decode(self) -> list[tuple[Request, int]]:
-        batch = []
-        for req in sorted(self.running, key=lambda r: r.arrival):
-            if req.status is Status.RUNNING and self._reserve(req, req.num_computed + 1):
-                batch.append((req, 1))
-        return batch
-
-    def _reserve(self, req: Request, num_tokens: int) -> bool:
-        """Grow ``req``'s blocks to ``num_tokens``, preempting the newest running requests while the pool is
-        short. False if ``req`` itself had to be preempted. Decode order is oldest first, so a victim is
-        never a request already in this step's batch."""
-        while not self.blocks.grow(req.block_table, num_tokens):
-            victim = max(self.running, key=lambda r: r.arrival)
-            self._preempt(victim)
-            if victim is req:
-                return False
-        return True
-
-    def _preempt(self, req: Request) -> None:
-        self.blocks.free(req.block_table)
-        req.num_computed, req.status = 0, Status.WAITING
-        self.running.remove(req)
-        self.waiting.appendleft(req)
-        self.stats["preemptions"] += 1
-
-    def _banned(self, req: Request) -> list[int]:
-        """Stop tokens masked until min_tokens outputs exist."""
-        if len(req.output_ids) >= req.params.min_tokens:
-            return []
-        return sorted(self._stop_ids(req))
-
-    def _stop_ids(self, req: Request) -> set[int]:
-        ids = set(req.params.stop_token_ids)
-        if not req.params.ignore_eos:
+    def _stop_ids(self, params: SamplingParams) -> set[int]:
+        ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
             ids |= self.tokenizer.stop_token_ids
         return ids
 
+    def _banned(self, req: Request, output_index: int) -> list[int]:
+        """Stop tokens are masked while fewer than min_tokens outputs exist."""
+        return sorted(self._stop_ids(req.params)) if output_index < req.params.min_tokens else []
+
     # ---- outputs --------------------------------------------------------------------------------
-    def _append(self, req: Request, token: int) -> None:
+    def _append(self, req: Request, token: int, now: float) -> None:
         req.token_ids.append(token)
+        req.metrics.num_output_tokens += 1
+        req.metrics.first_token_time = req.metrics.first_token_time or now
         self.stats["generated_tokens"] += 1
         delta = req.detokenizer.add(token)
         req.text += delta
         p, n = req.params, len(req.output_ids)
         reason = None
-        if n >= p.min_tokens and token in self._stop_ids(req):
+        if n >= p.min_tokens and token in self._stop_ids(p):
             req.text += req.detokenizer.flush()
             reason = "stop"
         elif n >= p.min_tokens:
@@ -196,15 +228,21 @@ class Engine:
 
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
         req.finish_reason, req.error = reason, error
-        if req.status is Status.RUNNING:
-            self.running.remove(req)
-        elif req in self.waiting:
-            self.waiting.remove(req)
-        self.blocks.free(req.block_table)
+        self.scheduler.remove(req)
         req.status = Status.FINISHED
+        req.metrics.finished_time = time.perf_counter()
         self.stats[{"error": "errors", "abort": "aborted"}.get(reason, "finished")] += 1
+        self._reported.append(req)
 
-    @staticmethod
-    def output(req: Request) -> RequestOutput:
-        return RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-                             token_ids=req.output_ids, text=req.text, finish_reason=req.finish_reason, error=req.error)
+    def _delta(self, req: Request) -> RequestOutput:
+        """What ``req`` produced since its last delta. Text that may still become a stop string is held back
+        until it cannot (or the request finishes)."""
+        holdback = 0 if req.finished else max((len(s) for s in req.params.stop), default=1) - 1
+        text_end = max(req.sent_text, len(req.text) - holdback)
+        out = RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
+                            token_ids=req.output_ids[req.sent_tokens:], text=req.text[req.sent_text:text_end],
+                            finish_reason=req.finish_reason, error=req.error,
+                            logprobs=None if req.logprobs is None else req.logprobs[req.sent_tokens:],
+                            metrics=req.metrics)
+        req.sent_tokens, req.sent_text = len(req.output_ids), text_end
+        return out

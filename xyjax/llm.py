@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
+from tqdm import tqdm
+
 from models import loader
 from xyjax.config import EngineConfig
 from xyjax.engine import Engine
@@ -27,7 +29,8 @@ class LLM:
             self.model = model
         else:
             self.model = loader.load(model, dtype=dtype, progress=progress)
-        self.engine = Engine(self.model, config)
+        self.progress = progress
+        self.engine = Engine(self.model, config, progress=progress)
 
     @property
     def tokenizer(self):
@@ -35,18 +38,26 @@ class LLM:
 
     @property
     def stats(self) -> dict:
-        """Engine counters: steps, prefill/decode tokens, preemptions, finished/errors/aborted, compiles,
-        KV blocks in use and free."""
-        blocks = self.engine.blocks
-        return dict(self.engine.stats, compiles=self.engine.runner.num_compiled,
-                    kv_blocks_total=blocks.num_blocks, kv_blocks_free=blocks.num_free)
+        """Engine counters and derived figures: steps, mean_step_time (s), tokens_per_step, padding_ratio
+        (padding tokens / real tokens over all steps), prefill/decode/verify tokens, generated_tokens,
+        preemptions, finished/errors/aborted, compiles (step programs compiled or loaded from the
+        persistent cache; fixed after start-up), compile_seconds, startup_seconds, KV blocks in use and free."""
+        s, blocks, runner = self.engine.stats, self.engine.blocks, self.engine.runner
+        steps = max(s["steps"], 1)
+        return dict(s, mean_step_time=s["step_seconds"] / steps, tokens_per_step=s["real_tokens"] / steps,
+                    padding_ratio=s["padded_tokens"] / max(s["real_tokens"], 1), compiles=runner.compiles,
+                    compile_seconds=runner.compile_seconds, startup_seconds=self.engine.startup_seconds,
+                    kv_blocks_total=blocks.num_blocks, kv_blocks_free=blocks.num_free,
+                    running=len(self.engine.scheduler.running), waiting=len(self.engine.scheduler.waiting))
 
     def generate(self, prompts: str | list[int] | Sequence[str | list[int]],
-                 sampling: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+                 sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+                 progress: bool | None = None) -> list[RequestOutput]:
         """Run every prompt to completion; one RequestOutput per prompt, in order.
 
         A prompt is a string or a list of token ids. ``sampling`` is one SamplingParams for all prompts or
         one per prompt. A bad prompt yields finish_reason "error" and the rest still complete.
+        ``progress``: a progress bar over finished requests (default: the LLM's setting, for > 1 prompt).
         """
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -56,27 +67,47 @@ class LLM:
             sampling = [sampling] * len(prompts)
         elif len(sampling) != len(prompts):
             raise ValueError(f"got {len(sampling)} SamplingParams for {len(prompts)} prompts")
-        requests = [self.engine.add_request(p, s) for p, s in zip(prompts, sampling)]
-        while self.engine.has_unfinished():
-            self.engine.step()
-        return [Engine.output(r) for r in requests]
+        ids = [self.engine.add_request(p, s) for p, s in zip(prompts, sampling)]
+        results = {i: None for i in ids}
+        show = self.progress if progress is None else progress
+        with tqdm(total=len(ids), desc="generating", unit="req", disable=not show or len(ids) < 2) as bar:
+            while any(r is None or not r.finished for r in results.values()):
+                for delta in self.engine.step():
+                    if delta.request_id in results:
+                        results[delta.request_id] = _merge(results[delta.request_id], delta)
+                        bar.update(delta.finished)
+        return [results[i] for i in ids]
 
     def stream(self, prompt: str | list[int], sampling: SamplingParams | None = None) -> Iterator[str]:
-        """Generate for one prompt, yielding text as it is produced. Raises ValueError on a bad prompt."""
-        sampling = sampling or SamplingParams()
-        req = self.engine.add_request(prompt, sampling)
-        holdback = max((len(s) for s in sampling.stop), default=1) - 1  # a stop string may still be forming
-        sent = 0
-        while req.finish_reason is None:
-            self.engine.step()
-            ready = len(req.text) if req.finish_reason else max(sent, len(req.text) - holdback)
-            if ready > sent:
-                yield req.text[sent:ready]
-                sent = ready
-        if req.finish_reason == "error":
-            raise ValueError(req.error)
+        """Generate for one prompt, yielding text as it is produced (never a partial stop string).
+        Raises ValueError on a bad prompt; closing the generator early aborts the request."""
+        rid = self.engine.add_request(prompt, sampling or SamplingParams())
+        done = False
+        try:
+            while not done:
+                for delta in self.engine.step():
+                    if delta.request_id == rid:
+                        if delta.finish_reason == "error":
+                            raise ValueError(delta.error)
+                        done = delta.finished
+                        if delta.text:
+                            yield delta.text
+        finally:
+            self.engine.abort(rid)
 
     def chat(self, messages: list[dict], sampling: SamplingParams | None = None) -> RequestOutput:
         """Render ``messages`` with the model's chat template and generate the assistant's reply."""
         return self.generate([self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                                  tokenize=True)], sampling)[0]
+
+
+def _merge(total: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    """Accumulate a step delta into a request's whole output."""
+    if total is None:
+        return delta
+    total.token_ids = total.token_ids + delta.token_ids
+    total.text += delta.text
+    if delta.logprobs is not None:
+        total.logprobs = (total.logprobs or []) + delta.logprobs
+    total.finish_reason, total.error, total.metrics = delta.finish_reason, delta.error, delta.metrics
+    return total

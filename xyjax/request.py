@@ -5,33 +5,42 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from xyjax.outputs import RequestMetrics
 from xyjax.sampling_params import SamplingParams
 
 
 class Status(enum.Enum):
+    """waiting -> running -> finished (finish_reason: stop, length, abort or error); preemption: running -> waiting."""
+
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)   # identity: requests are compared and hashed as objects
 class Request:
-    """``token_ids`` = prompt + output; the KV of the first ``num_computed`` of them is in ``block_table``."""
+    """``token_ids`` = prompt + output; the KV of the first ``num_computed`` of them is in ``block_table``.
+    ``draft_token_ids``: speculative tokens to verify after ``token_ids`` in the next step (V stage)."""
 
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
     seed: int
-    arrival: int
+    arrival: int                                     # admission order (FCFS; preemption picks the largest)
+    metrics: RequestMetrics
     token_ids: list[int] = dataclasses.field(default_factory=list)
+    draft_token_ids: list[int] = dataclasses.field(default_factory=list)
     block_table: list[int] = dataclasses.field(default_factory=list)
     num_computed: int = 0
     status: Status = Status.WAITING
     text: str = ""
+    logprobs: list[dict[int, float]] | None = None
     finish_reason: str | None = None
     error: str | None = None
     detokenizer: object = None
+    sent_tokens: int = 0                             # output tokens / text already handed out as deltas
+    sent_text: int = 0
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_token_ids)
@@ -42,5 +51,9 @@ class Request:
 
     @property
     def num_pending(self) -> int:
-        """Tokens whose KV is still to be computed (the whole prompt at first, then 1 per decode step)."""
+        """Tokens whose KV is still to be computed, drafts excluded (the prompt at first, then 1 per decode)."""
         return len(self.token_ids) - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

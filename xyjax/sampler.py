@@ -4,8 +4,10 @@ Every array is per sampled row, R rows:
     logits [R, V] float32; temperature [R] float32 (0: greedy); top_k [R] int32 (0: off);
     top_p [R] float32 (1: off); seed [R] uint32; counter [R] int32 (tokens the request has generated,
     so a seeded request draws the same numbers whatever shares its batch); banned [R, B] int32 token
-    ids whose logits are masked (-1: none; used for min_tokens).
-Returns sampled token ids [R] int32.
+    ids whose logits are masked (-1: none; used for min_tokens); logprobs [R] bool (return logprobs).
+Returns SamplerOutput: token ids [R] int32, and when any row asks, the sampled token's logprob [R] and the
+top ``num_logprobs`` (static) ids/logprobs [R, K] of the model's distribution (raw logits, before
+temperature and masks; vLLM's default); zeros otherwise.
 """
 
 from __future__ import annotations
@@ -23,6 +25,15 @@ class SamplingInputs:
     seed: jax.Array
     counter: jax.Array
     banned: jax.Array
+    logprobs: jax.Array
+
+
+@struct.dataclass
+class SamplerOutput:
+    tokens: jax.Array
+    logprob: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
 
 
 def mask_banned(logits: jax.Array, banned: jax.Array) -> jax.Array:
@@ -48,9 +59,25 @@ def top_k_top_p_mask(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> j
     return jnp.where(logits >= jnp.maximum(kth, pth), logits, -jnp.inf)
 
 
-def sample(logits: jax.Array, s: SamplingInputs) -> jax.Array:
-    """Token ids [R] int32 (see module docstring)."""
-    logits = mask_banned(logits.astype(jnp.float32), s.banned)
+def sample(logits: jax.Array, s: SamplingInputs, num_logprobs: int = 0) -> SamplerOutput:
+    """See the module docstring."""
+    logits = logits.astype(jnp.float32)
+    tokens = _sample_tokens(mask_banned(logits, s.banned), s)
+    rows, k = logits.shape[0], num_logprobs
+
+    def with_logprobs(_):
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        top, ids = jax.lax.top_k(logp, k) if k else (jnp.zeros((rows, 0)), jnp.zeros((rows, 0), jnp.int32))
+        return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0], ids.astype(jnp.int32), top
+
+    def without(_):
+        return jnp.zeros(rows), jnp.zeros((rows, k), jnp.int32), jnp.zeros((rows, k))
+
+    logprob, top_ids, top = jax.lax.cond(jnp.any(s.logprobs), with_logprobs, without, None)
+    return SamplerOutput(tokens=tokens, logprob=logprob, top_ids=top_ids, top_logprobs=top)
+
+
+def _sample_tokens(logits: jax.Array, s: SamplingInputs) -> jax.Array:
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def stochastic(logits):

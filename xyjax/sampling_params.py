@@ -13,6 +13,8 @@ class SamplingParams:
     request's samples reproducible whatever else shares its batch. ``stop`` strings end the text (they are
     not included in it); ``stop_token_ids`` and EOS end it too unless ``ignore_eos`` (EOS only). No stop
     condition fires before ``min_tokens`` tokens: EOS and stop tokens are masked until then.
+    ``logprobs``: None, or N >= 0 to return each output token's logprob (of the model's distribution, before
+    temperature/top-k/top-p) plus the N most likely tokens' (vLLM's convention).
     """
 
     max_tokens: int = 16
@@ -25,6 +27,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    logprobs: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -41,6 +44,8 @@ class SamplingParams:
             ("seed", self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**32), "None or in [0, 2**32)"),
             ("stop_token_ids", all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "non-negative integers"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
+            ("logprobs", self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
+             "None or an integer >= 0"),
             ("min_tokens", _is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
              f"an integer in [0, max_tokens={self.max_tokens}]"),
         ]
