@@ -50,7 +50,7 @@ class Runner:
 
         def on_event(event: str, seconds: float, **kwargs) -> None:
             runner = this()
-            if runner is not None and event == _BACKEND_COMPILE and kwargs.get("fun_name") == step.__name__:
+            if runner is not None and event == _BACKEND_COMPILE and kwargs.get("fun_name") == f"jit({step.__name__})":
                 runner.compiles += 1
                 runner.compile_seconds += seconds
 

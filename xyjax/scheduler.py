@@ -76,7 +76,15 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
-        budget, seqs, preempted = self.config.max_num_batched_tokens, [], []
+        preempted: list[Request] = []
+        seqs = self._fill(preempted)
+        while not seqs and self.running:   # every running prompt is stuck on a full pool: free the newest
+            self._preempt(max(self.running, key=lambda r: r.arrival), preempted)
+            seqs = self._fill(preempted)
+        return ScheduledBatch(seqs, preempted)
+
+    def _fill(self, preempted: list[Request]) -> list[ScheduledSeq]:
+        budget, seqs = self.config.max_num_batched_tokens, []
         for req in sorted(self.running, key=lambda r: r.arrival):
             if req.num_pending != 1 or req.status is not Status.RUNNING:
                 continue
@@ -92,6 +100,8 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if req in preempted:             # not back in the step that preempted it
+                break
             # Leave a block per running request for its next decode, so admission does not force preemptions.
             room = (self.blocks.num_free - len(self.running)) * self.blocks.block_size
             n = min(req.num_pending, budget, room)
@@ -103,10 +113,7 @@ class Scheduler:
             self.running.append(req)
             seqs.append(ScheduledSeq(req, Stage.PREFILL, n))
             budget -= n
-        if not seqs and self.running:   # every running prompt is stuck on a full pool: free the newest
-            self._preempt(max(self.running, key=lambda r: r.arrival), preempted)
-            return self._merge(self.schedule(), preempted)
-        return ScheduledBatch(seqs, preempted)
+        return seqs
 
     def _chunk(self, req: Request, budget: int) -> int:
         """The largest prefill chunk of ``req`` within ``budget`` whose blocks are available; blocks taken."""
@@ -135,7 +142,3 @@ class Scheduler:
         position = sum(1 for r in self.waiting if r.arrival < req.arrival)   # keep the queue in arrival order
         self.waiting.insert(position, req)
         preempted.append(req)
-
-    @staticmethod
-    def _merge(batch: ScheduledBatch, preempted: list[Request]) -> ScheduledBatch:
-        return ScheduledBatch(batch.seqs, preempted + batch.preempted)
