@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import os
+import threading
 from importlib import metadata
 from pathlib import Path
 
@@ -24,6 +25,7 @@ __all__ = [
     "include_dir",
     "library_path",
     "load",
+    "register_ffi_target",
 ]
 
 ABI_VERSION = 1
@@ -143,3 +145,36 @@ def load() -> ctypes.CDLL:
         )
     _LIBRARY = lib
     return lib
+
+
+_REGISTERED: set[tuple[str, str]] = set()
+_REGISTER_LOCK = threading.Lock()
+
+
+def register_ffi_target(name: str, symbol: str, platform: str = "cpu") -> str:
+    """Register the XLA FFI handler ``symbol`` of ``libxyjax_ffi`` as the jax.ffi target ``name`` on
+    ``platform``, once per process (later calls return at once). Returns ``name`` for ``jax.ffi.ffi_call``.
+
+    Raises RuntimeError when the library was built without the XLA FFI headers (it has no handlers).
+    """
+    key = (name, platform)
+    if key in _REGISTERED:
+        return name
+    with _REGISTER_LOCK:
+        if key in _REGISTERED:
+            return name
+        import jax  # only the handlers need jax; the contract side of this module does not
+
+        lib = load()
+        try:
+            handler = getattr(lib, symbol)
+        except AttributeError:
+            built_with_ffi = lib.xyjax_ffi_xla_api_version(None, None) == 1
+            raise RuntimeError(
+                f"{library_path()} has no handler {symbol!r}"
+                + ("" if built_with_ffi else " (it was built without the XLA FFI headers)")
+                + ": rebuild it with `pip install -e .`."
+            ) from None
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), platform=platform)
+        _REGISTERED.add(key)
+    return name

@@ -7,12 +7,17 @@ import numpy as np
 from xyjax.sampler import SamplingInputs, mask_banned, sample, top_k_top_p_mask
 
 
+def sample_tokens(logits, s):
+    return sample(logits, s).tokens
+
+
 def inputs(R, temperature=1.0, top_k=0, top_p=1.0, seed=0, counter=0, banned=None):
     full = lambda v, dt: jnp.full(R, v, dt)  # noqa: E731
     return SamplingInputs(temperature=full(temperature, jnp.float32), top_k=full(top_k, jnp.int32),
                           top_p=full(top_p, jnp.float32), seed=full(seed, jnp.uint32),
                           counter=full(counter, jnp.int32),
-                          banned=jnp.full((R, 4), -1, jnp.int32) if banned is None else banned)
+                          banned=jnp.full((R, 4), -1, jnp.int32) if banned is None else banned,
+                          logprobs=jnp.zeros(R, bool))
 
 
 def test_top_k_keeps_exactly_k_largest():
@@ -33,24 +38,25 @@ def test_banned_tokens_are_masked_and_greedy_takes_next_best():
     logits = jnp.array([[0.0, 9.0, 8.0, 1.0], [5.0, 0.0, 0.0, 0.0]])
     banned = jnp.array([[1, -1], [-1, -1]], jnp.int32)
     assert np.isneginf(np.asarray(mask_banned(logits, banned))[0, 1])
-    tokens = sample(logits, inputs(2, temperature=0.0, banned=banned))
+    tokens = sample_tokens(logits, inputs(2, temperature=0.0, banned=banned))
     assert np.asarray(tokens).tolist() == [2, 0]
 
 
 def test_seeded_rows_reproduce_and_depend_on_counter():
     logits = jax.random.normal(jax.random.key(0), (4, 1000))
-    a = sample(logits, inputs(4, seed=42, counter=3))
-    b = sample(logits, inputs(4, seed=42, counter=3))
-    c = sample(logits, inputs(4, seed=42, counter=4))
+    a = sample_tokens(logits, inputs(4, seed=42, counter=3))
+    b = sample_tokens(logits, inputs(4, seed=42, counter=3))
+    c = sample_tokens(logits, inputs(4, seed=42, counter=4))
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
 def test_sampling_distribution_matches_softmax_at_temperature():
     logits = jnp.log(jnp.array([0.6, 0.3, 0.1]))
     n = 4000
-    draws = jax.jit(sample)(jnp.tile(logits, (n, 1)), SamplingInputs(
+    draws = jax.jit(sample_tokens)(jnp.tile(logits, (n, 1)), SamplingInputs(
         temperature=jnp.full(n, 0.5), top_k=jnp.zeros(n, jnp.int32), top_p=jnp.ones(n),
-        seed=jnp.arange(n, dtype=jnp.uint32), counter=jnp.zeros(n, jnp.int32), banned=jnp.full((n, 1), -1, jnp.int32)))
+        seed=jnp.arange(n, dtype=jnp.uint32), counter=jnp.zeros(n, jnp.int32), banned=jnp.full((n, 1), -1, jnp.int32),
+        logprobs=jnp.zeros(n, bool)))
     freq = np.bincount(np.asarray(draws), minlength=3) / n
     expected = np.array([0.6, 0.3, 0.1]) ** 2
     expected /= expected.sum()

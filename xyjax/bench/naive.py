@@ -2,7 +2,7 @@
 
 This is how research code usually serves a batch: requests are taken ``batch_size`` at a time in arrival
 order; each batch is left-padded to its longest prompt (rounded up to a multiple of ``PAD``), gets a
-contiguous cache ``k, v [L, B, Lmax, Hkv, Dh]`` for the padded prompt plus the batch's longest output
+contiguous cache ``k, v [L, B, Hkv, Lmax, Dh]`` for the padded prompt plus the batch's longest output
 (rounded up to a multiple of ``PAD``), is prefilled in one call, then decoded one token per call until
 its longest output is done. Every request waits for the longest one of its batch, attention always reads
 the whole ``Lmax`` cache under a causal + padding mask, and there is no online admission: a batch starts
@@ -35,7 +35,8 @@ PAD = 64  # prompt and cache lengths are rounded up to a multiple of this
 
 
 class Cache(NamedTuple):
-    """Contiguous KV cache of one batch. k, v: [L, B, Lmax, Hkv, Dh] (params dtype); start: [B] int32, the
+    """Contiguous KV cache of one batch. k, v: [L, B, Hkv, Lmax, Dh] (params dtype; head-major like HF's
+    ``past_key_values``, so attention reads each head's keys without a transpose); start: [B] int32, the
     cache column of each row's first real token (left padding fills columns ``< start``)."""
 
     k: jax.Array
@@ -48,7 +49,7 @@ def _forward(params: dict, cache: Cache, tokens: jax.Array, column: jax.Array, c
     """Run ``tokens [B, T]`` int32 placed at cache columns ``[column, column + T)`` (``column``: int32
     scalar); writes their K/V and returns the greedy next token [B] int32 after the last column."""
     batch, num_tokens = tokens.shape
-    cache_len = cache.k.shape[2]
+    cache_len = cache.k.shape[3]
     cols = column + jnp.arange(num_tokens)                                        # [T]
     positions = jnp.maximum(cols[None] - cache.start[:, None], 0)                 # [B, T]; padding: 0
     angles = positions.reshape(-1, 1).astype(jnp.float32) * rope_frequencies(cfg)[None]
@@ -69,15 +70,15 @@ def _forward(params: dict, cache: Cache, tokens: jax.Array, column: jax.Array, c
         q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
         q = apply_rope(q.reshape(batch * num_tokens, cfg.num_heads, cfg.head_dim), cos, sin)
         k = apply_rope(k.reshape(batch * num_tokens, cfg.num_kv_heads, cfg.head_dim), cos, sin)
-        kv_shape = (1, batch, num_tokens, cfg.num_kv_heads, cfg.head_dim)
-        at = (index, 0, column, 0, 0)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.reshape(kv_shape).astype(k_cache.dtype), at)
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.reshape(kv_shape).astype(v_cache.dtype), at)
+        new_k, new_v = (a.reshape(1, batch, num_tokens, cfg.num_kv_heads, cfg.head_dim).swapaxes(2, 3)
+                        .astype(k_cache.dtype) for a in (k, v))                  # [1, B, Hkv, T, Dh]
+        k_cache = jax.lax.dynamic_update_slice(k_cache, new_k, (index, 0, 0, column, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, new_v, (index, 0, 0, column, 0))
         q = q.reshape(batch, num_tokens, cfg.num_kv_heads, group, cfg.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k_cache[index], preferred_element_type=jnp.float32)
+        scores = jnp.einsum("btkgd,bksd->bkgts", q, k_cache[index], preferred_element_type=jnp.float32)
         scores = jnp.where(mask[:, None, None], scores * cfg.head_dim ** -0.5, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-        attn = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache[index]).reshape(batch, num_tokens, cfg.q_size)
+        attn = jnp.einsum("bkgts,bksd->btkgd", probs, v_cache[index]).reshape(batch, num_tokens, cfg.q_size)
         x = x + attn.astype(x.dtype) @ p["wo"]
         h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
         gate, up = jnp.split(h @ p["w_gate_up"], 2, axis=-1)
@@ -99,7 +100,7 @@ def prefill(params: dict, tokens: jax.Array, pad_mask: jax.Array, *, cfg: ModelC
     columns holding the prompts at columns ``[0, Lp)``."""
     batch, prompt_len = tokens.shape
     dtype = params["embed"].dtype
-    shape = (cfg.num_layers, batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, cache_len, cfg.head_dim)
     start = (prompt_len - pad_mask.sum(axis=1)).astype(jnp.int32)
     cache = Cache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), start)
     return _forward(params, cache, tokens, jnp.int32(0), cfg)
@@ -140,7 +141,7 @@ class NaiveGenerator:
             spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
             params = jax.tree.map(lambda a: spec(a.shape, a.dtype), self.params)
             dtype = self.params["embed"].dtype
-            kv = spec((self.cfg.num_layers, batch, cache_len, self.cfg.num_kv_heads, self.cfg.head_dim), dtype)
+            kv = spec((self.cfg.num_layers, batch, self.cfg.num_kv_heads, cache_len, self.cfg.head_dim), dtype)
             cache = Cache(kv, kv, spec((batch,), jnp.int32))
             pre = jax.jit(functools.partial(prefill, cfg=self.cfg, cache_len=cache_len))
             dec = jax.jit(functools.partial(decode_step, cfg=self.cfg), donate_argnums=1)

@@ -19,8 +19,10 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
+import ascend_ffi
 from ascend_ffi import NUM_FIELDS, Field
 from xyjax.kv_cache import KVCache
 
@@ -60,7 +62,9 @@ def meta_attention(q: jax.Array, kv: KVCache, layer: jax.Array | int, meta: Atte
         for group in meta.groups:
             out = _attend_group_xla(q, kv, layer, meta.block_tables, group, scale, out)
         return out.astype(q.dtype)
-    raise ValueError(f"unknown attention backend {backend!r}; available: 'xla'")
+    if backend == "ffi":
+        return _attend_ffi(q, kv, layer, meta, scale)
+    raise ValueError(f"unknown attention backend {backend!r}; available: 'xla', 'ffi'")
 
 
 TASK_BLOCK = 32   # tasks processed together per loop iteration
@@ -115,3 +119,24 @@ def _attend_group_xla(q, kv, layer, block_tables, group: TaskTable, scale, out):
         return out.at[token[:, :, None], q_heads[:, None, :]].set(result, mode="drop")
 
     return jax.lax.fori_loop(0, (group.num_tasks + TASK_BLOCK - 1) // TASK_BLOCK, task_block, out)
+
+
+FFI_TARGET = "xyjax_meta_attention_cpu"   # jax.ffi target of the C++ CPU kernel (ascend_ffi/src/meta_attention_cpu.cc)
+FFI_DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def _attend_ffi(q, kv, layer, meta: AttentionMetadata, scale):
+    """The C++ CPU kernel as a jax.ffi custom call (CPU only). The whole cache goes in and is read in place
+    (no per-layer slice); the groups' tables become one table, rows at index >= num_tasks zeroed to padding
+    (q_len 0). Only CAUSAL, unsplit tasks are implemented: others fail when the call runs."""
+    for name, x in (("q", q), ("KV cache", kv.k)):
+        if x.dtype not in FFI_DTYPES:
+            raise TypeError(f"ffi attention backend: {name} dtype {x.dtype} is not float32 or bfloat16")
+    tables = [g.tasks.at[:, Field.Q_LEN].set(
+                  jnp.where(jnp.arange(g.tasks.shape[0]) < g.num_tasks, g.tasks[:, Field.Q_LEN], 0))
+              for g in meta.groups]
+    tasks = jnp.concatenate(tables) if tables else jnp.zeros((0, NUM_FIELDS), jnp.int32)
+    ascend_ffi.register_ffi_target(FFI_TARGET, "XyjaxMetaAttentionCpu", platform="cpu")
+    call = jax.ffi.ffi_call(FFI_TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype))
+    return call(q, kv.k, kv.v, jnp.asarray(layer, jnp.int32), jnp.asarray(meta.block_tables, jnp.int32), tasks,
+                scale=np.float32(scale))
