@@ -1,0 +1,123 @@
+"""Benchmark workloads, metrics and the naive padded baseline (tiny random-weight model)."""
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from models.llama import forward
+from xyjax.bench import WORKLOADS, NaiveGenerator, Workload, make_requests, summarize
+from xyjax.kv_cache import KVCache
+from xyjax.step_inputs import StepInputs
+from xyjax.tiling import attention_metadata
+
+VOCAB = 49152
+
+
+def test_workload_is_deterministic_per_seed():
+    w = dataclasses.replace(WORKLOADS["lognormal"], num_requests=16, rate=4.0)
+    a, b = make_requests(w, VOCAB), make_requests(w, VOCAB)
+    assert a == b
+    c = make_requests(dataclasses.replace(w, seed=1), VOCAB)
+    assert [r.prompt_token_ids for r in a] != [r.prompt_token_ids for r in c]
+    assert [r.output_len for r in a] != [r.output_len for r in c]
+    # the rate only moves arrivals
+    d = make_requests(dataclasses.replace(w, rate=None), VOCAB)
+    assert [(r.prompt_token_ids, r.output_len) for r in a] == [(r.prompt_token_ids, r.output_len) for r in d]
+    assert all(r.arrival == 0.0 for r in d)
+
+
+@pytest.mark.parametrize("name", sorted(WORKLOADS))
+def test_lengths_and_ids_within_bounds(name):
+    w = dataclasses.replace(WORKLOADS[name], num_requests=300)
+    reqs = make_requests(w, VOCAB)
+    assert len(reqs) == 300
+    tails = np.array([len(r.prompt_token_ids) - w.shared_prefix for r in reqs])
+    outs = np.array([r.output_len for r in reqs])
+    assert tails.min() >= w.prompt_min and tails.max() <= w.prompt_max
+    assert outs.min() >= w.output_min and outs.max() <= w.output_max
+    assert abs(np.median(tails) - w.prompt_median) < 0.2 * w.prompt_median
+    assert abs(np.median(outs) - w.output_median) < 0.2 * w.output_median
+    ids = np.concatenate([r.prompt_token_ids for r in reqs])
+    assert ids.min() >= w.token_low and ids.max() < VOCAB
+
+
+def test_poisson_arrivals():
+    w = Workload("poisson", num_requests=4000, rate=8.0)
+    arrivals = np.array([r.arrival for r in make_requests(w, VOCAB)])
+    gaps = np.diff(arrivals)
+    assert arrivals[0] == 0.0 and (gaps >= 0).all()
+    assert abs(gaps.mean() - 1 / 8.0) < 0.1 / 8.0
+    assert abs(gaps.std() - 1 / 8.0) < 0.15 / 8.0   # exponential: std == mean
+
+
+def test_shared_prefix():
+    w = dataclasses.replace(WORKLOADS["shared-prefix"], num_requests=8)
+    reqs = make_requests(w, VOCAB)
+    prefix = reqs[0].prompt_token_ids[:256]
+    assert all(r.prompt_token_ids[:256] == prefix for r in reqs)
+    assert len({tuple(r.prompt_token_ids[256:]) for r in reqs}) == 8
+
+
+def test_summarize_hand_computed():
+    records = [
+        dict(arrival=0.0, first_token=1.0, finish=3.0, prompt_len=10, output_len=5),   # ttft 1, tpot 0.5
+        dict(arrival=1.0, first_token=1.5, finish=2.5, prompt_len=20, output_len=3),   # ttft 0.5, tpot 0.5
+        dict(arrival=2.0, first_token=4.0, finish=4.0, prompt_len=30, output_len=1),   # ttft 2, no tpot
+    ]
+    s = summarize(records, wall_time=4.0)
+    assert s["num_requests"] == 3 and s["prompt_tokens"] == 60 and s["output_tokens"] == 9
+    assert s["total_tokens_per_s"] == pytest.approx(69 / 4)
+    assert s["output_tokens_per_s"] == pytest.approx(9 / 4)
+    assert s["ttft_p50"] == pytest.approx(1.0)
+    assert s["ttft_p99"] == pytest.approx(1.0 + 0.98 * 1.0)   # between 1 and 2, 98% of the way
+    assert s["tpot_p50"] == pytest.approx(0.5) and s["tpot_p99"] == pytest.approx(0.5)
+
+
+@functools.lru_cache(maxsize=None)
+def _model_step(cfg):
+    return jax.jit(functools.partial(forward, cfg=cfg))
+
+
+def _reference_greedy(model, prompt: list[int], n: int, bucket: int = 128, block: int = 16) -> list[int]:
+    """Greedy continuation with ``models.llama.forward``, recomputing the whole sequence for every token."""
+    cfg, ids = model.config, list(prompt)
+    for _ in range(n):
+        length = len(ids)
+        kv = KVCache.create(cfg.num_layers, bucket // block, block, cfg.num_kv_heads, cfg.head_dim)
+        pad = lambda a, fill: np.concatenate([a, np.full(bucket - length, fill)]).astype(np.int32)  # noqa: E731
+        meta = attention_metadata([0], [length], [length], np.arange(bucket // block)[None],
+                                  num_kv_heads=cfg.num_kv_heads, num_tokens=bucket)
+        inputs = StepInputs(token_ids=pad(np.array(ids), 0), positions=pad(np.arange(length), 0),
+                            slot_mapping=pad(np.arange(length), -1), num_tokens=np.int32(length), attention=meta,
+                            sample_index=np.array([length - 1], np.int32), num_samples=np.int32(1))
+        logits, _ = _model_step(cfg)(model.params, kv, inputs)
+        ids.append(int(np.argmax(logits[0])))
+    return ids[len(prompt):]
+
+
+def test_naive_matches_model_despite_left_padding(tiny_model):
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(256, VOCAB, n).tolist() for n in (5, 37, 70)]   # 70 pads the batch to 128
+    output_lens = [6, 3, 8]
+    gen = NaiveGenerator(tiny_model.config, tiny_model.params)
+    outs = gen.generate(prompts, output_lens)
+    assert [len(o) for o in outs] == output_lens
+    for prompt, n, out in zip(prompts, output_lens, outs):
+        assert out == _reference_greedy(tiny_model, prompt, n)
+
+
+def test_naive_run_records(tiny_model):
+    w = Workload("tiny", num_requests=5, prompt_median=20, prompt_min=4, prompt_max=40, output_median=4,
+                 output_min=2, output_max=6)
+    reqs = make_requests(w, VOCAB)
+    records, stats = NaiveGenerator(tiny_model.config, tiny_model.params).run(reqs, batch_size=2, progress=False)
+    assert [(r["prompt_len"], r["output_len"]) for r in records] == \
+        [(len(r.prompt_token_ids), r.output_len) for r in reqs]
+    for r in records:
+        assert 0 <= r["arrival"] <= r["first_token"] <= r["finish"] <= stats["wall_time"]
+    assert stats["real_tokens"] == sum(r["prompt_len"] + r["output_len"] for r in records)
+    assert stats["padded_tokens"] > stats["real_tokens"] and stats["compile_time"] > 0
+    assert summarize(records, stats["wall_time"])["num_requests"] == 5
