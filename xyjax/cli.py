@@ -1,4 +1,4 @@
-"""Command line: ``xyjax generate "prompt" [--model M] [--max-tokens N] [--temperature T] [--chat]``."""
+"""Command line: ``xyjax generate "prompt" [...]`` and ``xyjax bench [--workload W] [...]``."""
 
 from __future__ import annotations
 
@@ -20,7 +20,22 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     gen.add_argument("--dtype", default="float32")
+    bench = commands.add_parser("bench", help="time a workload on xyjax and the naive padded baseline")
+    bench.add_argument("--workload", default="lognormal", help="lognormal, prefill-heavy, decode-heavy, shared-prefix")
+    bench.add_argument("--num-requests", type=int, default=None)
+    bench.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second (default: all at once)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--naive-batch-size", type=int, default=16)
+    bench.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
+    bench.add_argument("--out", default="bench-results", help="directory for the JSON result")
+    bench.add_argument("--model", default=None)
+    for option in ("max-num-batched-tokens", "max-num-seqs", "prefill-tile", "block-size"):
+        bench.add_argument(f"--{option}", type=int, default=None)
+    for option in ("attention-backend", "gemm-backend"):
+        bench.add_argument(f"--{option}", default=None)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return _bench(args)
 
     from xyjax import LLM, SamplingParams
 
@@ -46,6 +61,21 @@ def main(argv: list[str] | None = None) -> int:
     print(file=sys.stdout)
     print(f"[{n} tokens in {end - start:.2f}s; first after {first - start:.2f}s, "
           f"then {(n - 1) / max(end - first, 1e-9):.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def _bench(args) -> int:
+    from xyjax.bench.runs import bench
+    from xyjax.bench.workload import WORKLOADS
+
+    if args.workload not in WORKLOADS:
+        print(f"xyjax: error: unknown workload {args.workload!r}; known: {', '.join(WORKLOADS)}", file=sys.stderr)
+        return 2
+    names = ("max_num_batched_tokens", "max_num_seqs", "prefill_tile", "block_size", "attention_backend",
+             "gemm_backend")
+    options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    bench(args.workload, args.num_requests, args.rate, args.seed, args.naive_batch_size, not args.no_naive,
+          args.out, args.model, **options)
     return 0
 
 

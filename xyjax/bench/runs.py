@@ -1,0 +1,108 @@
+"""``xyjax bench``: run a workload through the engine and, in the same process and run, the naive baseline.
+
+Both systems get identical token-id prompts and output lengths (``ignore_eos``, greedy, float32, the same
+weights). Compilation is excluded from both: the engine compiles its buckets at start, the baseline
+compiles every shape it needs before its clock starts. Results: a table on stdout and a JSON file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+from tqdm import tqdm
+
+from xyjax.bench.naive import NaiveGenerator
+from xyjax.bench.workload import WORKLOADS, BenchRequest, make_requests, summarize
+from xyjax.sampling_params import SamplingParams
+
+
+def run_engine(llm, requests: list[BenchRequest], progress: bool = True) -> tuple[list[dict], dict]:
+    """Feed ``requests`` to ``llm.engine`` at their arrival times (seconds from the start) and step until all
+    finish. Returns per-request records (see ``summarize``) and engine figures for the run."""
+    engine = llm.engine
+    before = dict(llm.stats)
+    pending = sorted(range(len(requests)), key=lambda i: requests[i].arrival)
+    ids, finish, first = {}, {}, {}
+    t0 = time.perf_counter()
+    with tqdm(total=len(requests), desc="xyjax", unit="req", disable=not progress) as bar:
+        while pending or engine.has_unfinished():
+            now = time.perf_counter() - t0
+            while pending and requests[pending[0]].arrival <= now:
+                i = pending.pop(0)
+                r = requests[i]
+                ids[engine.add_request(r.prompt_token_ids, SamplingParams(max_tokens=r.output_len, temperature=0,
+                                                                          ignore_eos=True))] = i
+            if not engine.has_unfinished():
+                time.sleep(max(0.0, requests[pending[0]].arrival - now))
+                continue
+            for delta in engine.step():
+                i = ids[delta.request_id]
+                if delta.token_ids and i not in first:
+                    first[i] = delta.metrics.first_token_time - t0
+                if delta.finished:
+                    if delta.finish_reason != "length":
+                        raise RuntimeError(f"bench request {i} ended with {delta.finish_reason}: {delta.error}")
+                    finish[i] = delta.metrics.finished_time - t0
+                    bar.update()
+    wall = time.perf_counter() - t0
+    after = llm.stats
+    records = [dict(arrival=r.arrival, first_token=first[i], finish=finish[i], prompt_len=len(r.prompt_token_ids),
+                    output_len=r.output_len) for i, r in enumerate(requests)]
+    delta = {k: after[k] - before[k] for k in ("steps", "step_seconds", "real_tokens", "padded_tokens",
+                                               "preemptions", "compiles")}
+    stats = dict(wall_time=wall, steps=delta["steps"], compiles_during_run=delta["compiles"],
+                 compiles_total=after["compiles"], startup_seconds=after["startup_seconds"],
+                 tokens_per_step=delta["real_tokens"] / max(delta["steps"], 1),
+                 padding_ratio=delta["padded_tokens"] / max(delta["real_tokens"], 1),
+                 preemptions=delta["preemptions"], mean_step_time=delta["step_seconds"] / max(delta["steps"], 1))
+    return records, stats
+
+
+def bench(workload: str = "lognormal", num_requests: int | None = None, rate: float | None = None, seed: int = 0,
+          naive_batch_size: int = 16, naive: bool = True, out_dir: str = "bench-results", model: str | None = None,
+          progress: bool = True, **engine_options) -> dict:
+    """Run ``workload`` (a name in WORKLOADS, overridden by num_requests / rate / seed) on xyjax and the naive
+    baseline; print a table, write ``<out_dir>/bench-<workload>-<time>.json``, return the result dict."""
+    from xyjax import LLM
+
+    w = WORKLOADS[workload]
+    overrides = {k: v for k, v in dict(num_requests=num_requests, rate=rate, seed=seed).items() if v is not None}
+    w = dataclasses.replace(w, **overrides)
+    llm = LLM(model, progress=progress, **engine_options)
+    requests = make_requests(w, llm.model.config.vocab_size)
+    systems = {}
+    records, stats = run_engine(llm, requests, progress)
+    systems["xyjax"] = dict(summarize(records, stats["wall_time"]), **stats)
+    if naive:
+        gen = NaiveGenerator(llm.model.config, llm.model.params)
+        records, stats = gen.run(requests, naive_batch_size, progress=progress)
+        stats["padding_ratio"] = stats["padded_tokens"] / max(stats["real_tokens"], 1)
+        systems[f"naive (batch {naive_batch_size})"] = dict(summarize(records, stats["wall_time"]), **stats)
+    result = dict(workload=dataclasses.asdict(w), model=llm.model.name,
+                  engine_options=dict(engine_options, max_num_batched_tokens=llm.engine.config.max_num_batched_tokens,
+                                      token_buckets=list(llm.engine.config.token_buckets)),
+                  machine=dict(cpus=os.cpu_count()), systems=systems)
+    print(table(systems))
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"bench-{workload}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
+    result["path"] = path
+    return result
+
+
+def table(systems: dict) -> str:
+    """Markdown table: throughput, latency percentiles and the ratio to xyjax."""
+    base = systems["xyjax"]["total_tokens_per_s"]
+    lines = ["| system | total tok/s | output tok/s | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | padding | "
+             "compiles | xyjax speed-up |", "|---|---|---|---|---|---|---|---|"]
+    for name, s in systems.items():
+        compiles = s.get("compiles_during_run", "-")
+        lines.append(f"| {name} | {s['total_tokens_per_s']:.1f} | {s['output_tokens_per_s']:.1f} | "
+                     f"{s['ttft_p50']:.2f} / {s['ttft_p99']:.2f} | {1e3 * s['tpot_p50']:.0f} / {1e3 * s['tpot_p99']:.0f} | "
+                     f"{s['padding_ratio']:.2f} | {compiles} | {base / s['total_tokens_per_s']:.2f}x |")
+    return "\n".join(lines)
