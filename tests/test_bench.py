@@ -121,3 +121,20 @@ def test_naive_run_records(tiny_model):
     assert stats["real_tokens"] == sum(r["prompt_len"] + r["output_len"] for r in records)
     assert stats["padded_tokens"] > stats["real_tokens"] and stats["compile_time"] > 0
     assert summarize(records, stats["wall_time"])["num_requests"] == 5
+
+
+def test_xyjax_bench_runs_both_systems_and_writes_json(default_llm, tmp_path):
+    """`xyjax bench` on the real default model (a 3-request slice): both systems do the same work."""
+    import json
+
+    from xyjax.bench.runs import bench
+
+    result = bench("lognormal", num_requests=3, seed=5, naive_batch_size=2, out_dir=str(tmp_path), progress=False,
+                   llm=default_llm)
+    with open(result["path"]) as f:
+        saved = json.load(f)
+    ours, naive = saved["systems"]["xyjax"], saved["systems"]["naive (batch 2)"]
+    assert ours["num_requests"] == naive["num_requests"] == 3
+    assert ours["prompt_tokens"] == naive["prompt_tokens"] and ours["output_tokens"] == naive["output_tokens"]
+    assert ours["compiles_during_run"] == 0 and ours["total_tokens_per_s"] > 0 and naive["total_tokens_per_s"] > 0
+    assert ours["ttft_p50"] <= ours["ttft_p99"]

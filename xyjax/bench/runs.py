@@ -63,15 +63,16 @@ def run_engine(llm, requests: list[BenchRequest], progress: bool = True) -> tupl
 
 def bench(workload: str = "lognormal", num_requests: int | None = None, rate: float | None = None, seed: int = 0,
           naive_batch_size: int = 16, naive: bool = True, out_dir: str = "bench-results", model: str | None = None,
-          progress: bool = True, **engine_options) -> dict:
+          progress: bool = True, llm=None, **engine_options) -> dict:
     """Run ``workload`` (a name in WORKLOADS, overridden by num_requests / rate / seed) on xyjax and the naive
-    baseline; print a table, write ``<out_dir>/bench-<workload>-<time>.json``, return the result dict."""
+    baseline; print a table, write ``<out_dir>/bench-<workload>-<time>.json``, return the result dict.
+    ``llm``: an already built LLM (else one is built from ``model`` and ``engine_options``)."""
     from xyjax import LLM
 
     w = WORKLOADS[workload]
     overrides = {k: v for k, v in dict(num_requests=num_requests, rate=rate, seed=seed).items() if v is not None}
     w = dataclasses.replace(w, **overrides)
-    llm = LLM(model, progress=progress, **engine_options)
+    llm = llm or LLM(model, progress=progress, **engine_options)
     requests = make_requests(w, llm.model.config.vocab_size)
     systems = {}
     records, stats = run_engine(llm, requests, progress)
