@@ -136,6 +136,8 @@ def _attend_ffi(q, kv, layer, meta: AttentionMetadata, scale):
                   jnp.where(jnp.arange(g.tasks.shape[0]) < g.num_tasks, g.tasks[:, Field.Q_LEN], 0))
               for g in meta.groups]
     tasks = jnp.concatenate(tables) if tables else jnp.zeros((0, NUM_FIELDS), jnp.int32)
+    if isinstance(scale, jax.core.Tracer):
+        raise TypeError("ffi attention backend: scale must be a Python float (a static attribute), not traced")
     ascend_ffi.register_ffi_target(FFI_TARGET, "XyjaxMetaAttentionCpu", platform="cpu")
     call = jax.ffi.ffi_call(FFI_TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype))
     return call(q, kv.k, kv.v, jnp.asarray(layer, jnp.int32), jnp.asarray(meta.block_tables, jnp.int32), tasks,

@@ -1,0 +1,55 @@
+// The per-task kernel of the CPU meta_attention backend: what one lane computes for one task row
+// of the tile contract. The kernel body (meta_attention_kernel.inc) is compiled once per
+// instruction-set level, each copy in its own namespace; meta_attention_cpu.cc picks one at run
+// time (so the library runs on any x86-64 and uses AVX2/FMA where the CPU has them).
+#ifndef XYJAX_META_ATTENTION_KERNEL_H_
+#define XYJAX_META_ATTENTION_KERNEL_H_
+
+#include <stdint.h>
+
+#include "xyjax/tile_contract.h"
+
+namespace xyjax {
+namespace attention {
+
+enum class Elem : int32_t { kF32 = 0, kBF16 = 1 };
+
+// One call's operands. Shapes: q/out [T, H, D], k/v [L, NB, Hkv, BS, D], tables [S, P].
+struct Args {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  const int32_t* tables;
+  Elem q_type;   // also the output's
+  Elem kv_type;
+  int64_t T, H, D, L, NB, Hkv, BS, S, P;
+  int64_t group;  // H / Hkv
+  int64_t layer;
+  float scale;
+};
+
+// Positions of one KV block handled together (rows of K/V loaded once per chunk).
+constexpr int kChunk = 16;
+
+// Floats of scratch one lane needs for tasks of up to `max_rows` query rows.
+inline int64_t ScratchFloats(const Args& a, int64_t max_rows) {
+  const int64_t m = max_rows * a.group;
+  return 2 * m * a.D + 2 * m + 2 * kChunk * a.D + 64;
+}
+
+// Computes one validated CAUSAL, unsplit task with q_len > 0: writes its rows and heads of out.
+// Returns 0, or -1 when a block table entry it reads is outside [0, NB) (nothing written then).
+using TaskFn = int (*)(const Args& a, const XyjaxTask& task, float* scratch);
+
+namespace generic {
+int RunTask(const Args& a, const XyjaxTask& task, float* scratch);
+}
+namespace avx2 {
+int RunTask(const Args& a, const XyjaxTask& task, float* scratch);
+}
+
+}  // namespace attention
+}  // namespace xyjax
+
+#endif  // XYJAX_META_ATTENTION_KERNEL_H_
