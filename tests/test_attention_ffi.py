@@ -218,8 +218,17 @@ def test_block_table_entry_outside_the_cache_fails():
         np.asarray(attention(q, kv, 1, AttentionMetadata(tables, meta.groups), backend="ffi"))
 
 
-def test_dtype_errors_are_clear():
+def test_eager_call_with_host_metadata():
+    """Outside jit, with the metadata as numpy arrays (as xyjax.tiling builds it)."""
+    rng = np.random.default_rng(8)
+    q, kv, meta, expected = ragged_case(rng, [3, 1], [4, 10])
+    np.testing.assert_allclose(np.asarray(meta_attention(q, kv, 1, meta, backend="ffi")), expected, **TOL)
+
+
+def test_dtype_and_scale_errors_are_clear():
     q, kv, meta = _one_task()
+    with pytest.raises(TypeError, match="scale must be a Python float"):
+        jax.jit(lambda s: meta_attention(q, kv, 1, meta, scale=s, backend="ffi"))(0.3)
     with pytest.raises(TypeError, match="float32 or bfloat16"):
         meta_attention(q.astype(jnp.float16), kv, 1, meta, backend="ffi")
     with pytest.raises(TypeError, match="KV cache dtype"):

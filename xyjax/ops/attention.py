@@ -132,12 +132,14 @@ def _attend_ffi(q, kv, layer, meta: AttentionMetadata, scale):
     for name, x in (("q", q), ("KV cache", kv.k)):
         if x.dtype not in FFI_DTYPES:
             raise TypeError(f"ffi attention backend: {name} dtype {x.dtype} is not float32 or bfloat16")
-    tables = [g.tasks.at[:, Field.Q_LEN].set(
-                  jnp.where(jnp.arange(g.tasks.shape[0]) < g.num_tasks, g.tasks[:, Field.Q_LEN], 0))
-              for g in meta.groups]
-    tasks = jnp.concatenate(tables) if tables else jnp.zeros((0, NUM_FIELDS), jnp.int32)
     if isinstance(scale, jax.core.Tracer):
         raise TypeError("ffi attention backend: scale must be a Python float (a static attribute), not traced")
+    tables = []
+    for g in meta.groups:
+        t = jnp.asarray(g.tasks, jnp.int32)
+        live = jnp.arange(t.shape[0]) < g.num_tasks
+        tables.append(t.at[:, Field.Q_LEN].set(jnp.where(live, t[:, Field.Q_LEN], 0)))
+    tasks = jnp.concatenate(tables) if tables else jnp.zeros((0, NUM_FIELDS), jnp.int32)
     ascend_ffi.register_ffi_target(FFI_TARGET, "XyjaxMetaAttentionCpu", platform="cpu")
     call = jax.ffi.ffi_call(FFI_TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype))
     return call(q, kv.k, kv.v, jnp.asarray(layer, jnp.int32), jnp.asarray(meta.block_tables, jnp.int32), tasks,
