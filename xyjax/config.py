@@ -29,7 +29,8 @@ class EngineConfig:
     compilation_cache_dir: JAX's persistent compilation cache ("" disables it); default
         $XYJAX_CACHE_DIR/jax-compilation-cache. It is process-wide (a jax config).
     precompile: compile every bucket at start (with a progress bar).
-    attention_backend / gemm_backend: op backends. seed: seeds requests that bring none.
+    attention_backend: "ffi" (C++ custom call, the default on CPU) or "xla" (pure jnp, the default elsewhere).
+    gemm_backend: "xla". seed: seeds requests that bring none.
     """
 
     block_size: int = 16
@@ -44,7 +45,7 @@ class EngineConfig:
     max_stop_ids: int = 16
     compilation_cache_dir: str | None = dataclasses.field(default_factory=default_compilation_cache_dir)
     precompile: bool = True
-    attention_backend: str = "xla"
+    attention_backend: str | None = None
     gemm_backend: str = "xla"
     seed: int = 0
 
@@ -58,6 +59,10 @@ class EngineConfig:
             low = 0 if name == "max_draft_tokens" else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"engine option {name} must be an integer >= {low}, got {value!r}")
+        if self.attention_backend is None:
+            import jax
+
+            self.attention_backend = "ffi" if jax.default_backend() == "cpu" else "xla"
         budget = self.max_num_batched_tokens
         if self.token_buckets is None:
             self.token_buckets = tuple(sorted({min(16, budget)} | {1 << i for i in range(4, budget.bit_length())
