@@ -129,7 +129,7 @@ def test_xyjax_bench_runs_both_systems_and_writes_json(default_llm, tmp_path):
 
     from xyjax.bench.runs import bench
 
-    result = bench("lognormal", num_requests=3, seed=5, naive_batch_size=2, out_dir=str(tmp_path), progress=False,
+    result = bench("lognormal", num_requests=3, seed=5, naive_batch_sizes=(2,), out_dir=str(tmp_path), progress=False,
                    llm=default_llm)
     with open(result["path"]) as f:
         saved = json.load(f)

@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--num-requests", type=int, default=None)
     bench.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second (default: all at once)")
     bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--naive-batch-size", type=int, default=16)
-    bench.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
+    bench.add_argument("--naive-batch-size", default="16",
+                       help="batch size(s) of the naive baseline, comma-separated, e.g. 16,64 (0: skip it)")
     bench.add_argument("--out", default="bench-results", help="directory for the JSON result")
     bench.add_argument("--model", default=None)
     for option in ("max-num-batched-tokens", "max-num-seqs", "prefill-tile", "block-size"):
@@ -74,8 +74,12 @@ def _bench(args) -> int:
     names = ("max_num_batched_tokens", "max_num_seqs", "prefill_tile", "block_size", "attention_backend",
              "gemm_backend")
     options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    bench(args.workload, args.num_requests, args.rate, args.seed, args.naive_batch_size, not args.no_naive,
-          args.out, args.model, **options)
+    try:
+        sizes = tuple(int(b) for b in args.naive_batch_size.split(",") if int(b) > 0)
+    except ValueError:
+        print(f"xyjax: error: --naive-batch-size wants integers, got {args.naive_batch_size!r}", file=sys.stderr)
+        return 2
+    bench(args.workload, args.num_requests, args.rate, args.seed, sizes, args.out, args.model, **options)
     return 0
 
 

@@ -62,10 +62,11 @@ def run_engine(llm, requests: list[BenchRequest], progress: bool = True) -> tupl
 
 
 def bench(workload: str = "lognormal", num_requests: int | None = None, rate: float | None = None, seed: int = 0,
-          naive_batch_size: int = 16, naive: bool = True, out_dir: str = "bench-results", model: str | None = None,
+          naive_batch_sizes: tuple[int, ...] = (16,), out_dir: str = "bench-results", model: str | None = None,
           progress: bool = True, llm=None, **engine_options) -> dict:
     """Run ``workload`` (a name in WORKLOADS, overridden by num_requests / rate / seed) on xyjax and the naive
-    baseline; print a table, write ``<out_dir>/bench-<workload>-<time>.json``, return the result dict.
+    baseline at each of ``naive_batch_sizes`` (none: skip it); print a table, write
+    ``<out_dir>/bench-<workload>-<time>.json``, return the result dict.
     ``llm``: an already built LLM (else one is built from ``model`` and ``engine_options``)."""
     from xyjax import LLM
 
@@ -77,11 +78,11 @@ def bench(workload: str = "lognormal", num_requests: int | None = None, rate: fl
     systems = {}
     records, stats = run_engine(llm, requests, progress)
     systems["xyjax"] = dict(summarize(records, stats["wall_time"]), **stats)
-    if naive:
+    for batch_size in naive_batch_sizes:
         gen = NaiveGenerator(llm.model.config, llm.model.params)
-        records, stats = gen.run(requests, naive_batch_size, progress=progress)
+        records, stats = gen.run(requests, batch_size, progress=progress)
         stats["padding_ratio"] = stats["padded_tokens"] / max(stats["real_tokens"], 1)
-        systems[f"naive (batch {naive_batch_size})"] = dict(summarize(records, stats["wall_time"]), **stats)
+        systems[f"naive (batch {batch_size})"] = dict(summarize(records, stats["wall_time"]), **stats)
     result = dict(workload=dataclasses.asdict(w), model=llm.model.name,
                   engine_options=dict(engine_options, max_num_batched_tokens=llm.engine.config.max_num_batched_tokens,
                                       token_buckets=list(llm.engine.config.token_buckets)),
