@@ -179,7 +179,7 @@ class NaiveGenerator:
 
         Returns per-request records (``arrival``, ``first_token``, ``finish`` in seconds from the start of
         the timed run, ``prompt_len``, ``output_len``; in arrival order, see ``workload.summarize``) and
-        stats: ``wall_time`` (timed run, s), ``compile_time`` (s, before the timed run), ``padded_tokens``
+        stats: ``wall_time`` (timed run, s), ``compile_time`` (s, before the timed run), ``computed_tokens``
         (token slots the batches computed: B x (Lp + longest output) each) and ``real_tokens`` (prompt +
         output tokens of the requests).
         """
@@ -192,7 +192,7 @@ class NaiveGenerator:
             self._programs(*shape)
         compile_time = time.perf_counter() - compile_start
 
-        records, padded_tokens = [], 0
+        records, computed_tokens = [], 0
         t0 = time.perf_counter()
         for batch, (size, prompt_len, _) in zip(tqdm(batches, desc="naive baseline", disable=not progress), shapes):
             wait = t0 + batch[-1].arrival - time.perf_counter()
@@ -200,11 +200,11 @@ class NaiveGenerator:
                 time.sleep(wait)
             output_lens = [r.output_len for r in batch]
             _, times = self._batch([r.prompt_token_ids for r in batch], output_lens)
-            padded_tokens += size * (prompt_len + max(output_lens))
+            computed_tokens += size * (prompt_len + max(output_lens))
             records += [dict(arrival=r.arrival, first_token=times[0] - t0, finish=times[r.output_len - 1] - t0,
                              prompt_len=len(r.prompt_token_ids), output_len=r.output_len) for r in batch]
         wall_time = time.perf_counter() - t0
         real_tokens = sum(r["prompt_len"] + r["output_len"] for r in records)
-        stats = dict(wall_time=wall_time, compile_time=compile_time, padded_tokens=padded_tokens,
+        stats = dict(wall_time=wall_time, compile_time=compile_time, computed_tokens=computed_tokens,
                      real_tokens=real_tokens)
         return records, stats

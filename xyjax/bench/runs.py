@@ -81,7 +81,7 @@ def bench(workload: str = "lognormal", num_requests: int | None = None, rate: fl
     for batch_size in naive_batch_sizes:
         gen = NaiveGenerator(llm.model.config, llm.model.params)
         records, stats = gen.run(requests, batch_size, progress=progress)
-        stats["padding_ratio"] = stats["padded_tokens"] / max(stats["real_tokens"], 1)
+        stats["padding_ratio"] = (stats["computed_tokens"] - stats["real_tokens"]) / max(stats["real_tokens"], 1)
         systems[f"naive (batch {batch_size})"] = dict(summarize(records, stats["wall_time"]), **stats)
     result = dict(workload=dataclasses.asdict(w), model=llm.model.name,
                   engine_options=dict(engine_options, max_num_batched_tokens=llm.engine.config.max_num_batched_tokens,
