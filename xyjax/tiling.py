@@ -1,10 +1,22 @@
-"""Task decomposition (host, numpy): a step's sequences -> attention task tables of the tile contract.
+"""Task decomposition and reordering (host, numpy): a step's sequences -> attention task tables.
 
-Each sequence's query rows this step are cut into tiles; each tile x KV head is one task row
-(``ascend_ffi.Field`` columns). Tasks go in two groups with their own static tile size, so no stage is
-padded to another's shape: ``decode`` (1-row tiles: decodes and 1-token chunks) and ``chunk`` (tiles of
-``tile`` rows: prefill chunks and verify runs). Within a group tasks are sorted by cost (rows x KV
-length), largest first, so tasks of similar length share a backend's work block.
+Decomposition. Each sequence's query rows this step are cut into tiles; each tile x KV head is one task
+row of the tile contract (``ascend_ffi.Field`` columns). Tasks go in two groups, each with its own static
+tile size, so no stage is padded to another's shape: ``decode`` (1-token tiles: decodes and 1-token
+chunks, the specialised path) and ``chunk`` (tiles of ``tile`` tokens: prefill chunks, cached-prefix
+chunks and verify runs). The G query heads of a KV head are packed as the tile's rows, so a task reads
+its KV once.
+
+KV splits (XY-Serve Eq. 1 in spirit). A task's cost is its query rows x KV length. With ``lanes`` workers
+the step cannot finish before ``max(total / lanes, largest task)``; a task costing more than a lane's
+fair share ``total / lanes`` is a straggler, so it is split along KV into ``ceil(cost / share)`` pieces
+(at most ``max_splits``, each at least ``min_split_kv`` positions, block aligned) whose partial results
+the backend merges by log-sum-exp. Everything else stays unsplit (a split costs a merge).
+
+Reordering. Each table lists its tasks by cost, largest first. A backend with n static lanes (GPU grid
+programs) gives task i to lane ``symmetric_order(i, n)``: symmetric round-robin 1, 2, ..., n, n, ..., 2, 1,
+1, 2, ...; the CPU kernel's threads pull tasks in table order, which for sorted tasks is the greedy
+largest-first deal. ``lane_balance`` measures either against plain order.
 """
 
 from __future__ import annotations
@@ -15,53 +27,96 @@ from ascend_ffi import NUM_FIELDS, Field, MaskKind
 from xyjax.ops.attention import AttentionMetadata, TaskTable
 
 
-def capacities(num_tokens: int, num_seqs: int, num_kv_heads: int, tile: int) -> tuple[int, int]:
+def capacities(num_tokens: int, num_seqs: int, num_kv_heads: int, tile: int, lanes: int = 1,
+               max_splits: int = 1) -> tuple[int, int]:
     """Task-table rows (decode group, chunk group) that always suffice for a step of at most ``num_tokens``
     tokens in at most ``num_seqs`` sequences. A chunk sequence has >= 2 rows and wastes at most one
-    partial tile, so chunk tiles <= num_tokens // tile + min(num_seqs, num_tokens // 2)."""
-    decode = min(num_seqs, num_tokens)
-    chunk = num_tokens // tile + min(num_seqs, num_tokens // 2)
+    partial tile, so chunk tiles <= num_tokens // tile + min(num_seqs, num_tokens // 2). Only a tile costing
+    more than total / lanes is split, so fewer than ``lanes`` are, each into at most ``max_splits``."""
+    extra = (lanes - 1) * (max_splits - 1)
+    decode = min(num_seqs, num_tokens) + extra
+    chunk = num_tokens // tile + min(num_seqs, num_tokens // 2) + extra
     return decode * num_kv_heads, max(chunk, 1) * num_kv_heads
 
 
-def build_tasks(q_start: np.ndarray, q_len: np.ndarray, kv_len: np.ndarray, *, num_kv_heads: int, tile: int,
-                capacity: tuple[int, int]) -> tuple[np.ndarray, int, np.ndarray, int]:
+def symmetric_order(num_tasks: int, lanes: int) -> np.ndarray:
+    """Lane of each of ``num_tasks`` cost-sorted tasks dealt 1..n, n..1, 1..n, ...: [num_tasks] int."""
+    i = np.arange(num_tasks) % (2 * lanes)
+    return np.where(i < lanes, i, 2 * lanes - 1 - i)
+
+
+def lane_balance(costs: np.ndarray, lanes: np.ndarray, num_lanes: int) -> float:
+    """max lane cost / mean lane cost (1.0 = perfect) of tasks with ``costs`` assigned to ``lanes``."""
+    load = np.bincount(lanes, weights=costs, minlength=num_lanes)
+    return float(load.max() / max(load.mean(), 1e-12))
+
+
+def _tiles(q_start, q_len, kv_len, seqs, size):
+    """(seq, q_start, q_len, q_pos, kv_end) of every tile of ``size`` tokens of sequences ``seqs``."""
+    rows = []
+    for s in seqs:
+        history = kv_len[s] - q_len[s]
+        for off in range(0, q_len[s], size):
+            n = min(size, q_len[s] - off)
+            rows.append((s, q_start[s] + off, n, history + off, history + off + n))
+    return np.asarray(rows, np.int64).reshape(-1, 5)
+
+
+def _split(tiles, share: float, *, block_size: int, max_splits: int, min_split_kv: int):
+    """Rows (seq, q_start, q_len, q_pos, kv_start, kv_end, split, num_splits) with stragglers split."""
+    out = []
+    for seq, start, n, pos, end in tiles:
+        pieces = 1
+        if max_splits > 1 and n * end > share:
+            pieces = int(min(max_splits, np.ceil(n * end / share), end // min_split_kv))
+        pieces = max(pieces, 1)
+        step = -(-end // pieces)
+        step = -(-step // block_size) * block_size                    # block-aligned boundaries
+        bounds = [b for b in range(0, end, step)] + [end]
+        for i in range(len(bounds) - 1):
+            out.append((seq, start, n, pos, bounds[i], bounds[i + 1], i, len(bounds) - 1))
+    return np.asarray(out, np.int64).reshape(-1, 8)
+
+
+def build_tasks(q_start, q_len, kv_len, *, num_kv_heads: int, tile: int, capacity: tuple[int, int],
+                lanes: int = 1, block_size: int = 16, max_splits: int = 1, min_split_kv: int = 256):
     """Task tables for sequences s with ``q_len[s] > 0`` rows at flat rows ``q_start[s]:`` whose KV after
     this step is ``kv_len[s]`` (causal with offset). Returns (decode_tasks [Wd, F], num_decode,
-    chunk_tasks [Wc, F], num_chunk), int32, padding rows zero."""
+    chunk_tasks [Wc, F], num_chunk), int32, padding rows zero, tasks largest first."""
+    parts = [_tiles(q_start, q_len, kv_len, np.flatnonzero(q_len == 1), 1),
+             _tiles(q_start, q_len, kv_len, np.flatnonzero(q_len > 1), tile)]
+    total = sum(float((t[:, 2] * t[:, 4]).sum()) for t in parts) * num_kv_heads
+    share = total / max(lanes, 1) / num_kv_heads          # per task row (one KV head)
     groups = []
-    for is_decode, cap in zip((True, False), capacity):
-        seqs = np.flatnonzero((q_len == 1) if is_decode else (q_len > 1))
-        size = 1 if is_decode else tile
-        rows = []
-        for s in seqs:
-            history = kv_len[s] - q_len[s]
-            for off in range(0, q_len[s], size):
-                n = min(size, q_len[s] - off)
-                rows.append((s, q_start[s] + off, n, history + off, 0, history + off + n))
-        rows.sort(key=lambda r: -r[2] * r[5])
-        table = np.zeros((cap, NUM_FIELDS), np.int32)
-        num = len(rows) * num_kv_heads
+    for name, tiles, cap in zip(("decode", "chunk"), parts, capacity):
+        rows = _split(tiles, share, block_size=block_size, max_splits=max_splits, min_split_kv=min_split_kv)
+        rows = np.repeat(rows, num_kv_heads, axis=0)
+        heads = np.tile(np.arange(num_kv_heads), len(rows) // num_kv_heads)
+        cost = rows[:, 2] * (rows[:, 5] - rows[:, 4])
+        order = np.argsort(-cost, kind="stable")
+        num = len(rows)
         if num > cap:
-            raise ValueError(f"{num} {'decode' if is_decode else 'chunk'} attention tasks exceed the capacity {cap}")
-        if rows:
-            base = np.repeat(np.asarray(rows, np.int32), num_kv_heads, axis=0)
-            cols = [Field.SEQ, Field.Q_START, Field.Q_LEN, Field.Q_POS, Field.KV_START, Field.KV_END]
-            table[:num, cols] = base
-            table[:num, Field.KV_HEAD] = np.tile(np.arange(num_kv_heads), len(rows))
-            table[:num, Field.MASK_KIND] = MaskKind.CAUSAL
-            table[:num, Field.NUM_SPLITS] = 1
+            raise ValueError(f"{num} {name} attention tasks exceed the capacity {cap}")
+        table = np.zeros((cap, NUM_FIELDS), np.int32)
+        cols = [Field.SEQ, Field.Q_START, Field.Q_LEN, Field.Q_POS, Field.KV_START, Field.KV_END, Field.SPLIT,
+                Field.NUM_SPLITS]
+        table[:num, cols] = rows[order]
+        table[:num, Field.KV_HEAD] = heads[order]
+        table[:num, Field.MASK_KIND] = MaskKind.CAUSAL
         groups += [table, num]
     return tuple(groups)
 
 
 def attention_metadata(q_start, q_len, kv_len, block_tables, *, num_kv_heads: int, tile: int = 16,
-                       num_tokens: int | None = None) -> AttentionMetadata:
-    """AttentionMetadata for per-sequence arrays [S] (convenience for tests and the planner).
+                       num_tokens: int | None = None, lanes: int = 1, block_size: int = 16, max_splits: int = 1,
+                       min_split_kv: int = 256) -> AttentionMetadata:
+    """AttentionMetadata for per-sequence arrays [S] (the planner's entry; handy in tests).
     ``num_tokens``: the token bucket the capacities are derived from (default: sum of q_len)."""
-    q_start, q_len, kv_len = (np.asarray(a, np.int32) for a in (q_start, q_len, kv_len))
+    q_start, q_len, kv_len = (np.asarray(a, np.int64) for a in (q_start, q_len, kv_len))
     num_tokens = int(q_len.sum()) if num_tokens is None else num_tokens
-    cap = capacities(num_tokens, len(q_len), num_kv_heads, tile)
-    dec, nd, chunk, nc = build_tasks(q_start, q_len, kv_len, num_kv_heads=num_kv_heads, tile=tile, capacity=cap)
+    cap = capacities(num_tokens, len(q_len), num_kv_heads, tile, lanes, max_splits)
+    dec, nd, chunk, nc = build_tasks(q_start, q_len, kv_len, num_kv_heads=num_kv_heads, tile=tile, capacity=cap,
+                                     lanes=lanes, block_size=block_size, max_splits=max_splits,
+                                     min_split_kv=min_split_kv)
     return AttentionMetadata(block_tables=np.asarray(block_tables, np.int32),
                              groups=(TaskTable(dec, np.int32(nd), 1), TaskTable(chunk, np.int32(nc), tile)))
