@@ -33,6 +33,14 @@ def main(argv: list[str] | None = None) -> int:
         bench.add_argument(f"--{option}", type=int, default=None)
     for option in ("attention-backend", "gemm-backend"):
         bench.add_argument(f"--{option}", default=None)
+    commands.add_parser("bench-attention", add_help=False,
+                        help="time Meta-Attention backends on hybrid batches (see --help of the command)")
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["bench-attention"]:
+        from xyjax.bench.attention import main as bench_attention
+
+        return bench_attention(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "bench":
         return _bench(args)

@@ -1,0 +1,184 @@
+"""``xyjax bench-attention``: Meta-Attention backends on hybrid batches, against the machine's limits.
+
+Cases (the default model's heads: H=9, Hkv=3, D=64; block size 16; float32):
+    fig7          XY-Serve Fig. 7's hybrid batch: a 362-token prefill chunk over 1318 history, a 53-token
+                  verify run over 2036, two decodes over 1700 and 2000
+    decode-heavy  64 decodes, histories uniform in [100, 2000] (seeded)
+    prefill-heavy two 512-token prefill chunks (no history)
+Systems: each ``meta_attention`` backend on the one hybrid task table; ``stage-by-stage``, the usual
+split into one call per stage (prefill chunks, verify runs, decodes), each padded to its own longest
+query and KV and run with ``jax.nn.dot_product_attention`` over KV gathered from the paged cache; and
+``dense-padded``, the whole batch padded to one dense ``jax.nn.dot_product_attention`` call.
+Reports ms per call, GFLOP/s (4 * visible (query, key) pairs * H * D) and KV GB/s (KV bytes read once),
+next to the sgemm rate and copy bandwidth measured in the same run, the balance of symmetric round-robin
+lanes vs plain order, and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from ascend_ffi import Field
+from xyjax import tiling
+from xyjax.kv_cache import KVCache
+from xyjax.ops import meta_attention
+
+H, HKV, D, BS = 9, 3, 64, 16
+CASES = {   # (stage, query rows, history)
+    "fig7": [("P", 362, 1318), ("V", 53, 2036), ("D", 1, 1700), ("D", 1, 2000)],
+    "decode-heavy": [("D", 1, int(h)) for h in np.random.default_rng(0).integers(100, 2001, 64)],
+    "prefill-heavy": [("P", 512, 0), ("P", 512, 0)],
+}
+
+
+def timeit(fn, *args, repeat: int = 5, number: int = 5) -> float:
+    """Best mean seconds per call over ``repeat`` rounds of ``number`` calls (after one warm-up call)."""
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        for _ in range(number):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        best = min(best, (time.perf_counter() - start) / number)
+    return best
+
+
+def machine_limits() -> dict:
+    """numpy (OpenBLAS) sgemm GFLOP/s at 2048^3 and memory copy GB/s (read + write of 512 MiB)."""
+    a = np.random.default_rng(0).standard_normal((2048, 2048), np.float32)
+    a @ a
+    start = time.perf_counter()
+    for _ in range(3):
+        a @ a
+    sgemm = 3 * 2 * 2048 ** 3 / (time.perf_counter() - start) / 1e9
+    src = np.ones(1 << 27, np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    start = time.perf_counter()
+    for _ in range(3):
+        np.copyto(dst, src)
+    copy = 3 * 2 * src.nbytes / (time.perf_counter() - start) / 1e9
+    return dict(sgemm_gflops=sgemm, copy_gbps=copy)
+
+
+def make_case(seqs, rng, num_blocks: int):
+    """Random q and paged KV for sequences [(stage, q_len, history)]; returns arrays and per-sequence metadata."""
+    q_len = np.array([q for _, q, _ in seqs])
+    kv_len = np.array([q + h for _, q, h in seqs])
+    pages = -(-int(kv_len.max()) // BS)
+    perm = rng.permutation(num_blocks)
+    tables = np.zeros((len(seqs), pages), np.int32)
+    used = 0
+    for i, n in enumerate(kv_len):
+        nb = -(-int(n) // BS)
+        tables[i, :nb] = perm[used:used + nb]
+        used += nb
+    shape = (1, num_blocks, HKV, BS, D)
+    kv = KVCache(k=jnp.asarray(rng.standard_normal(shape, np.float32)),
+                 v=jnp.asarray(rng.standard_normal(shape, np.float32)))
+    q = jnp.asarray(rng.standard_normal((int(q_len.sum()), H, D), np.float32))
+    q_start = np.concatenate([[0], np.cumsum(q_len)[:-1]])
+    return q, kv, q_start, q_len, kv_len, tables
+
+
+def work(q_len, kv_len) -> tuple[float, float]:
+    """(FLOPs, KV bytes) of exact causal attention: 4 * visible pairs * H * D; each sequence's KV read once."""
+    pairs = sum(q * (kv - q) + q * (q + 1) / 2 for q, kv in zip(q_len, kv_len))
+    return 4.0 * pairs * H * D, float(sum(kv_len)) * HKV * D * 4 * 2
+
+
+def dense_attention(q, kv, q_start, q_len, kv_len, tables, groups):
+    """One padded ``jax.nn.dot_product_attention`` call per group of sequences (KV gathered from the cache)."""
+    calls = []
+    for members in groups:
+        if not len(members):
+            continue
+        lq, lk = int(q_len[members].max()), int(kv_len[members].max())
+        rows = np.minimum(q_start[members, None] + np.arange(lq)[None], q.shape[0] - 1)
+        pages = -(-lk // BS)
+        blocks = tables[members, :pages]
+        offset = (kv_len[members] - q_len[members])[:, None]
+        q_pos = offset + np.arange(lq)[None]
+        mask = (np.arange(pages * BS)[None, None] <= q_pos[:, :, None]) & (np.arange(lq)[None, :, None]
+                                                                         < q_len[members, None, None])
+        calls.append((rows, blocks, mask[:, None]))
+
+    @jax.jit
+    def run(q, k, v):
+        outs = []
+        for rows, blocks, mask in calls:
+            keys = k[0, blocks].transpose(0, 1, 3, 2, 4).reshape(len(blocks), -1, HKV, D)
+            values = v[0, blocks].transpose(0, 1, 3, 2, 4).reshape(len(blocks), -1, HKV, D)
+            outs.append(jax.nn.dot_product_attention(q[rows], keys, values, mask=mask))
+        return outs
+
+    return lambda: run(q, kv.k, kv.v)
+
+
+def bench_case(name, seqs, backends, lanes: int, max_splits: int, rng) -> dict:
+    q, kv, q_start, q_len, kv_len, tables = make_case(seqs, rng, sum(-(-(q + h) // BS) for _, q, h in seqs) + 8)
+    meta = tiling.attention_metadata(q_start, q_len, kv_len, tables, num_kv_heads=HKV, tile=16, lanes=lanes,
+                                     block_size=BS, max_splits=max_splits)
+    flops, kv_bytes = work(q_len, kv_len)
+    result = dict(case=name, sequences=len(seqs), query_rows=int(q_len.sum()), kv_positions=int(kv_len.sum()),
+                  flops=flops, kv_bytes=kv_bytes, ms={})
+    for backend in backends:
+        fn = jax.jit(lambda q, kv, meta, b=backend: meta_attention(q, kv, 0, meta, backend=b))
+        result["ms"][backend] = 1e3 * timeit(fn, q, kv, meta)
+    labels = np.array([stage for stage, _, _ in seqs])
+    stages = [np.flatnonzero(labels == stage) for stage in "PVD"]
+    result["ms"]["stage-by-stage"] = 1e3 * timeit(dense_attention(q, kv, q_start, q_len, kv_len, tables, stages))
+    result["ms"]["dense-padded"] = 1e3 * timeit(dense_attention(q, kv, q_start, q_len, kv_len, tables,
+                                                                [np.arange(len(seqs))]))
+    tasks = np.concatenate([g.tasks[:int(g.num_tasks)] for g in meta.groups])
+    cost = (tasks[:, Field.Q_LEN] * (tasks[:, Field.KV_END] - tasks[:, Field.KV_START])).astype(float)
+    ranked = np.sort(cost)[::-1]
+    plain = cost[np.lexsort((tasks[:, Field.KV_HEAD], tasks[:, Field.Q_START], tasks[:, Field.SEQ]))]
+    result["lane_balance"] = dict(   # max lane cost / mean; plain = tasks in sequence order dealt 1..n, 1..n
+        symmetric=tiling.lane_balance(ranked, tiling.symmetric_order(len(ranked), lanes), lanes),
+        plain=tiling.lane_balance(plain, np.arange(len(plain)) % lanes, lanes))
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="xyjax bench-attention", description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default="ffi,xla")
+    parser.add_argument("--lanes", type=int, default=os.cpu_count())
+    parser.add_argument("--max-splits", type=int, default=1, help="KV splits allowed per straggler task")
+    parser.add_argument("--out", default="bench-results")
+    args = parser.parse_args(argv)
+    limits = machine_limits()
+    rng = np.random.default_rng(0)
+    backends = args.backends.split(",")
+    results = [bench_case(name, seqs, backends, args.lanes, args.max_splits, rng) for name, seqs in tqdm(CASES.items(), desc="cases")]
+    print(f"machine: sgemm {limits['sgemm_gflops']:.0f} GFLOP/s, copy {limits['copy_gbps']:.1f} GB/s, "
+          f"{args.lanes} lanes")
+    print("| case | " + " | ".join(f"{b} ms" for b in results[0]["ms"]) + " | ffi GFLOP/s | ffi KV GB/s | "
+          "lane balance sym / plain |")
+    print("|---" * (len(results[0]["ms"]) + 4) + "|")
+    for r in results:
+        best = r["ms"].get("ffi", min(r["ms"].values())) / 1e3
+        r["ffi_gflops"], r["ffi_kv_gbps"] = r["flops"] / best / 1e9, r["kv_bytes"] / best / 1e9
+        print(f"| {r['case']} | " + " | ".join(f"{v:.2f}" for v in r["ms"].values()) +
+              f" | {r['ffi_gflops']:.1f} | {r['ffi_kv_gbps']:.1f} | {r['lane_balance']['symmetric']:.3f} / "
+              f"{r['lane_balance']['plain']:.3f} |")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"attention-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    with open(path, "w") as f:
+        json.dump(dict(machine=limits, lanes=args.lanes, heads=dict(H=H, Hkv=HKV, D=D, block=BS), results=results),
+                  f, indent=2)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
