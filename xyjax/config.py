@@ -22,7 +22,10 @@ class EngineConfig:
         longer prompts are chunked). 512 was measured best on a 2-core CPU (BENCHMARKS.md).
     token_buckets: the step shapes (token counts) compiled at start; None: powers of two from 16 up to
         the budget, plus the budget itself.
-    prefill_tile: query rows per attention task of prefill chunks and verify runs (decodes use 1).
+    prefill_tile: query tokens per attention task of prefill chunks and verify runs (decodes use 1).
+    attention_lanes: workers the attention tasks are balanced over (None: the CPU count, or
+        $XYJAX_ATTENTION_THREADS). max_kv_splits: KV splits a straggler task may be cut into (1: never);
+        min_split_kv: the fewest KV positions of a split (xyjax.tiling).
     max_draft_tokens: speculative tokens a request may verify per step (sets the sampled-row capacity).
     max_logprobs: the most top logprobs a request may ask for (SamplingParams.logprobs).
     max_stop_ids: the most token ids one request may mask before min_tokens (its stop ids and EOS).
@@ -40,6 +43,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     token_buckets: tuple[int, ...] | None = None
     prefill_tile: int = 16
+    attention_lanes: int | None = None
+    max_kv_splits: int = 1
+    min_split_kv: int = 256
     max_draft_tokens: int = 0
     max_logprobs: int = 20
     max_stop_ids: int = 16
@@ -50,8 +56,10 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.attention_lanes is None:
+            self.attention_lanes = int(os.environ.get("XYJAX_ATTENTION_THREADS") or os.cpu_count() or 1)
         positive = ("block_size", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens", "prefill_tile",
-                    "max_logprobs", "max_stop_ids")
+                    "max_logprobs", "max_stop_ids", "attention_lanes", "max_kv_splits", "min_split_kv")
         for name in positive + ("max_model_len", "max_draft_tokens"):
             value = getattr(self, name)
             if name == "max_model_len" and value is None:

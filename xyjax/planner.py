@@ -84,7 +84,8 @@ class Planner:
             sample_row += k
             row += n
         attention = tiling.attention_metadata(q_start, q_len, kv_len, tables, num_kv_heads=self.num_kv_heads,
-                                              tile=c.prefill_tile, num_tokens=T)
+                                              tile=c.prefill_tile, num_tokens=T, lanes=c.attention_lanes,
+                                              block_size=bs, max_splits=c.max_kv_splits, min_split_kv=c.min_split_kv)
         inputs = StepInputs(token_ids=tokens, positions=positions, slot_mapping=slots, num_tokens=np.int32(row),
                             attention=attention, sample_index=sample_index, num_samples=np.int32(sample_row))
         return inputs, sampling, num_samples
