@@ -175,3 +175,18 @@ print(json.dumps(dict(compiles=engine.runner.compiles, hits=len(hits))))
     assert runs[0] == {"compiles": 2, "hits": 0}           # buckets 16 and 32
     assert runs[1]["compiles"] == 2 and runs[1]["hits"] >= 2
     assert os.listdir(tmp_path)
+
+
+def test_engine_greedy_is_identical_with_ffi_and_xla_attention(llm, tiny_model):
+    """The same workload (chunked prefill, decodes, verify runs, preemption) through both attention backends;
+    the ffi engine also splits long KV across lanes."""
+    rng = np.random.default_rng(11)
+    prompts = random_prompts(rng, [45, 3, 60, 17, 8])
+    sampling = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (9, 14, 6, 11, 12)]
+    per_block = 4 * 2 * 2 * 2 * 16 * 4
+    xla = LLM(tiny_model, block_size=4, kv_cache_memory=40 * per_block, max_num_batched_tokens=32, max_num_seqs=6,
+              max_draft_tokens=3, attention_backend="xla", progress=False)
+    assert llm.engine.config.attention_backend == "ffi"
+    runs = [drive(engine, [0, 0, 1, 3, 3], prompts, sampling, drafts=lambda req: [7, 8, 9])
+            for engine in (llm.engine, xla.engine)]
+    assert runs[0] == runs[1]

@@ -1,0 +1,69 @@
+"""Task decomposition, KV splits and reordering (host only)."""
+
+import collections
+
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from ascend_ffi import Field
+from xyjax import tiling
+
+
+@settings(max_examples=200, deadline=None)
+@given(seqs=st.lists(st.tuples(st.integers(1, 80), st.integers(0, 3000)), min_size=1, max_size=12),
+       lanes=st.integers(1, 4), max_splits=st.integers(1, 4), tile=st.sampled_from([4, 16]),
+       block=st.sampled_from([16, 32]), kv_heads=st.sampled_from([1, 3]))
+def test_tasks_cover_every_row_once_and_splits_partition_kv(seqs, lanes, max_splits, tile, block, kv_heads):
+    q_len = np.array([q for q, _ in seqs])
+    kv_len = np.array([q + h for q, h in seqs])
+    q_start = np.concatenate([[0], np.cumsum(q_len)[:-1]])
+    T = int(q_len.sum())
+    cap = tiling.capacities(T, len(seqs), kv_heads, tile, lanes, max_splits)
+    dec, nd, chunk, nc = tiling.build_tasks(q_start, q_len, kv_len, num_kv_heads=kv_heads, tile=tile, capacity=cap,
+                                            lanes=lanes, block_size=block, max_splits=max_splits, min_split_kv=64)
+    assert nd <= cap[0] and nc <= cap[1]
+    assert not dec[nd:].any() and not chunk[nc:].any()
+    tasks = np.concatenate([dec[:nd], chunk[:nc]])
+    assert (dec[:nd, Field.Q_LEN] == 1).all() and (chunk[:nc, Field.Q_LEN] <= tile).all()
+    for table, n in ((dec, nd), (chunk, nc)):
+        cost = table[:n, Field.Q_LEN] * (table[:n, Field.KV_END] - table[:n, Field.KV_START])
+        assert (np.diff(cost) <= 0).all(), "tasks are not largest first"
+    covered = collections.Counter()
+    splits = collections.defaultdict(list)
+    for t in tasks:
+        s = t[Field.SEQ]
+        history = kv_len[s] - q_len[s]
+        assert t[Field.Q_POS] == history + t[Field.Q_START] - q_start[s]
+        for r in range(t[Field.Q_START], t[Field.Q_START] + t[Field.Q_LEN]):
+            covered[r, t[Field.KV_HEAD]] += t[Field.SPLIT] == 0
+        splits[t[Field.Q_START], t[Field.KV_HEAD]].append(t)
+    assert covered == collections.Counter({(r, h): 1 for r in range(T) for h in range(kv_heads)})
+    for parts in splits.values():
+        parts.sort(key=lambda t: t[Field.SPLIT])
+        n = len(parts)
+        assert [t[Field.SPLIT] for t in parts] == list(range(n)) and all(t[Field.NUM_SPLITS] == n for t in parts)
+        assert parts[0][Field.KV_START] == 0 and parts[-1][Field.KV_END] == parts[0][Field.Q_POS] + parts[0][Field.Q_LEN]
+        for a, b in zip(parts, parts[1:]):
+            assert a[Field.KV_END] == b[Field.KV_START] and a[Field.KV_END] % block == 0
+        assert n <= max_splits
+    if max_splits == 1 or lanes == 1:
+        assert (tasks[:, Field.NUM_SPLITS] == 1).all()
+
+
+def test_a_lone_long_decode_is_split_to_feed_every_lane():
+    """One decode over 4000 positions and a short one: on 2 lanes the long one alone exceeds a lane's share."""
+    q_len, kv_len = np.array([1, 1]), np.array([4000, 100])
+    meta = tiling.attention_metadata([0, 1], q_len, kv_len, np.zeros((2, 250)), num_kv_heads=1, lanes=2, max_splits=4,
+                                     min_split_kv=256)
+    dec = meta.groups[0].tasks[:int(meta.groups[0].num_tasks)]
+    assert sorted(dec[:, Field.NUM_SPLITS].tolist()) == [1, 2, 2]
+    unsplit = tiling.attention_metadata([0, 1], q_len, kv_len, np.zeros((2, 250)), num_kv_heads=1, lanes=2)
+    assert int(unsplit.groups[0].num_tasks) == 2
+
+
+def test_symmetric_round_robin_deal_and_balance():
+    assert tiling.symmetric_order(10, 4).tolist() == [0, 1, 2, 3, 3, 2, 1, 0, 0, 1]
+    costs = np.array([8.0, 7, 6, 5, 4, 3, 2, 1])
+    sym = tiling.lane_balance(costs, tiling.symmetric_order(8, 4), 4)
+    plain = tiling.lane_balance(costs, np.arange(8) % 4, 4)
+    assert sym == 1.0 and plain > 1.0
