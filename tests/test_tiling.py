@@ -67,3 +67,18 @@ def test_symmetric_round_robin_deal_and_balance():
     sym = tiling.lane_balance(costs, tiling.symmetric_order(8, 4), 4)
     plain = tiling.lane_balance(costs, np.arange(8) % 4, 4)
     assert sym == 1.0 and plain > 1.0
+
+
+def test_tree_rows_get_tree_tasks_and_ancestor_masks():
+    parents = [-1, 0, 0, 1, 3]                      # root, two children, a grandchild, a great-grandchild
+    mask = tiling.tree_mask_rows(parents)
+    assert mask.tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 1, 0, 1, 1]]
+    meta = tiling.attention_metadata([0, 2], [2, 5], [30, 45], np.zeros((2, 4)), num_kv_heads=1, tile=4,
+                                     trees={1: parents}, max_tree=8)
+    chunk = meta.groups[1].tasks[:int(meta.groups[1].num_tasks)]
+    tree = chunk[chunk[:, Field.SEQ] == 1]
+    assert (tree[:, Field.MASK_KIND] == 1).all() and (tree[:, Field.MASK_BASE] == 40).all()
+    assert (chunk[chunk[:, Field.SEQ] == 0][:, Field.MASK_KIND] == 0).all()
+    assert meta.tree_mask.shape == (7, 8) and (meta.tree_mask[2:7, :5] == mask).all() and not meta.tree_mask[:2].any()
+    with np.testing.assert_raises(ValueError):
+        tiling.tree_mask_rows([-1, 2, 0])

@@ -79,10 +79,13 @@ def _split(tiles, share: float, *, block_size: int, max_splits: int, min_split_k
 
 
 def build_tasks(q_start, q_len, kv_len, *, num_kv_heads: int, tile: int, capacity: tuple[int, int],
-                lanes: int = 1, block_size: int = 16, max_splits: int = 1, min_split_kv: int = 256):
+                lanes: int = 1, block_size: int = 16, max_splits: int = 1, min_split_kv: int = 256,
+                tree: np.ndarray | None = None):
     """Task tables for sequences s with ``q_len[s] > 0`` rows at flat rows ``q_start[s]:`` whose KV after
-    this step is ``kv_len[s]`` (causal with offset). Returns (decode_tasks [Wd, F], num_decode,
-    chunk_tasks [Wc, F], num_chunk), int32, padding rows zero, tasks largest first."""
+    this step is ``kv_len[s]`` (causal with offset, or TREE where ``tree[s]``: the sequence's rows are tree
+    tokens whose first KV position, kv_len - q_len, is the mask base). Returns (decode_tasks [Wd, F],
+    num_decode, chunk_tasks [Wc, F], num_chunk), int32, padding rows zero, tasks largest first."""
+    tree = np.zeros(len(q_len), bool) if tree is None else np.asarray(tree, bool)
     parts = [_tiles(q_start, q_len, kv_len, np.flatnonzero(q_len == 1), 1),
              _tiles(q_start, q_len, kv_len, np.flatnonzero(q_len > 1), tile)]
     total = sum(float((t[:, 2] * t[:, 4]).sum()) for t in parts) * num_kv_heads
@@ -102,21 +105,48 @@ def build_tasks(q_start, q_len, kv_len, *, num_kv_heads: int, tile: int, capacit
                 Field.NUM_SPLITS]
         table[:num, cols] = rows[order]
         table[:num, Field.KV_HEAD] = heads[order]
-        table[:num, Field.MASK_KIND] = MaskKind.CAUSAL
+        seqs = table[:num, Field.SEQ]
+        table[:num, Field.MASK_KIND] = np.where(tree[seqs], MaskKind.TREE, MaskKind.CAUSAL)
+        table[:num, Field.MASK_BASE] = np.where(tree[seqs], (kv_len - q_len)[seqs], 0)
         groups += [table, num]
     return tuple(groups)
 
 
+def tree_mask_rows(parents: list[int]) -> np.ndarray:
+    """Ancestor matrix [n, n] uint8 of a token tree in topological order (``parents[j] < j``, -1 = root):
+    row j marks j and its ancestors, the tree tokens row j may attend to."""
+    mask = np.zeros((len(parents), len(parents)), np.uint8)
+    for j, parent in enumerate(parents):
+        if parent >= j:
+            raise ValueError(f"tree node {j} has parent {parent}; parents must come first")
+        if parent >= 0:
+            mask[j] = mask[parent]
+        mask[j, j] = 1
+    return mask
+
+
 def attention_metadata(q_start, q_len, kv_len, block_tables, *, num_kv_heads: int, tile: int = 16,
                        num_tokens: int | None = None, lanes: int = 1, block_size: int = 16, max_splits: int = 1,
-                       min_split_kv: int = 256) -> AttentionMetadata:
+                       min_split_kv: int = 256, trees: dict[int, list[int]] | None = None,
+                       max_tree: int = 0) -> AttentionMetadata:
     """AttentionMetadata for per-sequence arrays [S] (the planner's entry; handy in tests).
-    ``num_tokens``: the token bucket the capacities are derived from (default: sum of q_len)."""
+    ``num_tokens``: the token bucket the capacities are derived from (default: sum of q_len).
+    ``trees``: {sequence: parents} for sequences whose rows this step are a token tree (speculative tree
+    verify, ``len(parents) == q_len``); they get TREE tasks and rows of ``tree_mask`` [num_tokens, max_tree]."""
     q_start, q_len, kv_len = (np.asarray(a, np.int64) for a in (q_start, q_len, kv_len))
     num_tokens = int(q_len.sum()) if num_tokens is None else num_tokens
     cap = capacities(num_tokens, len(q_len), num_kv_heads, tile, lanes, max_splits)
+    trees = trees or {}
+    tree = np.zeros(len(q_len), bool)
+    mask = np.zeros((num_tokens, max_tree), np.uint8) if trees or max_tree else None
+    for s, parents in trees.items():
+        if len(parents) != q_len[s] or len(parents) > max_tree:
+            raise ValueError(f"tree of sequence {s} has {len(parents)} nodes for {q_len[s]} rows (max_tree {max_tree})")
+        tree[s] = True
+        mask[q_start[s]:q_start[s] + q_len[s], :q_len[s]] = tree_mask_rows(parents)
     dec, nd, chunk, nc = build_tasks(q_start, q_len, kv_len, num_kv_heads=num_kv_heads, tile=tile, capacity=cap,
                                      lanes=lanes, block_size=block_size, max_splits=max_splits,
-                                     min_split_kv=min_split_kv)
+                                     min_split_kv=min_split_kv, tree=tree)
     return AttentionMetadata(block_tables=np.asarray(block_tables, np.int32),
-                             groups=(TaskTable(dec, np.int32(nd), 1), TaskTable(chunk, np.int32(nc), tile)))
+                             groups=(TaskTable(dec, np.int32(nd), 1), TaskTable(chunk, np.int32(nc), tile)),
+                             tree_mask=mask)
