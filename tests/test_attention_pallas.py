@@ -70,7 +70,7 @@ def tasks_seq_of(tasks, row):
 
 
 def make_case(rng, q_lens, histories, *, heads=4, kv_heads=2, dim=16, block_size=4, T=64, S=8, pages=16,
-              num_blocks=96, tile=4, layers=2):
+              num_blocks=96, tile=4, layers=2, **tiling):
     """Random cache with each sequence's KV in shuffled blocks, at fixed (bucket) shapes; returns q, the cache,
     the AttentionMetadata of xyjax.tiling and the float64 expected output of every layer [L, T, H, D]."""
     kv_lens = [n + h for n, h in zip(q_lens, histories)]
@@ -89,9 +89,12 @@ def make_case(rng, q_lens, histories, *, heads=4, kv_heads=2, dim=16, block_size
         used += nb
         q_start[i], q_len[i], kv_len[i] = row, n, total
         row += n
-    meta = attention_metadata(q_start, q_len, kv_len, tables, num_kv_heads=kv_heads, tile=tile, num_tokens=T)
+    meta = attention_metadata(q_start, q_len, kv_len, tables, num_kv_heads=kv_heads, tile=tile, num_tokens=T,
+                              **tiling)
     real = np.concatenate([live_tasks(g) for g in meta.groups])
-    expected = np.stack([task_reference(q, k, v, layer, tables, real, dim ** -0.5) for layer in range(layers)])
+    mask = getattr(meta, "tree_mask", None)
+    expected = np.stack([task_reference(q, k, v, layer, tables, real, dim ** -0.5, tree_mask=mask)
+                         for layer in range(layers)])
     return jnp.asarray(q), KVCache(k=jnp.asarray(k), v=jnp.asarray(v)), meta, expected
 
 
@@ -299,6 +302,22 @@ def test_tree_masks_and_split_tree_tasks():
     out = np.asarray(run(q, kv.k, kv.v, 1, meta.block_tables, split, scale, tile=8, interpret=True,
                          tree_mask=mask, block_kv=8))
     np.testing.assert_allclose(out, expected, **TOL)
+
+
+def test_planner_splits_and_trees_end_to_end():
+    """Tables as xyjax.tiling builds them with straggler KV splits (lanes, max_splits) and a speculative token
+    tree (trees=, meta.tree_mask), through the meta_attention wiring."""
+    rng = np.random.default_rng(12)
+    parents = [-1, 0, 0, 1, 2, 1]
+    q, kv, meta, expected = make_case(rng, [9, 1, 6, 1], [40, 60, 23, 5], heads=6, kv_heads=2, tile=4,
+                                      lanes=4, max_splits=3, min_split_kv=8, block_size=4,
+                                      trees={2: parents}, max_tree=8)
+    real = np.concatenate([live_tasks(g) for g in meta.groups])
+    assert (real[:, Field.NUM_SPLITS] > 1).any() and (real[:, Field.MASK_KIND] == MaskKind.TREE).any()
+    out = np.asarray(pallas(q, kv, 1, meta, interpret=True))
+    np.testing.assert_allclose(out, expected[1], **TOL)
+    np.testing.assert_allclose(out, np.asarray(xla(q, kv, 1, meta)), **TOL)
+    assert not out[17:].any()
 
 
 def test_tree_tasks_need_the_mask():

@@ -44,9 +44,9 @@ outputs add up; ``meta_attention_pallas`` below does exactly this)::
         live = jnp.arange(g.tasks.shape[0]) < g.num_tasks
         tasks = jnp.asarray(g.tasks).at[:, Field.Q_LEN].set(jnp.where(live, g.tasks[:, Field.Q_LEN], 0))
         out = out + attend_pallas(q, kv.k, kv.v, layer, meta.block_tables, tasks, scale, tile=g.tile,
-                                  interpret=jax.default_backend() == "cpu")
+                                  interpret=jax.default_backend() == "cpu", tree_mask=meta.tree_mask)
 
-A table with no real task (or no rows at all) returns zeros.
+(``tree_mask=None`` is fine for tables without TREE tasks.) A table with no real task (or no rows at all) returns zeros.
 
 Design:
   * Grid: one program per task row (W programs). Each program reads its task row (padded to 16 int32
@@ -307,8 +307,10 @@ def attend_pallas(q, k_cache, v_cache, layer, block_tables, tasks, scale, *, til
 
 def meta_attention_pallas(q, kv, layer, meta, *, scale=None, interpret: bool | None = None, tree_mask=None):
     """meta_attention over every group of ``meta`` with this kernel ([T, H, D] float32): the intended
-    ``backend="pallas"`` wiring (rows >= num_tasks zeroed; groups cover disjoint rows, so outputs add)."""
+    ``backend="pallas"`` wiring (rows >= num_tasks zeroed; groups cover disjoint rows, so outputs add).
+    ``tree_mask`` defaults to ``meta.tree_mask`` where AttentionMetadata has one."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    tree_mask = getattr(meta, "tree_mask", None) if tree_mask is None else tree_mask
     interpret = jax.default_backend() == "cpu" if interpret is None else interpret
     out = jnp.zeros(q.shape, jnp.float32)
     for g in meta.groups:
