@@ -1,6 +1,8 @@
 """The ffi backend of meta_attention (C++ CPU kernel, jax.ffi custom call) against the xla backend and
-float64 references: ragged hybrid batches, GQA, long histories, padding, layers under lax.scan, errors."""
+float64 references: ragged hybrid batches, GQA, long histories, KV splits, tree masks, padding, layers under
+lax.scan, errors."""
 
+import dataclasses
 import functools
 import os
 import subprocess
@@ -13,39 +15,12 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ascend_ffi import NUM_FIELDS, Field, MaskKind
-from test_ops import ragged_case
+from test_ops import (HAND_ROWS, SHAPES, SPLIT_TOL, Shapes, attention, contract_case, contract_seq, hand_case,
+                      ragged_case, task_reference)
 from xyjax.kv_cache import KVCache
 from xyjax.ops import AttentionMetadata, TaskTable, meta_attention
 
-attention = jax.jit(meta_attention, static_argnames="backend")
 TOL = dict(rtol=2e-5, atol=2e-5)
-
-
-def task_reference(q, kv, layer, meta, scale=None):
-    """float64 attention straight from the task tables (rows >= num_tasks ignored): row i of a task sees
-    positions [kv_start, min(kv_end, q_pos + i + 1)) of its sequence through the block table."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, kv.k, kv.v))
-    tables = np.asarray(meta.block_tables)
-    _, num_heads, dim = q.shape
-    group, block_size = num_heads // k.shape[2], k.shape[3]
-    scale = dim ** -0.5 if scale is None else scale
-    out = np.zeros(q.shape)
-    for g in meta.groups:
-        for t in np.asarray(g.tasks)[:int(g.num_tasks)]:
-            if t[Field.Q_LEN] == 0:
-                continue
-            pos = np.arange(t[Field.KV_START], t[Field.KV_END])
-            blocks, offsets = tables[t[Field.SEQ], pos // block_size], pos % block_size
-            keys, values = k[layer, blocks, t[Field.KV_HEAD], offsets], v[layer, blocks, t[Field.KV_HEAD], offsets]
-            for i in range(t[Field.Q_LEN]):
-                seen = pos <= t[Field.Q_POS] + i
-                if not seen.any():
-                    continue
-                for h in range(t[Field.KV_HEAD] * group, (t[Field.KV_HEAD] + 1) * group):
-                    s = keys[seen] @ q[t[Field.Q_START] + i, h] * scale
-                    p = np.exp(s - s.max())
-                    out[t[Field.Q_START] + i, h] = p @ values[seen] / p.sum()
-    return out
 
 
 def check(q, kv, meta, expected, layer=1, **tol):
@@ -129,6 +104,78 @@ def test_kv_window_inside_blocks_matches_task_reference():
     expected = task_reference(q, kv, 1, meta, scale=0.3)
     np.testing.assert_allclose(out, expected, **TOL)
     assert not out[6, :2].any() and out[6, 2:].any()
+    oracle = jax.jit(functools.partial(meta_attention, scale=0.3))(q, kv, 1, meta)
+    np.testing.assert_allclose(out, np.asarray(oracle), **TOL)
+
+
+@pytest.mark.parametrize("family", list(SHAPES))
+@settings(max_examples=6, deadline=None)
+@given(seqs=st.lists(contract_seq, min_size=1, max_size=4), seed=st.integers(0, 2**31))
+def test_kv_splits_and_tree_masks(family, seqs, seed):
+    """Ragged mixes of unsplit and 2-4-way KV split tasks (prefill chunks, decodes with long histories, tree
+    verify runs), shuffled: ffi == xla == float64 dense masked reference; padding rows zero."""
+    q, kv, meta, expected = contract_case(np.random.default_rng(seed), seqs, SHAPES[family])
+    out = check(q, kv, meta, expected, **SPLIT_TOL)
+    assert not out[sum(s[0] for s in seqs):].any()
+
+
+def test_long_decodes_split_and_a_split_tree():
+    """Decodes with histories past 1000 in 2-4 splits, a tree split across KV, a chunk: both kernel copies."""
+    sh = Shapes(heads=6, kv_heads=2, dim=64, block_size=16, pages=80, num_blocks=512, capacity=(48, 96))
+    seqs = [(1, 1200, 4, False), (1, 1010, 2, False), (1, 700, 1, False), (6, 900, 3, True), (12, 300, 2, False)]
+    q, kv, meta, expected = contract_case(np.random.default_rng(12), seqs, sh)
+    assert (np.asarray(meta.groups[0].tasks)[:, Field.NUM_SPLITS] > 1).sum() >= 8
+    out = check(q, kv, meta, expected, **SPLIT_TOL)
+    os.environ["XYJAX_ATTENTION_KERNEL"] = "generic"
+    try:
+        np.testing.assert_allclose(np.asarray(attention(q, kv, 1, meta, backend="ffi")), out, **SPLIT_TOL)
+    finally:
+        del os.environ["XYJAX_ATTENTION_KERNEL"]
+
+
+def test_tables_from_tiling_with_splits_and_a_tree():
+    """What xyjax.tiling emits for 2 lanes with splits allowed (long decodes split, block-aligned) and a tree."""
+    from xyjax import tiling
+
+    rng = np.random.default_rng(13)
+    q, kv, meta, _ = ragged_case(rng, [1, 1, 5, 9], [1500, 90, 40, 30], heads=6, kv_heads=2, dim=64, block_size=16,
+                                 T=32, S=4, pages=100, num_blocks=200, tile=4)
+    q_len, kv_len = np.array([1, 1, 5, 9]), np.array([1501, 91, 45, 39])
+    meta = tiling.attention_metadata([0, 1, 2, 7], q_len, kv_len, meta.block_tables, num_kv_heads=2, tile=4,
+                                     num_tokens=32, lanes=2, block_size=16, max_splits=4, min_split_kv=64,
+                                     trees={2: [-1, 0, 0, 1, 1]}, max_tree=8)
+    tasks = np.concatenate([np.asarray(g.tasks)[:int(g.num_tasks)] for g in meta.groups])
+    assert (tasks[:, Field.NUM_SPLITS] > 1).any() and (tasks[:, Field.MASK_KIND] == MaskKind.TREE).any()
+    check(q, kv, meta, task_reference(q, kv, 1, meta), **SPLIT_TOL)
+
+
+def test_hand_written_splits_windows_and_empty_rows():
+    """Splits at block boundaries next to unsplit windows starting inside a block; a row that sees nothing in
+    any split is zero (not NaN); splits of one tile in different groups; bfloat16 q."""
+    q, kv, meta = hand_case(HAND_ROWS)
+    expected = task_reference(q, kv, 1, meta)
+    out = check(q, kv, meta, expected)
+    assert not out[6].any() and out[7].all() and not out[8:].any()
+    tasks = np.asarray(meta.groups[0].tasks)
+    moved = dataclasses.replace(meta, groups=(TaskTable(np.delete(tasks, [3, 6], axis=0), np.int32(5), 8),
+                                              TaskTable(tasks[[3, 6]], np.int32(2), 8)))
+    np.testing.assert_allclose(np.asarray(attention(q, kv, 1, moved, backend="ffi")), out, **TOL)
+    half = np.asarray(attention(q.astype(jnp.bfloat16), kv, 1, meta, backend="ffi").astype(jnp.float32))
+    np.testing.assert_allclose(half, task_reference(np.asarray(q.astype(jnp.bfloat16).astype(jnp.float32)), kv, 1,
+                                                    meta), rtol=2e-2, atol=2e-2)
+    assert not half[6].any()
+
+
+def test_tree_rows_with_an_empty_mask_are_zero():
+    mask = np.zeros((64, 4), np.uint8)
+    mask[0, 0] = mask[1, :2] = 1                    # rows 0, 1 see tree tokens; row 2 nothing
+    rows = [(0, 0, 3, 20, 0, 23, 0, MaskKind.TREE, 20, 0, 1),
+            (0, 0, 3, 20, 0, 20, 1, MaskKind.TREE, 0, 0, 2), (0, 0, 3, 20, 20, 24, 1, MaskKind.TREE, 0, 1, 2)]
+    q, kv, meta = hand_case(rows, tree_mask=mask)
+    out = check(q, kv, meta, task_reference(q, kv, 1, meta))
+    assert out[:2].all() and out[2, :2].all() and not out[2, 2:].any()
+    boolean = dataclasses.replace(meta, tree_mask=mask.astype(bool))
+    np.testing.assert_array_equal(np.asarray(attention(q, kv, 1, boolean, backend="ffi")), out)
 
 
 def test_bfloat16_q_and_cache():
@@ -196,9 +243,12 @@ def _one_task(**fields):
 
 
 @pytest.mark.parametrize("fields,layer,message", [
-    (dict(MASK_KIND=MaskKind.TREE), 1, "only CAUSAL"),
-    (dict(NUM_SPLITS=2), 1, "splits are not implemented"),
-    (dict(SPLIT=1, NUM_SPLITS=2), 1, "splits are not implemented"),
+    (dict(MASK_KIND=MaskKind.TREE, MASK_BASE=3), 1, "TREE mask task needs a tree mask"),
+    (dict(MASK_KIND=7), 1, "unknown mask kind 7"),
+    (dict(NUM_SPLITS=2), 1, "KV split 1 of 2 is missing"),
+    (dict(SPLIT=1, NUM_SPLITS=2), 1, "its KV split 0 is missing"),
+    (dict(SPLIT=2, NUM_SPLITS=2), 1, r"split 2 outside \[0, num_splits = 2\)"),
+    (dict(NUM_SPLITS=0), 1, "outside"),
     (dict(KV_HEAD=2), 1, "kv_head outside"),
     (dict(Q_START=63), 1, "query rows outside"),
     (dict(KV_END=40, Q_POS=38), 1, "beyond the block table"),
@@ -208,6 +258,72 @@ def test_unsupported_or_invalid_tasks_fail_loudly(fields, layer, message):
     q, kv, meta = _one_task(**fields)
     with pytest.raises(Exception, match=message):
         np.asarray(attention(q, kv, layer, meta, backend="ffi"))
+
+
+def _split_pair(**second):
+    """Two KV splits of one tile, [0, 4) and [4, 6) (block size 4), the second with ``second`` changed."""
+    q, kv, meta = _one_task(KV_END=4, NUM_SPLITS=2, Q_POS=4)
+    tasks = np.array(meta.groups[0].tasks)
+    tasks[1] = tasks[0]
+    tasks[1, [Field.KV_START, Field.KV_END, Field.SPLIT]] = (4, 6, 1)
+    for name, value in second.items():
+        tasks[1, Field[name]] = value
+    return q, kv, dataclasses.replace(meta, groups=(TaskTable(tasks, np.int32(2), 2),))
+
+
+@pytest.mark.parametrize("second,message", [
+    ({}, None),
+    (dict(SPLIT=0), "KV split 1 of 2 is missing or given twice"),
+    (dict(KV_START=5), "starts at 5 but split 0 ends at 4 .splits must be contiguous"),
+    (dict(KV_START=3), "starts at 3 but split 0 ends at 4"),
+    (dict(Q_POS=3), "disagrees with its split 0"),
+    (dict(SEQ=1), "disagrees with its split 0"),
+    (dict(NUM_SPLITS=3), "disagrees with its split 0"),
+    (dict(KV_HEAD=1), "KV split 1 of 2 is missing"),
+])
+def test_bad_split_groups_fail_with_clear_errors(second, message):
+    q, kv, meta = _split_pair(**second)
+    if message is None:   # the valid pair, for contrast
+        np.testing.assert_allclose(np.asarray(attention(q, kv, 1, meta, backend="ffi")),
+                                   task_reference(q, kv, 1, meta), **TOL)
+        return
+    with pytest.raises(Exception, match=message):
+        np.asarray(attention(q, kv, 1, meta, backend="ffi"))
+
+
+def test_split_boundary_off_the_block_grid_fails():
+    q, kv, meta = _one_task(KV_END=3, NUM_SPLITS=2, Q_POS=4)
+    tasks = np.array(meta.groups[0].tasks)
+    tasks[1] = tasks[0]
+    tasks[1, [Field.KV_START, Field.KV_END, Field.SPLIT]] = (3, 6, 1)
+    meta = dataclasses.replace(meta, groups=(TaskTable(tasks, np.int32(2), 2),))
+    with pytest.raises(Exception, match="starts at 3, not a multiple of block_size 4"):
+        np.asarray(attention(q, kv, 1, meta, backend="ffi"))
+    np.testing.assert_allclose(np.asarray(attention(q, kv, 1, meta)), task_reference(q, kv, 1, meta), **TOL)
+
+
+def test_extra_split_and_overlapping_split_group_fail():
+    q, kv, meta = _split_pair()
+    tasks = np.array(meta.groups[0].tasks)
+    extra = np.concatenate([tasks[:2], tasks[1:2]])
+    extra[2, Field.SPLIT] = 2
+    with pytest.raises(Exception, match=r"split 2 outside \[0, num_splits = 2\)"):
+        np.asarray(attention(q, kv, 1, dataclasses.replace(meta, groups=(TaskTable(extra, np.int32(3), 2),)),
+                             backend="ffi"))
+    overlap = np.concatenate([tasks[:2], tasks[:1]])
+    overlap[2, [Field.Q_START, Field.Q_LEN, Field.NUM_SPLITS, Field.KV_END]] = (1, 1, 1, 5)
+    with pytest.raises(Exception, match="overlaps another task's rows"):
+        np.asarray(attention(q, kv, 1, dataclasses.replace(meta, groups=(TaskTable(overlap, np.int32(3), 2),)),
+                             backend="ffi"))
+
+
+def test_tree_task_with_a_mask_reads_its_bits():
+    """The TREE task of _one_task once a mask is given: row 0 sees only history, row 1 history + tree column 1."""
+    q, kv, meta = _one_task(MASK_KIND=MaskKind.TREE, MASK_BASE=3)
+    mask = np.zeros((q.shape[0], 2), np.uint8)
+    mask[1, 1] = 1
+    meta = dataclasses.replace(meta, tree_mask=mask)
+    check(q, kv, meta, task_reference(q, kv, 1, meta))
 
 
 def test_block_table_entry_outside_the_cache_fails():

@@ -5,14 +5,19 @@
 // Operands (see xyjax/ops/attention.py and include/xyjax/tile_contract.h):
 //   q [T, H, D] f32|bf16, k and v [L, NB, Hkv, BS, D] f32|bf16 (the whole cache, read in place),
 //   layer s32[], block_tables s32[S, P], tasks s32[W, XYJAX_TASK_NUM_FIELDS] (q_len 0 = padding),
+//   tree_mask u8[T, MT] (row t, column j != 0: flat row t of a TREE task sees KV position
+//   mask_base + j; [T, 0] when there is none, and then a TREE task is an error),
 //   attribute scale f32. Result [T, H, D] in q's dtype; rows and heads no task covers are zero.
 //
-// Every real task is validated first (a bad table is an error, not a silent wrong answer); TREE
-// masks and KV splits are not implemented here yet and fail with UNIMPLEMENTED. Tasks are then
-// handed out largest first from an atomic counter to the lanes of a persistent thread pool
-// (XYJAX_ATTENTION_THREADS lanes, default hardware_concurrency); each task writes disjoint
-// output rows, so lanes never synchronise on the output.
+// Every real task is validated first (a bad table is an error, not a silent wrong answer),
+// including the KV split groups (splits 0..n-1 of one (q_start, kv_head), consistent, contiguous,
+// meeting at block boundaries). Phase 1 hands the tasks out largest first from an atomic counter
+// to the lanes of a persistent thread pool (XYJAX_ATTENTION_THREADS lanes, default
+// hardware_concurrency): an unsplit task writes its own disjoint output rows, a KV split writes its
+// normalised partial and log-sum-exp into scratch. Phase 2 merges each split group's partials
+// with log-sum-exp weights, groups in parallel.
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -32,6 +37,7 @@ namespace xyjax {
 namespace attention {
 using Scalar32 = ffi::Buffer<ffi::S32, 0>;  // aliases: the handler macro cannot take "<a, b>"
 using Matrix32 = ffi::Buffer<ffi::S32, 2>;
+using MatrixU8 = ffi::Buffer<ffi::U8, 2>;
 }  // namespace attention
 }  // namespace xyjax
 
@@ -77,15 +83,66 @@ ffi::Error Invalid(const std::string& what) {
 }
 
 std::string TaskText(int64_t index, const XyjaxTask& t) {
-  return "task " + std::to_string(index) + " (seq " + std::to_string(t.seq) + ", q_start " +
-         std::to_string(t.q_start) + ", q_len " + std::to_string(t.q_len) + ", q_pos " +
-         std::to_string(t.q_pos) + ", kv [" + std::to_string(t.kv_start) + ", " +
-         std::to_string(t.kv_end) + "), kv_head " + std::to_string(t.kv_head) + ")";
+  std::string s = "task " + std::to_string(index) + " (seq " + std::to_string(t.seq) + ", q_start " +
+                  std::to_string(t.q_start) + ", q_len " + std::to_string(t.q_len) + ", q_pos " +
+                  std::to_string(t.q_pos) + ", kv [" + std::to_string(t.kv_start) + ", " +
+                  std::to_string(t.kv_end) + "), kv_head " + std::to_string(t.kv_head);
+  if (t.mask_kind != XYJAX_MASK_CAUSAL) {
+    s += ", mask_kind " + std::to_string(t.mask_kind) + ", mask_base " + std::to_string(t.mask_base);
+  }
+  if (t.num_splits != 1 || t.split != 0) {
+    s += ", split " + std::to_string(t.split) + " of " + std::to_string(t.num_splits);
+  }
+  return s + ")";
+}
+
+uint16_t FloatToBf16(float f) {  // round to nearest even, NaN stays NaN (as the kernel's)
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+void StoreRow(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+void StoreRow(uint16_t* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = FloatToBf16(src[i]);
+}
+
+// Merges the KV splits of one (q_start, kv_head): out[row, head] = sum_s w_s partial_s / sum_s w_s
+// with w_s = exp(lse_s - max_s lse_s); a row and head no split sees are zeros.
+template <typename QT>
+void MergeSplits(const Args& a, const XyjaxTask& t, const float* const* partials,
+                 const float* const* lses, float* row_buffer) {
+  const int64_t G = a.group, D = a.D, n = t.num_splits;
+  QT* out = static_cast<QT*>(a.out);
+  for (int64_t r = 0; r < t.q_len; ++r) {
+    QT* dst = out + ((t.q_start + r) * a.H + t.kv_head * G) * D;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t m = r * G + g;
+      float peak = -INFINITY;
+      for (int64_t s = 0; s < n; ++s) peak = std::max(peak, lses[s][m]);
+      for (int64_t d = 0; d < D; ++d) row_buffer[d] = 0.0f;
+      if (peak != -INFINITY) {
+        float total = 0.0f;
+        for (int64_t s = 0; s < n; ++s) {
+          if (lses[s][m] == -INFINITY) continue;
+          const float w = std::exp(lses[s][m] - peak);
+          const float* src = partials[s] + m * D;
+          for (int64_t d = 0; d < D; ++d) row_buffer[d] += w * src[d];
+          total += w;
+        }
+        const float inv = 1.0f / total;
+        for (int64_t d = 0; d < D; ++d) row_buffer[d] *= inv;
+      }
+      StoreRow(dst + g * D, row_buffer, D);
+    }
+  }
 }
 
 ffi::Error MetaAttentionCpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                            Scalar32 layer, Matrix32 block_tables, Matrix32 tasks, float scale,
-                            ffi::Result<ffi::AnyBuffer> out) {
+                            Scalar32 layer, Matrix32 block_tables, Matrix32 tasks, MatrixU8 tree_mask,
+                            float scale, ffi::Result<ffi::AnyBuffer> out) {
   Args a{};
   if (!ElemOf(q.element_type(), &a.q_type)) return Invalid("q must be float32 or bfloat16");
   if (!ElemOf(k.element_type(), &a.kv_type) || v.element_type() != k.element_type()) {
@@ -93,7 +150,7 @@ ffi::Error MetaAttentionCpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v
   }
   if (out->element_type() != q.element_type()) return Invalid("the result must have q's dtype");
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  const auto td = block_tables.dimensions(), wd = tasks.dimensions();
+  const auto td = block_tables.dimensions(), wd = tasks.dimensions(), md = tree_mask.dimensions();
   if (qd.size() != 3) return Invalid("q must be [T, H, D], got " + Dims(qd));
   if (kd.size() != 5) return Invalid("k must be [L, NB, Hkv, BS, D], got " + Dims(kd));
   if (Dims(vd) != Dims(kd)) return Invalid("v " + Dims(vd) + " differs from k " + Dims(kd));
@@ -102,9 +159,14 @@ ffi::Error MetaAttentionCpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v
     return Invalid("tasks must be [W, " + std::to_string(XYJAX_TASK_NUM_FIELDS) + "], got " +
                    Dims(wd));
   }
+  if (md[0] != qd[0]) {
+    return Invalid("tree_mask must be [T, MT] with T = " + std::to_string(qd[0]) + " (q's rows), got " +
+                   Dims(md));
+  }
   a.T = qd[0], a.H = qd[1], a.D = qd[2];
   a.L = kd[0], a.NB = kd[1], a.Hkv = kd[2], a.BS = kd[3];
   a.S = td[0], a.P = td[1];
+  a.MT = md[1];
   if (kd[4] != a.D) return Invalid("head_dim of q " + Dims(qd) + " and k " + Dims(kd) + " differ");
   if (a.Hkv <= 0 || a.H % a.Hkv != 0 || a.BS <= 0) {
     return Invalid("num_heads " + std::to_string(a.H) + " is not a multiple of num_kv_heads " +
@@ -120,29 +182,18 @@ ffi::Error MetaAttentionCpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v
   a.v = v.untyped_data();
   a.out = out->untyped_data();
   a.tables = block_tables.typed_data();
+  a.tree_mask = tree_mask.typed_data();
   a.scale = scale;
 
-  // Validate the real tasks; mark the (row, kv head) slices they cover.
+  // Validate the real tasks one by one.
   const XyjaxTask* rows = reinterpret_cast<const XyjaxTask*>(tasks.typed_data());
   const int64_t width = wd[0];
   std::vector<std::pair<int64_t, int32_t>> order;  // (cost, task index)
-  std::vector<uint8_t> covered(static_cast<size_t>(a.T * a.Hkv), 0);
+  std::vector<int32_t> split_tasks;                // tasks with num_splits > 1
   int64_t max_rows = 0;
   for (int64_t i = 0; i < width; ++i) {
     const XyjaxTask& t = rows[i];
     if (t.q_len == 0) continue;
-    if (t.mask_kind != XYJAX_MASK_CAUSAL) {
-      return ffi::Error(ffi::ErrorCode::kUnimplemented,
-                        "xyjax_meta_attention_cpu: " + TaskText(i, t) + " has mask kind " +
-                            std::to_string(t.mask_kind) +
-                            "; only CAUSAL masks are implemented (TREE masks are not yet)");
-    }
-    if (t.num_splits != 1 || t.split != 0) {
-      return ffi::Error(ffi::ErrorCode::kUnimplemented,
-                        "xyjax_meta_attention_cpu: " + TaskText(i, t) + " is KV split " +
-                            std::to_string(t.split) + " of " + std::to_string(t.num_splits) +
-                            "; KV splits are not implemented (num_splits must be 1)");
-    }
     if (t.q_len < 0 || t.q_start < 0 || int64_t{t.q_start} + t.q_len > a.T) {
       return Invalid(TaskText(i, t) + ": query rows outside [0, " + std::to_string(a.T) + ")");
     }
@@ -155,19 +206,114 @@ ffi::Error MetaAttentionCpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v
     if (t.q_pos < 0 || t.kv_start < 0 || t.kv_end < t.kv_start) {
       return Invalid(TaskText(i, t) + ": negative position or empty-reversed KV range");
     }
-    const int64_t hi = std::min<int64_t>(t.kv_end, int64_t{t.q_pos} + t.q_len);
+    int64_t bound;  // one past the last position a row of the task may see
+    if (t.mask_kind == XYJAX_MASK_CAUSAL) {
+      bound = int64_t{t.q_pos} + t.q_len;
+    } else if (t.mask_kind == XYJAX_MASK_TREE) {
+      if (a.MT == 0) {
+        return Invalid(TaskText(i, t) +
+                       ": a TREE mask task needs a tree mask, but none was given "
+                       "(AttentionMetadata.tree_mask is None or has no columns)");
+      }
+      if (t.mask_base < 0) return Invalid(TaskText(i, t) + ": negative mask_base");
+      bound = int64_t{t.mask_base} + a.MT;
+    } else {
+      return Invalid(TaskText(i, t) + ": unknown mask kind " + std::to_string(t.mask_kind) +
+                     " (CAUSAL = 0, TREE = 1)");
+    }
+    if (t.num_splits < 1 || t.split < 0 || t.split >= t.num_splits) {
+      return Invalid(TaskText(i, t) + ": split " + std::to_string(t.split) + " outside [0, num_splits = " +
+                     std::to_string(t.num_splits) + ")");
+    }
+    const int64_t hi = std::min<int64_t>(t.kv_end, bound);
     if (hi > a.P * a.BS) {
       return Invalid(TaskText(i, t) + ": reads position " + std::to_string(hi - 1) +
                      " beyond the block table's " + std::to_string(a.P * a.BS));
     }
+    if (t.num_splits > 1) split_tasks.push_back(static_cast<int32_t>(i));
+    order.emplace_back(int64_t{t.q_len} * (std::max<int64_t>(hi - t.kv_start, 0) + 16),
+                       static_cast<int32_t>(i));
+    max_rows = std::max<int64_t>(max_rows, t.q_len);
+  }
+
+  // KV splits: each (q_start, kv_head) with num_splits n > 1 must have exactly the splits 0..n-1,
+  // agreeing on everything but their KV ranges, which follow each other without gap or overlap
+  // and meet at multiples of block_size. Their partials go to scratch: [q_len, G, D] + [q_len, G].
+  std::sort(split_tasks.begin(), split_tasks.end(), [&](int32_t x, int32_t y) {
+    const XyjaxTask &p = rows[x], &r = rows[y];
+    if (p.q_start != r.q_start) return p.q_start < r.q_start;
+    if (p.kv_head != r.kv_head) return p.kv_head < r.kv_head;
+    if (p.split != r.split) return p.split < r.split;
+    return x < y;
+  });
+  std::vector<int64_t> partial_at(static_cast<size_t>(width), -1), lse_at(static_cast<size_t>(width), -1);
+  std::vector<size_t> merges;  // index in split_tasks of each group's split 0
+  int64_t partial_floats = 0;
+  for (size_t i = 0; i < split_tasks.size();) {
+    const XyjaxTask& first = rows[split_tasks[i]];
+    const int64_t n = first.num_splits;
+    if (first.split != 0) {
+      return Invalid(TaskText(split_tasks[i], first) + ": its KV split 0 is missing (no split 0 task "
+                     "of q_start " + std::to_string(first.q_start) + ", kv_head " +
+                     std::to_string(first.kv_head) + ")");
+    }
+    for (int64_t s = 1; s < n; ++s) {
+      const size_t j = i + static_cast<size_t>(s);
+      const bool same_tile = j < split_tasks.size() && rows[split_tasks[j]].q_start == first.q_start &&
+                             rows[split_tasks[j]].kv_head == first.kv_head;
+      if (!same_tile || rows[split_tasks[j]].split != s) {
+        return Invalid(TaskText(split_tasks[i], first) + ": KV split " + std::to_string(s) + " of " +
+                       std::to_string(n) + " is missing or given twice");
+      }
+      const XyjaxTask& t = rows[split_tasks[j]];
+      const XyjaxTask& prev = rows[split_tasks[j - 1]];
+      if (t.seq != first.seq || t.q_len != first.q_len || t.q_pos != first.q_pos ||
+          t.mask_kind != first.mask_kind || t.mask_base != first.mask_base || t.num_splits != n) {
+        return Invalid(TaskText(split_tasks[j], t) + " disagrees with its split 0 " +
+                       TaskText(split_tasks[i], first) +
+                       " (seq, q_len, q_pos, mask_kind, mask_base and num_splits must match)");
+      }
+      if (t.kv_start != prev.kv_end) {
+        return Invalid(TaskText(split_tasks[j], t) + ": KV split " + std::to_string(s) + " starts at " +
+                       std::to_string(t.kv_start) + " but split " + std::to_string(s - 1) +
+                       " ends at " + std::to_string(prev.kv_end) + " (splits must be contiguous)");
+      }
+      if (t.kv_start % a.BS != 0) {
+        return Invalid(TaskText(split_tasks[j], t) + ": KV split " + std::to_string(s) + " starts at " +
+                       std::to_string(t.kv_start) + ", not a multiple of block_size " +
+                       std::to_string(a.BS));
+      }
+    }
+    const size_t end = i + static_cast<size_t>(n);
+    if (end < split_tasks.size() && rows[split_tasks[end]].q_start == first.q_start &&
+        rows[split_tasks[end]].kv_head == first.kv_head) {
+      const XyjaxTask& extra = rows[split_tasks[end]];
+      return Invalid(TaskText(split_tasks[end], extra) + ": more than num_splits = " +
+                     std::to_string(n) + " KV splits of q_start " + std::to_string(first.q_start) +
+                     ", kv_head " + std::to_string(first.kv_head));
+    }
+    merges.push_back(i);
+    for (size_t j = i; j < end; ++j) {
+      partial_at[split_tasks[j]] = partial_floats;
+      partial_floats += int64_t{first.q_len} * a.group * a.D;
+    }
+    for (size_t j = i; j < end; ++j) {
+      lse_at[split_tasks[j]] = partial_floats;
+      partial_floats += int64_t{first.q_len} * a.group;
+    }
+    i = end;
+  }
+
+  // The (row, kv head) slices each task (or group of KV splits) writes: no two may overlap.
+  std::vector<uint8_t> covered(static_cast<size_t>(a.T * a.Hkv), 0);
+  for (int64_t i = 0; i < width; ++i) {
+    const XyjaxTask& t = rows[i];
+    if (t.q_len == 0 || t.split != 0) continue;
     for (int64_t r = t.q_start; r < t.q_start + t.q_len; ++r) {
       uint8_t& c = covered[r * a.Hkv + t.kv_head];
       if (c) return Invalid(TaskText(i, t) + ": overlaps another task's rows");
       c = 1;
     }
-    order.emplace_back(int64_t{t.q_len} * (std::max<int64_t>(hi - t.kv_start, 0) + 16),
-                       static_cast<int32_t>(i));
-    max_rows = std::max<int64_t>(max_rows, t.q_len);
   }
   // Largest first across all groups, so the last tasks handed out are the short ones.
   std::stable_sort(order.begin(), order.end(),
@@ -181,6 +327,10 @@ ffi::Error MetaAttentionCpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v
   }
   if (order.empty()) return ffi::Error::Success();
 
+  // Phase 1: every task, in parallel; unsplit ones write out, splits their partials.
+  thread_local std::vector<float> partials;  // reused across calls on this thread
+  if (static_cast<int64_t>(partials.size()) < partial_floats) partials.resize(partial_floats);
+  float* part = partials.data();
   const TaskFn kernel = PickKernel();
   const int64_t scratch = ScratchFloats(a, max_rows);
   std::atomic<int64_t> next{0};
@@ -190,7 +340,9 @@ ffi::Error MetaAttentionCpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v
     std::vector<float> buffer(static_cast<size_t>(scratch));
     for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < count;) {
       const int32_t index = order[i].second;
-      if (kernel(a, rows[index], buffer.data()) != 0) {
+      const bool split = partial_at[index] >= 0;
+      if (kernel(a, rows[index], buffer.data(), split ? part + partial_at[index] : nullptr,
+                 split ? part + lse_at[index] : nullptr) != 0) {
         int64_t none = -1;
         bad.compare_exchange_strong(none, index);
       }
@@ -202,6 +354,31 @@ ffi::Error MetaAttentionCpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v
     return Invalid(TaskText(bad.load(), rows[bad.load()]) +
                    ": a block table entry it reads is outside [0, " + std::to_string(a.NB) + ")");
   }
+  if (merges.empty()) return ffi::Error::Success();
+
+  // Phase 2: merge the KV splits of each (q_start, kv_head), groups in parallel.
+  const int64_t num_merges = static_cast<int64_t>(merges.size());
+  std::atomic<int64_t> next_merge{0};
+  auto merge_lane = [&](int) {
+    std::vector<float> row_buffer(static_cast<size_t>(a.D));
+    std::vector<const float*> ps, ls;
+    for (int64_t i; (i = next_merge.fetch_add(1, std::memory_order_relaxed)) < num_merges;) {
+      const size_t first = merges[i];
+      const XyjaxTask& t = rows[split_tasks[first]];
+      ps.clear();
+      ls.clear();
+      for (int64_t s = 0; s < t.num_splits; ++s) {
+        ps.push_back(part + partial_at[split_tasks[first + s]]);
+        ls.push_back(part + lse_at[split_tasks[first + s]]);
+      }
+      if (a.q_type == Elem::kF32) {
+        MergeSplits<float>(a, t, ps.data(), ls.data(), row_buffer.data());
+      } else {
+        MergeSplits<uint16_t>(a, t, ps.data(), ls.data(), row_buffer.data());
+      }
+    }
+  };
+  pool.Run(static_cast<int>(std::min<int64_t>(num_merges, pool.lanes())), merge_lane);
   return ffi::Error::Success();
 }
 
@@ -218,6 +395,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XyjaxMetaAttentionCpu, xyjax::attention::MetaAtten
                                   .Arg<xyjax::attention::Scalar32>()    // layer
                                   .Arg<xyjax::attention::Matrix32>()    // block_tables
                                   .Arg<xyjax::attention::Matrix32>()    // tasks
+                                  .Arg<xyjax::attention::MatrixU8>()    // tree_mask
                                   .Attr<float>("scale")
                                   .Ret<ffi::AnyBuffer>());
 #pragma GCC visibility pop

@@ -14,13 +14,17 @@ namespace attention {
 
 enum class Elem : int32_t { kF32 = 0, kBF16 = 1 };
 
-// One call's operands. Shapes: q/out [T, H, D], k/v [L, NB, Hkv, BS, D], tables [S, P].
+// One call's operands. Shapes: q/out [T, H, D], k/v [L, NB, Hkv, BS, D], tables [S, P],
+// tree_mask [T, MT] (row t, column j: flat query row t sees the tree token at KV position
+// mask_base + j of its TREE task; MT = 0 when the call has no tree mask).
 struct Args {
   const void* q;
   const void* k;
   const void* v;
   void* out;
   const int32_t* tables;
+  const uint8_t* tree_mask;
+  int64_t MT;
   Elem q_type;   // also the output's
   Elem kv_type;
   int64_t T, H, D, L, NB, Hkv, BS, S, P;
@@ -38,15 +42,20 @@ inline int64_t ScratchFloats(const Args& a, int64_t max_rows) {
   return 2 * m * a.D + 2 * m + 2 * kChunk * a.D + 64;
 }
 
-// Computes one validated CAUSAL, unsplit task with q_len > 0: writes its rows and heads of out.
-// Returns 0, or -1 when a block table entry it reads is outside [0, NB) (nothing written then).
-using TaskFn = int (*)(const Args& a, const XyjaxTask& task, float* scratch);
+// Computes one validated task (CAUSAL or TREE) with q_len > 0 over its KV range [kv_start, kv_end).
+// With partial == nullptr (an unsplit task) it writes the task's rows and heads of out, normalised;
+// a row that sees no position gets zeros. Otherwise (one KV split of a task) it writes float32
+// partial[R, G, D] (normalised over the split's visible positions; zeros where none) and
+// lse[R, G] (log-sum-exp of the scaled scores; -inf where none), R = q_len, G = group.
+// `scratch` holds ScratchFloats(a, >= q_len) floats. Returns 0, or -1 when a block table entry it
+// reads is outside [0, NB) (then what it wrote is undefined; the call fails).
+using TaskFn = int (*)(const Args& a, const XyjaxTask& task, float* scratch, float* partial, float* lse);
 
 namespace generic {
-int RunTask(const Args& a, const XyjaxTask& task, float* scratch);
+int RunTask(const Args& a, const XyjaxTask& task, float* scratch, float* partial, float* lse);
 }
 namespace avx2 {
-int RunTask(const Args& a, const XyjaxTask& task, float* scratch);
+int RunTask(const Args& a, const XyjaxTask& task, float* scratch, float* partial, float* lse);
 }
 
 }  // namespace attention

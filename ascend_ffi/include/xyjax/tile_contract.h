@@ -17,26 +17,34 @@
  *   kv_start,   the KV positions [kv_start, kv_end) this task reads (positions index the
  *   kv_end      sequence's KV through its block table). Without KV split: kv_start = 0,
  *               kv_end = q_pos + q_len (history + this tile). With splits, the num_splits tasks
- *               of one (seq, q_start, kv_head) partition that range in order of split.
+ *               of one (seq, q_start, kv_head) partition that range in order of split: split s + 1
+ *               starts where split s ends, and the boundaries are multiples of the block size
+ *               (the CPU ffi backend rejects other boundaries; the xla oracle takes any).
  *   kv_head     KV head; the task covers the query heads of that GQA group,
  *               [kv_head * group, (kv_head + 1) * group), group = num_q_heads / num_kv_heads.
  *   mask_kind   XYJAX_MASK_CAUSAL or XYJAX_MASK_TREE, see below.
  *   mask_base   TREE only (0 for CAUSAL): KV position of column 0 of the per-row tree mask,
  *               i.e. the sequence's first tree token.
  *   split       index of this task's KV split, 0 <= split < num_splits.
- *   num_splits  splits of this (seq, q_start, kv_head); 1 = no split. Each split yields a partial
- *               output and its log-sum-exp per row and head; they are merged with log-sum-exp
- *               weights. A row that sees no position in a split has lse = -inf there.
+ *   num_splits  splits of this (seq, q_start, kv_head); 1 = no split. The splits of one tile
+ *               agree on every field but kv_start, kv_end and split (they may sit in different
+ *               groups). Each split yields a partial output O_s (normalised over the positions the
+ *               row sees in it) and its log-sum-exp lse_s per row and head; the row's output is
+ *               sum_s exp(lse_s - m) O_s / sum_s exp(lse_s - m), m = max_s lse_s. A row that sees
+ *               no position in a split has lse = -inf there (weight 0).
  *
  * Masks (a row never sees positions outside [kv_start, kv_end)):
  *   CAUSAL  row i sees position p iff p <= q_pos + i. Covers prefill, chunked prefill, cached
  *           prefix hits, decode (q_len 1) and chain speculative verify.
  *   TREE    row i sees p iff p < mask_base, or tree_mask[q_start + i][p - mask_base] is set.
  *           tree_mask is a per-token row mask built on the host over the sequence's tree tokens
- *           (stored in topological order, so only columns <= the row's own are set); its array
- *           layout belongs to the op that takes it.
+ *           (stored in topological order, so only columns <= the row's own are set); the mask
+ *           alone decides (no causal order among tree tokens is implied), and columns past its
+ *           width are never seen. Its array layout belongs to the op that takes it
+ *           (meta_attention: uint8 [T, MT], MT the static maximum of tree tokens).
  *
- * Padding rows of q (flat rows not covered by any real task) produce zeros.
+ * Padding rows of q (flat rows not covered by any real task) produce zeros, and so do rows whose
+ * mask leaves them no visible position in [kv_start, kv_end) of any of their splits.
  */
 #ifndef XYJAX_TILE_CONTRACT_H_
 #define XYJAX_TILE_CONTRACT_H_
