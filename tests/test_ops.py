@@ -241,8 +241,8 @@ def hand_case(rows, *, tree_mask=None, tile=8, seed=3):
         tasks[i, :len(r)] = r
         if len(r) < NUM_FIELDS:
             tasks[i, Field.NUM_SPLITS] = 1
-    return q, kv, AttentionMetadata(block_tables=meta.block_tables, groups=(TaskTable(tasks, np.int32(len(rows)), tile),),
-                                    tree_mask=tree_mask)
+    group = TaskTable(tasks, np.int32(len(rows)), tile)
+    return q, kv, AttentionMetadata(block_tables=meta.block_tables, groups=(group,), tree_mask=tree_mask)
 
 
 # seq 0: 6 rows at flat rows 0..5 over history 20; seq 1: 2 rows at 6..7 over history 3.
