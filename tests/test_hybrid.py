@@ -20,7 +20,7 @@ def llm(tiny_model):
     # 40 blocks of 4 tokens: random workloads below run short of KV and preempt.
     per_block = 4 * 2 * 2 * 2 * 16 * 4
     return LLM(tiny_model, block_size=4, kv_cache_memory=40 * per_block, max_num_batched_tokens=32, max_num_seqs=6,
-               max_draft_tokens=3, progress=False)
+               max_draft_tokens=3, attention_lanes=2, min_split_kv=8, progress=False)     # long KV gets split
 
 
 def random_prompts(rng, lengths):
@@ -177,16 +177,17 @@ print(json.dumps(dict(compiles=engine.runner.compiles, hits=len(hits))))
     assert os.listdir(tmp_path)
 
 
-def test_engine_greedy_is_identical_with_ffi_and_xla_attention(llm, tiny_model):
-    """The same workload (chunked prefill, decodes, verify runs, preemption) through both attention backends;
-    the ffi engine also splits long KV across lanes."""
+def test_engine_greedy_is_identical_with_ffi_xla_and_pallas_attention(llm, tiny_model):
+    """The same workload (chunked prefill, decodes, verify runs, preemption) through every attention backend;
+    the ffi engine also splits long KV across its 2 lanes, the others do not split."""
     rng = np.random.default_rng(11)
     prompts = random_prompts(rng, [45, 3, 60, 17, 8])
     sampling = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (9, 14, 6, 11, 12)]
     per_block = 4 * 2 * 2 * 2 * 16 * 4
-    xla = LLM(tiny_model, block_size=4, kv_cache_memory=40 * per_block, max_num_batched_tokens=32, max_num_seqs=6,
-              max_draft_tokens=3, attention_backend="xla", progress=False)
+    others = [LLM(tiny_model, block_size=4, kv_cache_memory=40 * per_block, max_num_batched_tokens=32, max_num_seqs=6,
+                  max_draft_tokens=3, attention_backend=backend, max_kv_splits=1, progress=False)
+              for backend in ("xla", "pallas")]
     assert llm.engine.config.attention_backend == "ffi"
     runs = [drive(engine, [0, 0, 1, 3, 3], prompts, sampling, drafts=lambda req: [7, 8, 9])
-            for engine in (llm.engine, xla.engine)]
-    assert runs[0] == runs[1]
+            for engine in [llm.engine] + [o.engine for o in others]]
+    assert runs[0] == runs[1] == runs[2]

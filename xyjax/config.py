@@ -32,7 +32,8 @@ class EngineConfig:
     compilation_cache_dir: JAX's persistent compilation cache ("" disables it); default
         $XYJAX_CACHE_DIR/jax-compilation-cache. It is process-wide (a jax config).
     precompile: compile every bucket at start (with a progress bar).
-    attention_backend: "ffi" (C++ custom call, the default on CPU) or "xla" (pure jnp, the default elsewhere).
+    attention_backend: "ffi" (C++ custom call, the default on CPU), "xla" (pure jnp, the default elsewhere)
+        or "pallas" (Pallas kernel: Triton on GPU, interpret mode on CPU, for tests).
     gemm_backend: "xla". seed: seeds requests that bring none.
     """
 
@@ -44,7 +45,7 @@ class EngineConfig:
     token_buckets: tuple[int, ...] | None = None
     prefill_tile: int = 16
     attention_lanes: int | None = None
-    max_kv_splits: int = 1
+    max_kv_splits: int = 4
     min_split_kv: int = 256
     max_draft_tokens: int = 0
     max_logprobs: int = 20
@@ -71,6 +72,11 @@ class EngineConfig:
             import jax
 
             self.attention_backend = "ffi" if jax.default_backend() == "cpu" else "xla"
+        from xyjax.ops.attention import BACKENDS
+
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"engine option attention_backend must be one of {', '.join(BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
         budget = self.max_num_batched_tokens
         if self.token_buckets is None:
             self.token_buckets = tuple(sorted({min(16, budget)} | {1 << i for i in range(4, budget.bit_length())

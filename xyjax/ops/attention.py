@@ -86,7 +86,14 @@ def meta_attention(q: jax.Array, kv: KVCache, layer: jax.Array | int, meta: Atte
         return _merge_xla(q.shape, parts).astype(q.dtype)
     if backend == "ffi":
         return _attend_ffi(q, kv, layer, meta, scale)
-    raise ValueError(f"unknown attention backend {backend!r}; available: 'xla', 'ffi'")
+    if backend == "pallas":   # interpret mode on CPU (tests); Triton on GPU
+        from xyjax.ops.attention_pallas import meta_attention_pallas
+
+        return meta_attention_pallas(q, kv, layer, meta, scale=scale).astype(q.dtype)
+    raise ValueError(f"unknown attention backend {backend!r}; available: {', '.join(map(repr, BACKENDS))}")
+
+
+BACKENDS = ("xla", "ffi", "pallas")
 
 
 TASK_BLOCK = 32   # tasks processed together per loop iteration
