@@ -53,7 +53,7 @@ def timeit(fn, *args, repeat: int = 5, number: int = 5) -> float:
 
 
 def machine_limits() -> dict:
-    """numpy (OpenBLAS) sgemm GFLOP/s at 2048^3 and memory copy GB/s (read + write of 512 MiB)."""
+    """numpy (OpenBLAS) sgemm GFLOP/s at 2048^3 and memory copy GB/s (bytes copied per second, 512 MiB)."""
     a = np.random.default_rng(0).standard_normal((2048, 2048), np.float32)
     a @ a
     start = time.perf_counter()
@@ -66,7 +66,7 @@ def machine_limits() -> dict:
     start = time.perf_counter()
     for _ in range(3):
         np.copyto(dst, src)
-    copy = 3 * 2 * src.nbytes / (time.perf_counter() - start) / 1e9
+    copy = 3 * src.nbytes / (time.perf_counter() - start) / 1e9
     return dict(sgemm_gflops=sgemm, copy_gbps=copy)
 
 
@@ -168,8 +168,11 @@ def main(argv=None) -> int:
     for r in results:
         best = r["ms"].get("ffi", min(r["ms"].values())) / 1e3
         r["ffi_gflops"], r["ffi_kv_gbps"] = r["flops"] / best / 1e9, r["kv_bytes"] / best / 1e9
+        r["ffi_sgemm_fraction"] = r["ffi_gflops"] / limits["sgemm_gflops"]
+        r["ffi_copy_fraction"] = r["ffi_kv_gbps"] / limits["copy_gbps"]
         print(f"| {r['case']} | " + " | ".join(f"{v:.2f}" for v in r["ms"].values()) +
-              f" | {r['ffi_gflops']:.1f} | {r['ffi_kv_gbps']:.1f} | {r['lane_balance']['symmetric']:.3f} / "
+              f" | {r['ffi_gflops']:.1f} ({100 * r['ffi_sgemm_fraction']:.0f}%) | {r['ffi_kv_gbps']:.1f} "
+              f"({100 * r['ffi_copy_fraction']:.0f}%) | {r['lane_balance']['symmetric']:.3f} / "
               f"{r['lane_balance']['plain']:.3f} |")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"attention-{time.strftime('%Y%m%d-%H%M%S')}.json")
