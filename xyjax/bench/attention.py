@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     results = [bench_case(name, seqs, backends, args.lanes, args.max_splits, rng) for name, seqs in tqdm(CASES.items(), desc="cases")]
     print(f"machine: sgemm {limits['sgemm_gflops']:.0f} GFLOP/s, copy {limits['copy_gbps']:.1f} GB/s, "
           f"{args.lanes} lanes")
-    print("| case | " + " | ".join(f"{b} ms" for b in results[0]["ms"]) + " | ffi GFLOP/s | ffi KV GB/s | "
+    print("| case | " + " | ".join(f"{b} ms" for b in results[0]["ms"]) + " | ffi GFLOP/s (of sgemm) | ffi KV GB/s (of copy) | "
           "lane balance sym / plain |")
     print("|---" * (len(results[0]["ms"]) + 4) + "|")
     for r in results:
