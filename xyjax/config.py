@@ -22,7 +22,8 @@ class EngineConfig:
         longer prompts are chunked). 512 was measured best on a 2-core CPU (BENCHMARKS.md).
     token_buckets: the step shapes (token counts) compiled at start; None: powers of two from 16 up to
         the budget, plus the budget itself.
-    prefill_tile: query tokens per attention task of prefill chunks and verify runs (decodes use 1).
+    prefill_tile: query tokens per attention task of prefill chunks and verify runs (decodes use 1); 32 was
+        measured fastest with the ffi kernel (BENCHMARKS.md), by a few percent.
     attention_lanes: workers the attention tasks are balanced over (None: the CPU count, or
         $XYJAX_ATTENTION_THREADS). max_kv_splits: KV splits a straggler task may be cut into (1: never);
         min_split_kv: the fewest KV positions of a split (xyjax.tiling).
@@ -43,7 +44,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     token_buckets: tuple[int, ...] | None = None
-    prefill_tile: int = 16
+    prefill_tile: int = 32
     attention_lanes: int | None = None
     max_kv_splits: int = 4
     min_split_kv: int = 256

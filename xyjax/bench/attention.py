@@ -149,11 +149,26 @@ def bench_case(name, seqs, backends, lanes: int, max_splits: int, rng) -> dict:
     return result
 
 
+def tile_sweep(tiles: list[int], lanes: int, rng) -> dict:
+    """ffi ms per call of the Fig. 7 and prefill-heavy batches for each prefill/verify query tile size."""
+    out = {}
+    for name in ("fig7", "prefill-heavy"):
+        seqs = CASES[name]
+        q, kv, q_start, q_len, kv_len, tables = make_case(seqs, rng, sum(-(-(a + b) // BS) for _, a, b in seqs) + 8)
+        fn = jax.jit(lambda q, kv, meta: meta_attention(q, kv, 0, meta, backend="ffi"))
+        out[name] = {tile: 1e3 * timeit(fn, q, kv, tiling.attention_metadata(
+            q_start, q_len, kv_len, tables, num_kv_heads=HKV, tile=tile, lanes=lanes, block_size=BS))
+            for tile in tiles}
+        print(f"prefill_tile sweep, {name}: " + " | ".join(f"{t}: {ms:.2f} ms" for t, ms in out[name].items()))
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="xyjax bench-attention", description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="ffi,xla")
     parser.add_argument("--lanes", type=int, default=os.cpu_count())
     parser.add_argument("--max-splits", type=int, default=1, help="KV splits allowed per straggler task")
+    parser.add_argument("--tiles", default="8,16,32,64", help="prefill_tile sizes to sweep with ffi ('' to skip)")
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args(argv)
     limits = machine_limits()
@@ -174,11 +189,12 @@ def main(argv=None) -> int:
               f" | {r['ffi_gflops']:.1f} ({100 * r['ffi_sgemm_fraction']:.0f}%) | {r['ffi_kv_gbps']:.1f} "
               f"({100 * r['ffi_copy_fraction']:.0f}%) | {r['lane_balance']['symmetric']:.3f} / "
               f"{r['lane_balance']['plain']:.3f} |")
+    sweep = tile_sweep([int(t) for t in args.tiles.split(",") if t], args.lanes, rng) if args.tiles else {}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"attention-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as f:
-        json.dump(dict(machine=limits, lanes=args.lanes, heads=dict(H=H, Hkv=HKV, D=D, block=BS), results=results),
-                  f, indent=2)
+        json.dump(dict(machine=limits, lanes=args.lanes, heads=dict(H=H, Hkv=HKV, D=D, block=BS), results=results,
+                       prefill_tile_ms=sweep), f, indent=2)
     print(f"wrote {path}")
     return 0
 
