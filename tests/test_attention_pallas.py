@@ -114,6 +114,7 @@ MIXED = ([9, 7, 1, 1, 4, 1], [0, 23, 37, 0, 5, 60])
     (4, 4, 16, 4, 4),      # MHA (group 1), head dim 16, block size 4
     (6, 2, 64, 16, 16),    # GQA group 3, head dim 64, block size 16
     (6, 2, 16, 4, 8),      # GQA group 3, block size 4
+    (8, 1, 128, 32, 4),    # GQA group 8, head dim 128, block size 32
 ])
 def test_mixed_batch_matches_references(heads, kv_heads, dim, block_size, tile):
     rng = np.random.default_rng(heads + dim + block_size)
