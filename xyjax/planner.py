@@ -70,7 +70,7 @@ class Planner:
             slots[row:row + n] = table[pos // bs] * bs + pos % bs
             q_start[i], q_len[i], kv_len[i] = row, n, start + n
             tables[i, :len(table)] = table
-            k = n if seq.stage is Stage.VERIFY else int(start + n == len(req.token_ids))
+            k = seq.num_samples
             num_samples.append(k)
             p, done = req.params, len(req.output_ids)
             for j in range(k):
