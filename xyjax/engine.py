@@ -80,13 +80,14 @@ class Engine:
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        stop_ids = self._stop_ids(params)
         try:
-            ids, error = self._validate(prompt, params), None
+            ids, error = self._validate(prompt, params, stop_ids), None
         except ValueError as e:
             ids, error = [], str(e)
         seed = params.seed if params.seed is not None else int(self._rng.integers(2**32))
         req = Request(request_id=request_id, prompt=prompt if isinstance(prompt, str) else None,
-                      prompt_token_ids=ids, params=params, seed=seed, arrival=next(self._ids),
+                      prompt_token_ids=ids, params=params, seed=seed, arrival=next(self._ids), stop_ids=stop_ids,
                       metrics=RequestMetrics(arrival_time=time.perf_counter(), num_prompt_tokens=len(ids)))
         req.logprobs = [] if params.logprobs is not None else None
         self.requests[request_id] = req
@@ -97,7 +98,7 @@ class Engine:
             self.scheduler.add(req)
         return request_id
 
-    def _validate(self, prompt, params: SamplingParams) -> list[int]:
+    def _validate(self, prompt, params: SamplingParams, stop_ids: frozenset[int]) -> list[int]:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
@@ -115,8 +116,8 @@ class Engine:
                              f"{self.blocks.num_blocks} blocks of {self.blocks.block_size})")
         if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
             raise ValueError(f"logprobs={params.logprobs} exceeds the engine's max_logprobs={self.config.max_logprobs}")
-        if len(self._stop_ids(params)) > self.config.max_stop_ids and params.min_tokens:
-            raise ValueError(f"min_tokens needs {len(self._stop_ids(params))} stop token ids masked; the engine masks "
+        if len(stop_ids) > self.config.max_stop_ids and params.min_tokens:
+            raise ValueError(f"min_tokens needs {len(stop_ids)} stop token ids masked; the engine masks "
                              f"at most max_stop_ids={self.config.max_stop_ids}")
         return ids
 
@@ -133,7 +134,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one step. Returns a delta (new tokens and text) for every request that changed, finished ones
         included (then with metrics); a finished request's id is forgotten after it is reported."""
-        changed, self._reported = dict.fromkeys(self._reported), []
+        changed = {}
         batch = self.scheduler.schedule()
         self.stats["preemptions"] += len(batch.preempted)
         if batch.seqs:
@@ -191,15 +192,17 @@ class Engine:
             if req.finished:
                 break
 
-    def _stop_ids(self, params: SamplingParams) -> set[int]:
+    def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
+        """The token ids that end a request: its stop_token_ids, and EOS unless ignore_eos."""
         ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             ids |= self.tokenizer.stop_token_ids
-        return ids
+        return frozenset(ids)
 
-    def _banned(self, req: Request, output_index: int) -> list[int]:
+    @staticmethod
+    def _banned(req: Request, output_index: int) -> list[int]:
         """Stop tokens are masked while fewer than min_tokens outputs exist."""
-        return sorted(self._stop_ids(req.params)) if output_index < req.params.min_tokens else []
+        return sorted(req.stop_ids) if output_index < req.params.min_tokens else []
 
     # ---- outputs --------------------------------------------------------------------------------
     def _append(self, req: Request, token: int, now: float) -> None:
@@ -211,7 +214,7 @@ class Engine:
         req.text += delta
         p, n = req.params, len(req.output_ids)
         reason = None
-        if n >= p.min_tokens and token in self._stop_ids(p):
+        if n >= p.min_tokens and token in req.stop_ids:
             req.text += req.detokenizer.flush()
             reason = "stop"
         elif n >= p.min_tokens:

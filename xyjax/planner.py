@@ -27,7 +27,6 @@ class Shapes:
     tokens: int
     seqs: int
     samples: int
-    pages: int
 
 
 class Planner:
@@ -42,7 +41,7 @@ class Planner:
         if tokens is None:
             raise ValueError(f"a step of {num_tokens} tokens exceeds the largest bucket {c.token_buckets[-1]}")
         seqs = min(tokens, c.max_num_seqs)
-        return Shapes(tokens, seqs, min(tokens, seqs * (1 + c.max_draft_tokens)), self.pages)
+        return Shapes(tokens, seqs, min(tokens, seqs * (1 + c.max_draft_tokens)))
 
     def plan(self, batch: ScheduledBatch, banned_ids: Callable, bucket: int | None = None
              ) -> tuple[StepInputs, SamplingInputs, list[int]]:

@@ -29,6 +29,7 @@ class Request:
     seed: int
     arrival: int                                     # admission order (FCFS; preemption picks the largest)
     metrics: RequestMetrics
+    stop_ids: frozenset[int] = frozenset()           # token ids that end it (stop_token_ids, EOS)
     token_ids: list[int] = dataclasses.field(default_factory=list)
     draft_token_ids: list[int] = dataclasses.field(default_factory=list)
     block_table: list[int] = dataclasses.field(default_factory=list)
