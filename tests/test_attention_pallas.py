@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
+from test_ops import paged_batch
 
 from ascend_ffi import NUM_FIELDS, Field, MaskKind
 from xyjax.kv_cache import KVCache
@@ -74,21 +75,9 @@ def make_case(rng, q_lens, histories, *, heads=4, kv_heads=2, dim=16, block_size
     """Random cache with each sequence's KV in shuffled blocks, at fixed (bucket) shapes; returns q, the cache,
     the AttentionMetadata of xyjax.tiling and the float64 expected output of every layer [L, T, H, D]."""
     kv_lens = [n + h for n, h in zip(q_lens, histories)]
-    assert sum(q_lens) <= T and len(q_lens) <= S and max(kv_lens) <= pages * block_size
-    assert sum(-(-n // block_size) for n in kv_lens) <= num_blocks
-    order = rng.permutation(num_blocks)
-    k = rng.standard_normal((layers, num_blocks, kv_heads, block_size, dim)).astype(np.float32)
-    v = rng.standard_normal((layers, num_blocks, kv_heads, block_size, dim)).astype(np.float32)
-    q = rng.standard_normal((T, heads, dim)).astype(np.float32)
-    tables = np.zeros((S, pages), np.int32)
-    q_start, q_len, kv_len = (np.zeros(S, np.int32) for _ in range(3))
-    row, used = 0, 0
-    for i, (n, total) in enumerate(zip(q_lens, kv_lens)):
-        nb = -(-total // block_size)
-        tables[i, :nb] = order[used:used + nb]
-        used += nb
-        q_start[i], q_len[i], kv_len[i] = row, n, total
-        row += n
+    q, k, v, q_start, q_len, kv_len, tables = paged_batch(
+        rng, q_lens, kv_lens, layers=layers, heads=heads, kv_heads=kv_heads, dim=dim, block_size=block_size, T=T,
+        S=S, pages=pages, num_blocks=num_blocks)
     meta = attention_metadata(q_start, q_len, kv_len, tables, num_kv_heads=kv_heads, tile=tile, num_tokens=T,
                               **tiling)
     real = np.concatenate([live_tasks(g) for g in meta.groups])

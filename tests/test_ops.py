@@ -34,29 +34,41 @@ def reference_attention(q, k_seq, v_seq, q_len, kv_len):
     return np.einsum("hqk,khd->qhd", p, v)
 
 
-def ragged_case(rng, q_lens, histories, heads=4, kv_heads=2, dim=16, block_size=4, T=64, S=8, pages=8, num_blocks=64,
-                tile=4):
-    """Random cache with each sequence's KV in shuffled blocks, padded to fixed (bucket) shapes so one
-    compiled program serves every case; returns the op inputs and the float64 reference."""
-    kv_lens = [q + h for q, h in zip(q_lens, histories)]
+def paged_batch(rng, q_lens, kv_lens, *, layers, heads, kv_heads, dim, block_size, T, S, pages, num_blocks):
+    """Random q [T, H, D] and paged k/v [layers, NB, Hkv, BS, D] with each sequence's KV in shuffled blocks, at
+    fixed (bucket) shapes; per-sequence q_start, q_len, kv_len [S] and block tables [S, pages] (numpy)."""
     assert sum(q_lens) <= T and len(q_lens) <= S and max(kv_lens) <= pages * block_size
+    assert sum(-(-n // block_size) for n in kv_lens) <= num_blocks
     order = rng.permutation(num_blocks)
-    k = rng.standard_normal((2, num_blocks, kv_heads, block_size, dim)).astype(np.float32)
-    v = rng.standard_normal((2, num_blocks, kv_heads, block_size, dim)).astype(np.float32)
+    k = rng.standard_normal((layers, num_blocks, kv_heads, block_size, dim)).astype(np.float32)
+    v = rng.standard_normal((layers, num_blocks, kv_heads, block_size, dim)).astype(np.float32)
     q = rng.standard_normal((T, heads, dim)).astype(np.float32)
     tables = np.zeros((S, pages), np.int32)
     q_start, q_len, kv_len = (np.zeros(S, np.int32) for _ in range(3))
-    expected = np.zeros((T, heads, dim))
     row, used = 0, 0
     for i, (n, total) in enumerate(zip(q_lens, kv_lens)):
         nb = -(-total // block_size)
         tables[i, :nb] = order[used:used + nb]
         used += nb
         q_start[i], q_len[i], kv_len[i] = row, n, total
+        row += n
+    return q, k, v, q_start, q_len, kv_len, tables
+
+
+def ragged_case(rng, q_lens, histories, heads=4, kv_heads=2, dim=16, block_size=4, T=64, S=8, pages=8, num_blocks=64,
+                tile=4):
+    """Random cache with each sequence's KV in shuffled blocks, padded to fixed (bucket) shapes so one
+    compiled program serves every case; returns the op inputs and the float64 reference of layer 1."""
+    kv_lens = [q + h for q, h in zip(q_lens, histories)]
+    q, k, v, q_start, q_len, kv_len, tables = paged_batch(
+        rng, q_lens, kv_lens, layers=2, heads=heads, kv_heads=kv_heads, dim=dim, block_size=block_size, T=T, S=S,
+        pages=pages, num_blocks=num_blocks)
+    expected = np.zeros((T, heads, dim))
+    for i, (n, total) in enumerate(zip(q_lens, kv_lens)):
+        nb = -(-total // block_size)
         ks = k[1, tables[i, :nb]].transpose(0, 2, 1, 3).reshape(-1, kv_heads, dim)[:total]
         vs = v[1, tables[i, :nb]].transpose(0, 2, 1, 3).reshape(-1, kv_heads, dim)[:total]
-        expected[row:row + n] = reference_attention(q[row:row + n], ks, vs, n, total)
-        row += n
+        expected[q_start[i]:q_start[i] + n] = reference_attention(q[q_start[i]:q_start[i] + n], ks, vs, n, total)
     meta = attention_metadata(q_start, q_len, kv_len, tables, num_kv_heads=kv_heads, tile=tile, num_tokens=T)
     return jnp.asarray(q), KVCache(k=jnp.asarray(k), v=jnp.asarray(v)), meta, expected
 
