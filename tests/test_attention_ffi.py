@@ -53,13 +53,41 @@ def test_decodes_gqa_groups_and_head_dims(heads, kv_heads, dim):
     check(q, kv, meta, expected)
 
 
-@pytest.mark.parametrize("dim", [16, 20, 64])
-def test_baseline_kernel_copy(monkeypatch, dim):
-    """The portable (SSE2) copy of the kernel, which CPUs without AVX2/FMA run, computes the same."""
-    monkeypatch.setenv("XYJAX_ATTENTION_KERNEL", "generic")
-    rng = np.random.default_rng(dim + 1)
-    q, kv, meta, expected = ragged_case(rng, [1, 9, 1], [40, 3, 0], dim=dim, block_size=8, T=16, pages=8, tile=4)
-    check(q, kv, meta, expected)
+# Every kernel copy this CPU can run, capped through XYJAX_ATTENTION_KERNEL ("" = the widest).
+KERNEL_COPIES = ["generic", "avx2", ""]
+# Families where tasks of 4-64 query rows x heads take both the row path and the tile path (8-float
+# vectors in the AVX2 copy, 16 with AVX-512), head dims that fill whole strips (64, 128) or leave a
+# remainder (80), block sizes 16 and 32 (tile-path chunks span blocks).
+COPY_SHAPES = [Shapes(heads=2, kv_heads=2, dim=64, block_size=16, tile=16),
+               Shapes(heads=6, kv_heads=2, dim=128, block_size=32, pages=12, num_blocks=64, tile=16),
+               Shapes(heads=8, kv_heads=1, dim=64, block_size=32, pages=12, num_blocks=64),
+               Shapes(heads=4, kv_heads=2, dim=80, block_size=16, tile=16)]
+COPY_SEQS = [(1, 300, 3, False), (20, 150, 2, False), (13, 40, 1, False), (8, 100, 2, True), (5, 0, 1, True),
+             (1, 0, 1, False)]
+
+
+@pytest.mark.parametrize("kernel", KERNEL_COPIES)
+@pytest.mark.parametrize("shapes", COPY_SHAPES, ids=lambda s: f"g{s.heads // s.kv_heads}-d{s.dim}-b{s.block_size}")
+def test_kernel_copies_on_both_paths(monkeypatch, kernel, shapes):
+    """Each kernel copy (the portable SSE2 one runs on CPUs without AVX2/FMA) against the float64 reference:
+    decodes with long split histories, chunks with and without splits, tree verify runs (split and not)."""
+    monkeypatch.setenv("XYJAX_ATTENTION_KERNEL", kernel)
+    q, kv, meta, expected = contract_case(np.random.default_rng(shapes.dim + shapes.heads), COPY_SEQS, shapes)
+    out = check(q, kv, meta, expected, **SPLIT_TOL)
+    assert not out[sum(s[0] for s in COPY_SEQS):].any()
+
+
+@pytest.mark.parametrize("kernel", KERNEL_COPIES)
+def test_kernel_copies_bfloat16(monkeypatch, kernel):
+    monkeypatch.setenv("XYJAX_ATTENTION_KERNEL", kernel)
+    shapes = COPY_SHAPES[1]
+    q, kv, meta, _ = contract_case(np.random.default_rng(6), COPY_SEQS, shapes)
+    half_q, half_kv = q.astype(jnp.bfloat16), KVCache(k=kv.k.astype(jnp.bfloat16), v=kv.v.astype(jnp.bfloat16))
+    out = attention(half_q, half_kv, 1, meta, backend="ffi")
+    assert out.dtype == jnp.bfloat16
+    expected = task_reference(np.asarray(half_q.astype(jnp.float32)),
+                              KVCache(k=half_kv.k.astype(jnp.float32), v=half_kv.v.astype(jnp.float32)), 1, meta)
+    np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), expected, rtol=2e-2, atol=2e-2)
 
 
 def test_many_tasks_and_long_histories():
@@ -120,17 +148,12 @@ def test_kv_splits_and_tree_masks(family, seqs, seed):
 
 
 def test_long_decodes_split_and_a_split_tree():
-    """Decodes with histories past 1000 in 2-4 splits, a tree split across KV, a chunk: both kernel copies."""
+    """Decodes with histories past 1000 in 2-4 splits, a tree split across KV, a chunk."""
     sh = Shapes(heads=6, kv_heads=2, dim=64, block_size=16, pages=80, num_blocks=512, capacity=(48, 96))
     seqs = [(1, 1200, 4, False), (1, 1010, 2, False), (1, 700, 1, False), (6, 900, 3, True), (12, 300, 2, False)]
     q, kv, meta, expected = contract_case(np.random.default_rng(12), seqs, sh)
     assert (np.asarray(meta.groups[0].tasks)[:, Field.NUM_SPLITS] > 1).sum() >= 8
-    out = check(q, kv, meta, expected, **SPLIT_TOL)
-    os.environ["XYJAX_ATTENTION_KERNEL"] = "generic"
-    try:
-        np.testing.assert_allclose(np.asarray(attention(q, kv, 1, meta, backend="ffi")), out, **SPLIT_TOL)
-    finally:
-        del os.environ["XYJAX_ATTENTION_KERNEL"]
+    check(q, kv, meta, expected, **SPLIT_TOL)
 
 
 def test_tables_from_tiling_with_splits_and_a_tree():

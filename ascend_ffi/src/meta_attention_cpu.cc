@@ -45,17 +45,20 @@ namespace xyjax {
 namespace attention {
 namespace {
 
-// The task kernel for this CPU: the AVX2+FMA copy where the CPU has both, else the baseline one.
-// XYJAX_ATTENTION_KERNEL=generic forces the baseline copy (read on every call; for tests).
+// The task kernel for this CPU: the widest of the AVX-512F, AVX2+FMA and baseline copies it runs.
+// XYJAX_ATTENTION_KERNEL=generic|avx2 caps the choice at that copy (read on every call; for tests).
 TaskFn PickKernel() {
   const char* forced = std::getenv("XYJAX_ATTENTION_KERNEL");
-  if (forced != nullptr && std::strcmp(forced, "generic") == 0) return generic::RunTask;
-#if defined(XYJAX_HAVE_AVX2_KERNEL)
-  static const bool avx2 = [] {
+  const std::string cap = forced != nullptr ? forced : "";
+  if (cap == "generic") return generic::RunTask;
+#if defined(XYJAX_HAVE_X86_KERNELS)
+  static const int level = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 0;
+    return __builtin_cpu_supports("avx512f") ? 2 : 1;
   }();
-  if (avx2) return avx2::RunTask;
+  if (level == 2 && cap != "avx2") return avx512::RunTask;
+  if (level >= 1) return avx2::RunTask;
 #endif
   return generic::RunTask;
 }

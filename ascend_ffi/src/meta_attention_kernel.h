@@ -33,13 +33,20 @@ struct Args {
   float scale;
 };
 
-// Positions of one KV block handled together (rows of K/V loaded once per chunk).
+// Positions of one KV block handled together by the row path (decodes, short verify runs).
 constexpr int kChunk = 16;
+// Positions per chunk of the tile path (prefill chunks, long verify runs); may span cache blocks.
+constexpr int kTileKeys = 64;
+// Widest row vector of the tile path (floats): 16 with AVX-512.
+constexpr int kMaxRowVector = 16;
 
-// Floats of scratch one lane needs for tasks of up to `max_rows` query rows.
+// Floats of scratch one lane needs for tasks of up to `max_rows` query rows (either path).
 inline int64_t ScratchFloats(const Args& a, int64_t max_rows) {
   const int64_t m = max_rows * a.group;
-  return 2 * m * a.D + 2 * m + 2 * kChunk * a.D + 64;
+  const int64_t mp = (m + kMaxRowVector - 1) / kMaxRowVector * kMaxRowVector;
+  const int64_t rows = 2 * m * a.D + 2 * m + 2 * kChunk * a.D;
+  const int64_t tile = (2 * a.D + 2 * kTileKeys + 4) * mp + 2 * kTileKeys * a.D;
+  return (rows > tile ? rows : tile) + 64;
 }
 
 // Computes one validated task (CAUSAL or TREE) with q_len > 0 over its KV range [kv_start, kv_end).
@@ -55,6 +62,9 @@ namespace generic {
 int RunTask(const Args& a, const XyjaxTask& task, float* scratch, float* partial, float* lse);
 }
 namespace avx2 {
+int RunTask(const Args& a, const XyjaxTask& task, float* scratch, float* partial, float* lse);
+}
+namespace avx512 {
 int RunTask(const Args& a, const XyjaxTask& task, float* scratch, float* partial, float* lse);
 }
 

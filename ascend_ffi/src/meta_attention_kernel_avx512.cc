@@ -1,0 +1,7 @@
+// The meta_attention task kernel for AVX-512F (CMake adds -mavx512f -mavx2 -mfma to this file only,
+// and -mprefer-vector-width=256 so the row path's loops stay 256-bit like the AVX2 copy's): the tile
+// path works on 16-float vectors. meta_attention_cpu.cc calls it only when the CPU and OS support
+// AVX-512F.
+#define XYJAX_KERNEL_NS avx512
+#define XYJAX_VECTOR_BYTES 64
+#include "meta_attention_kernel.inc"
