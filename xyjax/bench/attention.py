@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from ascend_ffi import Field
 from xyjax import tiling
+from xyjax.config import EngineConfig
 from xyjax.kv_cache import KVCache
 from xyjax.ops import meta_attention
 
@@ -124,9 +125,9 @@ def dense_attention(q, kv, q_start, q_len, kv_len, tables, groups):
     return lambda: run(q, kv.k, kv.v)
 
 
-def bench_case(name, seqs, backends, lanes: int, max_splits: int, rng) -> dict:
+def bench_case(name, seqs, backends, lanes: int, max_splits: int, tile: int, rng) -> dict:
     q, kv, q_start, q_len, kv_len, tables = make_case(seqs, rng, sum(-(-(q + h) // BS) for _, q, h in seqs) + 8)
-    meta = tiling.attention_metadata(q_start, q_len, kv_len, tables, num_kv_heads=HKV, tile=16, lanes=lanes,
+    meta = tiling.attention_metadata(q_start, q_len, kv_len, tables, num_kv_heads=HKV, tile=tile, lanes=lanes,
                                      block_size=BS, max_splits=max_splits)
     flops, kv_bytes = work(q_len, kv_len)
     result = dict(case=name, sequences=len(seqs), query_rows=int(q_len.sum()), kv_positions=int(kv_len.sum()),
@@ -168,13 +169,15 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", default="ffi,xla")
     parser.add_argument("--lanes", type=int, default=os.cpu_count())
     parser.add_argument("--max-splits", type=int, default=1, help="KV splits allowed per straggler task")
+    parser.add_argument("--tile", type=int, default=EngineConfig.prefill_tile,
+                        help="query rows per prefill/verify task (the engine's prefill_tile)")
     parser.add_argument("--tiles", default="8,16,32,64", help="prefill_tile sizes to sweep with ffi ('' to skip)")
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args(argv)
     limits = machine_limits()
     rng = np.random.default_rng(0)
     backends = args.backends.split(",")
-    results = [bench_case(name, seqs, backends, args.lanes, args.max_splits, rng) for name, seqs in tqdm(CASES.items(), desc="cases")]
+    results = [bench_case(name, seqs, backends, args.lanes, args.max_splits, args.tile, rng) for name, seqs in tqdm(CASES.items(), desc="cases")]
     print(f"machine: sgemm {limits['sgemm_gflops']:.0f} GFLOP/s, copy {limits['copy_gbps']:.1f} GB/s, "
           f"{args.lanes} lanes")
     print("| case | " + " | ".join(f"{b} ms" for b in results[0]["ms"]) + " | ffi GFLOP/s (of sgemm) | ffi KV GB/s (of copy) | "
@@ -193,7 +196,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"attention-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as f:
-        json.dump(dict(machine=limits, lanes=args.lanes, heads=dict(H=H, Hkv=HKV, D=D, block=BS), results=results,
+        json.dump(dict(machine=limits, lanes=args.lanes, max_splits=args.max_splits, tile=args.tile, heads=dict(H=H, Hkv=HKV, D=D, block=BS), results=results,
                        prefill_tile_ms=sweep), f, indent=2)
     print(f"wrote {path}")
     return 0
