@@ -30,10 +30,10 @@ KNOWN_MODELS = {
 
 
 def cache_dir() -> str:
-    """Where fetched models live: $XYJAX_CACHE_DIR/models, else ~/.cache/xyjax/models."""
-    root = os.environ.get("XYJAX_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "xyjax")
-    return os.path.join(root, "models")
+    """Where fetched models live: the models folder of xyjax's cache root (``default_cache_dir``)."""
+    from xyjax.config import default_cache_dir
+
+    return os.path.join(default_cache_dir(), "models")
 
 
 def fetch(name: str) -> str:

@@ -6,9 +6,14 @@ import dataclasses
 import os
 
 
+def default_cache_dir() -> str:
+    """xyjax's cache root: $XYJAX_CACHE_DIR, else $XDG_CACHE_HOME/xyjax, else ~/.cache/xyjax."""
+    return os.environ.get("XYJAX_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "xyjax")
+
+
 def default_compilation_cache_dir() -> str:
-    base = os.environ.get("XYJAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "xyjax")
-    return os.path.join(base, "jax-compilation-cache")
+    return os.path.join(default_cache_dir(), "jax-compilation-cache")
 
 
 @dataclasses.dataclass
