@@ -1,4 +1,5 @@
-"""Command line: ``xyjax generate "prompt" [...]`` and ``xyjax bench [--workload W] [...]``."""
+"""Command line: ``xyjax generate "prompt" [...]``, ``xyjax bench [--workload W] [...]``, ``xyjax bench-attention``,
+``xyjax bench-gemm`` and ``xyjax profile``."""
 
 from __future__ import annotations
 
@@ -33,14 +34,19 @@ def main(argv: list[str] | None = None) -> int:
         bench.add_argument(f"--{option}", type=int, default=None)
     for option in ("attention-backend", "gemm-backend"):
         bench.add_argument(f"--{option}", default=None)
-    commands.add_parser("bench-attention", add_help=False,
-                        help="time Meta-Attention backends on hybrid batches (see --help of the command)")
+    passthrough = {  # commands with their own parsers: (module, help)
+        "bench-attention": ("xyjax.bench.attention", "time Meta-Attention backends on hybrid batches"),
+        "bench-gemm": ("xyjax.bench.gemm", "time SmoothGEMM against padded and exact-m XLA dots"),
+        "profile": ("xyjax.gemm_profile", "profile the gemm backend's tunables per linear shape and bucket"),
+    }
+    for name, (_, text) in passthrough.items():
+        commands.add_parser(name, add_help=False, help=f"{text} (see --help of the command)")
     if argv is None:
         argv = sys.argv[1:]
-    if argv[:1] == ["bench-attention"]:
-        from xyjax.bench.attention import main as bench_attention
+    if argv[:1] and argv[0] in passthrough:
+        import importlib
 
-        return bench_attention(argv[1:])
+        return importlib.import_module(passthrough[argv[0]][0]).main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "bench":
         return _bench(args)
