@@ -2,8 +2,9 @@
 
 Times ``cblas_sgemm`` (ctypes, C[m, N] = A[m, K] @ B[K, N], exactly m rows) of every candidate installed
 (``scipy-openblas32``; MKL from the ``mkl`` wheel), with each thread count, interleaved per repetition
-in one process, and prints the best-of-repeats microseconds per call and GFLOP/s. This is how the ffi
-``smooth_gemm`` backend's BLAS and thread policy were picked (docs/architecture.md).
+in one process, and prints the best-of-repeats microseconds per call and GFLOP/s: the per-shape half of how
+the ffi ``smooth_gemm`` backend's BLAS was picked (docs/architecture.md has both halves). Install the
+candidates first: ``pip install scipy-openblas32 mkl``.
 """
 
 from __future__ import annotations
