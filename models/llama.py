@@ -21,6 +21,9 @@ from xyjax.ops import meta_attention, smooth_gemm
 from xyjax.step_inputs import StepInputs
 
 
+GEMM_WEIGHTS = ("wqkv", "wo", "w_gate_up", "w_down")
+
+
 @dataclasses.dataclass(frozen=True)
 class Backends:
     """Which backend each op uses (static)."""
@@ -66,14 +69,18 @@ def forward(params: dict, kv: KVCache, inputs: StepInputs, *, cfg: ModelConfig,
     x = params["embed"][inputs.token_ids]                                   # [T, D]
     angles = inputs.positions[:, None].astype(jnp.float32) * rope_frequencies(cfg)[None]
     cos, sin = jnp.cos(jnp.concatenate([angles] * 2, -1)), jnp.sin(jnp.concatenate([angles] * 2, -1))
-    gemm = lambda a, w: smooth_gemm(a, w, m, backend=backends.gemm)       # noqa: E731
+    # The dense weights stay stacked [L, in, out] and are read by layer index (the ffi backend in place);
+    # only the small per-layer params are scanned over.
+    dense = {name: params["layers"][name] for name in GEMM_WEIGHTS}
+    scanned_params = {name: p for name, p in params["layers"].items() if name not in GEMM_WEIGHTS}
     num_tokens = x.shape[0]
 
     def layer(carry, scanned):
         x, kv = carry
         index, p = scanned
+        gemm = lambda a, name: smooth_gemm(a, dense[name], m, layer=index, backend=backends.gemm)  # noqa: E731
         h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-        qkv = gemm(h, p["wqkv"])
+        qkv = gemm(h, "wqkv")
         if "bqkv" in p:
             qkv = qkv + p["bqkv"]
         q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
@@ -81,16 +88,18 @@ def forward(params: dict, kv: KVCache, inputs: StepInputs, *, cfg: ModelConfig,
         k = apply_rope(k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim), cos, sin)
         kv = kv.write(index, k, v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim), inputs.slot_mapping)
         attn = meta_attention(q, kv, index, inputs.attention, backend=backends.attention)
-        x = x + gemm(attn.reshape(num_tokens, cfg.q_size), p["wo"])
+        x = x + gemm(attn.reshape(num_tokens, cfg.q_size), "wo")
         h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-        gate, up = jnp.split(gemm(h, p["w_gate_up"]), 2, axis=-1)
-        x = x + gemm(jax.nn.silu(gate) * up, p["w_down"])
+        gate, up = jnp.split(gemm(h, "w_gate_up"), 2, axis=-1)
+        x = x + gemm(jax.nn.silu(gate) * up, "w_down")
         return (x, kv), None
 
-    (x, kv), _ = jax.lax.scan(layer, (x, kv), (jnp.arange(cfg.num_layers), params["layers"]))
+    (x, kv), _ = jax.lax.scan(layer, (x, kv), (jnp.arange(cfg.num_layers), scanned_params))
     h = rms_norm(x[inputs.sample_index], params["final_norm"], cfg.rms_norm_eps)
-    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    logits = smooth_gemm(h, head, inputs.num_samples, backend=backends.gemm)
+    if cfg.tie_word_embeddings:   # embed [V, D] read as the head's [D, V]: no transpose materialised
+        logits = smooth_gemm(h, params["embed"], inputs.num_samples, transpose_w=True, backend=backends.gemm)
+    else:
+        logits = smooth_gemm(h, params["lm_head"], inputs.num_samples, backend=backends.gemm)
     return logits.astype(jnp.float32), kv
 
 

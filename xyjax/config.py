@@ -40,7 +40,8 @@ class EngineConfig:
     precompile: compile every bucket at start (with a progress bar).
     attention_backend: "ffi" (C++ custom call, the default on CPU), "xla" (pure jnp, the default elsewhere)
         or "pallas" (Pallas kernel: Triton on GPU, interpret mode on CPU, for tests).
-    gemm_backend: "xla". seed: seeds requests that bring none.
+    gemm_backend: "ffi" (C++ custom call over MKL, the default on CPU), "xla" (pure jnp, the default elsewhere)
+        or "pallas" (not built yet). seed: seeds requests that bring none.
     """
 
     block_size: int = 16
@@ -59,7 +60,7 @@ class EngineConfig:
     compilation_cache_dir: str | None = dataclasses.field(default_factory=default_compilation_cache_dir)
     precompile: bool = True
     attention_backend: str | None = None
-    gemm_backend: str = "xla"
+    gemm_backend: str | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -74,15 +75,16 @@ class EngineConfig:
             low = 0 if name == "max_draft_tokens" else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"engine option {name} must be an integer >= {low}, got {value!r}")
-        if self.attention_backend is None:
-            import jax
+        import jax
 
-            self.attention_backend = "ffi" if jax.default_backend() == "cpu" else "xla"
-        from xyjax.ops.attention import BACKENDS
+        from xyjax.ops import attention, gemm
 
-        if self.attention_backend not in BACKENDS:
-            raise ValueError(f"engine option attention_backend must be one of {', '.join(BACKENDS)}, "
-                             f"got {self.attention_backend!r}")
+        for name, backends in (("attention_backend", attention.BACKENDS), ("gemm_backend", gemm.BACKENDS)):
+            if getattr(self, name) is None:
+                setattr(self, name, "ffi" if jax.default_backend() == "cpu" else "xla")
+            if getattr(self, name) not in backends:
+                raise ValueError(f"engine option {name} must be one of {', '.join(backends)}, "
+                                 f"got {getattr(self, name)!r}")
         budget = self.max_num_batched_tokens
         if self.token_buckets is None:
             self.token_buckets = tuple(sorted({min(16, budget)} | {1 << i for i in range(4, budget.bit_length())

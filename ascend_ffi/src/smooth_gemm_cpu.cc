@@ -1,0 +1,159 @@
+// smooth_gemm on the CPU as an XLA FFI custom call (jax.ffi): the "ffi" backend of
+// xyjax.ops.smooth_gemm, registered from Python under the name "xyjax_smooth_gemm_cpu" from the
+// exported handler symbol XyjaxSmoothGemmCpu.
+//
+// Operands (see xyjax/ops/gemm.py): x [T, K] f32|bf16; w of x's dtype, [K, N] ([N, K] with the
+// attribute transpose_w), or a stack [L, K, N] ([L, N, K]) of which layer w[layer] is read in place;
+// m s32[] with 0 <= m <= T; layer s32[] (0 for an unstacked w). Result [T, N] in x's dtype: rows < m
+// are x @ w (x @ w^T), accumulated in float32; rows >= m are zero and never computed (virtual padding).
+//
+// The BLAS is not linked: the Python side (ascend_ffi.blas) loads the PyPI package's library and
+// hands its row-major cblas_sgemm and bf16 gemm (bf16 inputs, f32 result) to
+// xyjax_gemm_set_blas before the first call. The real rows' columns are cut into one block per lane
+// of the shared thread pool (XYJAX_ATTENTION_THREADS lanes), each block one single-threaded BLAS call:
+// on 2 cores this measured faster than the BLAS's own threads (docs/architecture.md).
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "thread_pool.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace xyjax {
+namespace gemm {
+
+using Scalar32 = ffi::Buffer<ffi::S32, 0>;
+
+// CBLAS enumerators and the two gemm signatures (ints are 32-bit: LP64 interfaces).
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+using Sgemm = void (*)(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
+                       int lda, const float* b, int ldb, float beta, float* c, int ldc);
+using Bf16Gemm = void (*)(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha,
+                          const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc);
+
+namespace {
+
+std::atomic<Sgemm> g_sgemm{nullptr};  // set by xyjax_gemm_set_blas
+std::atomic<Bf16Gemm> g_bf16_gemm{nullptr};
+
+// Columns of one lane's block are a multiple of this (a 64-byte line of floats).
+constexpr int64_t kColumnAlign = 16;
+
+ffi::Error Invalid(const std::string& what) {
+  return ffi::Error::InvalidArgument("xyjax_smooth_gemm_cpu: " + what);
+}
+
+std::string Dims(ffi::AnyBuffer::Dimensions dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+uint16_t FloatToBf16(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, Scalar32 layer_buffer,
+                         bool transpose_w, ffi::Result<ffi::AnyBuffer> out) {
+  const ffi::DataType type = x.element_type();
+  if (type != ffi::DataType::F32 && type != ffi::DataType::BF16) return Invalid("x must be float32 or bfloat16");
+  if (w.element_type() != type || out->element_type() != type) {
+    return Invalid("w and the result must have x's dtype");
+  }
+  const auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
+  if (xd.size() != 2 || (wd.size() != 2 && wd.size() != 3)) {
+    return Invalid("x must be [T, K] and w [K, N] or [L, K, N], got x " + Dims(xd) + ", w " + Dims(wd));
+  }
+  const int64_t L = wd.size() == 3 ? wd[0] : 1, rows = wd[wd.size() - 2], cols = wd[wd.size() - 1];
+  const int64_t T = xd[0], K = xd[1], N = transpose_w ? rows : cols;
+  if ((transpose_w ? cols : rows) != K) {
+    return Invalid("x " + Dims(xd) + " and w " + Dims(wd) + (transpose_w ? " (transposed)" : "") +
+                   " do not chain");
+  }
+  if (od.size() != 2 || od[0] != T || od[1] != N) return Invalid("the result must be [T, N], got " + Dims(od));
+  if (std::max({T, K, N}) > INT32_MAX) return Invalid("dimensions beyond the BLAS's 32-bit ints");
+  const int64_t m = m_buffer.typed_data()[0];
+  if (m < 0 || m > T) {
+    return Invalid("m = " + std::to_string(m) + " outside [0, T = " + std::to_string(T) + "]");
+  }
+  const int64_t layer = layer_buffer.typed_data()[0];
+  if (layer < 0 || layer >= L) {
+    return Invalid("layer " + std::to_string(layer) + " outside [0, " + std::to_string(L) + ")");
+  }
+  const Sgemm sgemm = g_sgemm.load();
+  const Bf16Gemm bf16_gemm = g_bf16_gemm.load();
+  if (sgemm == nullptr) {
+    return ffi::Error::Internal("xyjax_smooth_gemm_cpu: no BLAS loaded (ascend_ffi.blas.load() hands it over)");
+  }
+  const bool bf16 = type == ffi::DataType::BF16;
+  if (bf16 && bf16_gemm == nullptr) return Invalid("the loaded BLAS has no bfloat16 gemm");
+
+  const size_t elem = bf16 ? 2 : 4;
+  char* out_bytes = static_cast<char*>(out->untyped_data());
+  std::memset(out_bytes + m * N * elem, 0, (T - m) * N * elem);
+  if (m == 0 || N == 0) return ffi::Error::Success();
+
+  // float32: straight into the result. bfloat16: into float scratch, rounded once per lane's block.
+  thread_local std::vector<float> scratch;  // reused across calls on this thread
+  if (bf16 && scratch.size() < static_cast<size_t>(m * N)) scratch.resize(m * N);
+  float* c = bf16 ? scratch.data() : reinterpret_cast<float*>(out_bytes);
+
+  ThreadPool& pool = ThreadPool::Shared();
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(pool.lanes(), N / kColumnAlign));
+  const int64_t width = (N / blocks + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
+  const int trans_b = transpose_w ? kTrans : kNoTrans;
+  const int ldb = static_cast<int>(transpose_w ? K : N);
+  auto lane = [&](int i) {
+    const int64_t n0 = i * width, n = std::min(N, n0 + width) - n0;
+    if (n <= 0) return;
+    const int64_t w_offset = layer * K * N + (transpose_w ? n0 * K : n0);  // w[layer]'s column n0
+    if (bf16) {
+      bf16_gemm(kRowMajor, kNoTrans, trans_b, static_cast<int>(m), static_cast<int>(n), static_cast<int>(K), 1.0f,
+                static_cast<const uint16_t*>(x.untyped_data()), static_cast<int>(K),
+                static_cast<const uint16_t*>(w.untyped_data()) + w_offset, ldb, 0.0f, c + n0,
+                static_cast<int>(N));
+      uint16_t* dst = reinterpret_cast<uint16_t*>(out_bytes);
+      for (int64_t r = 0; r < m; ++r) {
+        for (int64_t j = n0; j < n0 + n; ++j) dst[r * N + j] = FloatToBf16(c[r * N + j]);
+      }
+    } else {
+      sgemm(kRowMajor, kNoTrans, trans_b, static_cast<int>(m), static_cast<int>(n), static_cast<int>(K), 1.0f,
+            static_cast<const float*>(x.untyped_data()), static_cast<int>(K),
+            static_cast<const float*>(w.untyped_data()) + w_offset, ldb, 0.0f, c + n0, static_cast<int>(N));
+    }
+  };
+  pool.Run(static_cast<int>(blocks), lane);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace gemm
+}  // namespace xyjax
+
+#pragma GCC visibility push(default)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(XyjaxSmoothGemmCpu, xyjax::gemm::SmoothGemmCpu,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()             // x
+                                  .Arg<ffi::AnyBuffer>()             // w
+                                  .Arg<xyjax::gemm::Scalar32>()      // m
+                                  .Arg<xyjax::gemm::Scalar32>()      // layer
+                                  .Attr<bool>("transpose_w")
+                                  .Ret<ffi::AnyBuffer>());
+#pragma GCC visibility pop
+
+// The BLAS entry points the handler calls (from ascend_ffi.blas): row-major cblas_sgemm (required)
+// and a bf16 x bf16 -> f32 gemm of the same signature (NULL: bfloat16 is rejected). Each must be
+// single-threaded: the handler runs them on its own pool's lanes.
+extern "C" __attribute__((visibility("default"))) void xyjax_gemm_set_blas(void* sgemm, void* bf16_gemm) {
+  xyjax::gemm::g_bf16_gemm.store(reinterpret_cast<xyjax::gemm::Bf16Gemm>(bf16_gemm));
+  xyjax::gemm::g_sgemm.store(reinterpret_cast<xyjax::gemm::Sgemm>(sgemm));
+}

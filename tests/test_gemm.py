@@ -1,0 +1,154 @@
+"""smooth_gemm's ffi backend (C++ handler over MKL) and its xla oracle, against float64 numpy: real rows, zero
+padding rows, fused and transposed weights, stacked weights read by layer, bfloat16, bad m and layer, no recompile
+across m, and the engine's greedy output with either backend."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from ascend_ffi import blas
+from xyjax import LLM, SamplingParams
+from xyjax.config import EngineConfig
+from xyjax.ops import smooth_gemm
+
+gemm = jax.jit(smooth_gemm, static_argnames=("backend", "transpose_w"))
+BACKENDS = ("ffi", "xla")
+
+
+def check(out, full, m, rtol=1e-5, atol=1e-5):
+    """Rows < m equal the float64 reference ``full``; rows >= m are exactly zero."""
+    out = np.asarray(out.astype(jnp.float32))
+    np.testing.assert_allclose(out[:m], full[:m], rtol=rtol, atol=atol)
+    assert not out[m:].any(), f"padding rows must be zero (m={m})"
+
+
+def operands(rng, T, K, N):
+    return rng.standard_normal((T, K)).astype(np.float32), rng.standard_normal((K, N)).astype(np.float32)
+
+
+@settings(max_examples=20, deadline=None)
+@given(T=st.integers(1, 40), K=st.integers(1, 48), N=st.integers(1, 80), frac=st.floats(0, 1), seed=st.integers(0, 99))
+def test_random_shapes_match_float64(T, K, N, frac, seed):
+    x, w = operands(np.random.default_rng(seed), T, K, N)
+    m = round(frac * T)
+    full = x.astype(np.float64) @ w.astype(np.float64)
+    for backend in BACKENDS:
+        check(gemm(x, w, jnp.int32(m), backend=backend), full, m, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("m", [0, 1, 17, 36, 37])
+def test_edge_m_and_non_tile_multiples(backend, m):
+    """T = 37, N = 70: no multiple of a tile or of the handler's 16-column blocks; padding rows hold NaN."""
+    x, w = operands(np.random.default_rng(m), 37, 24, 70)
+    full = x.astype(np.float64) @ w.astype(np.float64)
+    x[m:] = np.nan
+    check(gemm(x, w, jnp.int32(m), backend=backend), full, m)
+
+
+def test_fused_weights_equal_separate_gemms():
+    """A QKV-style concatenation [K, Nq + Nk + Nv] gives the separate products side by side."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((9, 32)).astype(np.float32)
+    parts = [rng.standard_normal((32, n)).astype(np.float32) for n in (48, 16, 16)]
+    fused = np.asarray(gemm(x, np.concatenate(parts, axis=1), jnp.int32(7), backend="ffi"))
+    separate = np.concatenate([np.asarray(gemm(x, p, jnp.int32(7), backend="ffi")) for p in parts], axis=1)
+    np.testing.assert_allclose(fused, separate, rtol=1e-6, atol=1e-6)
+    check(fused, x.astype(np.float64) @ np.concatenate(parts, axis=1).astype(np.float64), 7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_transposed_and_stacked_weights(backend):
+    """w [N, K] with transpose_w (a tied LM head), and stacks [L, K, N] / [L, N, K] read at a traced layer."""
+    rng = np.random.default_rng(2)
+    x, w = operands(rng, 12, 40, 100)
+    stack = rng.standard_normal((3, 40, 100)).astype(np.float32)
+    full = x.astype(np.float64) @ w.astype(np.float64)
+    check(gemm(x, w.T.copy(), jnp.int32(5), transpose_w=True, backend=backend), full, 5)
+    layered = jax.jit(smooth_gemm, static_argnames=("backend", "transpose_w"))
+    for layer in range(3):
+        ref = x.astype(np.float64) @ stack[layer].astype(np.float64)
+        check(layered(x, stack, jnp.int32(11), layer=jnp.int32(layer), backend=backend), ref, 11)
+        check(layered(x, stack.transpose(0, 2, 1).copy(), jnp.int32(11), layer=jnp.int32(layer), transpose_w=True,
+                      backend=backend), ref, 11)
+
+
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_bfloat16(transpose_w):
+    """bf16 operands, float32 accumulation, rounded once to a bf16 result (as the xla backend)."""
+    x, w = operands(np.random.default_rng(3), 10, 64, 40)
+    xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w.T.copy() if transpose_w else w, jnp.bfloat16)
+    w64 = np.asarray(wb, np.float64)
+    full = np.asarray(xb, np.float64) @ (w64.T if transpose_w else w64)
+    out = gemm(xb, wb, jnp.int32(6), transpose_w=transpose_w, backend="ffi")
+    assert out.dtype == jnp.bfloat16
+    check(out, full, 6, rtol=1e-2, atol=1e-2)
+    xla = gemm(xb, wb, jnp.int32(6), transpose_w=transpose_w, backend="xla")
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(xla, np.float32), rtol=1e-2, atol=1e-2)
+
+
+def test_bad_m_layer_and_dtypes_are_clear_errors():
+    x, w = jnp.ones((4, 8)), jnp.ones((8, 16))
+    for m in (-1, 5):
+        with pytest.raises(Exception, match=rf"m = {m} outside \[0, T = 4\]"):
+            np.asarray(gemm(x, w, jnp.int32(m), backend="ffi"))
+    with pytest.raises(Exception, match=r"layer 2 outside \[0, 2\)"):
+        np.asarray(smooth_gemm(x, jnp.ones((2, 8, 16)), 1, layer=2, backend="ffi"))
+    with pytest.raises(TypeError, match="both float32 or both bfloat16"):
+        smooth_gemm(x, w.astype(jnp.bfloat16), 1, backend="ffi")
+    with pytest.raises(TypeError, match="both float32 or both bfloat16"):
+        smooth_gemm(x.astype(jnp.float16), w.astype(jnp.float16), 1, backend="ffi")
+    with pytest.raises(AssertionError):
+        smooth_gemm(x, jnp.ones((4, 3)), 2, backend="ffi")
+
+
+def test_unknown_and_unbuilt_backends():
+    x, w = jnp.ones((4, 8)), jnp.ones((8, 16))
+    with pytest.raises(ValueError, match="unknown gemm backend 'cuda'; available: 'xla', 'ffi', 'pallas'"):
+        smooth_gemm(x, w, 1, backend="cuda")
+    with pytest.raises(ValueError, match="pallas gemm backend is not built yet"):
+        smooth_gemm(x, w, 1, backend="pallas")
+    with pytest.raises(ValueError, match="gemm_backend must be one of xla, ffi, pallas, got 'blas'"):
+        EngineConfig(gemm_backend="blas")
+    assert EngineConfig().gemm_backend == "ffi"   # the CPU default
+
+
+def test_missing_mkl_is_a_clear_error(monkeypatch):
+    def absent(name):
+        raise blas.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(blas.metadata, "distribution", absent)
+    with pytest.raises(FileNotFoundError, match="pip install mkl"):
+        blas.library_path()
+
+
+def test_m_is_data_no_recompile():
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, seconds, **kw: compiles.append(kw.get("fun_name")) if event.endswith("backend_compile_duration")
+        else None)
+    fn = jax.jit(lambda x, w, m: smooth_gemm(x, w, m, backend="ffi"))
+    x, w = operands(np.random.default_rng(4), 16, 8, 24)
+    full = x.astype(np.float64) @ w.astype(np.float64)
+    check(fn(x, w, jnp.int32(0)), full, 0)
+    before = len(compiles)
+    for m in range(17):
+        check(fn(x, w, jnp.int32(m)), full, m)
+    assert len(compiles) == before
+
+
+def test_engine_greedy_identical_with_ffi_and_xla_gemm(tiny_model):
+    """Chunked prefill and decodes of a batch, the whole model's dense layers and tied LM head on each backend."""
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 49000, n).tolist() for n in (45, 3, 20, 9)]
+    sampling = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    tokens = {}
+    for backend in BACKENDS:
+        llm = LLM(tiny_model, block_size=4, max_num_batched_tokens=32, max_num_seqs=4, gemm_backend=backend,
+                  progress=False)
+        assert llm.engine.config.gemm_backend == backend
+        tokens[backend] = [out.token_ids for out in llm.generate(prompts, sampling)]
+    assert tokens["ffi"] == tokens["xla"]
+    assert all(len(t) == 8 for t in tokens["ffi"])
