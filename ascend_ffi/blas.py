@@ -17,7 +17,7 @@ from pathlib import Path
 
 import ascend_ffi
 
-__all__ = ["library_path", "load"]
+__all__ = ["available", "library_path", "load"]
 
 _INTERFACE_LP64 = 0    # MKL_INTERFACE_LP64: 32-bit integers, the handler's cblas ints
 _THREADING_SEQUENTIAL = 1   # MKL_THREADING_SEQUENTIAL: no OpenMP threads of its own
@@ -40,6 +40,15 @@ def library_path() -> Path:
                 return path
     raise FileNotFoundError(f"the installed mkl wheel ({dist.version}) has no libmkl_rt.so: reinstall it "
                             "(pip install --force-reinstall mkl)")
+
+
+def available() -> bool:
+    """Whether the installed packages provide the BLAS (``library_path`` finds it)."""
+    try:
+        library_path()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def load() -> None:

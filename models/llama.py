@@ -17,6 +17,7 @@ import numpy as np
 
 from models.config import ModelConfig
 from xyjax.kv_cache import KVCache
+from xyjax.gemm_profile import GemmProfile
 from xyjax.ops import meta_attention, smooth_gemm
 from xyjax.step_inputs import StepInputs
 
@@ -26,10 +27,17 @@ GEMM_WEIGHTS = ("wqkv", "wo", "w_gate_up", "w_down")
 
 @dataclasses.dataclass(frozen=True)
 class Backends:
-    """Which backend each op uses (static)."""
+    """Which backend each op uses, and the gemm backend's profile of tunables per shape (static)."""
 
     attention: str = "xla"
     gemm: str = "xla"
+    gemm_profile: GemmProfile | None = None
+
+    def smooth_gemm(self, x, w, m, *, layer=None, transpose_w: bool = False):
+        """``smooth_gemm`` on this gemm backend with the profiled tunables of x's bucket and w's shape."""
+        K, N = (w.shape[-1], w.shape[-2]) if transpose_w else (w.shape[-2], w.shape[-1])
+        tuning = self.gemm_profile.params(x.shape[0], K, N, transpose_w) if self.gemm_profile else None
+        return smooth_gemm(x, w, m, layer=layer, transpose_w=transpose_w, backend=self.gemm, tuning=tuning)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -78,7 +86,7 @@ def forward(params: dict, kv: KVCache, inputs: StepInputs, *, cfg: ModelConfig,
     def layer(carry, scanned):
         x, kv = carry
         index, p = scanned
-        gemm = lambda a, name: smooth_gemm(a, dense[name], m, layer=index, backend=backends.gemm)  # noqa: E731
+        gemm = lambda a, name: backends.smooth_gemm(a, dense[name], m, layer=index)  # noqa: E731
         h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
         qkv = gemm(h, "wqkv")
         if "bqkv" in p:
@@ -97,9 +105,9 @@ def forward(params: dict, kv: KVCache, inputs: StepInputs, *, cfg: ModelConfig,
     (x, kv), _ = jax.lax.scan(layer, (x, kv), (jnp.arange(cfg.num_layers), scanned_params))
     h = rms_norm(x[inputs.sample_index], params["final_norm"], cfg.rms_norm_eps)
     if cfg.tie_word_embeddings:   # embed [V, D] read as the head's [D, V]: no transpose materialised
-        logits = smooth_gemm(h, params["embed"], inputs.num_samples, transpose_w=True, backend=backends.gemm)
+        logits = backends.smooth_gemm(h, params["embed"], inputs.num_samples, transpose_w=True)
     else:
-        logits = smooth_gemm(h, params["lm_head"], inputs.num_samples, backend=backends.gemm)
+        logits = backends.smooth_gemm(h, params["lm_head"], inputs.num_samples)
     return logits.astype(jnp.float32), kv
 
 

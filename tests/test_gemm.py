@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ascend_ffi import blas
-from xyjax import LLM, SamplingParams
+from xyjax import LLM, SamplingParams, gemm_profile
 from xyjax.config import EngineConfig
 from xyjax.ops import smooth_gemm
 
@@ -104,15 +104,29 @@ def test_bad_m_layer_and_dtypes_are_clear_errors():
         smooth_gemm(x, jnp.ones((4, 3)), 2, backend="ffi")
 
 
-def test_unknown_and_unbuilt_backends():
+def test_unknown_backends_and_tunables():
     x, w = jnp.ones((4, 8)), jnp.ones((8, 16))
     with pytest.raises(ValueError, match="unknown gemm backend 'cuda'; available: 'xla', 'ffi', 'pallas'"):
         smooth_gemm(x, w, 1, backend="cuda")
-    with pytest.raises(ValueError, match="pallas gemm backend is not built yet"):
-        smooth_gemm(x, w, 1, backend="pallas")
     with pytest.raises(ValueError, match="gemm_backend must be one of xla, ffi, pallas, got 'blas'"):
         EngineConfig(gemm_backend="blas")
     assert EngineConfig().gemm_backend == "ffi"   # the CPU default
+    with pytest.raises(ValueError, match=r"unknown ffi gemm tunables \['threads'\]"):
+        smooth_gemm(x, w, 1, backend="ffi", tuning={"threads": 2})
+    with pytest.raises(ValueError, match="m_align >= 1"):
+        smooth_gemm(x, w, 1, backend="ffi", tuning={"m_align": 0})
+
+
+@pytest.mark.parametrize("tuning", gemm_profile.candidates("ffi") + [dict(lanes=7, m_align=5)])
+@pytest.mark.parametrize("m", [0, 1, 13, 37])
+def test_every_ffi_tuning_computes_the_same(tuning, m):
+    """Each point the profiler sweeps (lanes, row or column split, m rounded up to 16), and lanes beyond the
+    pool: the same rows < m, zeros (not the NaN of computed padding rows) below; plain and transposed w."""
+    x, w = operands(np.random.default_rng(m + 7), 37, 24, 70)
+    full = x.astype(np.float64) @ w.astype(np.float64)
+    x[m:] = np.nan
+    check(smooth_gemm(x, w, m, backend="ffi", tuning=tuning), full, m)
+    check(smooth_gemm(x, w.T.copy(), m, backend="ffi", transpose_w=True, tuning=tuning), full, m)
 
 
 def test_missing_mkl_is_a_clear_error(monkeypatch):

@@ -40,8 +40,10 @@ class EngineConfig:
     precompile: compile every bucket at start (with a progress bar).
     attention_backend: "ffi" (C++ custom call, the default on CPU), "xla" (pure jnp, the default elsewhere)
         or "pallas" (Pallas kernel: Triton on GPU, interpret mode on CPU, for tests).
-    gemm_backend: "ffi" (C++ custom call over MKL, the default on CPU), "xla" (pure jnp, the default elsewhere)
-        or "pallas" (not built yet). seed: seeds requests that bring none.
+    gemm_backend: "ffi" (C++ custom call over MKL, the default on CPU where MKL is installed), "xla" (pure
+        jnp, the default elsewhere) or "pallas" (Pallas kernel: Triton on GPU, interpret mode on CPU). The
+        engine reads the backend's tunables from this device's `xyjax profile` table when there is one.
+    seed: seeds requests that bring none.
     """
 
     block_size: int = 16
@@ -79,9 +81,12 @@ class EngineConfig:
 
         from xyjax.ops import attention, gemm
 
+        cpu = jax.default_backend() == "cpu"
+        if self.attention_backend is None:
+            self.attention_backend = "ffi" if cpu else "xla"
+        if self.gemm_backend is None:   # ffi needs MKL (a dependency on x86-64 Linux only)
+            self.gemm_backend = "ffi" if cpu and gemm.blas.available() else "xla"
         for name, backends in (("attention_backend", attention.BACKENDS), ("gemm_backend", gemm.BACKENDS)):
-            if getattr(self, name) is None:
-                setattr(self, name, "ffi" if jax.default_backend() == "cpu" else "xla")
             if getattr(self, name) not in backends:
                 raise ValueError(f"engine option {name} must be one of {', '.join(backends)}, "
                                  f"got {getattr(self, name)!r}")

@@ -21,6 +21,7 @@ from models.loader import LoadedModel
 from models.tokenizer import IncrementalDetokenizer
 from xyjax.block_manager import BlockManager
 from xyjax.config import EngineConfig
+from xyjax.gemm_profile import load_default
 from xyjax.kv_cache import bytes_per_token
 from xyjax.outputs import RequestMetrics, RequestOutput
 from xyjax.planner import Planner
@@ -50,8 +51,10 @@ class Engine:
         self.planner = Planner(config, self.max_model_len, cfg.num_kv_heads)
         if config.compilation_cache_dir:
             enable_persistent_cache(config.compilation_cache_dir)
-        self.runner = Runner(cfg, model.params, num_blocks, config.block_size,
-                             Backends(attention=config.attention_backend, gemm=config.gemm_backend), model.dtype,
+        self.backends = Backends(attention=config.attention_backend, gemm=config.gemm_backend,
+                                 gemm_profile=load_default(config.gemm_backend) if config.gemm_backend != "xla"
+                                 else None)
+        self.runner = Runner(cfg, model.params, num_blocks, config.block_size, self.backends, model.dtype,
                              num_logprobs=config.max_logprobs)
         self.requests: dict[str, Request] = {}
         self._reported: list[Request] = []        # finished outside a step (bad prompt, abort): next step reports

@@ -9,9 +9,12 @@
 //
 // The BLAS is not linked: the Python side (ascend_ffi.blas) loads the PyPI package's library and
 // hands its row-major cblas_sgemm and bf16 gemm (bf16 inputs, f32 result) to
-// xyjax_gemm_set_blas before the first call. The real rows' columns are cut into one block per lane
-// of the shared thread pool (XYJAX_ATTENTION_THREADS lanes), each block one single-threaded BLAS call:
-// on 2 cores this measured faster than the BLAS's own threads (docs/architecture.md).
+// xyjax_gemm_set_blas before the first call. The real rows' columns (or, with split_rows, the rows) are
+// cut into one block per lane of the shared thread pool (XYJAX_ATTENTION_THREADS lanes; the attribute
+// lanes > 0 caps them), each block one single-threaded BLAS call: on 2 cores this measured faster than
+// the BLAS's own threads (docs/architecture.md). m_align rounds the rows computed up to a multiple
+// (within T; those extra rows are zeroed after): some BLAS kernels are faster on aligned row counts.
+// The three are the tunables `xyjax profile` sweeps per shape and bucket.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -63,7 +66,8 @@ uint16_t FloatToBf16(float f) {  // round to nearest even, NaN stays NaN
 }
 
 ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, Scalar32 layer_buffer,
-                         bool transpose_w, ffi::Result<ffi::AnyBuffer> out) {
+                         bool transpose_w, int32_t lanes_attr, bool split_rows, int32_t m_align,
+                         ffi::Result<ffi::AnyBuffer> out) {
   const ffi::DataType type = x.element_type();
   if (type != ffi::DataType::F32 && type != ffi::DataType::BF16) return Invalid("x must be float32 or bfloat16");
   if (w.element_type() != type || out->element_type() != type) {
@@ -97,41 +101,52 @@ ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, 
   const bool bf16 = type == ffi::DataType::BF16;
   if (bf16 && bf16_gemm == nullptr) return Invalid("the loaded BLAS has no bfloat16 gemm");
 
+  if (lanes_attr < 0 || m_align < 1) {
+    return Invalid("lanes must be >= 0 and m_align >= 1, got " + std::to_string(lanes_attr) + " and " +
+                   std::to_string(m_align));
+  }
   const size_t elem = bf16 ? 2 : 4;
   char* out_bytes = static_cast<char*>(out->untyped_data());
-  std::memset(out_bytes + m * N * elem, 0, (T - m) * N * elem);
-  if (m == 0 || N == 0) return ffi::Error::Success();
+  // Rows computed: m rounded up to m_align (within T); the extra ones are zeroed again below.
+  const int64_t mc = m == 0 ? 0 : std::min<int64_t>(T, (m + m_align - 1) / m_align * m_align);
+  if (mc > 0 && N > 0) {
+    // float32: straight into the result. bfloat16: into float scratch, rounded once per lane's block.
+    thread_local std::vector<float> scratch;  // reused across calls on this thread
+    if (bf16 && scratch.size() < static_cast<size_t>(mc * N)) scratch.resize(mc * N);
+    float* c = bf16 ? scratch.data() : reinterpret_cast<float*>(out_bytes);
 
-  // float32: straight into the result. bfloat16: into float scratch, rounded once per lane's block.
-  thread_local std::vector<float> scratch;  // reused across calls on this thread
-  if (bf16 && scratch.size() < static_cast<size_t>(m * N)) scratch.resize(m * N);
-  float* c = bf16 ? scratch.data() : reinterpret_cast<float*>(out_bytes);
-
-  ThreadPool& pool = ThreadPool::Shared();
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(pool.lanes(), N / kColumnAlign));
-  const int64_t width = (N / blocks + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
-  const int trans_b = transpose_w ? kTrans : kNoTrans;
-  const int ldb = static_cast<int>(transpose_w ? K : N);
-  auto lane = [&](int i) {
-    const int64_t n0 = i * width, n = std::min(N, n0 + width) - n0;
-    if (n <= 0) return;
-    const int64_t w_offset = layer * K * N + (transpose_w ? n0 * K : n0);  // w[layer]'s column n0
-    if (bf16) {
-      bf16_gemm(kRowMajor, kNoTrans, trans_b, static_cast<int>(m), static_cast<int>(n), static_cast<int>(K), 1.0f,
-                static_cast<const uint16_t*>(x.untyped_data()), static_cast<int>(K),
-                static_cast<const uint16_t*>(w.untyped_data()) + w_offset, ldb, 0.0f, c + n0,
-                static_cast<int>(N));
-      uint16_t* dst = reinterpret_cast<uint16_t*>(out_bytes);
-      for (int64_t r = 0; r < m; ++r) {
-        for (int64_t j = n0; j < n0 + n; ++j) dst[r * N + j] = FloatToBf16(c[r * N + j]);
+    ThreadPool& pool = ThreadPool::Shared();
+    const int64_t lanes = lanes_attr == 0 ? pool.lanes() : std::min<int64_t>(lanes_attr, pool.lanes());
+    // Blocks of whole rows (split_rows) or of kColumnAlign-aligned columns, one per lane.
+    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(lanes, split_rows ? mc : N / kColumnAlign));
+    const int64_t width = split_rows ? (mc + blocks - 1) / blocks
+                                     : (N / blocks + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
+    const int trans_b = transpose_w ? kTrans : kNoTrans;
+    const int ldb = static_cast<int>(transpose_w ? K : N);
+    auto lane = [&](int i) {
+      const int64_t r0 = split_rows ? i * width : 0, nr = split_rows ? std::min(mc, r0 + width) - r0 : mc;
+      const int64_t n0 = split_rows ? 0 : i * width, n = split_rows ? N : std::min(N, n0 + width) - n0;
+      if (n <= 0 || nr <= 0) return;
+      const int64_t w_offset = layer * K * N + (transpose_w ? n0 * K : n0);  // w[layer]'s column n0
+      float* c_block = c + r0 * N + n0;
+      if (bf16) {
+        bf16_gemm(kRowMajor, kNoTrans, trans_b, static_cast<int>(nr), static_cast<int>(n), static_cast<int>(K),
+                  1.0f, static_cast<const uint16_t*>(x.untyped_data()) + r0 * K, static_cast<int>(K),
+                  static_cast<const uint16_t*>(w.untyped_data()) + w_offset, ldb, 0.0f, c_block,
+                  static_cast<int>(N));
+        uint16_t* dst = reinterpret_cast<uint16_t*>(out_bytes);
+        for (int64_t r = r0; r < r0 + nr; ++r) {
+          for (int64_t j = n0; j < n0 + n; ++j) dst[r * N + j] = FloatToBf16(c[r * N + j]);
+        }
+      } else {
+        sgemm(kRowMajor, kNoTrans, trans_b, static_cast<int>(nr), static_cast<int>(n), static_cast<int>(K), 1.0f,
+              static_cast<const float*>(x.untyped_data()) + r0 * K, static_cast<int>(K),
+              static_cast<const float*>(w.untyped_data()) + w_offset, ldb, 0.0f, c_block, static_cast<int>(N));
       }
-    } else {
-      sgemm(kRowMajor, kNoTrans, trans_b, static_cast<int>(m), static_cast<int>(n), static_cast<int>(K), 1.0f,
-            static_cast<const float*>(x.untyped_data()), static_cast<int>(K),
-            static_cast<const float*>(w.untyped_data()) + w_offset, ldb, 0.0f, c + n0, static_cast<int>(N));
-    }
-  };
-  pool.Run(static_cast<int>(blocks), lane);
+    };
+    pool.Run(static_cast<int>(blocks), lane);
+  }
+  std::memset(out_bytes + m * N * elem, 0, (T - m) * N * elem);
   return ffi::Error::Success();
 }
 
@@ -147,6 +162,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XyjaxSmoothGemmCpu, xyjax::gemm::SmoothGemmCpu,
                                   .Arg<xyjax::gemm::Scalar32>()      // m
                                   .Arg<xyjax::gemm::Scalar32>()      // layer
                                   .Attr<bool>("transpose_w")
+                                  .Attr<int32_t>("lanes")
+                                  .Attr<bool>("split_rows")
+                                  .Attr<int32_t>("m_align")
                                   .Ret<ffi::AnyBuffer>());
 #pragma GCC visibility pop
 

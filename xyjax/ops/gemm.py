@@ -11,8 +11,14 @@ Returns [T, N] in x's dtype, accumulated in float32: rows < m are ``x @ w``, row
 padding: fast backends skip them; this result is defined and tested).
 
 Backends: ``xla`` (pure jnp, the oracle: computes every row, then zeroes the padding), ``ffi`` (the C++ CPU
-handler in ``ascend_ffi/src/smooth_gemm_cpu.cc``: one BLAS gemm over exactly m rows, float32 or bfloat16;
-an m outside [0, T] fails when the call runs), ``pallas`` (not built yet).
+handler in ``ascend_ffi/src/smooth_gemm_cpu.cc``: BLAS gemms over exactly m rows, float32 or bfloat16;
+an m outside [0, T] fails when the call runs), ``pallas`` (``gemm_pallas.py``: tiles past m skip their
+work; Triton on GPU, interpret mode on CPU).
+
+``tuning``: the backend's tunables for this shape and bucket (``xyjax.gemm_profile`` measures them; None or
+missing keys: defaults). ffi: ``lanes`` (0 = every lane of the thread pool), ``split_rows`` (cut rows, not
+columns, over the lanes), ``m_align`` (compute m rounded up to this, then zero the extra rows). pallas: the
+``GemmTiling`` fields. xla: none.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import ascend_ffi
 from ascend_ffi import blas
@@ -29,31 +36,45 @@ FFI_TARGET = "xyjax_smooth_gemm_cpu"   # jax.ffi target of the C++ CPU handler
 FFI_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
+FFI_TUNING = dict(lanes=0, split_rows=False, m_align=1)   # the ffi backend's defaults
+
+
 def smooth_gemm(x: jax.Array, w: jax.Array, m: jax.Array | int, *, layer: jax.Array | int | None = None,
-                transpose_w: bool = False, backend: str = "xla") -> jax.Array:
+                transpose_w: bool = False, backend: str = "xla", tuning: dict | None = None) -> jax.Array:
     """``x @ w[layer]`` (``.T`` with ``transpose_w``) on the first ``m`` rows, zeros below (see module docstring)."""
     chex.assert_rank([x, w], [2, 2 if layer is None else 3])
     chex.assert_axis_dimension(w, w.ndim - (1 if transpose_w else 2), x.shape[1])
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown gemm backend {backend!r}; available: {', '.join(map(repr, BACKENDS))}")
     if backend == "ffi":
-        return _gemm_ffi(x, w, m, 0 if layer is None else layer, transpose_w)
+        return _gemm_ffi(x, w, m, 0 if layer is None else layer, transpose_w, tuning or {})
     if layer is not None:
         w = jax.lax.dynamic_index_in_dim(w, layer, keepdims=False)
-    if backend == "xla":
-        rows = jnp.arange(x.shape[0])[:, None]
-        out = jax.lax.dot_general(x, w, (((1,), (1 if transpose_w else 0,)), ((), ())),
-                                  preferred_element_type=jnp.float32)
-        return jnp.where(rows < m, out, 0).astype(x.dtype)
     if backend == "pallas":
-        raise ValueError("the pallas gemm backend is not built yet; available now: 'xla', 'ffi'")
-    raise ValueError(f"unknown gemm backend {backend!r}; available: {', '.join(map(repr, BACKENDS))}")
+        from xyjax.ops.gemm_pallas import GemmTiling, smooth_gemm_pallas
+
+        return smooth_gemm_pallas(x, w, m, tiling=GemmTiling(**(tuning or {})), transpose_w=transpose_w,
+                                  interpret=jax.default_backend() == "cpu")
+    rows = jnp.arange(x.shape[0])[:, None]
+    out = jax.lax.dot_general(x, w, (((1,), (1 if transpose_w else 0,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+    return jnp.where(rows < m, out, 0).astype(x.dtype)
 
 
-def _gemm_ffi(x, w, m, layer, transpose_w: bool):
+def _gemm_ffi(x, w, m, layer, transpose_w: bool, tuning: dict):
     """The C++ handler as a jax.ffi custom call (CPU only), the BLAS loaded first (``ascend_ffi.blas``)."""
     if x.dtype not in FFI_DTYPES or w.dtype != x.dtype:
         raise TypeError(f"ffi gemm backend: x and w must be both float32 or both bfloat16, got {x.dtype} and {w.dtype}")
+    unknown = set(tuning) - set(FFI_TUNING)
+    if unknown:
+        raise ValueError(f"unknown ffi gemm tunables {sorted(unknown)}; known: {sorted(FFI_TUNING)}")
+    params = {**FFI_TUNING, **tuning}
+    if params["lanes"] < 0 or params["m_align"] < 1:
+        raise ValueError(f"ffi gemm tunables need lanes >= 0 and m_align >= 1, got {params}")
     blas.load()
     ascend_ffi.register_ffi_target(FFI_TARGET, "XyjaxSmoothGemmCpu", platform="cpu")
     n = w.shape[-2] if transpose_w else w.shape[-1]
     call = jax.ffi.ffi_call(FFI_TARGET, jax.ShapeDtypeStruct((x.shape[0], n), x.dtype))
-    return call(x, w, jnp.asarray(m, jnp.int32), jnp.asarray(layer, jnp.int32), transpose_w=transpose_w)
+    return call(x, w, jnp.asarray(m, jnp.int32), jnp.asarray(layer, jnp.int32), transpose_w=transpose_w,
+                lanes=np.int32(params["lanes"]), split_rows=bool(params["split_rows"]),
+                m_align=np.int32(params["m_align"]))

@@ -1,0 +1,171 @@
+"""The offline SmoothGEMM profile: for each linear shape of a model and each token bucket, the fastest
+tunables of a gemm backend, measured on this device and looked up when the engine traces its steps.
+
+    xyjax profile [--model M] [--backend ffi|pallas] [--buckets 16,32,...] [--out PATH]
+
+A profile is a JSON table keyed by device kind (``jax.devices()[0].device_kind``) and backend, one entry
+per (T, K, N, transpose_w): the winning ``params`` and the milliseconds of every candidate. It lives in
+``$XYJAX_CACHE_DIR/gemm-profiles/<device kind>-<backend>.json``. The engine loads it at start (no file:
+every shape runs the backend's defaults) and passes each GEMM the params of its shape and bucket (the
+entry with the smallest T >= the bucket, else the largest T; exact K, N, transpose_w).
+
+Tunables (see ``xyjax.ops.gemm``): ``ffi`` lanes, row or column split and m alignment; ``pallas`` the
+``GemmTiling`` fields (block sizes and grid order; its timings only mean something on a GPU, so profiling it
+on CPU is refused).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from xyjax.config import default_cache_dir
+
+Key = tuple[int, int, int, bool]   # (T, K, N, transpose_w)
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmProfile:
+    """Best params per (T, K, N, transpose_w) for one device kind and backend (hashable: a static jit arg)."""
+
+    device: str
+    backend: str
+    entries: tuple[tuple[Key, tuple[tuple[str, object], ...]], ...] = ()
+
+    def params(self, T: int, K: int, N: int, transpose_w: bool = False) -> dict:
+        """Params for a [T, K] x [K, N] GEMM: the smallest profiled T >= T of that shape, else the largest;
+        {} (the backend's defaults) when the shape was never profiled."""
+        same = sorted((key[0], dict(p)) for key, p in self.entries if key[1:] == (K, N, transpose_w))
+        if not same:
+            return {}
+        return next((p for t, p in same if t >= T), same[-1][1])
+
+    def to_json(self) -> dict:
+        return dict(device=self.device, backend=self.backend,
+                    entries=[dict(T=k[0], K=k[1], N=k[2], transpose_w=k[3], params=dict(p)) for k, p in self.entries])
+
+    @classmethod
+    def from_json(cls, data: dict) -> "GemmProfile":
+        entries = tuple(((int(e["T"]), int(e["K"]), int(e["N"]), bool(e["transpose_w"])),
+                         tuple(sorted(e["params"].items()))) for e in data["entries"])
+        return cls(device=data["device"], backend=data["backend"], entries=entries)
+
+    def save(self, path: str, timings: dict | None = None) -> None:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        data = self.to_json()
+        if timings:
+            data["timings_ms"] = timings
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1)
+
+    @classmethod
+    def load(cls, path: str) -> "GemmProfile":
+        with open(path) as f:
+            return cls.from_json(json.load(f))
+
+
+def default_path(device: str, backend: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower() or "device"
+    return os.path.join(default_cache_dir(), "gemm-profiles", f"{slug}-{backend}.json")
+
+
+def load_default(backend: str) -> GemmProfile | None:
+    """This device's saved profile for ``backend``, or None."""
+    path = default_path(jax.devices()[0].device_kind, backend)
+    return GemmProfile.load(path) if os.path.exists(path) else None
+
+
+def linear_shapes(cfg) -> dict[str, tuple[int, int, bool]]:
+    """(K, N, transpose_w) of each linear layer of a Llama-family ModelConfig, as the model calls them."""
+    return {"qkv": (cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, False),
+            "o": (cfg.q_size, cfg.hidden_size, False),
+            "gate_up": (cfg.hidden_size, 2 * cfg.intermediate_size, False),
+            "down": (cfg.intermediate_size, cfg.hidden_size, False),
+            "lm_head": (cfg.hidden_size, cfg.vocab_size, bool(cfg.tie_word_embeddings))}
+
+
+def candidates(backend: str) -> list[dict]:
+    """The tunables swept for ``backend`` (the first is its default)."""
+    if backend == "ffi":
+        import ascend_ffi
+
+        lanes = ascend_ffi.load().xyjax_attention_threads()
+        return [dict(lanes=n, split_rows=rows, m_align=align)
+                for n, rows, align in itertools.product(range(lanes, 0, -1), (False, True), (1, 16))
+                if n > 1 or not rows]
+    if backend == "pallas":
+        return [dict(block_m=bm, block_n=bn, block_k=bk, m_major=order)
+                for bm, bn, bk, order in itertools.product((16, 32, 64, 128), (64, 128, 256), (32, 64), (True, False))]
+    raise ValueError(f"no tunables to profile for gemm backend {backend!r}; profile 'ffi' or 'pallas'")
+
+
+def time_call(fn, *args, repeat: int = 5) -> float:
+    """Best seconds of one call over ``repeat`` calls (after a warm-up call)."""
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def profile(shapes: dict[str, tuple[int, int, bool]], buckets: list[int], backend: str, *, dtype=jnp.float32,
+            repeat: int = 5, seed: int = 0) -> tuple[GemmProfile, dict]:
+    """Times every candidate on every (shape, bucket) at m = bucket (the bucket's worst case) and keeps the
+    fastest. Returns the profile and {"name T": {candidate: ms}}."""
+    from xyjax.ops.gemm import smooth_gemm
+
+    device = jax.devices()[0].device_kind
+    if backend == "pallas" and jax.default_backend() == "cpu":
+        raise ValueError("profiling the pallas gemm backend needs a GPU: on CPU it runs in interpret mode, "
+                         "whose timings say nothing about the kernel")
+    options = candidates(backend)
+    rng = np.random.default_rng(seed)
+    entries, timings = [], {}
+    work = [(name, shape, T) for name, shape in shapes.items() for T in buckets]
+    for name, (K, N, transpose_w), T in tqdm(work, desc=f"profiling {backend} gemm"):
+        x = jnp.asarray(rng.standard_normal((T, K)), dtype)
+        w = jnp.asarray(rng.standard_normal((N, K) if transpose_w else (K, N)), dtype)
+        ms = {}
+        for params in options:
+            fn = jax.jit(lambda x, w, m, p=params: smooth_gemm(x, w, m, backend=backend, transpose_w=transpose_w,
+                                                               tuning=p))
+            ms[json.dumps(params, sort_keys=True)] = 1e3 * time_call(fn, x, w, jnp.int32(T), repeat=repeat)
+        best = min(ms, key=ms.get)
+        entries.append(((T, K, N, transpose_w), tuple(sorted(json.loads(best).items()))))
+        timings[f"{name} T={T}"] = ms
+    return GemmProfile(device=device, backend=backend, entries=tuple(entries)), timings
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from models.loader import load
+    from xyjax.config import EngineConfig
+
+    parser = argparse.ArgumentParser(prog="xyjax profile", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="known name, .gguf path or HF directory (default model)")
+    parser.add_argument("--backend", default="ffi" if jax.default_backend() == "cpu" else "pallas")
+    parser.add_argument("--buckets", default=None, help="token buckets, comma-separated (default: the engine's)")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--out", default=None, help="table path (default: the cache path the engine reads)")
+    args = parser.parse_args(argv)
+    buckets = [int(b) for b in args.buckets.split(",")] if args.buckets else list(EngineConfig().token_buckets)
+    cfg = load(args.model).config
+    result, timings = profile(linear_shapes(cfg), buckets, args.backend, repeat=args.repeat)
+    path = args.out or default_path(result.device, args.backend)
+    result.save(path, timings)
+    for (T, K, N, tr), params in result.entries:
+        print(f"T={T:4d} K={K:5d} N={N:6d}{' (w^T)' if tr else ''}: {dict(params)}")
+    print(f"wrote {path}")
+    return 0
