@@ -121,8 +121,9 @@ def time_call(fn, *args, repeat: int = 5) -> float:
 
 def profile(shapes: dict[str, tuple[int, int, bool]], buckets: list[int], backend: str, *, dtype=jnp.float32,
             repeat: int = 5, seed: int = 0) -> tuple[GemmProfile, dict]:
-    """Times every candidate on every (shape, bucket) at m = bucket (the bucket's worst case) and keeps the
-    fastest. Returns the profile and {"name T": {candidate: ms}}."""
+    """Times every candidate on every (shape, bucket T) and keeps the fastest. A candidate's time is the sum
+    over three real row counts the bucket serves: just past the previous bucket, the middle (odd), and T.
+    Returns the profile and {"name T": {candidate: ms}}."""
     from xyjax.ops.gemm import smooth_gemm
 
     device = jax.devices()[0].device_kind
@@ -132,15 +133,19 @@ def profile(shapes: dict[str, tuple[int, int, bool]], buckets: list[int], backen
     options = candidates(backend)
     rng = np.random.default_rng(seed)
     entries, timings = [], {}
+    buckets = sorted(buckets)
+    lower = dict(zip(buckets, [0] + buckets[:-1]))
     work = [(name, shape, T) for name, shape in shapes.items() for T in buckets]
     for name, (K, N, transpose_w), T in tqdm(work, desc=f"profiling {backend} gemm"):
+        rows = sorted({lower[T] + 1, (lower[T] + T) // 2 | 1, T} & set(range(1, T + 1)))
         x = jnp.asarray(rng.standard_normal((T, K)), dtype)
         w = jnp.asarray(rng.standard_normal((N, K) if transpose_w else (K, N)), dtype)
         ms = {}
         for params in options:
             fn = jax.jit(lambda x, w, m, p=params: smooth_gemm(x, w, m, backend=backend, transpose_w=transpose_w,
                                                                tuning=p))
-            ms[json.dumps(params, sort_keys=True)] = 1e3 * time_call(fn, x, w, jnp.int32(T), repeat=repeat)
+            ms[json.dumps(params, sort_keys=True)] = 1e3 * sum(time_call(fn, x, w, jnp.int32(m), repeat=repeat)
+                                                               for m in rows)
         best = min(ms, key=ms.get)
         entries.append(((T, K, N, transpose_w), tuple(sorted(json.loads(best).items()))))
         timings[f"{name} T={T}"] = ms
