@@ -2,7 +2,8 @@
 
 For each linear shape (QKV, O, gate/up, down, LM head; float32) and each m of a dense sample of
 [1, budget], times three ways of computing the m real rows:
-    smooth      ``smooth_gemm(..., backend)`` (default ``ffi``) on the engine's bucket T >= m, m as data
+    smooth      ``smooth_gemm(..., backend)`` (default ``ffi``) on the engine's bucket T >= m, m as data, with
+                this device's profiled tunables when ``xyjax profile`` saved a table (as the engine runs it)
     padded      an XLA dot over the whole bucket (what static shapes cost without virtual padding)
     exact       an XLA dot compiled for exactly m rows (the per-shape ideal static shapes cannot afford)
 Reports the mean over m of padded / smooth and smooth / exact per shape and overall, writes JSON and a
@@ -22,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from xyjax.config import EngineConfig
-from xyjax.gemm_profile import linear_shapes, time_call
+from xyjax.gemm_profile import linear_shapes, load_default, time_call
 
 
 def m_sample(budget: int, step: int) -> list[int]:
@@ -42,11 +43,14 @@ def bench_shape(K: int, N: int, transpose_w: bool, ms: list[int], buckets, backe
     w = jnp.asarray(rng.standard_normal((N, K) if transpose_w else (K, N)), jnp.float32)
     dims = (((1,), (1 if transpose_w else 0,)), ((), ()))
     dot = jax.jit(lambda x, w: jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32))
-    smooth = jax.jit(lambda x, w, m: smooth_gemm(x, w, m, backend=backend, transpose_w=transpose_w))
+    table = load_default(backend)
     rows = {name: [] for name in ("smooth", "padded", "exact")}
     for m in ms:
         T = next(b for b in buckets if b >= m)
         x = x_all[:T]
+        tuning = table.params(T, K, N, transpose_w) if table else None
+        smooth = jax.jit(lambda x, w, m, t=tuning: smooth_gemm(x, w, m, backend=backend, transpose_w=transpose_w,
+                                                               tuning=t))
         rows["smooth"].append(1e3 * time_call(smooth, x, w, jnp.int32(m), repeat=repeat))
         rows["padded"].append(1e3 * time_call(dot, x, w, repeat=repeat))
         rows["exact"].append(1e3 * time_call(dot, x[:m], w, repeat=repeat))
@@ -96,7 +100,8 @@ def main(argv=None) -> int:
         smooth, padded, exact = (np.array(r[k]) for k in ("smooth", "padded", "exact"))
         results[name] = dict(K=K, N=N, transpose_w=tr, ms=r, speedup_vs_padded=float(np.mean(padded / smooth)),
                              ratio_to_exact=float(np.mean(smooth / exact)))
-    print(f"{args.backend} on buckets {list(buckets)}, {len(ms)} values of m in [1, {args.budget}]")
+    print(f"{args.backend} on buckets {list(buckets)}, {len(ms)} values of m in [1, {args.budget}], profile: "
+          f"{'yes' if load_default(args.backend) else 'none (defaults)'}")
     print("| shape | K x N | padded / smooth (mean over m) | smooth / exact (mean over m) |\n|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['K']} x {r['N']} | {r['speedup_vs_padded']:.2f} | {r['ratio_to_exact']:.3f} |")
