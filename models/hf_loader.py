@@ -12,13 +12,13 @@ from tqdm import tqdm
 from models.config import ModelConfig
 from models.weights import stack_layers
 
-_LAYER_NAMES = {
+LAYER_NAMES = {
     "attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight",
     "q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight", "v": "self_attn.v_proj.weight",
     "o": "self_attn.o_proj.weight", "gate": "mlp.gate_proj.weight", "up": "mlp.up_proj.weight",
     "down": "mlp.down_proj.weight",
 }
-_BIAS_NAMES = {"q_bias": "self_attn.q_proj.bias", "k_bias": "self_attn.k_proj.bias", "v_bias": "self_attn.v_proj.bias"}
+BIAS_NAMES = {"q_bias": "self_attn.q_proj.bias", "k_bias": "self_attn.k_proj.bias", "v_bias": "self_attn.v_proj.bias"}
 
 
 def load_hf(path: str, dtype=np.float32, progress: bool = True) -> tuple[ModelConfig, dict]:
@@ -41,7 +41,7 @@ def load_hf(path: str, dtype=np.float32, progress: bool = True) -> tuple[ModelCo
             raise ValueError(f"{path}: checkpoint lacks tensor {name!r}")
         return np.asarray(where[name].get_tensor(name).astype(np.float32)).astype(dtype)
 
-    names = dict(_LAYER_NAMES, **(_BIAS_NAMES if cfg.attention_bias else {}))
+    names = dict(LAYER_NAMES, **(BIAS_NAMES if cfg.attention_bias else {}))
     layers = [{key: get(f"model.layers.{i}.{name}") for key, name in names.items()}
               for i in tqdm(range(cfg.num_layers), desc=f"loading {os.path.basename(path)}", disable=not progress)]
     params = {"embed": get("model.embed_tokens.weight"), "final_norm": get("model.norm.weight"),

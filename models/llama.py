@@ -118,7 +118,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: floa
     shapes = {"wqkv": (L, D, qkv), "wo": (L, cfg.q_size, D), "w_gate_up": (L, D, 2 * F), "w_down": (L, F, D)}
     if cfg.attention_bias:
         shapes["bqkv"] = (L, qkv)
-    keys = iter(jax.random.split(key, len(shapes) + 4))
+    keys = iter(jax.random.split(key, len(shapes) + 5))   # + norms, embed, final norm, lm_head
     normal = lambda shape: (scale * jax.random.normal(next(keys), shape)).astype(dtype)  # noqa: E731
     layers = {name: normal(shape) for name, shape in shapes.items()}
     layers["attn_norm"] = (1.0 + normal((L, D))).astype(dtype)

@@ -24,3 +24,23 @@ def stack_layers(layers: list[dict]) -> dict:
         out["bqkv"] = stack(lambda p: np.concatenate([p["q_bias"], p["k_bias"], p["v_bias"]]))
     return out
 
+
+
+def unstack_layers(params: dict) -> list[dict]:
+    """Inverse of ``stack_layers``: the stacked, fused pytree's ``layers`` -> per-layer dicts in HF layout."""
+    stacked = {k: np.asarray(v) for k, v in params.items()}
+    q_size = stacked["wo"].shape[1]                         # wo [L, q_size, hidden]
+    kv_size = (stacked["wqkv"].shape[2] - q_size) // 2
+    inter = stacked["w_down"].shape[1]                      # w_down [L, intermediate, hidden]
+    layers = []
+    for i in range(stacked["wqkv"].shape[0]):
+        qkv = stacked["wqkv"][i].T                          # [q + 2 kv, hidden]
+        gate_up = stacked["w_gate_up"][i].T                 # [2 inter, hidden]
+        layer = {"attn_norm": stacked["attn_norm"][i], "mlp_norm": stacked["mlp_norm"][i],
+                 "q": qkv[:q_size], "k": qkv[q_size:q_size + kv_size], "v": qkv[q_size + kv_size:],
+                 "o": stacked["wo"][i].T, "gate": gate_up[:inter], "up": gate_up[inter:], "down": stacked["w_down"][i].T}
+        if "bqkv" in stacked:
+            b = stacked["bqkv"][i]
+            layer.update(q_bias=b[:q_size], k_bias=b[q_size:q_size + kv_size], v_bias=b[q_size + kv_size:])
+        layers.append(layer)
+    return layers

@@ -21,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     gen.add_argument("--dtype", default="float32")
+    export = commands.add_parser("export-hf", help="write a model as an HF directory (config, safetensors, tokenizer)")
+    export.add_argument("model", help="known name, .gguf path or HF directory")
+    export.add_argument("directory")
+    export.add_argument("--dtype", default="float32", help="of the written weights")
     bench = commands.add_parser("bench", help="time a workload on xyjax and the naive padded baseline")
     bench.add_argument("--workload", default="lognormal", help="lognormal, prefill-heavy, decode-heavy, shared-prefix")
     bench.add_argument("--num-requests", type=int, default=None)
@@ -50,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "bench":
         return _bench(args)
+    if args.command == "export-hf":
+        return _export_hf(args)
 
     from xyjax import LLM, SamplingParams
 
@@ -75,6 +81,21 @@ def main(argv: list[str] | None = None) -> int:
     print(file=sys.stdout)
     print(f"[{n} tokens in {end - start:.2f}s; first after {first - start:.2f}s, "
           f"then {(n - 1) / max(end - first, 1e-9):.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def _export_hf(args) -> int:
+    import numpy as np
+
+    from models.hf_export import export_hf
+    from models.loader import load
+
+    try:
+        export_hf(load(args.model), args.directory, dtype=np.dtype(args.dtype))
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"xyjax: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.directory}")
     return 0
 
 

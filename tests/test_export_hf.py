@@ -1,0 +1,46 @@
+"""``xyjax export-hf``: a model written as an HF directory reads back identically (xyjax's loader) and
+transformers computes the same logits from it."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import TINY
+from models.hf_export import export_hf
+from models.llama import init_params
+from models.loader import LoadedModel, load
+from reference import reference_logits
+
+
+@pytest.mark.parametrize("variant", ["tied", "untied-bias"])
+def test_round_trip_and_transformers_logits(tmp_path, tiny_model, variant):
+    model = tiny_model
+    if variant == "untied-bias":   # a separate LM head and QKV biases (the Qwen2 layout)
+        cfg = dataclasses.replace(TINY, tie_word_embeddings=False, attention_bias=True, architecture="qwen2")
+        model = LoadedModel(name="tiny-qwen", config=cfg, params=init_params(cfg, jax.random.key(1), scale=0.2),
+                            tokenizer=tiny_model.tokenizer, dtype=tiny_model.dtype)
+    directory = str(tmp_path / "hf")
+    export_hf(model, directory)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(directory))
+    back = load(directory, progress=False)
+    assert back.config == model.config
+    flat, _ = jax.tree.flatten_with_path(model.params)
+    again = dict(jax.tree.flatten_with_path(back.params)[0])
+    for path, value in flat:
+        np.testing.assert_array_equal(np.asarray(again[path]), np.asarray(value), err_msg=jax.tree_util.keystr(path))
+    assert json.load(open(os.path.join(directory, "config.json")))["eos_token_id"] == model.tokenizer.eos_token_id
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    ids = [1, 9000, 421, 77, 30000, 5, 12]
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids])).logits[0, -1].numpy()
+    ours = reference_logits(model.config, model.params, ids)
+    np.testing.assert_allclose(ours, logits, atol=1e-4 * np.abs(logits).max(), rtol=0)
+    tok = transformers.AutoTokenizer.from_pretrained(directory)
+    assert tok("Hello world")["input_ids"] == model.tokenizer.encode("Hello world")
