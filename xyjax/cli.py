@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--num-requests", type=int, default=None)
     bench.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second (default: all at once)")
     bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--compare", default="naive",
+                       help="systems to run beside xyjax, comma-separated: naive, hf, hf-continuous, vllm "
+                            "(peers not installed are skipped with a message)")
     bench.add_argument("--naive-batch-size", default="16",
                        help="batch size(s) of the naive baseline, comma-separated, e.g. 16,64 (0: skip it)")
     bench.add_argument("--out", default="bench-results", help="directory for the JSON result")
@@ -114,7 +117,17 @@ def _bench(args) -> int:
     except ValueError:
         print(f"xyjax: error: --naive-batch-size wants integers, got {args.naive_batch_size!r}", file=sys.stderr)
         return 2
-    bench(args.workload, args.num_requests, args.rate, args.seed, sizes, args.out, args.model, **options)
+    from xyjax.bench.peers import PEERS
+
+    compare = [c for c in args.compare.split(",") if c]
+    unknown = set(compare) - {"naive", *PEERS}
+    if unknown:
+        print(f"xyjax: error: unknown --compare system(s) {sorted(unknown)}; known: naive, {', '.join(PEERS)}",
+              file=sys.stderr)
+        return 2
+    sizes = sizes if "naive" in compare else ()
+    peers = tuple(c for c in compare if c != "naive")
+    bench(args.workload, args.num_requests, args.rate, args.seed, sizes, args.out, args.model, peers=peers, **options)
     return 0
 
 

@@ -63,11 +63,14 @@ def run_engine(llm, requests: list[BenchRequest], progress: bool = True) -> tupl
 
 def bench(workload: str = "lognormal", num_requests: int | None = None, rate: float | None = None, seed: int = 0,
           naive_batch_sizes: tuple[int, ...] = (16,), out_dir: str = "bench-results", model: str | None = None,
-          progress: bool = True, llm=None, **engine_options) -> dict:
-    """Run ``workload`` (a name in WORKLOADS, overridden by num_requests / rate / seed) on xyjax and the naive
-    baseline at each of ``naive_batch_sizes`` (none: skip it); print a table, write
-    ``<out_dir>/bench-<workload>-<time>.json``, return the result dict.
+          progress: bool = True, llm=None, peers: tuple[str, ...] = (), **engine_options) -> dict:
+    """Run ``workload`` (a name in WORKLOADS, overridden by num_requests / rate / seed) on xyjax, the naive
+    baseline at each of ``naive_batch_sizes`` (none: skip it) and each peer of ``peers`` (names in
+    ``xyjax.bench.peers.PEERS``, each in its own process; one not installed is skipped with a message); print a
+    table, write ``<out_dir>/bench-<workload>-<time>.json``, return the result dict.
     ``llm``: an already built LLM (else one is built from ``model`` and ``engine_options``)."""
+    from xyjax.bench.peers import PEERS, PeerUnavailable, hf_directory
+
     from xyjax import LLM
 
     w = WORKLOADS[workload]
@@ -83,10 +86,20 @@ def bench(workload: str = "lognormal", num_requests: int | None = None, rate: fl
         records, stats = gen.run(requests, batch_size, progress=progress)
         stats["padding_ratio"] = (stats["computed_tokens"] - stats["real_tokens"]) / max(stats["real_tokens"], 1)
         systems[f"naive (batch {batch_size})"] = dict(summarize(records, stats["wall_time"]), **stats)
+    skipped = {}
+    for name in peers:
+        try:
+            out = PEERS[name].run(requests, hf_directory(model, llm.model))
+        except PeerUnavailable as e:
+            skipped[name] = str(e)
+            print(f"xyjax bench: skipping peer {name}: {e}")
+            continue
+        systems[name] = dict(summarize(out["records"], out["stats"]["wall_time"]), **out["stats"],
+                             system=out["system"], settings=out["settings"])
     result = dict(workload=dataclasses.asdict(w), model=llm.model.name,
                   engine_options=dict(engine_options, max_num_batched_tokens=llm.engine.config.max_num_batched_tokens,
                                       token_buckets=list(llm.engine.config.token_buckets)),
-                  machine=dict(cpus=os.cpu_count()), systems=systems)
+                  machine=dict(cpus=os.cpu_count()), systems=systems, skipped=skipped)
     print(table(systems))
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"bench-{workload}-{time.strftime('%Y%m%d-%H%M%S')}.json")
@@ -104,7 +117,8 @@ def table(systems: dict) -> str:
              "compiles | xyjax speed-up |", "|---|---|---|---|---|---|---|---|"]
     for name, s in systems.items():
         compiles = s.get("compiles_during_run", "-")
+        padding = f"{s['padding_ratio']:.2f}" if "padding_ratio" in s else "-"
         lines.append(f"| {name} | {s['total_tokens_per_s']:.1f} | {s['output_tokens_per_s']:.1f} | "
                      f"{s['ttft_p50']:.2f} / {s['ttft_p99']:.2f} | {1e3 * s['tpot_p50']:.0f} / {1e3 * s['tpot_p99']:.0f} | "
-                     f"{s['padding_ratio']:.2f} | {compiles} | {base / s['total_tokens_per_s']:.2f}x |")
+                     f"{padding} | {compiles} | {base / s['total_tokens_per_s']:.2f}x |")
     return "\n".join(lines)
