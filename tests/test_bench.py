@@ -138,3 +138,55 @@ def test_xyjax_bench_runs_both_systems_and_writes_json(default_llm, tmp_path):
     assert ours["prompt_tokens"] == naive["prompt_tokens"] and ours["output_tokens"] == naive["output_tokens"]
     assert ours["compiles_during_run"] == 0 and ours["total_tokens_per_s"] > 0 and naive["total_tokens_per_s"] > 0
     assert ours["ttft_p50"] <= ours["ttft_p99"]
+
+
+def test_peers_run_through_the_protocol_and_missing_ones_are_skipped(tiny_model, tmp_path, monkeypatch):
+    """The hf peer (transformers, static batches) runs the identical workload in its own process from the
+    exported HF directory; a vLLM peer that is not installed is skipped with how to install it."""
+    import json
+
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from xyjax import LLM
+    from xyjax.bench.runs import bench
+
+    monkeypatch.setenv("XYJAX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("XYJAX_VLLM_PYTHON", str(tmp_path / "no-such-python"))
+    llm = LLM(tiny_model, block_size=4, max_num_batched_tokens=64, max_num_seqs=4, progress=False)
+    result = bench("lognormal", num_requests=3, seed=2, naive_batch_sizes=(), out_dir=str(tmp_path), progress=False,
+                   llm=llm, peers=("hf", "vllm"))
+    saved = json.load(open(result["path"]))
+    assert set(saved["systems"]) == {"xyjax", "hf"}
+    assert "make vllm-env" in saved["skipped"]["vllm"]
+    ours, hf = saved["systems"]["xyjax"], saved["systems"]["hf"]
+    assert hf["prompt_tokens"] == ours["prompt_tokens"] and hf["output_tokens"] == ours["output_tokens"]
+    assert hf["system"].startswith("transformers") and hf["settings"]["mode"] == "static"
+    assert 0 < hf["ttft_p50"] <= hf["ttft_p99"] and hf["total_tokens_per_s"] > 0
+
+
+def test_peer_protocol_records_and_failures(tmp_path):
+    """A peer script's OUT.json comes back as written and is summarised like any system; a failing peer's
+    output is in the error."""
+    import sys
+
+    from xyjax.bench import BenchRequest
+    from xyjax.bench.peers import Peer
+
+    script = tmp_path / "fake_peer.py"
+    script.write_text(
+        "import argparse, json\n"
+        "p = argparse.ArgumentParser(); [p.add_argument(a) for a in ('--model-dir', '--requests', '--out')]\n"
+        "a = p.parse_args(); reqs = json.load(open(a.requests))['requests']\n"
+        "if a.model_dir == 'bad': raise SystemExit('peer exploded')\n"
+        "recs = [dict(arrival=r['arrival'], first_token=r['arrival'] + 1.0, finish=r['arrival'] + 1.0 + 0.1 * "
+        "(r['output_len'] - 1), prompt_len=len(r['prompt_token_ids']), output_len=r['output_len']) for r in reqs]\n"
+        "json.dump(dict(system='fake 1', settings={}, stats=dict(wall_time=4.0), records=recs), open(a.out, 'w'))\n")
+    peer = Peer("fake", str(script), lambda: sys.executable)
+    requests = [BenchRequest([5] * 10, 3, 0.0), BenchRequest([6] * 30, 5, 1.0)]
+    out = peer.run(requests, "model")
+    figures = summarize(out["records"], out["stats"]["wall_time"])
+    assert figures["prompt_tokens"] == 40 and figures["output_tokens"] == 8
+    assert figures["total_tokens_per_s"] == pytest.approx(48 / 4.0)
+    assert figures["ttft_p50"] == pytest.approx(1.0) and figures["tpot_p99"] == pytest.approx(0.1)
+    with pytest.raises(RuntimeError, match="peer exploded"):
+        peer.run(requests, "bad")

@@ -89,11 +89,12 @@ def bench(workload: str = "lognormal", num_requests: int | None = None, rate: fl
     skipped = {}
     for name in peers:
         try:
-            out = PEERS[name].run(requests, hf_directory(model, llm.model))
+            PEERS[name].python()
         except PeerUnavailable as e:
             skipped[name] = str(e)
             print(f"xyjax bench: skipping peer {name}: {e}")
             continue
+        out = PEERS[name].run(requests, hf_directory(model, llm.model))
         systems[name] = dict(summarize(out["records"], out["stats"]["wall_time"]), **out["stats"],
                              system=out["system"], settings=out["settings"])
     result = dict(workload=dataclasses.asdict(w), model=llm.model.name,
