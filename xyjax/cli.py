@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--compare", default="naive",
                        help="systems to run beside xyjax, comma-separated: naive, hf, hf-continuous, vllm "
                             "(peers not installed are skipped with a message)")
+    bench.add_argument("--rates", default="",
+                       help="also sweep these Poisson request rates (req/s, comma-separated) on xyjax and the peers")
     bench.add_argument("--naive-batch-size", default="16",
                        help="batch size(s) of the naive baseline, comma-separated, e.g. 16,64 (0: skip it)")
     bench.add_argument("--out", default="bench-results", help="directory for the JSON result")
@@ -127,7 +129,13 @@ def _bench(args) -> int:
         return 2
     sizes = sizes if "naive" in compare else ()
     peers = tuple(c for c in compare if c != "naive")
-    bench(args.workload, args.num_requests, args.rate, args.seed, sizes, args.out, args.model, peers=peers, **options)
+    try:
+        rates = tuple(float(r) for r in args.rates.split(",") if r)
+    except ValueError:
+        print(f"xyjax: error: --rates wants numbers, got {args.rates!r}", file=sys.stderr)
+        return 2
+    bench(args.workload, args.num_requests, args.rate, args.seed, sizes, args.out, args.model, peers=peers,
+          rates=rates, **options)
     return 0
 
 

@@ -61,32 +61,20 @@ def run_engine(llm, requests: list[BenchRequest], progress: bool = True) -> tupl
     return records, stats
 
 
-def bench(workload: str = "lognormal", num_requests: int | None = None, rate: float | None = None, seed: int = 0,
-          naive_batch_sizes: tuple[int, ...] = (16,), out_dir: str = "bench-results", model: str | None = None,
-          progress: bool = True, llm=None, peers: tuple[str, ...] = (), **engine_options) -> dict:
-    """Run ``workload`` (a name in WORKLOADS, overridden by num_requests / rate / seed) on xyjax, the naive
-    baseline at each of ``naive_batch_sizes`` (none: skip it) and each peer of ``peers`` (names in
-    ``xyjax.bench.peers.PEERS``, each in its own process; one not installed is skipped with a message); print a
-    table, write ``<out_dir>/bench-<workload>-<time>.json``, return the result dict.
-    ``llm``: an already built LLM (else one is built from ``model`` and ``engine_options``)."""
+def run_systems(requests: list[BenchRequest], llm, naive_batch_sizes, peers, model, progress: bool
+                ) -> tuple[dict, dict]:
+    """``requests`` on xyjax, the naive baseline at each batch size and each available peer. Returns
+    ({system: figures, stats and per-request records}, {skipped peer: how to install it})."""
     from xyjax.bench.peers import PEERS, PeerUnavailable, hf_directory
 
-    from xyjax import LLM
+    def entry(records, stats, **extra):
+        return dict(summarize(records, stats["wall_time"]), **stats, **extra, records=records)
 
-    w = WORKLOADS[workload]
-    overrides = {k: v for k, v in dict(num_requests=num_requests, rate=rate, seed=seed).items() if v is not None}
-    w = dataclasses.replace(w, **overrides)
-    llm = llm or LLM(model, progress=progress, **engine_options)
-    requests = make_requests(w, llm.model.config.vocab_size)
-    systems = {}
-    records, stats = run_engine(llm, requests, progress)
-    systems["xyjax"] = dict(summarize(records, stats["wall_time"]), **stats)
+    systems, skipped = {"xyjax": entry(*run_engine(llm, requests, progress))}, {}
     for batch_size in naive_batch_sizes:
-        gen = NaiveGenerator(llm.model.config, llm.model.params)
-        records, stats = gen.run(requests, batch_size, progress=progress)
+        records, stats = NaiveGenerator(llm.model.config, llm.model.params).run(requests, batch_size, progress)
         stats["padding_ratio"] = (stats["computed_tokens"] - stats["real_tokens"]) / max(stats["real_tokens"], 1)
-        systems[f"naive (batch {batch_size})"] = dict(summarize(records, stats["wall_time"]), **stats)
-    skipped = {}
+        systems[f"naive (batch {batch_size})"] = entry(records, stats)
     for name in peers:
         try:
             PEERS[name].python()
@@ -95,19 +83,46 @@ def bench(workload: str = "lognormal", num_requests: int | None = None, rate: fl
             print(f"xyjax bench: skipping peer {name}: {e}")
             continue
         out = PEERS[name].run(requests, hf_directory(model, llm.model))
-        systems[name] = dict(summarize(out["records"], out["stats"]["wall_time"]), **out["stats"],
-                             system=out["system"], settings=out["settings"])
+        systems[name] = entry(out["records"], out["stats"], system=out["system"], settings=out["settings"])
+    return systems, skipped
+
+
+def bench(workload: str = "lognormal", num_requests: int | None = None, rate: float | None = None, seed: int = 0,
+          naive_batch_sizes: tuple[int, ...] = (16,), out_dir: str = "bench-results", model: str | None = None,
+          progress: bool = True, llm=None, peers: tuple[str, ...] = (), rates: tuple[float, ...] = (),
+          **engine_options) -> dict:
+    """Run ``workload`` (a name in WORKLOADS, overridden by num_requests / rate / seed) on xyjax, the naive
+    baseline at each of ``naive_batch_sizes`` (none: skip it) and each peer of ``peers`` (names in
+    ``xyjax.bench.peers.PEERS``, each in its own process; one not installed is skipped with a message). With
+    ``rates``, also sweep Poisson arrival rates (requests/s) on xyjax and the peers. Prints a table, writes
+    ``<out_dir>/bench-<workload>-<time>.json`` and PNG plots beside it, returns the result dict.
+    ``llm``: an already built LLM (else one is built from ``model`` and ``engine_options``)."""
+    from xyjax import LLM
+    from xyjax.bench import plots
+
+    w = WORKLOADS[workload]
+    overrides = {k: v for k, v in dict(num_requests=num_requests, rate=rate, seed=seed).items() if v is not None}
+    w = dataclasses.replace(w, **overrides)
+    llm = llm or LLM(model, progress=progress, **engine_options)
+    vocab = llm.model.config.vocab_size
+    systems, skipped = run_systems(make_requests(w, vocab), llm, naive_batch_sizes, peers, model, progress)
+    print(table(systems))
+    sweep = {}
+    for r in tqdm(rates, desc="request rates", disable=not progress):
+        at_rate, _ = run_systems(make_requests(dataclasses.replace(w, rate=r), vocab), llm, (), peers, model, progress)
+        for name, s in at_rate.items():
+            sweep.setdefault(name, []).append(dict({k: v for k, v in s.items() if k != "records"}, rate=r))
     result = dict(workload=dataclasses.asdict(w), model=llm.model.name,
                   engine_options=dict(engine_options, max_num_batched_tokens=llm.engine.config.max_num_batched_tokens,
                                       token_buckets=list(llm.engine.config.token_buckets)),
-                  machine=dict(cpus=os.cpu_count()), systems=systems, skipped=skipped)
-    print(table(systems))
+                  machine=dict(cpus=os.cpu_count()), systems=systems, skipped=skipped, rate_sweep=sweep)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"bench-{workload}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"wrote {path}")
-    result["path"] = path
+    figures = plots.save_all(result, path[:-len(".json")])
+    print(f"wrote {path} and {', '.join(figures)}")
+    result["path"], result["plots"] = path, figures
     return result
 
 
