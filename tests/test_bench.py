@@ -138,6 +138,9 @@ def test_xyjax_bench_runs_both_systems_and_writes_json(default_llm, tmp_path):
     assert ours["prompt_tokens"] == naive["prompt_tokens"] and ours["output_tokens"] == naive["output_tokens"]
     assert ours["compiles_during_run"] == 0 and ours["total_tokens_per_s"] > 0 and naive["total_tokens_per_s"] > 0
     assert ours["ttft_p50"] <= ours["ttft_p99"]
+    parts = ours["breakdown"]          # replayed recorded steps: each part timed on its own
+    assert parts["recorded_steps"] >= 1 and min(parts["gemm"], parts["attention"], parts["sampling"]) > 0
+    assert parts["step"] > parts["gemm"] and ours["step_device"] > 0 and ours["step_host_plan"] > 0
 
 
 def test_peers_run_through_the_protocol_and_missing_ones_are_skipped(tiny_model, tmp_path, monkeypatch):

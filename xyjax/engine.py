@@ -60,7 +60,10 @@ class Engine:
         self._reported: list[Request] = []        # finished outside a step (bad prompt, abort): next step reports
         self._ids = itertools.count()
         self._rng = np.random.default_rng(config.seed)
-        self.stats = collections.Counter(steps=0, step_seconds=0.0, real_tokens=0, padded_tokens=0,
+        # step_seconds: plan + run; host_plan_seconds: schedule + plan; device_seconds: the jitted step (with
+        # transfers); host_output_seconds: applying sampled tokens, stop checks, detokenising, deltas.
+        self.stats = collections.Counter(steps=0, step_seconds=0.0, host_plan_seconds=0.0, device_seconds=0.0,
+                                         host_output_seconds=0.0, real_tokens=0, padded_tokens=0,
                                          prefill_tokens=0, decode_tokens=0, verify_tokens=0, accepted_drafts=0,
                                          generated_tokens=0, preemptions=0, finished=0, errors=0, aborted=0)
         self.startup_seconds = 0.0
@@ -138,14 +141,18 @@ class Engine:
         """Run one step. Returns a delta (new tokens and text) for every request that changed, finished ones
         included (then with metrics); a finished request's id is forgotten after it is reported."""
         changed = {}
+        begin = time.perf_counter()
         batch = self.scheduler.schedule()
         self.stats["preemptions"] += len(batch.preempted)
         if batch.seqs:
             start = time.perf_counter()
             inputs, sampling, rows = self.planner.plan(batch, self._banned)
+            planned = time.perf_counter()
             out = self.runner.run(inputs, sampling)
             now = time.perf_counter()
             self._account(batch, inputs.token_ids.shape[0], now - start)
+            self.stats["host_plan_seconds"] += planned - begin
+            self.stats["device_seconds"] += now - planned
             offset = 0
             for seq, k in zip(batch.seqs, rows):
                 req = seq.request
@@ -163,6 +170,8 @@ class Engine:
         for req in changed:
             if req.finished:
                 self.requests.pop(req.request_id, None)
+        if batch.seqs:
+            self.stats["host_output_seconds"] += time.perf_counter() - now
         return outputs
 
     def _account(self, batch: ScheduledBatch, bucket: int, seconds: float) -> None:

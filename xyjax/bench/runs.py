@@ -14,6 +14,7 @@ import time
 
 from tqdm import tqdm
 
+from xyjax.bench.breakdown import device_breakdown, recording
 from xyjax.bench.naive import NaiveGenerator
 from xyjax.bench.workload import WORKLOADS, BenchRequest, make_requests, summarize
 from xyjax.sampling_params import SamplingParams
@@ -52,25 +53,33 @@ def run_engine(llm, requests: list[BenchRequest], progress: bool = True) -> tupl
     records = [dict(arrival=r.arrival, first_token=first[i], finish=finish[i], prompt_len=len(r.prompt_token_ids),
                     output_len=r.output_len) for i, r in enumerate(requests)]
     delta = {k: after[k] - before[k] for k in ("steps", "step_seconds", "real_tokens", "padded_tokens",
-                                               "preemptions", "compiles")}
+                                               "preemptions", "compiles", "host_plan_seconds", "device_seconds",
+                                               "host_output_seconds")}
     stats = dict(wall_time=wall, steps=delta["steps"], compiles_during_run=delta["compiles"],
                  compiles_total=after["compiles"], startup_seconds=after["startup_seconds"],
                  tokens_per_step=delta["real_tokens"] / max(delta["steps"], 1),
                  padding_ratio=delta["padded_tokens"] / max(delta["real_tokens"], 1),
-                 preemptions=delta["preemptions"], mean_step_time=delta["step_seconds"] / max(delta["steps"], 1))
+                 preemptions=delta["preemptions"], mean_step_time=delta["step_seconds"] / max(delta["steps"], 1),
+                 step_host_plan=delta["host_plan_seconds"] / max(delta["steps"], 1),
+                 step_device=delta["device_seconds"] / max(delta["steps"], 1),
+                 step_host_output=delta["host_output_seconds"] / max(delta["steps"], 1))
     return records, stats
 
 
-def run_systems(requests: list[BenchRequest], llm, naive_batch_sizes, peers, model, progress: bool
-                ) -> tuple[dict, dict]:
+def run_systems(requests: list[BenchRequest], llm, naive_batch_sizes, peers, model, progress: bool,
+                breakdown: bool = False) -> tuple[dict, dict]:
     """``requests`` on xyjax, the naive baseline at each batch size and each available peer. Returns
-    ({system: figures, stats and per-request records}, {skipped peer: how to install it})."""
+    ({system: figures, stats and per-request records}, {skipped peer: how to install it}). ``breakdown``:
+    also split xyjax's device step time (``xyjax.bench.breakdown``) by replaying a sample of its steps."""
     from xyjax.bench.peers import PEERS, PeerUnavailable, hf_directory
 
     def entry(records, stats, **extra):
         return dict(summarize(records, stats["wall_time"]), **stats, **extra, records=records)
 
-    systems, skipped = {"xyjax": entry(*run_engine(llm, requests, progress))}, {}
+    with recording(llm.engine) as recorded:
+        systems, skipped = {"xyjax": entry(*run_engine(llm, requests, progress))}, {}
+    if breakdown:
+        systems["xyjax"]["breakdown"] = device_breakdown(llm.engine, recorded)
     for batch_size in naive_batch_sizes:
         records, stats = NaiveGenerator(llm.model.config, llm.model.params).run(requests, batch_size, progress)
         stats["padding_ratio"] = (stats["computed_tokens"] - stats["real_tokens"]) / max(stats["real_tokens"], 1)
@@ -105,8 +114,10 @@ def bench(workload: str = "lognormal", num_requests: int | None = None, rate: fl
     w = dataclasses.replace(w, **overrides)
     llm = llm or LLM(model, progress=progress, **engine_options)
     vocab = llm.model.config.vocab_size
-    systems, skipped = run_systems(make_requests(w, vocab), llm, naive_batch_sizes, peers, model, progress)
+    systems, skipped = run_systems(make_requests(w, vocab), llm, naive_batch_sizes, peers, model, progress,
+                                   breakdown=True)
     print(table(systems))
+    print(step_breakdown(systems["xyjax"]))
     sweep = {}
     for r in tqdm(rates, desc="request rates", disable=not progress):
         at_rate, _ = run_systems(make_requests(dataclasses.replace(w, rate=r), vocab), llm, (), peers, model, progress)
@@ -138,3 +149,14 @@ def table(systems: dict) -> str:
                      f"{s['ttft_p50']:.2f} / {s['ttft_p99']:.2f} | {1e3 * s['tpot_p50']:.0f} / {1e3 * s['tpot_p99']:.0f} | "
                      f"{padding} | {compiles} | {base / s['total_tokens_per_s']:.2f}x |")
     return "\n".join(lines)
+
+
+def step_breakdown(s: dict) -> str:
+    """One line: xyjax's mean step split into host planning, GEMM, attention, sampling, rest of the model and
+    host output handling (ms), from the run's timers and the replayed device breakdown."""
+    b = s["breakdown"]
+    scale = s["step_device"] / b["step"] if b["step"] else 0.0   # replay -> in-run device time
+    parts = dict(host_plan=s["step_host_plan"], gemm=b["gemm"] * scale, attention=b["attention"] * scale,
+                 sampling=b["sampling"] * scale, other_model=b["other"] * scale, host_output=s["step_host_output"])
+    total = sum(parts.values())
+    return "xyjax mean step: " + ", ".join(f"{k} {1e3 * v:.1f} ms ({100 * v / total:.0f}%)" for k, v in parts.items())
