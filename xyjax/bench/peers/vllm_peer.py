@@ -26,8 +26,9 @@ import protocol  # noqa: E402
 def cpu_env(omp_cores: str, kv_cache_gib: int) -> dict[str, str]:
     """The environment vLLM's CPU backend wants at process start (a library missing here is left out and
     reported in the settings; vLLM then logs a warning)."""
-    preload = [ctypes.util.find_library("tcmalloc_minimal"), os.path.join(sys.prefix, "lib", "libiomp5.so")]
-    preload = [p for p in preload if p and (os.path.exists(p) or "/" not in p)]
+    tcmalloc = ctypes.util.find_library("tcmalloc_minimal")  # a soname the loader finds, or None
+    iomp = os.path.join(sys.prefix, "lib", "libiomp5.so")  # from the intel-openmp wheel
+    preload = [p for p in (tcmalloc, iomp if os.path.exists(iomp) else None) if p]
     return {"LD_PRELOAD": ":".join(preload), "VLLM_CPU_OMP_THREADS_BIND": omp_cores,
             "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
 
