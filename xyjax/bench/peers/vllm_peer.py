@@ -1,10 +1,10 @@
 """vLLM's CPU build as a ``xyjax bench --compare`` peer (see protocol.py); run it with ``.venv-vllm/bin/python``
 (``make vllm-env``).
 
-Drives ``vllm.LLMEngine`` step by step: each request is added when its arrival time comes, the clock starts
-after a warm-up request (start-up compiles and warms up the model first), first-token and finish times are
-taken when ``step()`` returns them. Float32, greedy, ``ignore_eos``, prompts as token ids, detokenised output
-as in a real server.
+Drives ``vllm.LLMEngine`` step by step: each request is added when its arrival time comes, the clock
+starts after two warm-up requests (vLLM's start-up has compiled and warmed up the model before them),
+first-token and finish times are taken when ``step()`` returns them. Float32, greedy, ``ignore_eos``, prompts
+as token ids, detokenised output as in a real server.
 
 CPU settings, after vLLM's CPU docs (getting_started/installation/cpu): TCMalloc and Intel OpenMP
 (``libiomp5.so`` from the intel-openmp wheel) in ``LD_PRELOAD``, OpenMP threads bound one per core to every
