@@ -75,7 +75,7 @@ def run(engine, requests: list[dict]) -> tuple[list[dict], dict]:
 
 def main() -> None:
     p = protocol.parser(__doc__.split("\n\n")[0])
-    p.add_argument("--max-num-batched-tokens", type=int, help="token budget of a step (vLLM's offline CPU default: 4096)")
+    p.add_argument("--max-num-batched-tokens", type=int, help="token budget of a step (vLLM offline CPU default: 4096)")
     p.add_argument("--max-num-seqs", type=int, help="sequences in a step (vLLM's offline CPU default: 256)")
     p.add_argument("--kv-cache-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE (default 4 GiB)")
     p.add_argument("--omp-cores", default=",".join(map(str, sorted(os.sched_getaffinity(0)))),
