@@ -1,10 +1,10 @@
 """vLLM's CPU build as a ``xyjax bench --compare`` peer (see protocol.py); run it with ``.venv-vllm/bin/python``
 (``make vllm-env``).
 
-Drives ``vllm.LLMEngine`` step by step: each request is added when its arrival time comes, the clock starts
-after a warm-up request (start-up compiles and warms up the model first), first-token and finish times are
-taken when ``step()`` returns them. Float32, greedy, ``ignore_eos``, prompts as token ids, detokenised output
-as in a real server.
+Drives ``vllm.LLMEngine`` step by step: each request is added when its arrival time comes, the clock
+starts after two warm-up requests (vLLM's start-up has compiled and warmed up the model before them),
+first-token and finish times are taken when ``step()`` returns them. Float32, greedy, ``ignore_eos``, prompts
+as token ids, detokenised output as in a real server.
 
 CPU settings, after vLLM's CPU docs (getting_started/installation/cpu): TCMalloc and Intel OpenMP
 (``libiomp5.so`` from the intel-openmp wheel) in ``LD_PRELOAD``, OpenMP threads bound one per core to every
@@ -26,8 +26,9 @@ import protocol  # noqa: E402
 def cpu_env(omp_cores: str, kv_cache_gib: int) -> dict[str, str]:
     """The environment vLLM's CPU backend wants at process start (a library missing here is left out and
     reported in the settings; vLLM then logs a warning)."""
-    preload = [ctypes.util.find_library("tcmalloc_minimal"), os.path.join(sys.prefix, "lib", "libiomp5.so")]
-    preload = [p for p in preload if p and (os.path.exists(p) or "/" not in p)]
+    tcmalloc = ctypes.util.find_library("tcmalloc_minimal")  # a soname the loader finds, or None
+    iomp = os.path.join(sys.prefix, "lib", "libiomp5.so")  # from the intel-openmp wheel
+    preload = [p for p in (tcmalloc, iomp if os.path.exists(iomp) else None) if p]
     return {"LD_PRELOAD": ":".join(preload), "VLLM_CPU_OMP_THREADS_BIND": omp_cores,
             "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
 
@@ -74,7 +75,7 @@ def run(engine, requests: list[dict]) -> tuple[list[dict], dict]:
 
 def main() -> None:
     p = protocol.parser(__doc__.split("\n\n")[0])
-    p.add_argument("--max-num-batched-tokens", type=int, help="token budget of a step (vLLM's offline CPU default: 4096)")
+    p.add_argument("--max-num-batched-tokens", type=int, help="token budget of a step (vLLM offline CPU default: 4096)")
     p.add_argument("--max-num-seqs", type=int, help="sequences in a step (vLLM's offline CPU default: 256)")
     p.add_argument("--kv-cache-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE (default 4 GiB)")
     p.add_argument("--omp-cores", default=",".join(map(str, sorted(os.sched_getaffinity(0)))),
