@@ -119,7 +119,7 @@ def bench(workload: str = "lognormal", num_requests: int | None = None, rate: fl
     print(table(systems))
     print(step_breakdown(systems["xyjax"]))
     sweep = {}
-    for r in tqdm(rates, desc="request rates", disable=not progress):
+    for r in tqdm(rates, desc="request rates", disable=not progress or not rates):
         at_rate, _ = run_systems(make_requests(dataclasses.replace(w, rate=r), vocab), llm, (), peers, model, progress)
         for name, s in at_rate.items():
             sweep.setdefault(name, []).append(dict({k: v for k, v in s.items() if k != "records"}, rate=r))
