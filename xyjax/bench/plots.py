@@ -15,6 +15,17 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str, axes=()) -> None:
+    """Grid on ``axes``, legend on the first, then write the PNG and free the figure."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    if len(axes):
+        axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
 def throughput_bars(systems: dict, path: str) -> None:
     plt = _pyplot()
     names = list(systems)
@@ -26,11 +37,7 @@ def throughput_bars(systems: dict, path: str) -> None:
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks(x, names, rotation=15, fontsize=8)
     ax.set_ylabel("tokens / s")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, [ax])
 
 
 def latency_cdfs(systems: dict, path: str) -> None:
@@ -48,11 +55,7 @@ def latency_cdfs(systems: dict, path: str) -> None:
     axes[1].set_xlabel("time per output token (ms)")
     for ax in axes:
         ax.set_ylabel("fraction of requests")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, axes)
 
 
 def rate_curve(sweep: dict, path: str) -> None:
@@ -67,11 +70,7 @@ def rate_curve(sweep: dict, path: str) -> None:
     axes[1].set_ylabel("TTFT p50 (s)")
     for ax in axes:
         ax.set_xlabel("request rate (requests / s, Poisson)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, axes)
 
 
 def save_all(result: dict, stem: str) -> list[str]:
