@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "meta_attention_kernel.h"
+#include "ffi_util.h"
 #include "thread_pool.h"
 #include "xla/ffi/api/ffi.h"
 #include "xyjax/tile_contract.h"
@@ -84,12 +85,6 @@ bool ElemOf(ffi::DataType type, Elem* elem) {
   return false;
 }
 
-std::string Dims(ffi::AnyBuffer::Dimensions dims) {
-  std::string s = "[";
-  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
-  return s + "]";
-}
-
 ffi::Error Invalid(const std::string& what) {
   return ffi::Error::InvalidArgument("xyjax_meta_attention_cpu: " + what);
 }
@@ -106,14 +101,6 @@ std::string TaskText(int64_t index, const XyjaxTask& t) {
     s += ", split " + std::to_string(t.split) + " of " + std::to_string(t.num_splits);
   }
   return s + ")";
-}
-
-uint16_t FloatToBf16(float f) {  // round to nearest even, NaN stays NaN (as the kernel's)
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
 }
 
 void StoreRow(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }

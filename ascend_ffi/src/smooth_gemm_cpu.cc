@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "ffi_util.h"
 #include "thread_pool.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -49,20 +50,6 @@ constexpr int64_t kColumnAlign = 16;
 
 ffi::Error Invalid(const std::string& what) {
   return ffi::Error::InvalidArgument("xyjax_smooth_gemm_cpu: " + what);
-}
-
-std::string Dims(ffi::AnyBuffer::Dimensions dims) {
-  std::string s = "[";
-  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
-  return s + "]";
-}
-
-uint16_t FloatToBf16(float f) {  // round to nearest even, NaN stays NaN
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
 }
 
 ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, Scalar32 layer_buffer,
