@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ascend_ffi import NUM_FIELDS, Field, MaskKind
-from test_ops import (HAND_ROWS, SHAPES, SPLIT_TOL, Shapes, attention, contract_case, contract_seq, hand_case,
-                      ragged_case, task_reference)
+from test_ops import (HAND_ROWS, SHAPES, SPLIT_TOL, Shapes, attention, contract_case, contract_seq, empty_tree_case,
+                      hand_case, ragged_case, task_reference)
 from xyjax.kv_cache import KVCache
 from xyjax.ops import AttentionMetadata, TaskTable, meta_attention
 
@@ -190,11 +190,7 @@ def test_hand_written_splits_windows_and_empty_rows():
 
 
 def test_tree_rows_with_an_empty_mask_are_zero():
-    mask = np.zeros((64, 4), np.uint8)
-    mask[0, 0] = mask[1, :2] = 1                    # rows 0, 1 see tree tokens; row 2 nothing
-    rows = [(0, 0, 3, 20, 0, 23, 0, MaskKind.TREE, 20, 0, 1),
-            (0, 0, 3, 20, 0, 20, 1, MaskKind.TREE, 0, 0, 2), (0, 0, 3, 20, 20, 24, 1, MaskKind.TREE, 0, 1, 2)]
-    q, kv, meta = hand_case(rows, tree_mask=mask)
+    q, kv, meta, mask = empty_tree_case()
     out = check(q, kv, meta, task_reference(q, kv, 1, meta))
     assert out[:2].all() and out[2, :2].all() and not out[2, 2:].any()
     boolean = dataclasses.replace(meta, tree_mask=mask.astype(bool))

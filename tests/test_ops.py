@@ -287,13 +287,19 @@ def test_splits_of_one_tile_in_different_groups_merge():
     np.testing.assert_allclose(np.asarray(attention(q, kv, 1, split_meta)), task_reference(q, kv, 1, meta), **SPLIT_TOL)
 
 
-def test_tree_rows_with_an_empty_mask_and_no_history_are_zero():
-    """TREE rows whose tree mask is clear and that have no history see nothing: zeros, unsplit or split."""
+def empty_tree_case():
+    """Three TREE rows over a 20-token history: rows 0 and 1 see tree tokens, row 2 none; head 0 unsplit, head 1
+    split at the history's end (so row 2 sees nothing in either split of head 1). Returns (q, kv, meta, mask)."""
     mask = np.zeros((64, 4), np.uint8)
-    mask[0, 0] = mask[1, :2] = 1                    # rows 0, 1 see tree tokens; row 2 nothing
+    mask[0, 0] = mask[1, :2] = 1
     rows = [(0, 0, 3, 20, 0, 23, 0, MaskKind.TREE, 20, 0, 1),
             (0, 0, 3, 20, 0, 20, 1, MaskKind.TREE, 0, 0, 2), (0, 0, 3, 20, 20, 24, 1, MaskKind.TREE, 0, 1, 2)]
-    q, kv, meta = hand_case(rows, tree_mask=mask)
+    return (*hand_case(rows, tree_mask=mask), mask)
+
+
+def test_tree_rows_with_an_empty_mask_and_no_history_are_zero():
+    """TREE rows whose tree mask is clear and that have no history see nothing: zeros, unsplit or split."""
+    q, kv, meta, _ = empty_tree_case()
     out = np.asarray(attention(q, kv, 1, meta))
     np.testing.assert_allclose(out, task_reference(q, kv, 1, meta), **SPLIT_TOL)
     assert out[:2].all() and out[2, :2].all() and not out[2, 2:].any()
