@@ -123,6 +123,30 @@ def test_naive_run_records(tiny_model):
     assert summarize(records, stats["wall_time"])["num_requests"] == 5
 
 
+def test_roofline_counts_the_workload_by_hand(tiny_model):
+    """Dense FLOPs per token are twice the GEMM weights' parameters; a 3-token prompt with 2 outputs computes 4
+    positions (the last output is never fed back), 1 + 2 + 3 + 4 causal pairs and 2 LM-head rows."""
+    from models.llama import GEMM_WEIGHTS
+    from xyjax.bench.roofline import dense_flops_per_token, params_bytes, roofline, workload_work
+    from xyjax.bench.workload import BenchRequest
+
+    cfg, params = tiny_model.config, tiny_model.params
+    gemm_params = sum(params["layers"][name].size for name in GEMM_WEIGHTS)
+    assert dense_flops_per_token(cfg) == 2 * gemm_params
+    weight_bytes = params_bytes(params)
+    assert weight_bytes == 4 * sum(x.size for x in jax.tree.leaves(params))
+    requests = [BenchRequest([5, 6, 7], 2, 0.0), BenchRequest([5], 1, 0.0)]
+    work = workload_work(cfg, requests, weight_bytes)
+    assert work["tokens_computed"] == 4 + 1 and work["min_steps"] == 2
+    assert work["dense_flops"] == 5 * 2 * gemm_params
+    assert work["attention_flops"] == 4 * cfg.num_heads * cfg.head_dim * cfg.num_layers * (10 + 1)
+    assert work["lm_head_flops"] == 2 * cfg.hidden_size * cfg.vocab_size * 3
+    limits = dict(sgemm_gflops=work["flops"] / 1e9 / 2.0, read_gbps=weight_bytes / 1e9)   # 2 s and 2 x 1 s
+    bound = roofline(work, limits, total_tokens=7)
+    assert bound["compute_seconds"] == pytest.approx(2.0) and bound["memory_seconds"] == pytest.approx(2.0)
+    assert bound["tokens_per_s"] == pytest.approx(3.5)
+
+
 def test_xyjax_bench_runs_both_systems_and_writes_json(default_llm, tmp_path):
     """`xyjax bench` on the real default model (a 3-request slice): both systems do the same work."""
     import json
@@ -140,7 +164,9 @@ def test_xyjax_bench_runs_both_systems_and_writes_json(default_llm, tmp_path):
     assert ours["ttft_p50"] <= ours["ttft_p99"]
     parts = ours["breakdown"]          # replayed recorded steps: each part timed on its own
     assert parts["recorded_steps"] >= 1 and min(parts["gemm"], parts["attention"], parts["sampling"]) > 0
-    assert parts["step"] > parts["gemm"] and ours["step_device"] > 0 and ours["step_host_plan"] > 0
+    assert parts["step"] > 0 and ours["step_device"] > 0 and ours["step_host_plan"] > 0
+    assert saved["machine"]["sgemm_gflops"] > 0 and saved["machine"]["read_gbps"] > 0
+    assert 0 < ours["total_tokens_per_s"] < saved["roofline"]["tokens_per_s"]
 
 
 def test_peers_run_through_the_protocol_and_missing_ones_are_skipped(tiny_model, tmp_path, monkeypatch):

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from ascend_ffi import Field
 from xyjax import tiling
+from xyjax.bench.roofline import machine_limits
 from xyjax.config import EngineConfig
 from xyjax.kv_cache import KVCache
 from xyjax.ops import meta_attention
@@ -51,24 +52,6 @@ def timeit(fn, *args, repeat: int = 5, number: int = 5) -> float:
         jax.block_until_ready(out)
         best = min(best, (time.perf_counter() - start) / number)
     return best
-
-
-def machine_limits() -> dict:
-    """numpy (OpenBLAS) sgemm GFLOP/s at 2048^3 and memory copy GB/s (bytes copied per second, 512 MiB)."""
-    a = np.random.default_rng(0).standard_normal((2048, 2048), np.float32)
-    a @ a
-    start = time.perf_counter()
-    for _ in range(3):
-        a @ a
-    sgemm = 3 * 2 * 2048 ** 3 / (time.perf_counter() - start) / 1e9
-    src = np.ones(1 << 27, np.float32)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)
-    start = time.perf_counter()
-    for _ in range(3):
-        np.copyto(dst, src)
-    copy = 3 * src.nbytes / (time.perf_counter() - start) / 1e9
-    return dict(sgemm_gflops=sgemm, copy_gbps=copy)
 
 
 def make_case(seqs, rng, num_blocks: int):

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from xyjax.bench.breakdown import device_breakdown, recording
 from xyjax.bench.naive import NaiveGenerator
+from xyjax.bench.roofline import machine_limits, params_bytes, roofline, workload_work
 from xyjax.bench.workload import WORKLOADS, BenchRequest, make_requests, summarize
 from xyjax.sampling_params import SamplingParams
 
@@ -113,20 +114,24 @@ def bench(workload: str = "lognormal", num_requests: int | None = None, rate: fl
     overrides = {k: v for k, v in dict(num_requests=num_requests, rate=rate, seed=seed).items() if v is not None}
     w = dataclasses.replace(w, **overrides)
     llm = llm or LLM(model, progress=progress, **engine_options)
-    vocab = llm.model.config.vocab_size
-    systems, skipped = run_systems(make_requests(w, vocab), llm, naive_batch_sizes, peers, model, progress,
-                                   breakdown=True)
-    print(table(systems))
+    cfg = llm.model.config
+    requests = make_requests(w, cfg.vocab_size)
+    limits = machine_limits()
+    work = workload_work(cfg, requests, params_bytes(llm.model.params))
+    bound = roofline(work, limits, sum(len(r.prompt_token_ids) + r.output_len for r in requests))
+    systems, skipped = run_systems(requests, llm, naive_batch_sizes, peers, model, progress, breakdown=True)
+    print(table(systems, bound["tokens_per_s"]))
     print(step_breakdown(systems["xyjax"]))
+    print(roofline_line(limits, work, bound))
     sweep = {}
     for r in tqdm(rates, desc="request rates", disable=not progress or not rates):
-        at_rate, _ = run_systems(make_requests(dataclasses.replace(w, rate=r), vocab), llm, (), peers, model, progress)
+        at_rate, _ = run_systems(make_requests(dataclasses.replace(w, rate=r), cfg.vocab_size), llm, (), peers, model, progress)
         for name, s in at_rate.items():
             sweep.setdefault(name, []).append(dict({k: v for k, v in s.items() if k != "records"}, rate=r))
     result = dict(workload=dataclasses.asdict(w), model=llm.model.name,
                   engine_options=dict(engine_options, max_num_batched_tokens=llm.engine.config.max_num_batched_tokens,
                                       token_buckets=list(llm.engine.config.token_buckets)),
-                  machine=dict(cpus=os.cpu_count()), systems=systems, skipped=skipped, rate_sweep=sweep)
+                  machine=limits, work=work, roofline=bound, systems=systems, skipped=skipped, rate_sweep=sweep)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"bench-{workload}-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as f:
@@ -137,15 +142,17 @@ def bench(workload: str = "lognormal", num_requests: int | None = None, rate: fl
     return result
 
 
-def table(systems: dict) -> str:
-    """Markdown table: throughput, latency percentiles and the ratio to xyjax."""
+def table(systems: dict, ceiling: float) -> str:
+    """Markdown table: throughput (and its fraction of the ``ceiling`` tok/s), latency percentiles and the ratio
+    to xyjax."""
     base = systems["xyjax"]["total_tokens_per_s"]
-    lines = ["| system | total tok/s | output tok/s | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | padding | "
-             "compiles | xyjax speed-up |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| system | total tok/s | of roofline | output tok/s | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | "
+             "padding | compiles | xyjax speed-up |", "|---|---|---|---|---|---|---|---|---|"]
     for name, s in systems.items():
         compiles = s.get("compiles_during_run", "-")
         padding = f"{s['padding_ratio']:.2f}" if "padding_ratio" in s else "-"
-        lines.append(f"| {name} | {s['total_tokens_per_s']:.1f} | {s['output_tokens_per_s']:.1f} | "
+        lines.append(f"| {name} | {s['total_tokens_per_s']:.1f} | {s['total_tokens_per_s'] / ceiling:.0%} | "
+                     f"{s['output_tokens_per_s']:.1f} | "
                      f"{s['ttft_p50']:.2f} / {s['ttft_p99']:.2f} | {1e3 * s['tpot_p50']:.0f} / {1e3 * s['tpot_p99']:.0f} | "
                      f"{padding} | {compiles} | {base / s['total_tokens_per_s']:.2f}x |")
     return "\n".join(lines)
@@ -160,3 +167,13 @@ def step_breakdown(s: dict) -> str:
                  sampling=b["sampling"] * scale, other_model=b["other"] * scale, host_output=s["step_host_output"])
     total = sum(parts.values())
     return "xyjax mean step: " + ", ".join(f"{k} {1e3 * v:.1f} ms ({100 * v / total:.0f}%)" for k, v in parts.items())
+
+
+def roofline_line(limits: dict, work: dict, bound: dict) -> str:
+    """One line: the machine's measured limits, the workload's arithmetic and the bound they give."""
+    return (f"roofline: {limits['cpus']} cores, sgemm {limits['sgemm_gflops']:.0f} GFLOP/s, read "
+            f"{limits['read_gbps']:.1f} GB/s, copy {limits['copy_gbps']:.1f} GB/s; workload {work['flops'] / 1e12:.2f} "
+            f"TFLOP (dense {work['dense_flops'] / 1e12:.2f}, attention {work['attention_flops'] / 1e12:.2f}, LM head "
+            f"{work['lm_head_flops'] / 1e12:.2f}) >= {bound['compute_seconds']:.1f} s; >= {work['min_steps']} steps x "
+            f"{work['weight_bytes'] / 1e6:.0f} MB of weights >= {bound['memory_seconds']:.1f} s; ceiling "
+            f"{bound['tokens_per_s']:.0f} tok/s")
