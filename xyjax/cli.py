@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--model", default=None)
     _add_engine_options(bench, ENGINE_OPTIONS)
     serve = commands.add_parser("serve", help="serve the OpenAI API (completions, chat, models) over HTTP")
-    serve.add_argument("--model", default=None, help="known name, .gguf path or HF directory (default: smollm2-135m-instruct)")
+    serve.add_argument("--model", default=None,
+                       help="known name, .gguf path or HF directory (default: smollm2-135m-instruct)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--dtype", default="float32")

@@ -122,15 +122,16 @@ def build_app(engine_loop: EngineLoop, model_name: str, max_body_bytes: int = 1 
         if req.stream:
             return _EventStream(choices.stream(gen, req.include_usage), on_close=gen.abort)
         try:
-            return JSONResponse(await _unless_disconnected(request, choices.collect(gen)))
+            body = await _unless_disconnected(request, choices.collect(gen))
         finally:
             gen.abort()
+        return Response(status_code=499) if body is None else JSONResponse(body)   # 499: nobody to answer
 
     return app
 
 
 async def _unless_disconnected(request: Request, work):
-    """Await ``work`` unless the client disconnects first (then it is cancelled and CancelledError raised)."""
+    """The result of ``work``, or None (with ``work`` cancelled) if the client disconnects first."""
     async def disconnected():
         while (await request.receive())["type"] != "http.disconnect":
             pass
@@ -138,9 +139,7 @@ async def _unless_disconnected(request: Request, work):
     task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
     try:
         done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-        if task not in done:
-            raise asyncio.CancelledError("client disconnected")
-        return task.result()
+        return task.result() if task in done else None
     finally:
         task.cancel()
         watch.cancel()
