@@ -43,11 +43,11 @@ class Server:
         return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.M).group(1))
 
 
-def start_server(model_dir: str, log_path: str, *flags: str) -> Server:
+def start_server(model: str, log_path: str, *flags: str, name: str = "tiny") -> Server:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "xyjax.cli", "serve", "--model", model_dir, "--served-model-name", "tiny",
+    cmd = [sys.executable, "-m", "xyjax.cli", "serve", "--model", model, "--served-model-name", name,
            "--port", str(port), *ENGINE_FLAGS, *flags]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -247,3 +247,29 @@ def test_graceful_shutdown_finishes_then_aborts_in_flight_requests(model_dir, tm
     assert short_chunks[-1].choices[0].finish_reason == "length"        # finished within the grace period
     assert [first_long, *long][-1].choices[0].finish_reason == "abort"   # aborted after it, stream closed cleanly
     assert server.proc.wait(60) == 0, open(server.log).read()
+
+
+def test_chat_with_the_default_model_matches_the_llm_api(default_llm, tmp_path):
+    from xyjax import SamplingParams
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    server = start_server("smollm2-135m-instruct", str(tmp_path / "log"), name="smollm2")
+    try:
+        reply = server.client().chat.completions.create(model="smollm2", messages=messages, max_tokens=24,
+                                                        temperature=0).choices[0].message.content
+    finally:
+        assert server.stop() == 0
+    assert "Paris" in reply
+    assert reply == default_llm.chat(messages, SamplingParams(max_tokens=24, temperature=0)).text
+
+
+def test_load_test_script_reports_no_errors(server):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "load_test.py")
+    spec = importlib.util.spec_from_file_location("load_test", path)
+    load_test = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load_test)
+    result = asyncio.run(load_test.run(server.url, clients=4, duration=2, max_tokens=8, seed=0))
+    assert result["errors"] == 0 and result["requests"] >= 4 and result["output_tokens"] > 0
+    assert result["ttft_s"]["p50"] > 0 and result["compiles_after"] == result["compiles_before"]
