@@ -231,6 +231,13 @@ def test_bad_input_is_refused_and_the_server_keeps_serving(server, path, body, s
     assert complete(server, "Still there?", max_tokens=2).choices[0].finish_reason == "length"
 
 
+def test_null_fields_take_their_defaults(server):
+    body = {"prompt": "hi", "max_tokens": 3, "temperature": None, "n": None, "stop": None, "user": None}
+    response = httpx.post(server.url + "/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 1
+
+
 def test_unknown_model_through_the_client(server):
     with pytest.raises(openai.BadRequestError, match="does not exist"):
         server.client().completions.create(model="nope", prompt="hi", max_tokens=2)

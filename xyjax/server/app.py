@@ -26,7 +26,8 @@ from xyjax.server.protocol import (APIError, ChatCompletionRequest, CompletionRe
 
 
 def build_app(engine_loop: EngineLoop, model_name: str, max_body_bytes: int = 1 << 20) -> FastAPI:
-    """The app serving ``engine_loop`` under ``model_name``; request bodies over ``max_body_bytes`` get 413."""
+    """The app serving ``engine_loop`` under ``model_name``; request bodies over ``max_body_bytes`` get 413.
+    Tokenizing and chat templates run in worker threads, off the event loop that streams everyone's tokens."""
     app = FastAPI(title="xyjax", docs_url=None, redoc_url=None)
     engine, tokenizer, metrics = engine_loop.engine, engine_loop.llm.tokenizer, engine_loop.metrics
     created = int(time.time())
@@ -97,7 +98,8 @@ def build_app(engine_loop: EngineLoop, model_name: str, max_body_bytes: int = 1 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = await parse(request, CompletionRequest)
-        prompts = [tokenizer.encode(p) if isinstance(p, str) else p for p in req.prompts()]
+        prompts = await asyncio.to_thread(lambda: [tokenizer.encode(p) if isinstance(p, str) else p
+                                                   for p in req.prompts()])
         limits = [max_tokens(req.max_tokens, p) for p in prompts]
         return await respond(request, req, "cmpl", prompts, limits, req.logprobs)
 
@@ -105,7 +107,8 @@ def build_app(engine_loop: EngineLoop, model_name: str, max_body_bytes: int = 1 
     async def chat(request: Request):
         req = await parse(request, ChatCompletionRequest)
         try:
-            prompt = tokenizer.apply_chat_template(req.conversation(), add_generation_prompt=True, tokenize=True)
+            prompt = await asyncio.to_thread(tokenizer.apply_chat_template, req.conversation(),
+                                             add_generation_prompt=True, tokenize=True)
         except (ValueError, jinja2.TemplateError) as e:
             raise APIError(f"messages: {e}", param="messages") from None
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens

@@ -60,9 +60,9 @@ class Generation:
 class EngineLoop:
     """Drives ``llm.engine`` on its own thread. ``stats`` is a snapshot of ``llm.stats`` after the last step."""
 
-    def __init__(self, llm: LLM, metrics: Metrics | None = None):
+    def __init__(self, llm: LLM):
         self.llm, self.engine = llm, llm.engine
-        self.metrics = metrics or Metrics(lambda: self.stats)
+        self.metrics = Metrics(lambda: self.stats)
         self.stats = llm.stats
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._generations: dict[str, Generation] = {}     # request id -> its Generation

@@ -46,6 +46,12 @@ def validation_error(e: ValidationError) -> APIError:
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data):
+        """A field sent as null takes its default (clients send nulls for what they leave unset)."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
 
 class StreamOptions(_Strict):
     include_usage: bool = False
@@ -111,7 +117,7 @@ class CompletionRequest(SamplingRequest):
     """POST /v1/completions: a prompt is a string or token ids, or a list of either (one per prompt)."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    max_tokens: int = 16
     logprobs: int | None = None
     echo: bool = False
     best_of: int | None = None
