@@ -79,7 +79,7 @@ def model_dir(tiny_model, tmp_path_factory):
 def server(model_dir, tmp_path_factory):
     server = start_server(model_dir, str(tmp_path_factory.mktemp("server") / "log"))
     yield server
-    assert server.stop() == 0, open(server.log).read()
+    assert server.stop(signal.SIGINT) == 0, open(server.log).read()   # the shutdown test sends SIGTERM
 
 
 def complete(server, prompt, **kw):
@@ -280,3 +280,26 @@ def test_load_test_script_reports_no_errors(server):
     result = asyncio.run(load_test.run(server.url, clients=4, duration=2, max_tokens=8, seed=0))
     assert result["errors"] == 0 and result["requests"] >= 4 and result["output_tokens"] > 0
     assert result["ttft_s"]["p50"] > 0 and result["compiles_after"] == result["compiles_before"]
+
+
+def test_an_engine_failure_fails_the_requests_in_flight(tiny_model, monkeypatch):
+    from xyjax import LLM, SamplingParams
+    from xyjax.server import EngineLoop
+
+    engine_loop = EngineLoop(LLM(tiny_model, progress=False, max_num_batched_tokens=16, max_num_seqs=4,
+                                 kv_cache_memory=1 << 20))
+
+    def broken_step():
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(engine_loop.engine, "step", broken_step)
+    engine_loop.start()
+
+    async def run():
+        gen = await engine_loop.submit([([1, 2, 3], SamplingParams(max_tokens=4))])
+        return [out async for _, out in gen.outputs()]
+
+    outputs = asyncio.run(run())
+    assert outputs[-1].finish_reason == "error" and "boom" in outputs[-1].error
+    engine_loop.join(timeout=10)
+    assert not engine_loop.ready and "boom" in engine_loop.error

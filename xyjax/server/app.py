@@ -21,8 +21,9 @@ from starlette.exceptions import HTTPException
 
 from xyjax.outputs import RequestOutput, merge_delta
 from xyjax.server.engine_loop import EngineLoop, Generation
-from xyjax.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingRequest, chat_logprobs,
-                                   completion_logprobs, envelope, response_id, usage, validation_error)
+from xyjax.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingRequest,
+                                   chat_logprobs, completion_logprobs, envelope, response_id, usage,
+                                   validation_error)
 
 
 def build_app(engine_loop: EngineLoop, model_name: str, max_body_bytes: int = 1 << 20) -> FastAPI:

@@ -2,7 +2,7 @@
 
 Requests are strict: an unknown field is refused ("unsupported field"), types are not coerced, and the
 fields the engine cannot honour (penalties, logit_bias, echo, best_of...) are accepted only at their
-no-op values. Value ranges are checked once, by ``SamplingParams``.
+no-op values. Sampling values are range-checked once, by ``SamplingParams``.
 """
 
 from __future__ import annotations
