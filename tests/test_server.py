@@ -154,6 +154,12 @@ def test_logprobs(server):
     assert "".join(out.logprobs.tokens) == out.text
     assert all(len(top) == 3 and max(top.values()) >= lp for top, lp in
                zip(out.logprobs.top_logprobs, out.logprobs.token_logprobs))
+    chat = server.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=5, temperature=0, logprobs=True,
+        top_logprobs=2, extra_body={"ignore_eos": True}).choices[0]
+    content = chat.logprobs.content
+    assert len(content) == 5 and "".join(c.token for c in content) == chat.message.content
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.logprob for c in content)
 
 
 def test_32_concurrent_streams_match_their_texts_alone(server):
