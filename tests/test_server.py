@@ -137,15 +137,17 @@ def test_stop_strings_end_the_text(server):
 
 
 def test_seeds_are_reproducible_and_n_gives_choices(server):
-    def sample(seed, n=1):
-        out = complete(server, "Random words:", max_tokens=10, temperature=1.0, top_p=0.95, seed=seed, n=n,
-                       extra_body={"top_k": 50, "ignore_eos": True})
+    def sample(seed, n=1, **kw):
+        out = complete(server, "Random words:", max_tokens=10, temperature=1.0, seed=seed, n=n,
+                       extra_body={"ignore_eos": True, **kw})
         return [c.text for c in sorted(out.choices, key=lambda c: c.index)]
 
-    assert sample(7) == sample(7)
-    assert sample(7) != sample(8)
+    first = sample(7)
+    assert sample(7) == first and sample(8) != first
     two = sample(7, n=2)
-    assert len(two) == 2 and two[0] == sample(7)[0] and two[0] != two[1]
+    assert len(two) == 2 and two[0] == first[0] and two[0] != two[1]
+    greedy = complete(server, "Random words:", max_tokens=10, extra_body={"ignore_eos": True}).choices[0].text
+    assert sample(7, top_k=1) == [greedy]          # the top_k extension reaches the sampler
 
 
 def test_logprobs(server):
@@ -291,6 +293,7 @@ def test_load_test_script_reports_no_errors(server):
 def test_an_engine_failure_fails_the_requests_in_flight(tiny_model, monkeypatch):
     from xyjax import LLM, SamplingParams
     from xyjax.server import EngineLoop
+    from xyjax.server.protocol import APIError
 
     engine_loop = EngineLoop(LLM(tiny_model, progress=False, max_num_batched_tokens=16, max_num_seqs=4,
                                  kv_cache_memory=1 << 20))
@@ -307,5 +310,10 @@ def test_an_engine_failure_fails_the_requests_in_flight(tiny_model, monkeypatch)
 
     outputs = asyncio.run(run())
     assert outputs[-1].finish_reason == "error" and "boom" in outputs[-1].error
-    engine_loop.join(timeout=10)
     assert not engine_loop.ready and "boom" in engine_loop.error
+    with pytest.raises(APIError, match="boom") as refused:       # later requests are refused, not left hanging
+        asyncio.run(run())
+    assert refused.value.status == 503
+    engine_loop.close(0)
+    engine_loop.join(timeout=10)
+    assert not engine_loop._thread.is_alive()

@@ -76,12 +76,10 @@ class EngineLoop:
 
     @property
     def ready(self) -> bool:
-        return self._thread.is_alive() and self._deadline is None
+        return self._thread.is_alive() and self._deadline is None and self.error is None
 
     async def submit(self, requests: list[tuple[list[int], SamplingParams]]) -> Generation:
         """Queue the requests of one HTTP request; raises APIError if the engine refuses one (then none runs)."""
-        if self.error:
-            raise APIError(self.error, status=503, type="service_unavailable")
         gen = Generation(self, len(requests))
         self._commands.put(("add", gen, requests))
         try:
@@ -123,6 +121,8 @@ class EngineLoop:
             for rid, gen in self._generations.items():
                 gen.deliver(RequestOutput(request_id=rid, prompt=None, prompt_token_ids=[], token_ids=[], text="",
                                           finish_reason="error", error=self.error))
+            while self._deadline is None:   # refuse what still comes (503) until closed
+                self._drain(block=True)
 
     def _drain(self, block: bool) -> None:
         """Apply queued commands (waiting for one if ``block``)."""
@@ -135,8 +135,8 @@ class EngineLoop:
             pass
 
     def _add(self, gen: Generation, requests: list[tuple[list[int], SamplingParams]]) -> None:
-        if self._deadline is not None:
-            gen.admit(APIError("the server is shutting down", status=503, type="service_unavailable"))
+        if self.error or self._deadline is not None:
+            gen.admit(APIError(self.error or "the server is shutting down", status=503, type="service_unavailable"))
             return
         for rid, (prompt, params) in zip(gen.ids, requests):
             self.engine.add_request(prompt, params, request_id=rid)
@@ -150,8 +150,9 @@ class EngineLoop:
         gen.admit(None)
 
     def _abort(self, request_ids: list[str]) -> None:
-        for rid in request_ids:
-            self.engine.abort(rid)
+        if not self.error:   # a failed engine is left alone
+            for rid in request_ids:
+                self.engine.abort(rid)
 
     def _close(self, deadline: float) -> None:
         self._deadline = min(deadline, self._deadline or deadline)
