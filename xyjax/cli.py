@@ -1,5 +1,5 @@
-"""Command line: ``xyjax generate "prompt" [...]``, ``xyjax bench [--workload W] [...]``, ``xyjax bench-attention``,
-``xyjax bench-gemm`` and ``xyjax profile``."""
+"""Command line: ``xyjax generate "prompt" [...]``, ``xyjax serve [...]``, ``xyjax bench [--workload W] [...]``,
+``xyjax bench-attention``, ``xyjax bench-gemm`` and ``xyjax profile``."""
 
 from __future__ import annotations
 
@@ -39,10 +39,18 @@ def main(argv: list[str] | None = None) -> int:
                        help="batch size(s) of the naive baseline, comma-separated, e.g. 16,64 (0: skip it)")
     bench.add_argument("--out", default="bench-results", help="directory for the JSON result")
     bench.add_argument("--model", default=None)
-    for option in ("max-num-batched-tokens", "max-num-seqs", "prefill-tile", "block-size"):
-        bench.add_argument(f"--{option}", type=int, default=None)
-    for option in ("attention-backend", "gemm-backend"):
-        bench.add_argument(f"--{option}", default=None)
+    _add_engine_options(bench, ENGINE_OPTIONS)
+    serve = commands.add_parser("serve", help="serve the OpenAI API (completions, chat, models) over HTTP")
+    serve.add_argument("--model", default=None,
+                       help="known name, .gguf path or HF directory (default: smollm2-135m-instruct)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--dtype", default="float32")
+    serve.add_argument("--served-model-name", default=None, help="the model name clients use (default: --model)")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="seconds in-flight requests may finish after SIGINT/SIGTERM before they are aborted")
+    _add_engine_options(serve, ENGINE_OPTIONS + SERVE_ENGINE_OPTIONS)
     passthrough = {  # commands with their own parsers: (module, help)
         "bench-attention": ("xyjax.bench.attention", "time Meta-Attention backends on hybrid batches"),
         "bench-gemm": ("xyjax.bench.gemm", "time SmoothGEMM against padded and exact-m XLA dots"),
@@ -61,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bench(args)
     if args.command == "export-hf":
         return _export_hf(args)
+    if args.command == "serve":
+        return _serve(args)
 
     from xyjax import LLM, SamplingParams
 
@@ -89,6 +99,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# engine options as flags: (EngineConfig field, type); unset flags keep the engine's default
+ENGINE_OPTIONS = (("max_num_batched_tokens", int), ("max_num_seqs", int), ("prefill_tile", int), ("block_size", int),
+                  ("attention_backend", str), ("gemm_backend", str))
+SERVE_ENGINE_OPTIONS = (("max_model_len", int), ("kv_cache_memory", int), ("max_logprobs", int), ("seed", int))
+
+
+def _add_engine_options(parser, options) -> None:
+    for name, kind in options:
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
+
+
+def _engine_options(args, options) -> dict:
+    return {name: getattr(args, name) for name, _ in options if getattr(args, name) is not None}
+
+
+def _serve(args) -> int:
+    from xyjax.server import serve
+
+    try:
+        return serve(args.model, host=args.host, port=args.port, dtype=args.dtype,
+                     served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes,
+                     shutdown_timeout=args.shutdown_timeout,
+                     **_engine_options(args, ENGINE_OPTIONS + SERVE_ENGINE_OPTIONS))
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"xyjax: error: {e}", file=sys.stderr)
+        return 2
+
+
 def _export_hf(args) -> int:
     import numpy as np
 
@@ -111,9 +149,7 @@ def _bench(args) -> int:
     if args.workload not in WORKLOADS:
         print(f"xyjax: error: unknown workload {args.workload!r}; known: {', '.join(WORKLOADS)}", file=sys.stderr)
         return 2
-    names = ("max_num_batched_tokens", "max_num_seqs", "prefill_tile", "block_size", "attention_backend",
-             "gemm_backend")
-    options = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    options = _engine_options(args, ENGINE_OPTIONS)
     try:
         sizes = tuple(int(b) for b in args.naive_batch_size.split(",") if int(b) > 0)
     except ValueError:

@@ -9,7 +9,7 @@ from tqdm import tqdm
 from models import loader
 from xyjax.config import EngineConfig
 from xyjax.engine import Engine
-from xyjax.outputs import RequestOutput
+from xyjax.outputs import RequestOutput, merge_delta
 from xyjax.sampling_params import SamplingParams
 
 
@@ -74,7 +74,7 @@ class LLM:
             while any(r is None or not r.finished for r in results.values()):
                 for delta in self.engine.step():
                     if delta.request_id in results:
-                        results[delta.request_id] = _merge(results[delta.request_id], delta)
+                        results[delta.request_id] = merge_delta(results[delta.request_id], delta)
                         bar.update(delta.finished)
         return [results[i] for i in ids]
 
@@ -100,14 +100,3 @@ class LLM:
         return self.generate([self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                                  tokenize=True)], sampling)[0]
 
-
-def _merge(total: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
-    """Accumulate a step delta into a request's whole output."""
-    if total is None:
-        return delta
-    total.token_ids = total.token_ids + delta.token_ids
-    total.text += delta.text
-    if delta.logprobs is not None:
-        total.logprobs = (total.logprobs or []) + delta.logprobs
-    total.finish_reason, total.error, total.metrics = delta.finish_reason, delta.error, delta.metrics
-    return total

@@ -58,3 +58,15 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def merge_delta(total: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    """Accumulate a step delta into a request's whole output."""
+    if total is None:
+        return delta
+    total.token_ids = total.token_ids + delta.token_ids
+    total.text += delta.text
+    if delta.logprobs is not None:
+        total.logprobs = (total.logprobs or []) + delta.logprobs
+    total.finish_reason, total.error, total.metrics = delta.finish_reason, delta.error, delta.metrics
+    return total

@@ -1,0 +1,319 @@
+"""`xyjax serve` end to end: a live server on 127.0.0.1 (the tiny random-weight model exported as an HF
+directory), driven with the official openai client and raw HTTP, stopped with SIGTERM."""
+
+import asyncio
+import dataclasses
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from models.hf_export import export_hf  # noqa: E402
+
+from conftest import TINY  # noqa: E402
+
+# Small buckets keep start-up short; 32 sequences fit the concurrency test in one batch.
+ENGINE_FLAGS = ["--max-num-batched-tokens", "64", "--max-num-seqs", "32", "--kv-cache-memory", str(16 << 20)]
+
+
+@dataclasses.dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str
+    log: str
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def client(self, **kw) -> "openai.OpenAI":
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, **kw)
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(self.url + "/metrics").text
+        return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.M).group(1))
+
+
+def start_server(model: str, log_path: str, *flags: str, name: str = "tiny") -> Server:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "xyjax.cli", "serve", "--model", model, "--served-model-name", name,
+           "--port", str(port), *ENGINE_FLAGS, *flags]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    server = Server(proc, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{open(log_path).read()}")
+        try:
+            if httpx.get(server.url + "/health", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server not ready after 300 s:\n{open(log_path).read()}")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model, tmp_path_factory):
+    """The tiny model with a 2048-token context (long enough that a request can outlast a shutdown grace)."""
+    model = dataclasses.replace(tiny_model, config=dataclasses.replace(TINY, max_position_embeddings=2048))
+    directory = str(tmp_path_factory.mktemp("tiny-hf"))
+    export_hf(model, directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    server = start_server(model_dir, str(tmp_path_factory.mktemp("server") / "log"))
+    yield server
+    assert server.stop(signal.SIGINT) == 0, open(server.log).read()   # the shutdown test sends SIGTERM
+
+
+def complete(server, prompt, **kw):
+    kw.setdefault("max_tokens", 12)
+    kw.setdefault("temperature", 0)
+    return server.client().completions.create(model="tiny", prompt=prompt, **kw)
+
+
+def test_health_models_and_metrics(server):
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    models = server.client().models.list().data
+    assert [m.id for m in models] == ["tiny"]
+    assert server.metric("xyjax_compiles") == 3          # buckets 16, 32, 64, all compiled at start-up
+    assert server.metric("xyjax_prefix_cache_hit_rate") >= 0
+
+
+def test_completion_usage_and_streaming_agree(server, tokenizer):
+    prompt = "The quick brown fox"
+    whole = complete(server, prompt, extra_body={"ignore_eos": True})
+    choice = whole.choices[0]
+    assert choice.finish_reason == "length" and choice.text
+    assert whole.usage.prompt_tokens == len(tokenizer.encode(prompt))
+    assert whole.usage.completion_tokens == 12 and whole.usage.total_tokens == whole.usage.prompt_tokens + 12
+    chunks = list(complete(server, prompt, extra_body={"ignore_eos": True}, stream=True,
+                           stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+
+def test_chat_round_trip_uses_the_chat_template(server, tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
+    client = server.client()
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    assert reply.object == "chat.completion" and reply.choices[0].message.role == "assistant"
+    assert reply.usage.prompt_tokens == len(tokenizer.apply_chat_template(messages, tokenize=True))
+    assert reply.usage.completion_tokens == 8
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == reply.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_stop_strings_end_the_text(server):
+    text = complete(server, "Once upon a time", max_tokens=24, extra_body={"ignore_eos": True}).choices[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    expected = text[:text.index(stop)]
+    for stream in (False, True):
+        out = complete(server, "Once upon a time", max_tokens=24, stop=[stop], stream=stream)
+        choices = [c.choices[0] for c in out] if stream else out.choices
+        assert "".join(c.text for c in choices) == expected
+        assert choices[-1].finish_reason == "stop"
+
+
+def test_seeds_are_reproducible_and_n_gives_choices(server):
+    def sample(seed, n=1, **kw):
+        out = complete(server, "Random words:", max_tokens=10, temperature=1.0, seed=seed, n=n,
+                       extra_body={"ignore_eos": True, **kw})
+        return [c.text for c in sorted(out.choices, key=lambda c: c.index)]
+
+    first = sample(7)
+    assert sample(7) == first and sample(8) != first
+    two = sample(7, n=2)
+    assert len(two) == 2 and two[0] == first[0] and two[0] != two[1]
+    greedy = complete(server, "Random words:", max_tokens=10, extra_body={"ignore_eos": True}).choices[0].text
+    assert sample(7, top_k=1) == [greedy]          # the top_k extension reaches the sampler
+
+
+def test_logprobs(server):
+    out = complete(server, "Hello", max_tokens=5, logprobs=3, extra_body={"ignore_eos": True}).choices[0]
+    assert len(out.logprobs.tokens) == len(out.logprobs.token_logprobs) == 5
+    assert "".join(out.logprobs.tokens) == out.text
+    assert all(len(top) == 3 and max(top.values()) >= lp for top, lp in
+               zip(out.logprobs.top_logprobs, out.logprobs.token_logprobs))
+    chat = server.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=5, temperature=0, logprobs=True,
+        top_logprobs=2, extra_body={"ignore_eos": True}).choices[0]
+    content = chat.logprobs.content
+    assert len(content) == 5 and "".join(c.token for c in content) == chat.message.content
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.logprob for c in content)
+
+
+def test_32_concurrent_streams_match_their_texts_alone(server):
+    prompts = [f"Story {i}: the {['cat', 'dog', 'bird', 'fish'][i % 4]} went" + " far" * (i % 5) for i in range(32)]
+    kw = dict(model="tiny", max_tokens=16, temperature=0, extra_body={"ignore_eos": True})
+    alone = [complete(server, p, max_tokens=16, extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
+
+    async def stream(client, prompt):
+        text = ""
+        async for chunk in await client.completions.create(prompt=prompt, stream=True, **kw):
+            text += chunk.choices[0].text
+        return text
+
+    async def all_at_once():
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0) as client:
+            return await asyncio.gather(*(stream(client, p) for p in prompts))
+
+    assert asyncio.run(all_at_once()) == alone
+
+
+def test_disconnecting_clients_free_their_blocks(server):
+    total = server.metric("xyjax_kv_blocks_total")
+    aborted = server.metric('xyjax_requests_total{finish_reason="abort"}') if "abort" in httpx.get(
+        server.url + "/metrics").text else 0
+    body = {"prompt": "Keep going", "max_tokens": 1500, "temperature": 0, "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=dict(body, stream=True)) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert server.metric("xyjax_kv_blocks_free") < total
+    with pytest.raises(httpx.ReadTimeout):    # a non-streaming client that gives up
+        httpx.post(server.url + "/v1/completions", json=body, timeout=1.0)
+    deadline = time.monotonic() + 30
+    while server.metric("xyjax_kv_blocks_free") < total and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.metric("xyjax_kv_blocks_free") == total
+    assert server.metric('xyjax_requests_total{finish_reason="abort"}') == aborted + 2
+    assert server.metric("xyjax_num_requests_running") == 0
+
+
+BAD_REQUESTS = [  # (path, body: raw bytes or JSON, status, words the message must hold)
+    ("/v1/completions", b"{not json", 400, "malformed JSON"),
+    ("/v1/completions", b"[1, 2]", 400, "JSON object"),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 400, "'gpt-4' does not exist"),
+    ("/v1/completions", {"prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n must be"),
+    ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 99}, 400, "max_logprobs"),
+    ("/v1/completions", {"prompt": "hi", "frobnicate": True}, 400, "unsupported field 'frobnicate'"),
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty is not supported"),
+    ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream=true"),
+    ("/v1/completions", {"prompt": "word " * 3000}, 400, "context length"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 5000}, 400, "context length"),
+    ("/v1/completions", {"prompt": [10**9]}, 400, "outside the vocabulary"),
+    ("/v1/completions", {"prompt": ""}, 400, "empty"),
+    ("/v1/completions", {}, 400, "prompt"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages must not be empty"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": []}, 400,
+     "unsupported field 'tools'"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "text content"),
+    ("/v1/completions", {"prompt": "x" * (2 << 20)}, 413, "exceeds"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,words", BAD_REQUESTS, ids=[b[3] for b in BAD_REQUESTS])
+def test_bad_input_is_refused_and_the_server_keeps_serving(server, path, body, status, words):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(server.url + path, content=content, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert words in error["message"] and set(error) == {"message", "type", "param", "code"}
+    assert complete(server, "Still there?", max_tokens=2).choices[0].finish_reason == "length"
+
+
+def test_null_fields_take_their_defaults(server):
+    body = {"prompt": "hi", "max_tokens": 3, "temperature": None, "n": None, "stop": None, "user": None}
+    response = httpx.post(server.url + "/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 1
+
+
+def test_unknown_model_through_the_client(server):
+    with pytest.raises(openai.BadRequestError, match="does not exist"):
+        server.client().completions.create(model="nope", prompt="hi", max_tokens=2)
+
+
+def test_graceful_shutdown_finishes_then_aborts_in_flight_requests(model_dir, tmp_path):
+    server = start_server(model_dir, str(tmp_path / "log"), "--shutdown-timeout", "3")
+    client = server.client(timeout=60)
+    kw = dict(model="tiny", prompt="Go", temperature=0, stream=True, extra_body={"ignore_eos": True})
+    long, short = client.completions.create(max_tokens=2000, **kw), client.completions.create(max_tokens=20, **kw)
+    first_long, first_short = next(iter(long)), next(iter(short))
+    os.kill(server.proc.pid, signal.SIGTERM)
+    short_chunks = [first_short, *short]
+    assert short_chunks[-1].choices[0].finish_reason == "length"        # finished within the grace period
+    assert [first_long, *long][-1].choices[0].finish_reason == "abort"   # aborted after it, stream closed cleanly
+    assert server.proc.wait(60) == 0, open(server.log).read()
+
+
+def test_chat_with_the_default_model_matches_the_llm_api(default_llm, tmp_path):
+    from xyjax import SamplingParams
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    server = start_server("smollm2-135m-instruct", str(tmp_path / "log"), name="smollm2")
+    try:
+        reply = server.client().chat.completions.create(model="smollm2", messages=messages, max_tokens=24,
+                                                        temperature=0).choices[0].message.content
+    finally:
+        assert server.stop() == 0
+    assert "Paris" in reply
+    assert reply == default_llm.chat(messages, SamplingParams(max_tokens=24, temperature=0)).text
+
+
+def test_load_test_script_reports_no_errors(server):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "load_test.py")
+    spec = importlib.util.spec_from_file_location("load_test", path)
+    load_test = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load_test)
+    result = asyncio.run(load_test.run(server.url, clients=4, duration=2, max_tokens=8, seed=0))
+    assert result["errors"] == 0 and result["requests"] >= 4 and result["output_tokens"] > 0
+    assert result["ttft_s"]["p50"] > 0 and result["compiles_after"] == result["compiles_before"]
+
+
+def test_an_engine_failure_fails_the_requests_in_flight(tiny_model, monkeypatch):
+    from xyjax import LLM, SamplingParams
+    from xyjax.server import EngineLoop
+    from xyjax.server.protocol import APIError
+
+    engine_loop = EngineLoop(LLM(tiny_model, progress=False, max_num_batched_tokens=16, max_num_seqs=4,
+                                 kv_cache_memory=1 << 20))
+
+    def broken_step():
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(engine_loop.engine, "step", broken_step)
+    engine_loop.start()
+
+    async def run():
+        gen = await engine_loop.submit([([1, 2, 3], SamplingParams(max_tokens=4))])
+        return [out async for _, out in gen.outputs()]
+
+    outputs = asyncio.run(run())
+    assert outputs[-1].finish_reason == "error" and "boom" in outputs[-1].error
+    assert not engine_loop.ready and "boom" in engine_loop.error
+    with pytest.raises(APIError, match="boom") as refused:       # later requests are refused, not left hanging
+        asyncio.run(run())
+    assert refused.value.status == 503
+    engine_loop.close(0)
+    engine_loop.join(timeout=10)
+    assert not engine_loop._thread.is_alive()
