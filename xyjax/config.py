@@ -43,6 +43,8 @@ class EngineConfig:
     gemm_backend: "ffi" (C++ custom call over MKL, the default on CPU where MKL is installed), "xla" (pure
         jnp, the default elsewhere) or "pallas" (Pallas kernel: Triton on GPU, interpret mode on CPU). The
         engine reads the backend's tunables from this device's `xyjax profile` table when there is one.
+    enable_prefix_caching: token-wise automatic prefix caching (xyjax.prefix_cache): a request reuses the KV of
+        the longest prefix of its tokens that an earlier request computed, down to the token.
     seed: seeds requests that bring none.
     """
 
@@ -63,6 +65,7 @@ class EngineConfig:
     precompile: bool = True
     attention_backend: str | None = None
     gemm_backend: str | None = None
+    enable_prefix_caching: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -77,6 +80,9 @@ class EngineConfig:
             low = 0 if name == "max_draft_tokens" else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"engine option {name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"engine option enable_prefix_caching must be True or False, "
+                             f"got {self.enable_prefix_caching!r}")
         import jax
 
         from xyjax.ops import attention, gemm

@@ -25,6 +25,7 @@ from xyjax.gemm_profile import load_default
 from xyjax.kv_cache import bytes_per_token
 from xyjax.outputs import RequestMetrics, RequestOutput
 from xyjax.planner import Planner
+from xyjax.prefix_cache import PrefixCache
 from xyjax.request import Request, Status
 from xyjax.runner import Runner, enable_persistent_cache
 from xyjax.sampler import SamplerOutput
@@ -47,7 +48,8 @@ class Engine:
         # One sequence of max_model_len tokens (plus drafts) always fits the pool, so a request alone progresses.
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings,
                                  num_blocks * config.block_size - config.max_draft_tokens)
-        self.scheduler = Scheduler(config, self.blocks)
+        self.prefix_cache = PrefixCache(self.blocks) if config.enable_prefix_caching else None
+        self.scheduler = Scheduler(config, self.blocks, self.prefix_cache)
         self.planner = Planner(config, self.max_model_len, cfg.num_kv_heads)
         if config.compilation_cache_dir:
             enable_persistent_cache(config.compilation_cache_dir)
@@ -75,6 +77,7 @@ class Engine:
         start = time.perf_counter()
         for bucket in tqdm(self.config.token_buckets, desc="compiling step buckets", disable=not progress):
             self.runner.run(*self.planner.empty(bucket))
+        self.runner.copy_blocks([(0, 0)])      # the copy-on-write program
         self.startup_seconds += time.perf_counter() - start
 
     # ---- requests -------------------------------------------------------------------------------
@@ -148,6 +151,7 @@ class Engine:
             start = time.perf_counter()
             inputs, sampling, rows = self.planner.plan(batch, self._banned)
             planned = time.perf_counter()
+            self.runner.copy_blocks(batch.copies)
             out = self.runner.run(inputs, sampling)
             now = time.perf_counter()
             self._account(batch, inputs.token_ids.shape[0], now - start)
@@ -158,6 +162,8 @@ class Engine:
                 req = seq.request
                 req.metrics.first_scheduled_time = req.metrics.first_scheduled_time or start
                 req.num_computed += seq.num_tokens
+                if seq.stage is Stage.PREFILL:
+                    self.scheduler.cache_computed(req)
                 if k:
                     self._apply(req, seq.stage, out, offset, k, now)
                     changed[req] = None

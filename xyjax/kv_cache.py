@@ -52,6 +52,12 @@ class KVCache:
             v=self.v.at[layer, block, :, offset].set(v.astype(self.v.dtype), mode="drop"),
         )
 
+    def copy_block(self, source: jax.Array, destination: jax.Array) -> "KVCache":
+        """Block ``destination`` := block ``source`` in every layer (copy-on-write of a shared block)."""
+        def copy(x):
+            return jax.lax.dynamic_update_index_in_dim(x, jax.lax.dynamic_index_in_dim(x, source, 1), destination, 1)
+        return KVCache(k=copy(self.k), v=copy(self.v))
+
 
 def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype) -> int:
     """KV bytes one token occupies across all layers (K and V)."""

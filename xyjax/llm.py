@@ -41,14 +41,22 @@ class LLM:
         """Engine counters and derived figures: steps, mean_step_time (s), tokens_per_step, padding_ratio
         (padding tokens / real tokens over all steps), prefill/decode/verify tokens, generated_tokens,
         preemptions, finished/errors/aborted, compiles (step programs compiled or loaded from the
-        persistent cache; fixed after start-up), compile_seconds, startup_seconds, KV blocks in use and free."""
-        s, blocks, runner = self.engine.stats, self.engine.blocks, self.engine.runner
+        persistent cache; fixed after start-up), compile_seconds, startup_seconds, KV blocks: total, free (no
+        request holds them: the free pool and blocks only the prefix cache holds, which it gives back on demand)
+        and cached (held by the prefix cache); prefix caching: lookups (admissions), prompt tokens looked up, hit
+        tokens, hit_rate (hit / looked-up tokens), block_hit_tokens (the hits rounded down to whole blocks: what
+        block-granular matching would reuse), copy-on-write copies, evicted blocks."""
+        engine = self.engine
+        s, blocks, runner, sched, cache = engine.stats, engine.blocks, engine.runner, engine.scheduler, engine.prefix_cache
         steps = max(s["steps"], 1)
         return dict(s, mean_step_time=s["step_seconds"] / steps, tokens_per_step=s["real_tokens"] / steps,
                     padding_ratio=s["padded_tokens"] / max(s["real_tokens"], 1), compiles=runner.compiles,
-                    compile_seconds=runner.compile_seconds, startup_seconds=self.engine.startup_seconds,
-                    kv_blocks_total=blocks.num_blocks, kv_blocks_free=blocks.num_free,
-                    running=len(self.engine.scheduler.running), waiting=len(self.engine.scheduler.waiting))
+                    compile_seconds=runner.compile_seconds, startup_seconds=engine.startup_seconds,
+                    kv_blocks_total=blocks.num_blocks,
+                    kv_blocks_free=blocks.num_free + (cache.num_idle_blocks if cache else 0),
+                    kv_blocks_cached=len(cache.holders) if cache else 0, **sched.stats,
+                    prefix_hit_rate=sched.stats["prefix_hit_tokens"] / max(sched.stats["prefix_lookup_tokens"], 1),
+                    running=len(sched.running), waiting=len(sched.waiting))
 
     def generate(self, prompts: str | list[int] | Sequence[str | list[int]],
                  sampling: SamplingParams | Sequence[SamplingParams] | None = None,

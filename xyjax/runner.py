@@ -7,6 +7,7 @@ import weakref
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.compilation_cache import compilation_cache
 
 from models.config import ModelConfig
@@ -46,6 +47,7 @@ class Runner:
 
         step.__name__ = step.__qualname__ = f"xyjax_step_{next(_ids)}"
         self._step = jax.jit(step, donate_argnums=(1,))
+        self._copy = jax.jit(KVCache.copy_block, donate_argnums=(0,))
         this = weakref.ref(self)
 
         def on_event(event: str, seconds: float, **kwargs) -> None:
@@ -55,6 +57,11 @@ class Runner:
                 runner.compile_seconds += seconds
 
         jax.monitoring.register_event_duration_secs_listener(on_event)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy KV block ``source`` to ``destination`` in every layer, for each pair in order (in place)."""
+        for source, destination in pairs:
+            self.kv = self._copy(self.kv, np.int32(source), np.int32(destination))
 
     def run(self, inputs: StepInputs, sampling: SamplingInputs) -> SamplerOutput:
         """One step; returns the sampler's output as numpy arrays."""

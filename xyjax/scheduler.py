@@ -4,9 +4,11 @@ Order within a step (XY-Serve §4.1): first one decode token (D) or one verify r
 plus its drafts) for every running request whose prompt is done, oldest first, so time between tokens
 stays steady; then the rest of the budget goes to prefill chunks (P): requests part-way through their
 prompt (oldest first), then waiting requests admitted in arrival order (FCFS, up to ``max_num_seqs``
-running). KV blocks are taken as tokens are scheduled. When a decode or verify needs a block and the pool
-is empty, the newest running request is preempted (its blocks freed, recomputed later from its tokens);
-prefill chunks never preempt, they take what is free.
+running). KV blocks are taken as tokens are scheduled. An admitted request first takes its longest cached
+prefix from the prefix cache (token-wise: full blocks shared, a partial last block copied on write) and only
+its uncached tokens count against the budget. When the pool runs short, idle cached prefixes are evicted (LRU)
+first; then, if a decode or verify still needs a block, the newest running request is preempted (its blocks
+freed, recomputed later from its tokens); prefill chunks never preempt, they take what is free.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import enum
 
 from xyjax.block_manager import BlockManager
 from xyjax.config import EngineConfig
+from xyjax.prefix_cache import PrefixCache
 from xyjax.request import Request, Status
 
 
@@ -45,8 +48,11 @@ class ScheduledSeq:
 
 @dataclasses.dataclass
 class ScheduledBatch:
+    """``copies``: (source, destination) KV blocks to copy, in order, before the step runs (copy-on-write)."""
+
     seqs: list[ScheduledSeq]
     preempted: list[Request]
+    copies: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -54,23 +60,34 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    """Owns the waiting queue (arrival order) and the running list."""
+    """Owns the waiting queue (arrival order) and the running list. ``cache``: the prefix cache (None: off).
+    ``stats``: prefix-cache counters (lookups, prompt tokens looked up, hit tokens, the part of them in full
+    blocks, copy-on-write copies, blocks evicted)."""
 
-    def __init__(self, config: EngineConfig, blocks: BlockManager):
-        self.config, self.blocks = config, blocks
+    def __init__(self, config: EngineConfig, blocks: BlockManager, cache: PrefixCache | None = None):
+        self.config, self.blocks, self.cache = config, blocks, cache
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
+        self._copies: list[tuple[int, int]] = []
+        self.stats = collections.Counter(prefix_lookups=0, prefix_lookup_tokens=0, prefix_hit_tokens=0,
+                                         prefix_block_hit_tokens=0, prefix_copies=0, prefix_evicted_blocks=0)
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
     def remove(self, req: Request) -> None:
-        """Take a finished or aborted request out of the queues and free its blocks."""
+        """Take a finished or aborted request out of the queues, cache its computed tokens and free its blocks."""
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        self.cache_computed(req)
         self.blocks.free(req.block_table)
+
+    def cache_computed(self, req: Request) -> None:
+        """Offer the tokens of ``req`` whose KV is computed to the prefix cache."""
+        if self.cache and req.num_computed:
+            self.cache.insert(req.token_ids[:req.num_computed], req.block_table)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -81,7 +98,8 @@ class Scheduler:
         while not seqs and self.running:   # every running prompt is stuck on a full pool: free the newest
             self._preempt(max(self.running, key=lambda r: r.arrival), preempted)
             seqs = self._fill(preempted)
-        return ScheduledBatch(seqs, preempted)
+        copies, self._copies = self._copies, []
+        return ScheduledBatch(seqs, preempted, copies)
 
     def _fill(self, preempted: list[Request]) -> list[ScheduledSeq]:
         budget, seqs = self.config.max_num_batched_tokens, []
@@ -102,12 +120,9 @@ class Scheduler:
             req = self.waiting[0]
             if req in preempted:             # not back in the step that preempted it
                 break
-            # Leave a block per running request for its next decode, so admission does not force preemptions.
-            room = (self.blocks.num_free - len(self.running)) * self.blocks.block_size
-            n = min(req.num_pending, budget, room)
-            if n <= 0:
+            n = self._admit(req, budget)
+            if not n:
                 break
-            self.blocks.grow(req.block_table, n)
             self.waiting.popleft()
             req.status = Status.RUNNING
             self.running.append(req)
@@ -115,26 +130,61 @@ class Scheduler:
             budget -= n
         return seqs
 
+    def _admit(self, req: Request, budget: int) -> int:
+        """Give ``req`` its cached prefix and the blocks of its first chunk, leaving a block per running request
+        for its next decode so admission forces no preemption. Returns the chunk (0: not admitted, nothing held)."""
+        bs, hit = self.blocks.block_size, 0
+        if self.cache:                       # the last token is always computed: its logits give the next token
+            hit, cached = self.cache.match(req.token_ids[:-1])
+            self.blocks.share(req.block_table, cached)
+        tail = int(hit % bs != 0)            # a partial last block is copied before the request writes into it
+        n = min(len(req.token_ids) - hit, budget)
+        self._make_room(self.blocks.blocks_needed(req.block_table, hit + n) + tail + len(self.running))
+        room = (len(req.block_table) + self.blocks.num_free - len(self.running) - tail) * bs - hit
+        n = min(n, room)
+        if n <= 0:
+            self.blocks.free(req.block_table)
+            return 0
+        if tail:
+            self._copies.append(self.blocks.copy_on_write(req.block_table))
+        req.num_computed = hit
+        self.blocks.grow(req.block_table, hit + n)
+        if self.cache:
+            self.stats.update(prefix_lookups=1, prefix_lookup_tokens=len(req.token_ids), prefix_hit_tokens=hit,
+                              prefix_block_hit_tokens=hit // bs * bs, prefix_copies=tail)
+        return n
+
     def _chunk(self, req: Request, budget: int) -> int:
         """The largest prefill chunk of ``req`` within ``budget`` whose blocks are available; blocks taken."""
+        n = min(req.num_pending, budget)
+        self._make_room(self.blocks.blocks_needed(req.block_table, req.num_computed + n))
         room = (len(req.block_table) + self.blocks.num_free) * self.blocks.block_size - req.num_computed
-        n = max(0, min(req.num_pending, budget, room))
+        n = max(0, min(n, room))
         if n:
             self.blocks.grow(req.block_table, req.num_computed + n)
         return n
 
     def _reserve(self, req: Request, num_tokens: int, preempted: list[Request]) -> bool:
         """Grow ``req``'s blocks to ``num_tokens``, preempting the newest running request while the pool is
-        short. False if ``req`` itself was preempted. Decodes are visited oldest first, so a victim is never
-        a request already scheduled in this step."""
-        while not self.blocks.grow(req.block_table, num_tokens):
+        short (after evicting idle cached prefixes). False if ``req`` itself was preempted. Decodes are visited
+        oldest first, so a victim is never a request already scheduled in this step."""
+        while True:
+            self._make_room(self.blocks.blocks_needed(req.block_table, num_tokens))
+            if self.blocks.grow(req.block_table, num_tokens):
+                return True
             victim = max(self.running, key=lambda r: r.arrival)
             self._preempt(victim, preempted)
             if victim is req:
                 return False
-        return True
+
+    def _make_room(self, num_blocks: int) -> None:
+        """Evict idle cached prefixes (least recently used first) until ``num_blocks`` blocks are free, if they can be."""
+        short = num_blocks - self.blocks.num_free
+        if self.cache and short > 0:
+            self.stats["prefix_evicted_blocks"] += self.cache.evict(short)
 
     def _preempt(self, req: Request, preempted: list[Request]) -> None:
+        """Back to waiting; its blocks are freed (the cache keeps what it cached of them)."""
         self.blocks.free(req.block_table)
         req.num_computed, req.status, req.draft_token_ids = 0, Status.WAITING, []
         req.metrics.num_preemptions += 1
