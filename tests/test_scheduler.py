@@ -5,6 +5,7 @@ import collections
 from hypothesis import given, settings, strategies as st
 
 from xyjax.block_manager import BlockManager
+from xyjax.prefix_cache import PrefixCache
 from xyjax.config import EngineConfig
 from xyjax.outputs import RequestMetrics
 from xyjax.request import Request, Status
@@ -22,8 +23,11 @@ def make_request(i, prompt_len, max_tokens, drafts=0):
 
 def check_blocks(sched: Scheduler, blocks: BlockManager):
     owners = collections.Counter(b for r in sched.running + list(sched.waiting) for b in r.block_table)
+    if sched.cache:
+        owners.update(sched.cache.cached)                  # the prefix cache owns one reference per cached block
+    else:
+        assert all(n == 1 for n in owners.values()), "a block is owned twice without prefix caching"
     assert all(blocks.refcount[b] == n for b, n in owners.items()), "a block's refcount disagrees with its owners"
-    assert all(n == 1 for n in owners.values()), "a block is owned twice (no prefix sharing yet)"
     assert len(owners) + blocks.num_free == blocks.num_blocks, "a block leaked"
     assert all(not r.block_table for r in sched.waiting), "a waiting request holds blocks"
 
@@ -32,15 +36,18 @@ def check_blocks(sched: Scheduler, blocks: BlockManager):
 @given(requests=st.lists(st.tuples(st.integers(1, 60), st.integers(1, 12), st.integers(0, 3)), min_size=1,
                          max_size=12),
        arrivals=st.lists(st.integers(0, 6), min_size=12, max_size=12),
-       budget=st.sampled_from([16, 24, 32]), num_blocks=st.integers(17, 40), max_num_seqs=st.integers(1, 4))
-def test_budget_blocks_completion_and_no_starvation(requests, arrivals, budget, num_blocks, max_num_seqs):
+       budget=st.sampled_from([16, 24, 32]), num_blocks=st.integers(17, 40), max_num_seqs=st.integers(1, 4),
+       prefix_caching=st.booleans())
+def test_budget_blocks_completion_and_no_starvation(requests, arrivals, budget, num_blocks, max_num_seqs,
+                                                    prefix_caching):
     """Requests arrive over time, with speculative drafts sometimes; the fake model appends a token for every
-    sampled row. Checks each step and that everyone finishes in bounded steps."""
+    sampled row. With prefix caching the prompts (all 1, 2, 3, ...) share prefixes. Checks each step and that
+    everyone finishes in bounded steps."""
     block_size = 4
     config = EngineConfig(block_size=block_size, max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
                           max_draft_tokens=3)
     blocks = BlockManager(num_blocks, block_size)
-    sched = Scheduler(config, blocks)
+    sched = Scheduler(config, blocks, PrefixCache(blocks) if prefix_caching else None)
     max_len = num_blocks * block_size - 3
     pending = sorted(((arrivals[i], make_request(i, min(p, max_len - m - 1), m, d)) for i, (p, m, d)
                       in enumerate(requests)), key=lambda x: (x[0], x[1].arrival))
@@ -63,6 +70,8 @@ def test_budget_blocks_completion_and_no_starvation(requests, arrivals, budget, 
             assert len(req.block_table) * block_size >= req.num_computed + seq.num_tokens
             k = seq.num_samples
             req.num_computed += seq.num_tokens
+            if seq.stage is Stage.PREFILL:
+                sched.cache_computed(req)
             if seq.stage is Stage.VERIFY:        # accept no draft: keep KV of the pending token only
                 req.num_computed -= len(req.draft_token_ids)
                 req.draft_token_ids, k = [], 1
@@ -79,6 +88,8 @@ def test_budget_blocks_completion_and_no_starvation(requests, arrivals, budget, 
             if req.num_pending == 1 and req not in seen and req.output_ids:
                 assert batch.preempted, f"request {req.request_id} skipped a decode step without a preemption"
     assert len(finished) == len(requests)
+    if prefix_caching:
+        sched.cache.evict(num_blocks)
     assert blocks.num_free == num_blocks
 
 

@@ -54,7 +54,7 @@ class LLM:
                     compile_seconds=runner.compile_seconds, startup_seconds=engine.startup_seconds,
                     kv_blocks_total=blocks.num_blocks,
                     kv_blocks_free=blocks.num_free + (cache.num_idle_blocks if cache else 0),
-                    kv_blocks_cached=len(cache.holders) if cache else 0, **sched.stats,
+                    kv_blocks_cached=len(cache.cached) if cache else 0, **sched.stats,
                     prefix_hit_rate=sched.stats["prefix_hit_tokens"] / max(sched.stats["prefix_lookup_tokens"], 1),
                     running=len(sched.running), waiting=len(sched.waiting))
 

@@ -6,18 +6,17 @@ prefix length modulo the block size); the scheduler shares the full blocks and c
 so the request extends its copy without disturbing the other owners. ``insert`` caches a request's computed
 tokens (after prefill chunks and when it ends), so later requests and later turns of a conversation hit them.
 
-A node holds a run of tokens at positions ``start .. end - 1`` of its path and the blocks of block indices
-``start // block_size .. (end - 1) // block_size``; block ``j`` of a node holds the KV of every path position of
-block ``j`` up to the node's end. Along a path the deepest node holding a block index wins: a child that forks
-inside its parent's last block holds a copy of that block. A split cuts a node in two, and both halves keep the
-block the cut falls in. The cache owns one reference (``BlockManager.refcount``) on every block any node holds;
-``evict`` drops least recently used leaves none of whose blocks a request holds, so a running request, which
-owns every block of its table, is never disturbed by eviction.
+A node holds a run of tokens at positions ``start .. end - 1`` of its path and owns the blocks of its block
+indices ``start // block_size ..``: block ``j`` of a node holds the KV of every path position of block ``j`` up to
+the node's end (a node that forks inside its parent's last block owns a copy of that block). A node with children
+that ends inside a block leaves that block to its children: any child's block holds its tokens too, so no block
+is ever shadowed. Every cached block has one owner node; the cache owns one reference (``BlockManager.refcount``)
+on each. ``evict`` drops least recently used leaves none of whose blocks a request holds, so a running request,
+which owns every block of its table, is never disturbed by eviction.
 """
 
 from __future__ import annotations
 
-import collections
 import heapq
 import itertools
 
@@ -39,13 +38,13 @@ class PrefixCache:
     def __init__(self, blocks: BlockManager):
         self.blocks, self.block_size = blocks, blocks.block_size
         self.root = Node([], 0, [], None, 0)
-        self.holders: collections.Counter[int] = collections.Counter()   # block -> nodes holding it
+        self.cached: set[int] = set()          # blocks owned by nodes
         self._clock = itertools.count(1)
 
     @property
     def num_idle_blocks(self) -> int:
         """Cached blocks no request holds."""
-        return sum(self.blocks.refcount[b] == 1 for b in self.holders)
+        return sum(self.blocks.refcount[b] == 1 for b in self.cached)
 
     def match(self, tokens: list[int]) -> tuple[int, list[int]]:
         """The longest cached prefix of ``tokens``: its length in tokens and the ceil(length / block_size)
@@ -53,25 +52,31 @@ class PrefixCache:
         bs, now = self.block_size, next(self._clock)
         node, pos, table = self.root, 0, []
         while pos < len(tokens) and tokens[pos] in node.children:
-            child = node.children[tokens[pos]]
-            n = _common(child.tokens, tokens, pos)
-            child.last_access = now
-            first = child.start // bs
-            table[first:] = child.blocks[:(pos + n - 1) // bs - first + 1]
+            node = node.children[tokens[pos]]
+            n = _common(node.tokens, tokens, pos)
+            node.last_access = now
+            first = node.start // bs
+            table[first:] = node.blocks[:(pos + n - 1) // bs - first + 1]
             pos += n
-            if n < len(child.tokens):
+            if n < len(node.tokens):
                 break
-            node = child
+        if len(table) * bs < pos:              # the match ends in a block the node leaves to its children
+            node = next(iter(node.children.values()))
+            while not node.blocks:
+                node = next(iter(node.children.values()))
+            table.append(node.blocks[0])
         return pos, table
 
     def insert(self, tokens: list[int], table: list[int]) -> None:
         """Cache ``tokens``, whose KV is in ``table`` (block ``i`` holds positions ``i * block_size ..``).
-        Cached tokens keep their blocks; the rest becomes a new leaf holding the table's blocks."""
+        Cached tokens keep their blocks; the rest becomes a new leaf owning the table's blocks."""
         bs, now = self.block_size, next(self._clock)
         node, pos = self.root, 0
         while pos < len(tokens):
             child = node.children.get(tokens[pos])
             if child is None:
+                if pos % bs and not node.children:   # the leaf's first block will hold the node's last tokens
+                    self._release(node.blocks.pop())
                 leaf = Node(tokens[pos:], pos, table[pos // bs:(len(tokens) - 1) // bs + 1], node, now)
                 for block in leaf.blocks:
                     self._hold(block)
@@ -94,6 +99,8 @@ class PrefixCache:
             _, _, node = heapq.heappop(heap)
             parent = node.parent
             del parent.children[node.tokens[0]]
+            if node.start % self.block_size and not parent.children:   # the parent's last block comes back to it
+                parent.blocks.append(node.blocks.pop(0))
             for block in node.blocks:
                 self._release(block)
             if parent is not self.root and not parent.children and self._idle(parent):
@@ -101,30 +108,26 @@ class PrefixCache:
         return self.blocks.num_free - start
 
     def _split(self, node: Node, n: int) -> Node:
-        """Cut ``node`` after its first ``n`` tokens; returns the new upper half (the parent of ``node``)."""
-        bs, first, cut = self.block_size, node.start // self.block_size, node.start + n
-        upper = Node(node.tokens[:n], node.start, node.blocks[:(cut - 1) // bs - first + 1], node.parent,
-                     node.last_access)
+        """Cut ``node`` after its first ``n`` tokens; returns the new upper half (the parent of ``node``). The
+        block the cut falls in stays with the lower half."""
+        cut = node.start + n
+        k = cut // self.block_size - node.start // self.block_size
+        upper = Node(node.tokens[:n], node.start, node.blocks[:k], node.parent, node.last_access)
         node.parent.children[node.tokens[0]] = upper
-        node.tokens, node.start, node.blocks, node.parent = node.tokens[n:], cut, node.blocks[cut // bs - first:], upper
+        node.tokens, node.start, node.blocks, node.parent = node.tokens[n:], cut, node.blocks[k:], upper
         upper.children[node.tokens[0]] = node
-        if cut % bs:                          # the block the cut falls in is in both halves
-            self._hold(node.blocks[0])
         return upper
 
     def _idle(self, node: Node) -> bool:
         return all(self.blocks.refcount[b] == 1 for b in node.blocks)
 
     def _hold(self, block: int) -> None:
-        if not self.holders[block]:
-            self.blocks.ref(block)
-        self.holders[block] += 1
+        self.blocks.ref(block)
+        self.cached.add(block)
 
     def _release(self, block: int) -> None:
-        self.holders[block] -= 1
-        if not self.holders[block]:
-            del self.holders[block]
-            self.blocks.unref(block)
+        self.cached.remove(block)
+        self.blocks.unref(block)
 
     def _nodes(self):
         stack = list(self.root.children.values())

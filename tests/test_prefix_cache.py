@@ -1,0 +1,271 @@
+"""Prefix caching: the radix tree (token-wise matches, splits, copy-on-write, LRU eviction), its refcount
+invariants under random scheduling with a simulated KV cache (hypothesis), and greedy outputs of the engine
+with caching on and off over shared system prompts, multi-turn conversations, partial-block overlaps and a
+pool short enough to evict and preempt."""
+
+import collections
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from xyjax import LLM, SamplingParams
+from xyjax.block_manager import BlockManager
+from xyjax.config import EngineConfig
+from xyjax.outputs import RequestMetrics
+from xyjax.prefix_cache import PrefixCache
+from xyjax.request import Request, Status
+from xyjax.scheduler import Scheduler, Stage
+
+
+def kv_of(tokens, p):
+    """What the simulated KV of position ``p`` holds: an id of the prefix tokens[:p + 1]."""
+    return hash(tuple(tokens[:p + 1]))
+
+
+class FakeKV:
+    """One value per KV slot, written and copied the way the device cache is."""
+
+    def __init__(self, blocks: BlockManager):
+        self.bs, self.slots = blocks.block_size, [[None] * blocks.block_size for _ in range(blocks.num_blocks)]
+
+    def write(self, table, tokens, start, stop):
+        for p in range(start, stop):
+            self.slots[table[p // self.bs]][p % self.bs] = kv_of(tokens, p)
+
+    def check(self, table, tokens, stop):
+        for p in range(stop):
+            assert self.slots[table[p // self.bs]][p % self.bs] == kv_of(tokens, p), f"stale KV at position {p}"
+
+    def copy(self, source, destination):
+        self.slots[destination] = list(self.slots[source])
+
+
+def paths(cache: PrefixCache):
+    """(node, the tokens of its path from the root up to its end) for every node."""
+    stack = [(child, child.tokens) for child in cache.root.children.values()]
+    while stack:
+        node, path = stack.pop()
+        yield node, path
+        stack.extend((c, path + c.tokens) for c in node.children.values())
+
+
+def check_tree(cache: PrefixCache, kv: FakeKV | None = None):
+    """Structure, one owner node per cached block, blocks left to children only at a node's last partial block,
+    and (with ``kv``) that every owned block holds the KV of its path's positions."""
+    bs, owned = cache.block_size, []
+    for node, path in paths(cache):
+        assert node.tokens and node.start == len(path) - len(node.tokens)
+        assert node.start == node.parent.start + len(node.parent.tokens)
+        assert node.parent.children[node.tokens[0]] is node
+        first, last = node.start // bs, (len(path) - 1) // bs
+        left = bool(node.children) and len(path) % bs != 0
+        assert len(node.blocks) == last - first + 1 - left
+        owned += node.blocks
+        for j, block in enumerate(node.blocks, first):
+            for p in range(j * bs, min((j + 1) * bs, len(path))) if kv else ():
+                assert kv.slots[block][p % bs] == kv_of(path, p), "the tree points at stale KV"
+    assert sorted(owned) == sorted(cache.cached)
+
+
+def check_refcounts(blocks: BlockManager, tables, cache: PrefixCache | None):
+    owners = collections.Counter(b for t in tables for b in t)
+    if cache:
+        owners.update(cache.cached)                    # the cache owns one reference per cached block
+    assert all(blocks.refcount[b] == owners[b] for b in range(blocks.num_blocks)), "refcounts disagree with owners"
+    free = blocks._free
+    assert len(set(free)) == len(free) and not any(owners[b] for b in free), "a free block is referenced"
+    assert len(owners) + len(free) == blocks.num_blocks, "a block leaked"
+
+
+# ---- the tree --------------------------------------------------------------------------------------------
+
+def test_match_is_token_wise_and_a_fork_splits_the_block_it_falls_in():
+    blocks = BlockManager(16, 4)
+    cache = PrefixCache(blocks)
+    a = list(range(10, 20))                                  # 10 tokens: blocks 0, 1 full, block 2 holds 2
+    table = []
+    blocks.grow(table, len(a))
+    cache.insert(a, table)
+    assert cache.match(a[:7] + [99]) == (7, table[:2])      # 7 tokens, not rounded down to 4
+    assert cache.match(a + [5, 6]) == (10, table)
+    assert cache.match([99] + a) == (0, [])
+    b = a[:6] + [50, 51, 52, 53]                             # forks inside block 1
+    other = []
+    blocks.share(other, table[:1])
+    blocks.grow(other, len(b))
+    cache.insert(b, other)
+    assert cache.match(b) == (10, other)                    # the fork's own copy of block 1 wins
+    assert cache.match(a[:6]) == (6, table[:2])
+    upper = cache.root.children[10]
+    assert upper.tokens == a[:6] and set(upper.children) == {a[6], 50}
+    assert upper.blocks == table[:1]                          # block 1 is left to the children (each has one)
+    assert cache.cached == set(table) | set(other[1:])
+    check_tree(cache)
+    blocks.free(table)
+    blocks.free(other)
+    check_refcounts(blocks, [], cache)
+
+
+def test_eviction_is_lru_over_idle_leaves_and_gives_everything_back():
+    blocks = BlockManager(16, 4)
+    cache = PrefixCache(blocks)
+    tables = {}
+    for first in (1, 2, 3):                                  # three disjoint 8-token prompts, 2 blocks each
+        tables[first] = []
+        blocks.grow(tables[first], 8)
+        cache.insert([first] * 8, tables[first])
+    cache.match([1] * 8)                                     # 1 is now the most recently used
+    for t in tables.values():
+        blocks.free(t)
+    user = []
+    blocks.share(user, cache.match([3] * 8)[1])              # a request holds 3's blocks: 3 is not idle
+    assert cache.evict(1) == 2                               # the least recently used idle leaf: 2
+    assert cache.match([2] * 8) == (0, []) and cache.match([1] * 8)[0] == 8
+    assert cache.evict(100) == 2                             # then 1; 3 stays while the request holds it
+    assert cache.match([3] * 8)[0] == 8
+    blocks.free(user)
+    assert cache.evict(100) == 2 and not cache.cached and blocks.num_free == 16
+
+
+# ---- random scheduling with a simulated KV cache -----------------------------------------------------------
+
+@settings(max_examples=50, deadline=None)
+@given(stems=st.lists(st.lists(st.integers(1, 3), min_size=1, max_size=30), min_size=1, max_size=3),
+       requests=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 30), st.lists(st.integers(1, 4), max_size=8),
+                                   st.integers(1, 16), st.integers(0, 4)), min_size=1, max_size=10),
+       evictions=st.lists(st.integers(0, 3), min_size=8, max_size=8),
+       num_blocks=st.integers(10, 30), budget=st.sampled_from([8, 16, 32]), max_num_seqs=st.integers(1, 4))
+def test_random_scheduling_keeps_tree_refcounts_and_kv_consistent(stems, requests, evictions, num_blocks, budget,
+                                                                 max_num_seqs):
+    """Requests built from a few shared stems (forks at any token) arrive over time through the scheduler with
+    the prefix cache on a short pool (evictions, preemptions, copy-on-write), plus random extra evictions; a fake
+    model writes a value per (prefix, position) into a simulated KV cache. Every step: each scheduled request
+    sees the right KV for all its computed tokens, the tree only points at right KV, refcounts equal the owners
+    (request tables + the cache), no free block is referenced. At the end, after evicting all, nothing leaked."""
+    bs = 4
+    blocks = BlockManager(num_blocks, bs)
+    cache = PrefixCache(blocks)
+    sched = Scheduler(EngineConfig(block_size=bs, max_num_batched_tokens=budget, max_num_seqs=max_num_seqs),
+                      blocks, cache)
+    kv = FakeKV(blocks)
+    max_len = num_blocks * bs
+    pending = []
+    for i, (stem, cut, tail, max_tokens, arrival) in enumerate(requests):
+        stem = stems[stem % len(stems)]
+        prompt = (stem[:cut] + tail)[:max_len - max_tokens - 1] or [1]
+        pending.append((arrival, Request(request_id=str(i), prompt=None, prompt_token_ids=prompt,
+                                         params=SamplingParams(max_tokens=max_tokens), seed=0, arrival=i,
+                                         metrics=RequestMetrics(arrival_time=0.0))))
+    pending.sort(key=lambda x: (x[0], x[1].arrival))
+    finished, step = 0, 0
+    while pending or sched.has_unfinished():
+        while pending and pending[0][0] <= step:
+            sched.add(pending.pop(0)[1])
+        cache.evict(evictions[step % len(evictions)])
+        batch = sched.schedule()
+        step += 1
+        assert step < 2000, "no progress"
+        assert batch.num_tokens <= budget
+        for source, destination in batch.copies:
+            kv.copy(source, destination)
+        for seq in batch.seqs:
+            req, sampled = seq.request, seq.num_samples
+            kv.check(req.block_table, req.token_ids, req.num_computed)
+            kv.write(req.block_table, req.token_ids, req.num_computed, req.num_computed + seq.num_tokens)
+            req.num_computed += seq.num_tokens
+            if seq.stage is Stage.PREFILL:
+                sched.cache_computed(req)
+            if sampled:
+                req.token_ids.append(1 + len(req.token_ids) % 3)
+                if len(req.output_ids) >= req.params.max_tokens:
+                    sched.remove(req)
+                    req.status = Status.FINISHED
+                    finished += 1
+        check_tree(cache, kv)
+        check_refcounts(blocks, [r.block_table for r in sched.running + list(sched.waiting)], cache)
+        assert all(not r.block_table for r in sched.waiting)
+    assert finished == len(requests)
+    stats = sched.stats
+    assert stats["prefix_block_hit_tokens"] <= stats["prefix_hit_tokens"] < stats["prefix_lookup_tokens"]
+    cache.evict(num_blocks)
+    assert not cache.cached and blocks.num_free == num_blocks
+
+
+# ---- the engine, caching on vs off ---------------------------------------------------------------------------
+
+PER_BLOCK = 4 * 2 * 2 * 2 * 16 * 4      # bytes of a 4-token block of the tiny model
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model):
+    """Caching on, caching off, and caching on over a 16-block pool (evicts and preempts)."""
+    options = dict(block_size=4, max_num_batched_tokens=32, max_num_seqs=6, progress=False)
+    return dict(on=LLM(tiny_model, **options), off=LLM(tiny_model, enable_prefix_caching=False, **options),
+                small=LLM(tiny_model, kv_cache_memory=16 * PER_BLOCK, **options))
+
+
+def greedy(n):
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+def run(llm, prompts, n=6):
+    before = dict(llm.stats)
+    outs = [o.token_ids for o in llm.generate(prompts, greedy(n))]
+    after = llm.stats
+    return outs, {k: after[k] - before[k] for k in ("prefix_hit_tokens", "prefix_block_hit_tokens", "prefix_copies",
+                                                    "prefix_evicted_blocks", "preemptions", "prefill_tokens")}
+
+
+def test_shared_system_prompt_hits_token_wise_and_matches_no_caching(engines):
+    rng = np.random.default_rng(0)
+    system = rng.integers(3, 49000, 22).tolist()            # 22 tokens: 5 full blocks and 2 tokens of a 6th
+    prompts = [system + rng.integers(3, 49000, n).tolist() for n in (5, 1, 9, 14, 3)]
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, seconds, **kw: compiles.append(kw.get("fun_name")) if event.endswith("backend_compile_duration")
+        else None)
+    first, _ = run(engines["on"], prompts[:1])               # caches the system prompt
+    rest, delta = run(engines["on"], prompts[1:])
+    assert compiles == []                                     # the copy-on-write program was compiled at start
+    assert first + rest == run(engines["off"], prompts)[0]
+    assert delta["prefix_hit_tokens"] == 4 * 22 and delta["prefix_block_hit_tokens"] == 4 * 20
+    assert delta["prefix_copies"] == 4
+    assert engines["on"].stats["kv_blocks_free"] == engines["on"].stats["kv_blocks_total"]
+
+
+def test_multi_turn_conversations_hit_the_previous_answer(engines):
+    """Each turn's prompt is the previous prompt, its answer and a new user message."""
+    rng = np.random.default_rng(1)
+    convs = [rng.integers(3, 49000, n).tolist() for n in (7, 13, 6)]
+    for turn in range(3):
+        answers, delta = run(engines["on"], convs, n=5)
+        assert answers == run(engines["off"], convs, n=5)[0]
+        if turn:                                              # all of it but the last answer token (no KV yet)
+            assert delta["prefix_hit_tokens"] == sum(len(c) - 3 for c in convs)
+        convs = [c + a + rng.integers(3, 49000, 2).tolist() for c, a in zip(convs, answers)]
+
+
+def test_partial_block_overlaps_and_full_prompt_hits(engines):
+    """Prompts forking from one stem at every offset inside a block, and repeats of whole prompts (the last
+    prompt token is computed again for its logits)."""
+    rng = np.random.default_rng(2)
+    stem = rng.integers(3, 49000, 13).tolist()
+    prompts = [stem] + [stem[:k] + rng.integers(3, 49000, 3).tolist() for k in range(4, 13)] + [stem, stem[:9]]
+    on, delta = run(engines["on"], prompts[:1])
+    more, delta = run(engines["on"], prompts[1:])
+    assert on + more == run(engines["off"], prompts)[0]
+    assert delta["prefix_hit_tokens"] == sum(range(4, 13)) + 12 + 8 and delta["prefix_copies"] > 0
+
+
+def test_a_short_pool_evicts_before_preempting_and_stays_exact(engines):
+    rng = np.random.default_rng(3)
+    system = rng.integers(3, 49000, 10).tolist()
+    prompts = [system + rng.integers(3, 49000, n).tolist() for n in (6, 2, 11, 4, 7, 9, 3, 5)]
+    prompts += [rng.integers(3, 49000, 12).tolist() for _ in range(3)]
+    outs, delta = run(engines["small"], prompts, n=10)
+    assert outs == run(engines["off"], prompts, n=10)[0]
+    assert delta["prefix_evicted_blocks"] > 0 and delta["preemptions"] > 0 and delta["prefix_hit_tokens"] > 0
+    stats = engines["small"].stats
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
