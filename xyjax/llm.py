@@ -47,11 +47,11 @@ class LLM:
         tokens, hit_rate (hit / looked-up tokens), block_hit_tokens (the hits rounded down to whole blocks: what
         block-granular matching would reuse), copy-on-write copies, evicted blocks."""
         engine = self.engine
-        s, blocks, runner, sched, cache = engine.stats, engine.blocks, engine.runner, engine.scheduler, engine.prefix_cache
+        s, blocks, sched, cache = engine.stats, engine.blocks, engine.scheduler, engine.prefix_cache
         steps = max(s["steps"], 1)
         return dict(s, mean_step_time=s["step_seconds"] / steps, tokens_per_step=s["real_tokens"] / steps,
-                    padding_ratio=s["padded_tokens"] / max(s["real_tokens"], 1), compiles=runner.compiles,
-                    compile_seconds=runner.compile_seconds, startup_seconds=engine.startup_seconds,
+                    padding_ratio=s["padded_tokens"] / max(s["real_tokens"], 1), compiles=engine.runner.compiles,
+                    compile_seconds=engine.runner.compile_seconds, startup_seconds=engine.startup_seconds,
                     kv_blocks_total=blocks.num_blocks,
                     kv_blocks_free=blocks.num_free + (cache.num_idle_blocks if cache else 0),
                     kv_blocks_cached=len(cache.cached) if cache else 0, **sched.stats,

@@ -134,8 +134,11 @@ class Scheduler:
         """Give ``req`` its cached prefix and the blocks of its first chunk, leaving a block per running request
         for its next decode so admission forces no preemption. Returns the chunk (0: not admitted, nothing held)."""
         bs, hit = self.blocks.block_size, 0
-        if self.cache:                       # the last token is always computed: its logits give the next token
-            hit, cached = self.cache.match(req.token_ids[:-1])
+        if self.cache:
+            # The last token is always computed (its logits give the next token); a hit never ends inside the
+            # pool's last block, whose copy would not fit beside a request as long as the pool.
+            limit = min(len(req.token_ids) - 1, (self.blocks.num_blocks - 1) * bs)
+            hit, cached = self.cache.match(req.token_ids[:limit])
             self.blocks.share(req.block_table, cached)
         tail = int(hit % bs != 0)            # a partial last block is copied before the request writes into it
         n = min(len(req.token_ids) - hit, budget)
@@ -178,7 +181,7 @@ class Scheduler:
                 return False
 
     def _make_room(self, num_blocks: int) -> None:
-        """Evict idle cached prefixes (least recently used first) until ``num_blocks`` blocks are free, if they can be."""
+        """Evict idle cached prefixes (least recently used first) until ``num_blocks`` blocks are free, or all."""
         short = num_blocks - self.blocks.num_free
         if self.cache and short > 0:
             self.stats["prefix_evicted_blocks"] += self.cache.evict(short)
