@@ -1,5 +1,5 @@
 """Command line: ``xyjax generate "prompt" [...]``, ``xyjax serve [...]``, ``xyjax bench [--workload W] [...]``,
-``xyjax bench-attention``, ``xyjax bench-gemm`` and ``xyjax profile``."""
+``xyjax bench-attention``, ``xyjax bench-gemm``, ``xyjax bench-prefix`` and ``xyjax profile``."""
 
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     passthrough = {  # commands with their own parsers: (module, help)
         "bench-attention": ("xyjax.bench.attention", "time Meta-Attention backends on hybrid batches"),
         "bench-gemm": ("xyjax.bench.gemm", "time SmoothGEMM against padded and exact-m XLA dots"),
+        "bench-prefix": ("xyjax.bench.prefix", "prefix caching on vs off: shared system prompts, multi-turn chats"),
         "profile": ("xyjax.gemm_profile", "profile the gemm backend's tunables per linear shape and bucket"),
     }
     for name, (_, text) in passthrough.items():
