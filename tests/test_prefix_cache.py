@@ -143,12 +143,13 @@ def test_random_scheduling_keeps_tree_refcounts_and_kv_consistent(stems, request
     the prefix cache on a short pool (evictions, preemptions, copy-on-write), plus random extra evictions; a fake
     model writes a value per (prefix, position) into a simulated KV cache. Every step: each scheduled request
     sees the right KV for all its computed tokens, the tree only points at right KV, refcounts equal the owners
-    (request tables + the cache), no free block is referenced. At the end, after evicting all, nothing leaked."""
+    (request tables + the cache), no free block is referenced; rejected speculative drafts leave dead KV behind
+    without harm. At the end, after evicting all, nothing leaked."""
     bs = 4
     blocks = BlockManager(num_blocks, bs)
     cache = PrefixCache(blocks)
-    sched = Scheduler(EngineConfig(block_size=bs, max_num_batched_tokens=budget, max_num_seqs=max_num_seqs),
-                      blocks, cache)
+    config = EngineConfig(block_size=bs, max_num_batched_tokens=budget, max_num_seqs=max_num_seqs, max_draft_tokens=1)
+    sched = Scheduler(config, blocks, cache)
     kv = FakeKV(blocks)
     max_len = num_blocks * bs
     pending = []
@@ -173,8 +174,12 @@ def test_random_scheduling_keeps_tree_refcounts_and_kv_consistent(stems, request
         for seq in batch.seqs:
             req, sampled = seq.request, seq.num_samples
             kv.check(req.block_table, req.token_ids, req.num_computed)
-            kv.write(req.block_table, req.token_ids, req.num_computed, req.num_computed + seq.num_tokens)
+            kv.write(req.block_table, req.token_ids + req.draft_token_ids, req.num_computed,
+                     req.num_computed + seq.num_tokens)
             req.num_computed += seq.num_tokens
+            if seq.stage is Stage.VERIFY:                  # the draft is rejected: its KV is dead
+                req.num_computed -= len(req.draft_token_ids)
+                req.draft_token_ids = []
             if seq.stage is Stage.PREFILL:
                 sched.cache_computed(req)
             if sampled:
@@ -183,6 +188,8 @@ def test_random_scheduling_keeps_tree_refcounts_and_kv_consistent(stems, request
                     sched.remove(req)
                     req.status = Status.FINISHED
                     finished += 1
+                elif step % 2:
+                    req.draft_token_ids = [2]
         check_tree(cache, kv)
         check_refcounts(blocks, [r.block_table for r in sched.running + list(sched.waiting)], cache)
         assert all(not r.block_table for r in sched.waiting)
