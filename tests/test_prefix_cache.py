@@ -14,6 +14,7 @@ from xyjax import LLM, SamplingParams
 from xyjax.block_manager import BlockManager
 from xyjax.config import EngineConfig
 from xyjax.outputs import RequestMetrics
+from xyjax.planner import Planner
 from xyjax.prefix_cache import PrefixCache
 from xyjax.request import Request, Status
 from xyjax.scheduler import Scheduler, Stage
@@ -129,9 +130,37 @@ def test_eviction_is_lru_over_idle_leaves_and_gives_everything_back():
     assert cache.evict(100) == 2 and not cache.cached and blocks.num_free == 16
 
 
+def make_request(i, prompt, max_tokens=4):
+    return Request(request_id=str(i), prompt=None, prompt_token_ids=prompt, seed=0, arrival=i,
+                   params=SamplingParams(max_tokens=max_tokens), metrics=RequestMetrics(arrival_time=0.0))
+
+
+def test_admission_takes_the_cached_prefix_and_charges_only_the_rest():
+    """A 7-token hit: the budget pays for uncached tokens only, the partial block is copied, and the planner
+    runs the chunk from position 7 (kv_len = 7 + q_len)."""
+    blocks = BlockManager(32, 4)
+    config = EngineConfig(block_size=4, max_num_batched_tokens=16, max_num_seqs=4)
+    sched = Scheduler(config, blocks, PrefixCache(blocks))
+    first = make_request(0, list(range(1, 11)))
+    sched.add(first)
+    sched.schedule()
+    first.num_computed = 10
+    sched.cache_computed(first)
+    second = make_request(1, list(range(1, 8)) + [50] * 20)
+    sched.add(second)
+    batch = sched.schedule()
+    assert [(s.request, s.num_tokens) for s in batch.seqs] == [(second, 16)] and second.num_computed == 7
+    assert second.block_table[0] == first.block_table[0] and batch.copies == [(first.block_table[1],
+                                                                               second.block_table[1])]
+    inputs, _, _ = Planner(config, 128, 2).plan(batch, lambda *_: [])
+    assert inputs.positions[:16].tolist() == list(range(7, 23))
+    assert dict(sched.stats) == dict(prefix_lookups=2, prefix_lookup_tokens=37, prefix_hit_tokens=7,
+                                     prefix_block_hit_tokens=4, prefix_copies=1, prefix_evicted_blocks=0)
+
+
 # ---- random scheduling with a simulated KV cache -----------------------------------------------------------
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(stems=st.lists(st.lists(st.integers(1, 3), min_size=1, max_size=30), min_size=1, max_size=3),
        requests=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 30), st.lists(st.integers(1, 4), max_size=8),
                                    st.integers(1, 16), st.integers(0, 4)), min_size=1, max_size=10),
@@ -156,9 +185,7 @@ def test_random_scheduling_keeps_tree_refcounts_and_kv_consistent(stems, request
     for i, (stem, cut, tail, max_tokens, arrival) in enumerate(requests):
         stem = stems[stem % len(stems)]
         prompt = (stem[:cut] + tail)[:max_len - max_tokens - 1] or [1]
-        pending.append((arrival, Request(request_id=str(i), prompt=None, prompt_token_ids=prompt,
-                                         params=SamplingParams(max_tokens=max_tokens), seed=0, arrival=i,
-                                         metrics=RequestMetrics(arrival_time=0.0))))
+        pending.append((arrival, make_request(i, prompt, max_tokens)))
     pending.sort(key=lambda x: (x[0], x[1].arrival))
     finished, step = 0, 0
     while pending or sched.has_unfinished():
