@@ -44,18 +44,18 @@ class LLM:
         persistent cache; fixed after start-up), compile_seconds, startup_seconds, KV blocks: total, free (no
         request holds them: the free pool and blocks only the prefix cache holds, which it gives back on demand)
         and cached (held by the prefix cache); prefix caching: lookups (admissions), prompt tokens looked up, hit
-        tokens, hit_rate (hit / looked-up tokens), block_hit_tokens (the hits rounded down to whole blocks: what
-        block-granular matching would reuse), copy-on-write copies, evicted blocks."""
+        tokens, prefix_cache_hit_rate (hit / looked-up tokens), block_hit_tokens (the hits rounded down to whole
+        blocks: what block-granular matching would reuse), copy-on-write copies, evicted blocks."""
         engine = self.engine
         s, blocks, sched, cache = engine.stats, engine.blocks, engine.scheduler, engine.prefix_cache
-        steps = max(s["steps"], 1)
+        steps, lookups = max(s["steps"], 1), max(sched.stats["prefix_lookup_tokens"], 1)
         return dict(s, mean_step_time=s["step_seconds"] / steps, tokens_per_step=s["real_tokens"] / steps,
                     padding_ratio=s["padded_tokens"] / max(s["real_tokens"], 1), compiles=engine.runner.compiles,
                     compile_seconds=engine.runner.compile_seconds, startup_seconds=engine.startup_seconds,
                     kv_blocks_total=blocks.num_blocks,
                     kv_blocks_free=blocks.num_free + (cache.num_idle_blocks if cache else 0),
                     kv_blocks_cached=len(cache.cached) if cache else 0, **sched.stats,
-                    prefix_hit_rate=sched.stats["prefix_hit_tokens"] / max(sched.stats["prefix_lookup_tokens"], 1),
+                    prefix_cache_hit_rate=sched.stats["prefix_hit_tokens"] / lookups,
                     running=len(sched.running), waiting=len(sched.waiting))
 
     def generate(self, prompts: str | list[int] | Sequence[str | list[int]],

@@ -17,11 +17,6 @@ from xyjax.outputs import RequestOutput
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, float("inf"))
 
 
-def prefix_cache_hit_rate(stats: dict) -> float:
-    """The prefix cache's hit rate, once the engine reports one (0 until then)."""
-    return float(stats.get("prefix_cache_hit_rate", 0.0))
-
-
 class Metrics:
     """The server's metrics; ``stats`` returns the engine's latest stats (``LLM.stats`` keys)."""
 
@@ -76,7 +71,7 @@ class _EngineCollector:
             "kv_blocks_free": ("Free KV blocks", s["kv_blocks_free"]),
             "kv_blocks_total": ("KV blocks in the pool", s["kv_blocks_total"]),
             "compiles": ("Step programs compiled or loaded (fixed after start-up)", s["compiles"]),
-            "prefix_cache_hit_rate": ("Prefix-cache hit rate", prefix_cache_hit_rate(s)),
+            "prefix_cache_hit_rate": ("Prefix-cache hit rate (hit / prompt tokens)", s["prefix_cache_hit_rate"]),
         }
         for name, (text, value) in gauges.items():
             yield GaugeMetricFamily(f"xyjax_{name}", text, value=value)
