@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from ascend_ffi import blas
 from xyjax import LLM, SamplingParams, gemm_profile
@@ -30,6 +30,7 @@ def operands(rng, T, K, N):
 
 @settings(max_examples=20, deadline=None)
 @given(T=st.integers(1, 40), K=st.integers(1, 48), N=st.integers(1, 80), frac=st.floats(0, 1), seed=st.integers(0, 99))
+@example(T=1, K=33, N=65, frac=1.0, seed=0)   # ceil(N / 2 lanes) is not a multiple of 16: the last column's lane
 def test_random_shapes_match_float64(T, K, N, frac, seed):
     x, w = operands(np.random.default_rng(seed), T, K, N)
     m = round(frac * T)

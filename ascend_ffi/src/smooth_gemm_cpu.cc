@@ -107,7 +107,7 @@ ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, 
     // Blocks of whole rows (split_rows) or of kColumnAlign-aligned columns, one per lane.
     const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(lanes, split_rows ? mc : N / kColumnAlign));
     const int64_t width = split_rows ? (mc + blocks - 1) / blocks
-                                     : (N / blocks + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
+                                     : ((N + blocks - 1) / blocks + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
     const int trans_b = transpose_w ? kTrans : kNoTrans;
     const int ldb = static_cast<int>(transpose_w ? K : N);
     auto lane = [&](int i) {
