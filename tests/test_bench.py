@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import sys
 
 import jax
 import numpy as np
@@ -177,20 +178,25 @@ def test_peers_run_through_the_protocol_and_missing_ones_are_skipped(tiny_model,
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from xyjax import LLM
+    from xyjax.bench.peers import PEERS, Peer
     from xyjax.bench.runs import bench
 
     monkeypatch.setenv("XYJAX_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("XYJAX_VLLM_PYTHON", str(tmp_path / "no-such-python"))
+    monkeypatch.setitem(PEERS, "crashing", Peer("crashing", "no_such_peer.py", lambda: sys.executable))
     llm = LLM(tiny_model, block_size=4, max_num_batched_tokens=64, max_num_seqs=4, progress=False)
     result = bench("lognormal", num_requests=3, seed=2, naive_batch_sizes=(), out_dir=str(tmp_path), progress=False,
-                   llm=llm, peers=("hf", "vllm"))
+                   llm=llm, peers=("hf", "hf-continuous", "vllm", "crashing"))
     saved = json.load(open(result["path"]))
-    assert set(saved["systems"]) == {"xyjax", "hf"}
+    assert set(saved["systems"]) == {"xyjax", "hf", "hf-continuous"}
     assert "make vllm-env" in saved["skipped"]["vllm"]
-    ours, hf = saved["systems"]["xyjax"], saved["systems"]["hf"]
-    assert hf["prompt_tokens"] == ours["prompt_tokens"] and hf["output_tokens"] == ours["output_tokens"]
-    assert hf["system"].startswith("transformers") and hf["settings"]["mode"] == "static"
-    assert 0 < hf["ttft_p50"] <= hf["ttft_p99"] and hf["total_tokens_per_s"] > 0
+    assert "peer crashing failed" in saved["skipped"]["crashing"]   # a crashed peer is left out, the run goes on
+    ours = saved["systems"]["xyjax"]
+    for mode, name in (("static", "hf"), ("continuous", "hf-continuous")):
+        hf = saved["systems"][name]
+        assert hf["prompt_tokens"] == ours["prompt_tokens"] and hf["output_tokens"] == ours["output_tokens"]
+        assert hf["system"].startswith("transformers") and hf["settings"]["mode"] == mode
+        assert 0 < hf["ttft_p50"] <= hf["ttft_p99"] and hf["total_tokens_per_s"] > 0
 
 
 def test_peer_protocol_records_and_failures(tmp_path):

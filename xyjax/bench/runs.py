@@ -70,7 +70,7 @@ def run_engine(llm, requests: list[BenchRequest], progress: bool = True) -> tupl
 def run_systems(requests: list[BenchRequest], llm, naive_batch_sizes, peers, model, progress: bool,
                 breakdown: bool = False) -> tuple[dict, dict]:
     """``requests`` on xyjax, the naive baseline at each batch size and each available peer. Returns
-    ({system: figures, stats and per-request records}, {skipped peer: how to install it}). ``breakdown``:
+    ({system: figures, stats and per-request records}, {peer left out: how to install it, or how it failed}). ``breakdown``:
     also split xyjax's device step time (``xyjax.bench.breakdown``) by replaying a sample of its steps."""
     from xyjax.bench.peers import PEERS, PeerUnavailable, hf_directory
 
@@ -92,7 +92,12 @@ def run_systems(requests: list[BenchRequest], llm, naive_batch_sizes, peers, mod
             skipped[name] = str(e)
             print(f"xyjax bench: skipping peer {name}: {e}")
             continue
-        out = PEERS[name].run(requests, hf_directory(model, llm.model))
+        try:
+            out = PEERS[name].run(requests, hf_directory(model, llm.model))
+        except RuntimeError as e:         # a crashed peer (e.g. killed for memory) costs its row, not the run
+            skipped[name] = str(e)
+            print(f"xyjax bench: peer {name} failed, left out: {e}")
+            continue
         systems[name] = entry(out["records"], out["stats"], system=out["system"], settings=out["settings"])
     return systems, skipped
 

@@ -66,11 +66,16 @@ def run_static(model, requests, batch_size: int, pad_id: int, t0: float):
     return records
 
 
-def run_continuous(model, requests, t0: float):
-    from transformers import GenerationConfig
+def run_continuous(model, requests, t0: float, batch_tokens: int):
+    from transformers import ContinuousBatchingConfig, GenerationConfig
 
     config = GenerationConfig(do_sample=False, max_new_tokens=max(r["output_len"] for r in requests))
-    manager = model.init_continuous_batching(generation_config=config)
+    # A KV cache that holds the whole workload at once (by default transformers sizes it from free memory, which
+    # on CPU means most of the machine's RAM) and the token budget per step of xyjax's default.
+    page = 256
+    blocks = sum(-(-(len(r["prompt_token_ids"]) + r["output_len"]) // page) for r in requests)
+    cb_config = ContinuousBatchingConfig(page_size=page, num_blocks=blocks, max_batch_tokens=batch_tokens)
+    manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=cb_config)
     manager.start()
     try:
         order = sorted(range(len(requests)), key=lambda i: requests[i]["arrival"])
@@ -99,7 +104,8 @@ def run_continuous(model, requests, t0: float):
 def main() -> int:
     p = protocol.parser(__doc__.splitlines()[0])
     p.add_argument("--mode", choices=("static", "continuous"), default="static")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="static: requests per batch")
+    p.add_argument("--batch-tokens", type=int, default=512, help="continuous: tokens per step")
     args = p.parse_args()
     import torch
     import transformers
@@ -117,9 +123,10 @@ def main() -> int:
     if args.mode == "static":
         records = run_static(model, requests, args.batch_size, pad_id, t0)
     else:
-        records = run_continuous(model, requests, t0)
+        records = run_continuous(model, requests, t0, args.batch_tokens)
     wall = time.perf_counter() - t0
     settings = dict(mode=args.mode, batch_size=args.batch_size if args.mode == "static" else None,
+                    batch_tokens=args.batch_tokens if args.mode == "continuous" else None,
                     threads=torch.get_num_threads(), dtype="float32")
     protocol.write_result(args.out, f"transformers {transformers.__version__} ({args.mode})", settings,
                           dict(wall_time=wall, startup_seconds=startup), records)
