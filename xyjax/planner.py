@@ -4,8 +4,12 @@ Shapes depend only on the token bucket T (the smallest configured bucket >= the 
     tokens T; sequences S = min(T, max_num_seqs); sampled rows R = min(T, S * (1 + max_draft_tokens));
     block-table pages P = ceil((max_model_len + max_draft_tokens) / block_size); attention task tables
     from ``tiling.capacities``; banned ids per row ``max_stop_ids``.
+When the engine drafts token trees, every bucket also carries the tree mask [T, 1 + max_draft_tokens] and
+the KV moves [max_num_seqs * max_draft_tokens, 2] (xyjax.speculative).
 So the jitted step has one program per bucket. Real sizes (num_tokens, num_tasks, num_samples) are data;
-padding tokens have slot -1 (write no KV) and no task covers them (zero attention output).
+padding tokens have slot -1 (write no KV) and no task covers them (zero attention output). A verify run
+of a tree puts row j at position start + depth(j), its KV at slot position start + j, and samples it with
+the counter of output index ``done + depth(j)``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 
 from xyjax import tiling
 from xyjax.config import EngineConfig
+from xyjax.drafters import DraftTree
 from xyjax.sampler import SamplingInputs
 from xyjax.scheduler import ScheduledBatch, Stage
 from xyjax.step_inputs import StepInputs
@@ -33,6 +38,7 @@ class Planner:
     def __init__(self, config: EngineConfig, max_model_len: int, num_kv_heads: int):
         self.config, self.num_kv_heads = config, num_kv_heads
         self.pages = -(-(max_model_len + config.max_draft_tokens) // config.block_size)
+        self.trees = bool(config.speculative and config.speculative.tree)
 
     def shapes(self, num_tokens: int) -> Shapes:
         """The bucket for a step of ``num_tokens`` real tokens."""
@@ -43,11 +49,11 @@ class Planner:
         seqs = min(tokens, c.max_num_seqs)
         return Shapes(tokens, seqs, min(tokens, seqs * (1 + c.max_draft_tokens)))
 
-    def plan(self, batch: ScheduledBatch, banned_ids: Callable, bucket: int | None = None
-             ) -> tuple[StepInputs, SamplingInputs, list[int]]:
+    def plan(self, batch: ScheduledBatch, banned_ids: Callable, bucket: int | None = None,
+             kv_moves: list[tuple[int, int]] = ()) -> tuple[StepInputs, SamplingInputs, list[int]]:
         """Arrays for one step, and the number of sampled rows of each scheduled sequence (in order).
         ``banned_ids(request, output_index)`` lists the token ids masked for that output token.
-        ``bucket``: force a (larger) bucket."""
+        ``bucket``: force a (larger) bucket. ``kv_moves``: (src, dst) slot copies to apply first."""
         c, bs = self.config, self.config.block_size
         shape = self.shapes(max(batch.num_tokens, bucket or 0))
         T, S, R = shape.tokens, shape.seqs, shape.samples
@@ -57,15 +63,19 @@ class Planner:
         sample_index = np.zeros(R, np.int32)
         sampling = _sampling_arrays(R, c.max_stop_ids)
         row = sample_row = 0
-        num_samples = []
+        num_samples, trees = [], {}
         for i, seq in enumerate(batch.seqs):
             req, n = seq.request, seq.num_tokens
             start = req.num_computed
             ids = req.token_ids + req.draft_token_ids if seq.stage is Stage.VERIFY else req.token_ids
+            depth = np.arange(n)
+            if seq.stage is Stage.VERIFY and req.draft_parents is not None:
+                trees[i] = [-1] + [p + 1 for p in req.draft_parents]
+                depth = np.asarray([0] + DraftTree(req.draft_token_ids, req.draft_parents).depths())
             pos = np.arange(start, start + n)
             table = np.asarray(req.block_table, np.int32)
             tokens[row:row + n] = ids[start:start + n]
-            positions[row:row + n] = pos
+            positions[row:row + n] = start + depth
             slots[row:row + n] = table[pos // bs] * bs + pos % bs
             q_start[i], q_len[i], kv_len[i] = row, n, start + n
             tables[i, :len(table)] = table
@@ -73,20 +83,26 @@ class Planner:
             num_samples.append(k)
             p, done = req.params, len(req.output_ids)
             for j in range(k):
-                r = sample_row + j
+                r, index = sample_row + j, done + int(depth[n - k + j])
                 sample_index[r] = row + n - k + j
                 sampling.temperature[r], sampling.top_k[r], sampling.top_p[r] = p.temperature, p.top_k, p.top_p
-                sampling.seed[r], sampling.counter[r] = req.seed, done + j
+                sampling.seed[r], sampling.counter[r] = req.seed, index
                 sampling.logprobs[r] = p.logprobs is not None
-                banned = banned_ids(req, done + j)
+                banned = banned_ids(req, index)
                 sampling.banned[r, :len(banned)] = banned
             sample_row += k
             row += n
         attention = tiling.attention_metadata(q_start, q_len, kv_len, tables, num_kv_heads=self.num_kv_heads,
                                               tile=c.prefill_tile, num_tokens=T, lanes=c.attention_lanes,
-                                              block_size=bs, max_splits=c.max_kv_splits, min_split_kv=c.min_split_kv)
+                                              block_size=bs, max_splits=c.max_kv_splits, min_split_kv=c.min_split_kv,
+                                              trees=trees, max_tree=(1 + c.max_draft_tokens) * self.trees)
+        moves = None
+        if self.trees:
+            moves = np.full((c.max_num_seqs * c.max_draft_tokens, 2), -1, np.int32)
+            moves[:len(kv_moves)] = np.asarray(kv_moves, np.int32).reshape(-1, 2)
         inputs = StepInputs(token_ids=tokens, positions=positions, slot_mapping=slots, num_tokens=np.int32(row),
-                            attention=attention, sample_index=sample_index, num_samples=np.int32(sample_row))
+                            attention=attention, sample_index=sample_index, num_samples=np.int32(sample_row),
+                            kv_moves=moves)
         return inputs, sampling, num_samples
 
     def empty(self, bucket: int) -> tuple[StepInputs, SamplingInputs]:

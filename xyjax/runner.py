@@ -42,6 +42,8 @@ class Runner:
         self.compiles, self.compile_seconds = 0, 0.0
 
         def step(params, kv, inputs: StepInputs, sampling: SamplingInputs):
+            if inputs.kv_moves is not None:
+                kv = kv.move(inputs.kv_moves)
             logits, kv = forward(params, kv, inputs, cfg=cfg, backends=backends)
             return sample(logits, sampling, num_logprobs), kv
 

@@ -1,0 +1,260 @@
+"""Speculative decoding: drafters, adaptive control, acceptance, tree masks and KV moves against float64,
+greedy exactness over random workloads (chain and tree), rejection sampling's distribution (chi-square)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from reference import reference_greedy, reference_logits
+from test_hybrid import drive, random_prompts
+from test_ops import reference_attention
+
+from models.config import ModelConfig
+from models.llama import init_params
+from models.loader import LoadedModel
+from xyjax import LLM, SamplingParams
+from xyjax.drafters import DraftModelDrafter, DraftTree, NgramDrafter
+from xyjax.kv_cache import KVCache
+from xyjax.ops import meta_attention
+from xyjax.speculative import AdaptiveControl, SpecConfig, accepted_path, kv_moves, rejection_sample
+from xyjax.tiling import attention_metadata
+
+# Chi-square tests below reject at this significance level (fixed seeds: deterministic outcomes).
+ALPHA = 0.01
+
+
+# ---- drafters and control -------------------------------------------------------------------------
+def test_ngram_chain_takes_the_most_recent_longest_match():
+    d = NgramDrafter(min_n=1, max_n=3)
+    assert d.propose([1, 2, 3, 4, 5, 9, 2, 3, 7, 1, 2, 3], 3) == DraftTree.chain([4, 5, 9])   # n=3 beats n=2
+    assert d.propose([5, 1, 8, 1, 6, 1], 2).tokens == [6, 1]                                 # most recent n=1
+    assert d.propose([1, 2, 3], 4).tokens == [] and d.propose([1, 2, 1], 0).tokens == []
+    assert NgramDrafter(min_n=2, max_n=2).propose([7, 1, 8, 1], 2).tokens == []             # n=1 not searched
+
+
+def test_ngram_tree_merges_continuations_within_the_node_budget():
+    d = NgramDrafter(min_n=1, max_n=2, tree=True, max_matches=3)
+    ids = [1, 2, 3, 9, 1, 2, 4, 7, 1, 2, 3, 5, 1, 2]
+    tree = d.propose(ids, 6)
+    # continuations after "1 2": [3 5 1 2] (newest), [4 7 1 2], [3 9 1 2]: a trie of 6 nodes
+    assert tree.tokens == [3, 5, 1, 2, 4, 7] and tree.parents == [-1, 0, 1, 2, -1, 4]
+    assert tree.depths() == [1, 2, 3, 4, 1, 2] and not tree.is_chain
+    full = d.propose(ids, 20)
+    assert len(full.tokens) == 20 and full.tokens[12:14] == [9, 1] and full.parents[12] == 0   # budget filled
+    siblings = {}
+    for p, t in zip(full.parents, full.tokens):
+        assert t not in siblings.setdefault(p, set())
+        siblings[p].add(t)
+
+
+def test_adaptive_control_pauses_failing_requests_and_reprobes():
+    c = AdaptiveControl()
+    assert c.budget(8) == 8
+    for _ in range(6):
+        c.update(8, 0)
+        if c.paused:
+            break
+    assert c.paused == 8 and c.pause == 8
+    assert [c.budget(8) for _ in range(8)] == [0] * 8 and c.budget(8) == 4    # re-probe with half the budget
+    c.update(4, 0)
+    assert c.pause == c.paused == 16                                                       # failed probe: longer pause
+    c.paused = 0
+    c.update(4, 4)
+    assert c.pause == 0 and c.budget(8) >= 5
+
+
+def test_accepted_path_and_kv_moves():
+    tree = DraftTree([3, 5, 4, 7], [-1, 0, -1, 2])        # root -> 3 -> 5, root -> 4 -> 7; rows 1..4
+    assert accepted_path(tree, [4, 0, 0, 7, 9]) == [0, 3, 4]
+    assert accepted_path(tree, [3, 5, 8, 0, 0]) == [0, 1, 2]
+    assert accepted_path(tree, [6, 5, 8, 0, 0]) == [0]
+    assert kv_moves([0, 3, 4], 10, lambda p: 100 + p) == [(113, 111), (114, 112)]
+    assert kv_moves([0, 1, 2], 10, lambda p: p) == []
+
+
+def test_spec_config_is_checked():
+    assert SpecConfig.parse(None) is None
+    assert SpecConfig.parse({"num_draft_tokens": 3, "tree": True}).tree
+    for bad in ({"method": "eagle"}, {"num_draft_tokens": 0}, {"k": 3}, "ngram"):
+        with pytest.raises(ValueError):
+            SpecConfig.parse(bad)
+
+
+# ---- tree masks and KV moves against float64 ------------------------------------------------------
+@pytest.mark.parametrize("backend", ["xla", "ffi"])
+def test_tree_verify_and_moved_kv_match_float64(backend):
+    """Tree rows see the history and their ancestors only; after the accepted path's KV is moved to the
+    next contiguous positions, a causal decode over them equals attention over the path itself."""
+    rng = np.random.default_rng(0)
+    heads, kv_heads, dim, bs, history = 4, 2, 16, 4, 9
+    tree = DraftTree([3, 5, 4, 7, 8], [-1, 0, -1, 2, 2])
+    parents = [-1] + [p + 1 for p in tree.parents]        # rows: root then nodes
+    n, T = len(parents), 16
+    table = rng.permutation(16)[None].astype(np.int32)   # 16 shuffled blocks
+    k = rng.standard_normal((1, 16, kv_heads, bs, dim)).astype(np.float32)
+    v = rng.standard_normal((1, 16, kv_heads, bs, dim)).astype(np.float32)
+    q = np.zeros((T, heads, dim), np.float32)
+    q[:n] = rng.standard_normal((n, heads, dim))
+    meta = attention_metadata([0], [n], [history + n], table, num_kv_heads=kv_heads, tile=4, num_tokens=T,
+                              block_size=bs, trees={0: parents}, max_tree=8)
+    meta = jax.tree.map(jnp.asarray, meta)
+    kv = KVCache(k=jnp.asarray(k), v=jnp.asarray(v))
+    out = np.asarray(meta_attention(jnp.asarray(q), kv, 0, meta, backend=backend))
+    slot = lambda p: int(table[0, p // bs]) * bs + p % bs                               # noqa: E731
+    seq_k = lambda c, pos: c[0, [slot(p) // bs for p in pos], :, [slot(p) % bs for p in pos]]  # noqa: E731
+    for row in range(n):
+        ancestors, r = [], row
+        while r >= 0:
+            ancestors.insert(0, r)
+            r = parents[r]
+        pos = list(range(history)) + [history + a for a in ancestors]
+        ref = reference_attention(q[row:row + 1], seq_k(k, pos), seq_k(v, pos), 1, len(pos))
+        np.testing.assert_allclose(out[row], ref[0], atol=2e-5)
+    path = accepted_path(tree, [4, 0, 0, 8, 0, 0])           # root -> 4 (row 3) -> 8 (row 5)
+    moved = kv.move(jnp.asarray(kv_moves(path, history, slot) + [(-1, -1)] * 3, jnp.int32))
+    pos = list(range(history + len(path)))
+    decode = jax.tree.map(jnp.asarray, attention_metadata([0], [1], [len(pos)], table, num_kv_heads=kv_heads,
+                                                          num_tokens=T, block_size=bs))
+    got = np.asarray(meta_attention(jnp.asarray(q), moved, 0, decode, backend=backend))[0]
+    src = list(range(history)) + [history + r for r in path]
+    ref = reference_attention(q[:1], seq_k(k, src), seq_k(v, src), 1, len(src))
+    np.testing.assert_allclose(got, ref[0], atol=2e-5)
+
+
+# ---- the engine: greedy exactness, no leaks, no compiles --------------------------------------------
+def spec_llm(model, tree, **kw):
+    per_block = 4 * 2 * 2 * 2 * 16 * 4     # tiny model, block_size 4
+    options = dict(block_size=4, kv_cache_memory=48 * per_block, max_num_batched_tokens=32, max_num_seqs=5,
+                   attention_lanes=2, min_split_kv=8, progress=False)
+    return LLM(model, speculative={"num_draft_tokens": 4, "tree": tree, "max_n": 3}, **(options | kw))
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["chain", "tree"])
+def llm(request, tiny_model):
+    return spec_llm(tiny_model, request.param)
+
+
+def looping_prompts(rng, lengths):
+    """Prompts that repeat a short random phrase (n-gram drafts hit), mixed by the caller with random ones."""
+    return [(rng.integers(3, 49000, int(rng.integers(2, 5))).tolist() * 20)[:n] for n in lengths]
+
+
+workloads = st.lists(st.tuples(st.integers(2, 40), st.integers(1, 12), st.integers(0, 6), st.booleans()),
+                     min_size=1, max_size=6)
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(workload=workloads, seed=st.integers(0, 2**16))
+def test_greedy_with_speculation_equals_reference(llm, tiny_model, workload, seed):
+    """Looping and random prompts arriving over time, a short KV pool (preemption): greedy tokens equal the
+    one-request reference token for token; every KV block comes back; no program is compiled."""
+    rng = np.random.default_rng(seed)
+    prompts = [looping_prompts(rng, [w[0]])[0] if w[3] else random_prompts(rng, [w[0]])[0] for w in workload]
+    sampling = [SamplingParams(max_tokens=w[1], temperature=0, ignore_eos=True) for w in workload]
+    compiles = llm.stats["compiles"]
+    results = drive(llm.engine, [w[2] for w in workload], prompts, sampling)
+    for p, s, (tokens, reason) in zip(prompts, sampling, results):
+        assert reason == "length" and tokens == reference_greedy(tiny_model, p, s.max_tokens)
+    assert llm.stats["compiles"] == compiles
+    assert llm.stats["kv_blocks_free"] == llm.stats["kv_blocks_total"]
+    assert not llm.engine._moves or all(r.finished for r, *_ in llm.engine._moves)
+
+
+def test_drafts_hit_and_stats(llm):
+    before = llm.stats
+    out = llm.generate([[11, 12, 13, 14] * 6], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+    s = llm.stats
+    drafted = s["spec_drafted_tokens"] - before["spec_drafted_tokens"]
+    accepted = s["spec_accepted_tokens"] - before["spec_accepted_tokens"]
+    assert out.metrics.num_draft_tokens == drafted > 0 and out.metrics.num_accepted_tokens == accepted
+    assert 0 <= s["spec_acceptance_rate"] <= 1 and s["spec_mean_accepted_length"] >= 1
+
+
+def test_seeded_sampling_is_the_same_with_and_without_speculation(llm, tiny_model):
+    """Verify rows draw with plain decoding's keys, so a seeded request's tokens do not change."""
+    plain = LLM(tiny_model, block_size=4, max_num_batched_tokens=32, max_num_seqs=5, progress=False)
+    prompts = looping_prompts(np.random.default_rng(5), [12, 20, 7])
+    sampling = [SamplingParams(max_tokens=16, temperature=t, top_k=k, seed=i, ignore_eos=True)
+                for i, (t, k) in enumerate([(0.3, 0), (1.0, 3), (0.7, 50)])]
+    a = [o.token_ids for o in llm.generate(prompts, sampling, progress=False)]
+    b = [o.token_ids for o in plain.generate(prompts, sampling, progress=False)]
+    assert a == b
+
+
+# ---- rejection sampling's distribution ------------------------------------------------------------
+def chi_square_p(counts, probs):
+    """p-value of Pearson's chi-square goodness of fit (cells with expected < 5 merged into one)."""
+    from scipy.stats import chi2
+
+    n = counts.sum()
+    expected = probs * n
+    small = expected < 5
+    obs = np.append(counts[~small], counts[small].sum())
+    exp = np.append(expected[~small], expected[small].sum())
+    keep = exp > 0
+    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
+    return chi2.sf(stat, keep.sum() - 1)
+
+
+def test_rejection_sample_with_a_draft_distribution_is_exact():
+    """Drafts drawn from q, accepted with min(1, p/q), else residual: the output is distributed as p."""
+    rng = np.random.default_rng(0)
+    V, N = 6, 20000
+    p = rng.dirichlet(np.ones(V)).astype(np.float32)
+    q = rng.dirichlet(np.ones(V)).astype(np.float32)
+    drafts = rng.choice(V, N, p=q / q.sum()).astype(np.int32)
+    keys = jax.random.split(jax.random.key(1), N)
+    tokens, accepted = rejection_sample(jnp.tile(p, (N, 1)), jnp.tile(q, (N, 1)), jnp.asarray(drafts), keys)
+    tokens, accepted = np.asarray(tokens), np.asarray(accepted)
+    assert chi_square_p(np.bincount(tokens, minlength=V), p) > ALPHA
+    assert abs(accepted.mean() - np.minimum(p, q).sum()) < 0.02     # acceptance rate 1 - TV(p, q)
+    bonus, _ = rejection_sample(jnp.tile(p, (N, 1)), jnp.tile(q, (N, 1)), jnp.full(N, -1, jnp.int32), keys)
+    assert chi_square_p(np.bincount(np.asarray(bonus), minlength=V), p) > ALPHA
+
+
+def test_draft_model_interface_with_a_test_double():
+    """The interface a draft-model drafter implements; the double's q feeds rejection_sample."""
+    class UniformDouble(DraftModelDrafter):
+        def propose(self, token_ids, max_nodes):
+            tree = DraftTree.chain([(token_ids[-1] + j) % 8 for j in range(max_nodes)])
+            tree.probs = np.full((max_nodes, 8), 1 / 8, np.float32)
+            return tree
+
+    tree = UniformDouble().propose([1, 2], 3)
+    assert tree.is_chain and tree.probs.shape == (3, 8)
+    with pytest.raises(NotImplementedError):
+        DraftModelDrafter().propose([1], 2)
+
+
+SMALL = ModelConfig(vocab_size=6, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                    head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=64,
+                    tie_word_embeddings=True)
+
+
+def test_stochastic_speculation_matches_the_model_distribution(tokenizer):
+    """A 6-token model sampled at temperature 1 with chain and tree speculation (seeds 0..N-1): the joint
+    distribution of output tokens 2 and 3 (drawn in verify runs) fits the exact one computed from float32
+    reference logits (chi-square, ALPHA)."""
+    model = LoadedModel(name="small", config=SMALL, params=init_params(SMALL, jax.random.key(3), scale=0.5),
+                        tokenizer=tokenizer, dtype=jnp.dtype("float32"))
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2]
+    soft = lambda ids: np.exp(l := reference_logits(SMALL, model.params, ids).astype(np.float64)) / np.exp(l).sum()  # noqa
+    first = soft(prompt)
+    N = 1500
+    for tree in (False, True):
+        llm = LLM(model, block_size=4, max_num_batched_tokens=256, max_num_seqs=32, progress=False,
+                  speculative={"num_draft_tokens": 3, "tree": tree, "adaptive": False})
+        outs = llm.generate([prompt] * N, [SamplingParams(max_tokens=4, temperature=1.0, seed=i, ignore_eos=True)
+                                           for i in range(N)], progress=False)
+        assert llm.stats["spec_accepted_tokens"] > 0
+        t0 = np.array([o.token_ids[0] for o in outs])
+        for t in range(6):                    # condition on the first token (sampled in the prefill)
+            sub = [o.token_ids[1:3] for o, f in zip(outs, t0) if f == t]
+            if len(sub) < 100:
+                continue
+            second = soft(prompt + [t])
+            joint = np.array([second[a] * soft(prompt + [t, a])[b] for a in range(6) for b in range(6)])
+            counts = np.bincount([a * 6 + b for a, b in sub], minlength=36)
+            assert chi_square_p(counts, joint) > ALPHA
+        assert chi_square_p(np.bincount(t0, minlength=6), first) > ALPHA
