@@ -205,7 +205,7 @@ class Engine:
         remaining max_tokens and the context length."""
         k = self.config.speculative.num_draft_tokens
         for req in self.scheduler.running:
-            if req.num_pending != 1 or not req.output_ids:
+            if req.num_pending != 1 or not req.output_ids or not req.params.speculative:
                 continue
             if req.spec is None:
                 req.spec = AdaptiveControl()
