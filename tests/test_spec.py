@@ -254,7 +254,7 @@ def test_stochastic_speculation_matches_the_model_distribution(tokenizer):
     first = soft(prompt)
     N = 1500
     for tree in (False, True):
-        llm = LLM(model, block_size=4, max_num_batched_tokens=256, max_num_seqs=32, progress=False,
+        llm = LLM(model, block_size=4, max_num_batched_tokens=256, max_num_seqs=32, max_logprobs=4, progress=False,
                   speculative={"num_draft_tokens": 3, "tree": tree, "adaptive": False})
         outs = llm.generate([prompt] * N, [SamplingParams(max_tokens=4, temperature=1.0, seed=i, ignore_eos=True)
                                            for i in range(N)], progress=False)
