@@ -39,9 +39,9 @@ def test_ngram_tree_merges_continuations_within_the_node_budget():
     d = NgramDrafter(min_n=1, max_n=2, tree=True, max_matches=3)
     ids = [1, 2, 3, 9, 1, 2, 4, 7, 1, 2, 3, 5, 1, 2]
     tree = d.propose(ids, 6)
-    # continuations after "1 2": [3 5 1 2] (newest), [4 7 1 2], [3 9 1 2]: a trie of 6 nodes
-    assert tree.tokens == [3, 5, 1, 2, 4, 7] and tree.parents == [-1, 0, 1, 2, -1, 4]
-    assert tree.depths() == [1, 2, 3, 4, 1, 2] and not tree.is_chain
+    # continuations after "1 2": [3 5 ..] (newest), [4 7 ..], [3 9 ..], each cut to 6 - 2 * 2 = 2 tokens
+    assert tree.tokens == [3, 5, 4, 7, 9] and tree.parents == [-1, 0, -1, 2, 0]
+    assert tree.depths() == [1, 2, 1, 2, 2] and not tree.is_chain
     full = d.propose(ids, 20)
     assert len(full.tokens) == 20 and full.tokens[12:14] == [9, 1] and full.parents[12] == 0   # budget filled
     siblings = {}

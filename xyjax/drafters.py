@@ -8,7 +8,8 @@ Siblings carry distinct tokens, so the target's one sampled token picks at most 
 ``NgramDrafter`` is prompt lookup: the request's last n tokens (n from ``max_n`` down to ``min_n``) are
 searched for earlier in its own tokens, and what followed the match is the draft. As a chain it takes the
 most recent match of the longest n; as a tree (``tree=True``) it merges the continuations of several
-matches into one token trie of at most ``num_draft_tokens`` nodes. ``DraftModelDrafter`` is the
+matches (best first, each cut to ``max_nodes - 2 (matches - 1)`` tokens, so the best keeps most of the
+budget and the others branch off it) into one token trie of at most ``max_nodes`` nodes. ``DraftModelDrafter`` is the
 interface of a drafter with its own distribution q (a small model); the engine does not run one yet.
 """
 
@@ -53,7 +54,7 @@ class Drafter(Protocol):
 class NgramDrafter:
     """Prompt-lookup drafting from a request's own tokens (see the module docstring)."""
 
-    def __init__(self, min_n: int = 1, max_n: int = 4, tree: bool = False, max_matches: int = 4):
+    def __init__(self, min_n: int = 1, max_n: int = 4, tree: bool = False, max_matches: int = 3):
         if not 1 <= min_n <= max_n:
             raise ValueError(f"ngram sizes need 1 <= min_n <= max_n, got {min_n}, {max_n}")
         self.min_n, self.max_n, self.tree, self.max_matches = min_n, max_n, tree, max_matches
@@ -82,9 +83,10 @@ class NgramDrafter:
         if not self.tree:
             return DraftTree.chain(token_ids[starts[0]:starts[0] + max_nodes] if starts else [])
         tokens, parents, children = [], [], {}                  # trie: (parent, token) -> node
+        depth = max(1, max_nodes - 2 * (len(starts) - 1))      # leave each other match about 2 nodes
         for start in starts:
             parent = -1
-            for token in token_ids[start:start + max_nodes]:
+            for token in token_ids[start:start + depth]:
                 node = children.get((parent, token))
                 if node is None:
                     if len(tokens) == max_nodes:

@@ -44,7 +44,7 @@ class SpecConfig:
     tree: bool = False
     min_n: int = 1
     max_n: int = 4
-    max_matches: int = 4
+    max_matches: int = 3
     adaptive: bool = True
 
     @classmethod

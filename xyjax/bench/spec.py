@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from xyjax import LLM, SamplingParams
 from xyjax.bench.workload import WORKLOADS, make_requests
+from xyjax.speculative import SpecConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TASKS = ("Repeat the following text exactly, without any comment:\n\n{}",
@@ -82,13 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=128, help="output tokens per repeat-edit request")
     parser.add_argument("--num-draft-tokens", type=int, default=6)
     parser.add_argument("--tree", action="store_true", help="tree drafts instead of chains")
+    parser.add_argument("--min-n", type=int, default=SpecConfig.min_n, help="shortest suffix n-gram matched")
+    parser.add_argument("--max-n", type=int, default=SpecConfig.max_n, help="longest suffix n-gram matched")
     parser.add_argument("--lognormal-requests", type=int, default=16, help="0 skips the lognormal workload")
     parser.add_argument("--out", default="bench-results", help="directory for the JSON result")
     args = parser.parse_args(argv)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     options = dict(max_num_seqs=max(sizes + [args.lognormal_requests]), kv_cache_memory=1 << 28, progress=False)
     plain = LLM(args.model, **options)
-    spec = LLM(args.model, speculative={"num_draft_tokens": args.num_draft_tokens, "tree": args.tree}, **options)
+    spec = LLM(args.model, speculative=dict(num_draft_tokens=args.num_draft_tokens, tree=args.tree, min_n=args.min_n,
+                                            max_n=args.max_n), **options)
     greedy = SamplingParams(max_tokens=args.max_tokens, temperature=0)
     prompts = repeat_edit_prompts(plain, max(sizes + [4]))
     cases = [("repeat-edit", b, [(prompts[i:i + b], [greedy] * b) for i in range(0, max(b, 4), b)]) for b in sizes]
@@ -102,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name, batch, groups in tqdm(cases, desc="bench-spec"):
         results.append(dict(workload=name, batch=batch, **compare(plain, spec, groups)))
-    print(f"speculative: ngram, num_draft_tokens={args.num_draft_tokens}, tree={args.tree}")
+    print(f"speculative: ngram, num_draft_tokens={args.num_draft_tokens}, tree={args.tree}, n in "
+          f"[{args.min_n}, {args.max_n}]")
     print("| workload | batch | tok/s plain | tok/s spec | speedup | acceptance rate | mean accepted length | "
           "same tokens |\n|---|---|---|---|---|---|---|---|")
     for r in results:
