@@ -42,7 +42,7 @@ class SpecConfig:
     method: str = "ngram"
     num_draft_tokens: int = 4
     tree: bool = False
-    min_n: int = 1
+    min_n: int = 2
     max_n: int = 4
     max_matches: int = 3
     adaptive: bool = True
