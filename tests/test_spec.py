@@ -129,7 +129,7 @@ def spec_llm(model, tree, **kw):
     per_block = 4 * 2 * 2 * 2 * 16 * 4     # tiny model, block_size 4
     options = dict(block_size=4, kv_cache_memory=48 * per_block, max_num_batched_tokens=32, max_num_seqs=5,
                    attention_lanes=2, min_split_kv=8, progress=False)
-    return LLM(model, speculative={"num_draft_tokens": 4, "tree": tree, "max_n": 3}, **(options | kw))
+    return LLM(model, speculative={"num_draft_tokens": 4, "tree": tree, "min_n": 1, "max_n": 3}, **(options | kw))
 
 
 def small_model(tokenizer, vocab, seed, scale):
@@ -178,6 +178,31 @@ def test_drafts_hit_and_stats(llm):
     accepted = s["spec_accepted_tokens"] - before["spec_accepted_tokens"]
     assert out.metrics.num_draft_tokens == drafted > 0 and out.metrics.num_accepted_tokens == accepted
     assert accepted > 0 and 0 < s["spec_acceptance_rate"] <= 1 and s["spec_mean_accepted_length"] > 1
+
+
+def test_tree_paths_off_the_first_branch_are_moved_into_place(llm, loopy_model, monkeypatch):
+    """Accepted tree nodes whose KV sits past their position are copied there, and greedy stays exact."""
+    moved = []
+    move = llm.engine.runner.move_slots
+    monkeypatch.setattr(llm.engine.runner, "move_slots", lambda moves: (moved.extend(moves), move(moves)))
+    prompts = np.random.default_rng(5).integers(0, 24, (5, 12)).tolist()
+    outs = llm.generate(prompts, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True), progress=False)
+    assert [o.token_ids for o in outs] == [reference_greedy(loopy_model, p, 40) for p in prompts]
+    assert bool(moved) == (llm.engine.drafter.tree)
+
+
+def test_a_finished_request_caches_its_accepted_kv(llm, loopy_model):
+    """A request that ends right after a verify run hands its prefix to the prefix cache; a later request
+    extending that text reuses the KV of the accepted drafts (a tree's moved into place), and its greedy
+    tokens still equal the reference."""
+    prompt = np.random.default_rng(5).integers(0, 24, (3, 10)).tolist()[1]        # its greedy text loops
+    first = llm.generate([prompt], SamplingParams(max_tokens=21, temperature=0, ignore_eos=True))[0]
+    assert first.metrics.num_accepted_tokens > 0
+    hits = llm.stats["prefix_hit_tokens"]
+    longer = prompt + first.token_ids
+    second = llm.generate([longer], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+    assert llm.stats["prefix_hit_tokens"] - hits > len(prompt)
+    assert second.token_ids == reference_greedy(loopy_model, longer, 6)
 
 
 def test_seeded_sampling_is_the_same_with_and_without_speculation(llm, loopy_model):

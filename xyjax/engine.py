@@ -61,13 +61,13 @@ class Engine:
                                  gemm_profile=load_default(config.gemm_backend) if config.gemm_backend != "xla"
                                  else None)
         self.runner = Runner(cfg, model.params, num_blocks, config.block_size, self.backends, model.dtype,
-                             num_logprobs=config.max_logprobs)
+                             num_logprobs=config.max_logprobs,
+                             max_moves=config.max_num_seqs * config.max_draft_tokens)
         self.requests: dict[str, Request] = {}
         self._reported: list[Request] = []        # finished outside a step (bad prompt, abort): next step reports
         self._ids = itertools.count()
         self._rng = np.random.default_rng(config.seed)
         self.drafter = config.speculative.drafter() if config.speculative else None
-        self._moves: list[tuple[Request, int, int]] = []    # tree KV moves for the next step: (request, src, dst)
         # step_seconds: plan + run; host_plan_seconds: schedule + plan; device_seconds: the jitted step (with
         # transfers); host_output_seconds: applying sampled tokens, stop checks, detokenising, deltas.
         self.stats = collections.Counter(steps=0, step_seconds=0.0, host_plan_seconds=0.0, device_seconds=0.0,
@@ -84,6 +84,8 @@ class Engine:
         for bucket in tqdm(self.config.token_buckets, desc="compiling step buckets", disable=not progress):
             self.runner.run(*self.planner.empty(bucket))
         self.runner.copy_blocks([(0, 0)])      # the copy-on-write program
+        if self.planner.trees:
+            self.runner.move_slots([])          # the tree KV move program
         self.startup_seconds += time.perf_counter() - start
 
     # ---- requests -------------------------------------------------------------------------------
@@ -157,9 +159,7 @@ class Engine:
         self.stats["preemptions"] += len(batch.preempted)
         if batch.seqs:
             start = time.perf_counter()
-            moves = [(src, dst) for req, src, dst in self._moves if req.status is Status.RUNNING]
-            self._moves = []
-            inputs, sampling, rows = self.planner.plan(batch, self._banned, kv_moves=moves)
+            inputs, sampling, rows = self.planner.plan(batch, self._banned)
             planned = time.perf_counter()
             self.runner.copy_blocks(batch.copies)
             out = self.runner.run(inputs, sampling)
@@ -167,7 +167,7 @@ class Engine:
             self._account(batch, inputs.token_ids.shape[0], now - start)
             self.stats["host_plan_seconds"] += planned - begin
             self.stats["device_seconds"] += now - planned
-            offset = 0
+            offset, sampled, moves = 0, [], []
             for seq, k in zip(batch.seqs, rows):
                 req = seq.request
                 req.metrics.first_scheduled_time = req.metrics.first_scheduled_time or start
@@ -175,9 +175,14 @@ class Engine:
                 if seq.stage is Stage.PREFILL:
                     self.scheduler.cache_computed(req)
                 if k:
-                    self._apply(req, seq.stage, out, offset, k, now)
-                    changed[req] = None
+                    path = self._verify(req, out.tokens[offset:offset + k], moves) if seq.stage is Stage.VERIFY else [0]
+                    sampled.append((req, offset, path))
                 offset += k
+            if moves:                         # before anything (a finish caching its prefix) reads that KV
+                self.runner.move_slots(moves)
+            for req, offset, path in sampled:
+                self._apply(req, out, offset, path, now)
+                changed[req] = None
         elif self.scheduler.has_unfinished():   # cannot happen while every prompt fits the pool: never spin
             raise RuntimeError(f"scheduler found no work for {len(self.scheduler.waiting)} waiting requests")
         changed.update(dict.fromkeys(self._reported))
@@ -216,28 +221,30 @@ class Engine:
             req.draft_token_ids = tree.tokens
             req.draft_parents = None if tree.is_chain else tree.parents
 
-    def _apply(self, req: Request, stage: Stage, out: SamplerOutput, offset: int, k: int, now: float) -> None:
-        """Append the tokens sampled at rows offset..offset+k-1 (k > 1: a verify run, which appends the
-        accepted path's tokens and rolls back the KV of the rest)."""
-        sampled = [int(t) for t in out.tokens[offset:offset + k]]
-        path = [0]
-        if stage is Stage.VERIFY:
-            tree = DraftTree(req.draft_token_ids, req.draft_parents or list(range(-1, len(req.draft_token_ids) - 1)))
-            path = accepted_path(tree, sampled)
-            drafted, accepted = len(tree.tokens), len(path) - 1
-            start = req.num_computed - k                      # position of the run's root
-            req.num_computed = start + len(path)              # KV of rejected drafts is dead: overwritten later
-            bs, table = self.blocks.block_size, req.block_table
-            self._moves += [(req, src, dst) for src, dst in
-                            kv_moves(path, start, lambda pos: table[pos // bs] * bs + pos % bs)]
-            req.draft_token_ids, req.draft_parents = [], None
-            if req.spec is not None:
-                req.spec.update(drafted, accepted)
-            req.metrics.num_draft_tokens += drafted
-            req.metrics.num_accepted_tokens += accepted
-            self.stats["spec_verify_runs"] += 1
-            self.stats["spec_drafted_tokens"] += drafted
-            self.stats["spec_accepted_tokens"] += accepted
+    def _verify(self, req: Request, sampled, moves: list[tuple[int, int]]) -> list[int]:
+        """Accept ``req``'s drafts against the tokens ``sampled`` at its verify rows: returns the accepted
+        path's rows, rolls ``num_computed`` back to it (rejected KV is dead, overwritten later) and adds the
+        slot moves that put a tree path's KV at its positions to ``moves``."""
+        tree = DraftTree(req.draft_token_ids, req.draft_parents or list(range(-1, len(req.draft_token_ids) - 1)))
+        path = accepted_path(tree, [int(t) for t in sampled])
+        drafted, accepted = len(tree.tokens), len(path) - 1
+        start = req.num_computed - len(sampled)                # position of the run's root
+        req.num_computed = start + len(path)
+        bs, table = self.blocks.block_size, req.block_table
+        moves += kv_moves(path, start, lambda pos: table[pos // bs] * bs + pos % bs)
+        req.draft_token_ids, req.draft_parents = [], None
+        if req.spec is not None:
+            req.spec.update(drafted, accepted)
+        req.metrics.num_draft_tokens += drafted
+        req.metrics.num_accepted_tokens += accepted
+        self.stats["spec_verify_runs"] += 1
+        self.stats["spec_drafted_tokens"] += drafted
+        self.stats["spec_accepted_tokens"] += accepted
+        return path
+
+    def _apply(self, req: Request, out: SamplerOutput, offset: int, path: list[int], now: float) -> None:
+        """Append the tokens sampled at rows ``offset + path`` (a decode or prefill end: path [0])."""
+        sampled = [int(t) for t in out.tokens[offset:offset + max(path) + 1]]
         for row in path:
             if req.logprobs is not None:
                 top = dict(zip(out.top_ids[offset + row, :req.params.logprobs].tolist(),

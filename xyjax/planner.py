@@ -4,8 +4,7 @@ Shapes depend only on the token bucket T (the smallest configured bucket >= the 
     tokens T; sequences S = min(T, max_num_seqs); sampled rows R = min(T, S * (1 + max_draft_tokens));
     block-table pages P = ceil((max_model_len + max_draft_tokens) / block_size); attention task tables
     from ``tiling.capacities``; banned ids per row ``max_stop_ids``.
-When the engine drafts token trees, every bucket also carries the tree mask [T, 1 + max_draft_tokens] and
-the KV moves [max_num_seqs * max_draft_tokens, 2] (xyjax.speculative).
+When the engine drafts token trees, every bucket also carries the tree mask [T, 1 + max_draft_tokens].
 So the jitted step has one program per bucket. Real sizes (num_tokens, num_tasks, num_samples) are data;
 padding tokens have slot -1 (write no KV) and no task covers them (zero attention output). A verify run
 of a tree puts row j at position start + depth(j), its KV at slot position start + j, and samples it with
@@ -49,11 +48,11 @@ class Planner:
         seqs = min(tokens, c.max_num_seqs)
         return Shapes(tokens, seqs, min(tokens, seqs * (1 + c.max_draft_tokens)))
 
-    def plan(self, batch: ScheduledBatch, banned_ids: Callable, bucket: int | None = None,
-             kv_moves: list[tuple[int, int]] = ()) -> tuple[StepInputs, SamplingInputs, list[int]]:
+    def plan(self, batch: ScheduledBatch, banned_ids: Callable, bucket: int | None = None
+             ) -> tuple[StepInputs, SamplingInputs, list[int]]:
         """Arrays for one step, and the number of sampled rows of each scheduled sequence (in order).
         ``banned_ids(request, output_index)`` lists the token ids masked for that output token.
-        ``bucket``: force a (larger) bucket. ``kv_moves``: (src, dst) slot copies to apply first."""
+        ``bucket``: force a (larger) bucket."""
         c, bs = self.config, self.config.block_size
         shape = self.shapes(max(batch.num_tokens, bucket or 0))
         T, S, R = shape.tokens, shape.seqs, shape.samples
@@ -96,13 +95,8 @@ class Planner:
                                               tile=c.prefill_tile, num_tokens=T, lanes=c.attention_lanes,
                                               block_size=bs, max_splits=c.max_kv_splits, min_split_kv=c.min_split_kv,
                                               trees=trees, max_tree=(1 + c.max_draft_tokens) * self.trees)
-        moves = None
-        if self.trees:
-            moves = np.full((c.max_num_seqs * c.max_draft_tokens, 2), -1, np.int32)
-            moves[:len(kv_moves)] = np.asarray(kv_moves, np.int32).reshape(-1, 2)
         inputs = StepInputs(token_ids=tokens, positions=positions, slot_mapping=slots, num_tokens=np.int32(row),
-                            attention=attention, sample_index=sample_index, num_samples=np.int32(sample_row),
-                            kv_moves=moves)
+                            attention=attention, sample_index=sample_index, num_samples=np.int32(sample_row))
         return inputs, sampling, num_samples
 
     def empty(self, bucket: int) -> tuple[StepInputs, SamplingInputs]:

@@ -18,8 +18,9 @@ general form for drafters with a distribution q (jitted, vectorised over flat ro
 
 Rollback: the KV of rejected nodes is dead; ``num_computed`` goes back to the accepted length so those
 slots are overwritten before anything reads them. A tree's accepted nodes may sit at slots past their
-final position; ``kv_moves`` lists the (src, dst) slot copies that the next step program applies (all
-reads before all writes) before its forward pass.
+final position; ``kv_moves`` lists the (src, dst) slot copies that the runner applies (one jitted program
+of fixed shape, all reads before all writes) right after the step, before any token is appended, so a
+request that finishes there hands the prefix cache correct KV.
 """
 
 from __future__ import annotations

@@ -19,9 +19,6 @@ class StepInputs:
     attention:    AttentionMetadata: block tables [S, P] and attention task tables (xyjax.tiling)
     sample_index: [R] int32 rows of the token array whose logits are wanted
     num_samples:  [] int32 real entries of sample_index
-    kv_moves:     [C, 2] int32 (src, dst) KV slot copies applied before the forward pass, all reads before
-                  all writes (a tree's accepted nodes moved to their positions; xyjax.speculative); -1: none.
-                  None when the engine drafts no trees.
     """
 
     token_ids: jax.Array
@@ -31,4 +28,3 @@ class StepInputs:
     attention: AttentionMetadata
     sample_index: jax.Array
     num_samples: jax.Array
-    kv_moves: jax.Array | None = None
