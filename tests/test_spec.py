@@ -294,3 +294,16 @@ def test_stochastic_speculation_matches_the_model_distribution(tokenizer):
             counts = np.bincount([a * 6 + b for a, b in sub], minlength=36)
             assert chi_square_p(counts, joint) > ALPHA
         assert chi_square_p(np.bincount(t0, minlength=6), first) > ALPHA
+
+
+def test_bench_spec_compares_back_to_back(llm, loopy_model, tokenizer):
+    """The benchmark's comparison on a tiny model: same tokens both ways, counters of the spec run only."""
+    from xyjax.bench.spec import compare, passages
+
+    assert len(passages(3)) == 3 and all(passages(3))
+    plain = LLM(loopy_model, block_size=4, max_num_batched_tokens=32, max_num_seqs=5, progress=False)
+    prompts = np.random.default_rng(5).integers(0, 24, (3, 10)).tolist()
+    greedy = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    r = compare(plain, llm, [(prompts[:1], [greedy]), (prompts[1:], [greedy] * 2)])
+    assert r["identical"] and r["tokens"] == 60 and r["drafted"] > 0 and 0 < r["acceptance_rate"] <= 1
+    assert r["speedup"] > 0 and r["mean_accepted_length"] >= 1

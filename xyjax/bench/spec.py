@@ -30,17 +30,13 @@ TASKS = ("Repeat the following text exactly, without any comment:\n\n{}",
          "Repeat this text and then continue it:\n\n{}")
 
 
-def passages(count: int, lines: int = 24) -> list[str]:
-    """``count`` passages of ``lines`` lines cut from the repository's Python sources and docs (sorted
-    paths, fixed offsets: the same every run)."""
+def passages(count: int, lines: int = 24, skip: int = 20) -> list[str]:
+    """``count`` passages of ``lines`` lines cut from the repository's Python sources and docs: from each
+    file long enough (sorted paths) in turn, the next ``lines`` lines after its first ``skip`` (the same
+    every run)."""
     files = sorted(glob.glob(os.path.join(ROOT, "xyjax", "*.py")) + glob.glob(os.path.join(ROOT, "docs", "*.md")))
-    out = []
-    for i in range(count):
-        with open(files[i % len(files)]) as f:
-            text = f.read().splitlines()
-        start = (i // len(files)) * lines + 20
-        out.append("\n".join(text[start:start + lines]))
-    return out
+    texts = [t for t in (open(f).read().splitlines() for f in files) if len(t) >= skip + lines]
+    return ["\n".join(texts[i % len(texts)][skip + (i // len(texts)) * lines:][:lines]) for i in range(count)]
 
 
 def repeat_edit_prompts(llm: LLM, count: int) -> list[list[int]]:
