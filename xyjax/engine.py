@@ -225,7 +225,8 @@ class Engine:
         """Accept ``req``'s drafts against the tokens ``sampled`` at its verify rows: returns the accepted
         path's rows, rolls ``num_computed`` back to it (rejected KV is dead, overwritten later) and adds the
         slot moves that put a tree path's KV at its positions to ``moves``."""
-        tree = DraftTree(req.draft_token_ids, req.draft_parents or list(range(-1, len(req.draft_token_ids) - 1)))
+        tree = (DraftTree.chain(req.draft_token_ids) if req.draft_parents is None
+                else DraftTree(req.draft_token_ids, req.draft_parents))
         path = accepted_path(tree, [int(t) for t in sampled])
         drafted, accepted = len(tree.tokens), len(path) - 1
         start = req.num_computed - len(sampled)                # position of the run's root

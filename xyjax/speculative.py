@@ -41,7 +41,7 @@ class SpecConfig:
     drafting for requests whose drafts are rarely accepted (``AdaptiveControl``)."""
 
     method: str = "ngram"
-    num_draft_tokens: int = 4
+    num_draft_tokens: int = 6
     tree: bool = False
     min_n: int = 2
     max_n: int = 4
