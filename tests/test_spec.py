@@ -181,12 +181,17 @@ def test_drafts_hit_and_stats(llm):
 
 
 def test_tree_paths_off_the_first_branch_are_moved_into_place(llm, loopy_model, monkeypatch):
-    """Accepted tree nodes whose KV sits past their position are copied there, and greedy stays exact."""
-    moved = []
+    """Accepted tree nodes whose KV sits past their position are copied there, greedy stays exact, and
+    nothing (step or move program) is compiled while serving."""
+    moved, compiled = [], []
     move = llm.engine.runner.move_slots
     monkeypatch.setattr(llm.engine.runner, "move_slots", lambda moves: (moved.extend(moves), move(moves)))
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, seconds, **kw: compiled.append(kw.get("fun_name")) if event.endswith("backend_compile_duration")
+        else None)
     prompts = np.random.default_rng(5).integers(0, 24, (5, 12)).tolist()
     outs = llm.generate(prompts, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True), progress=False)
+    assert compiled == []
     assert [o.token_ids for o in outs] == [reference_greedy(loopy_model, p, 40) for p in prompts]
     assert bool(moved) == (llm.engine.drafter.tree)
 
