@@ -50,20 +50,25 @@ def test_ngram_tree_merges_continuations_within_the_node_budget():
         siblings[p].add(t)
 
 
-def test_adaptive_control_pauses_failing_requests_and_reprobes():
+def test_adaptive_control_follows_accepted_length_pauses_and_reprobes():
     c = AdaptiveControl()
     assert c.budget(8) == 8
-    for _ in range(6):
-        c.update(8, 0)
+    c.update(8, 8)
+    assert c.budget(8) == 8
+    c.update(8, 2)
+    c.update(8, 0)
+    assert c.budget(8) == 6                    # ema 8 -> 6.2 -> 4.34: ceil + 1
+    for _ in range(20):
+        c.update(c.budget(8), 0)
         if c.paused:
             break
-    assert c.paused == 8 and c.pause == 8
-    assert [c.budget(8) for _ in range(8)] == [0] * 8 and c.budget(8) == 4    # re-probe with half the budget
-    c.update(4, 0)
-    assert c.pause == c.paused == 16                                                       # failed probe: longer pause
+    assert c.paused == 8 == c.pause
+    assert [c.budget(8) for _ in range(8)] == [0] * 8 and c.budget(8) == 2      # re-probe with 2 drafts
+    c.update(2, 0)
+    assert c.pause == c.paused == 16                                             # failed probe: longer pause
     c.paused = 0
-    c.update(4, 4)
-    assert c.pause == 0 and c.budget(8) >= 5
+    c.update(2, 2)
+    assert c.pause == 0 and c.budget(8) == 3
 
 
 def test_accepted_path_and_kv_moves():
