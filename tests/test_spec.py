@@ -51,18 +51,16 @@ def test_ngram_tree_merges_continuations_within_the_node_budget():
 
 
 def test_adaptive_control_follows_accepted_length_pauses_and_reprobes():
-    c = AdaptiveControl()
+    c = AdaptiveControl(ema=8)
     assert c.budget(8) == 8
-    c.update(8, 8)
-    assert c.budget(8) == 8
-    c.update(8, 2)
     c.update(8, 0)
-    assert c.budget(8) == 6                    # ema 8 -> 6.2 -> 4.34: ceil + 1
-    for _ in range(20):
-        c.update(c.budget(8), 0)
-        if c.paused:
-            break
-    assert c.paused == 8 == c.pause
+    c.update(8, 2)
+    assert c.budget(8) == 4                    # ema 8 -> 4 -> 3: ceil + 1
+    budgets = []
+    while not c.paused:
+        budgets.append(c.budget(8))
+        c.update(budgets[-1], 0)
+    assert budgets == [4, 3, 2, 2] and c.paused == 8 == c.pause                  # ema 1.5, 0.75, 0.375, 0.19
     assert [c.budget(8) for _ in range(8)] == [0] * 8 and c.budget(8) == 2      # re-probe with 2 drafts
     c.update(2, 0)
     assert c.pause == c.paused == 16                                             # failed probe: longer pause

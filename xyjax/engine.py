@@ -213,7 +213,7 @@ class Engine:
             if req.num_pending != 1 or not req.output_ids or not req.params.speculative:
                 continue
             if req.spec is None:
-                req.spec = AdaptiveControl()
+                req.spec = AdaptiveControl(ema=k)
             budget = req.spec.budget(k) if self.config.speculative.adaptive else k
             budget = min(budget, req.params.max_tokens - len(req.output_ids) - 1,
                          self.max_model_len - len(req.token_ids))

@@ -81,8 +81,9 @@ class Planner:
             k = seq.num_samples
             num_samples.append(k)
             p, done = req.params, len(req.output_ids)
+            outputs = done + depth[n - k:] - depth[n - k]          # output index each sampled row draws
             for j in range(k):
-                r, index = sample_row + j, done + int(depth[n - k + j])
+                r, index = sample_row + j, int(outputs[j])
                 sample_index[r] = row + n - k + j
                 sampling.temperature[r], sampling.top_k[r], sampling.top_p[r] = p.temperature, p.top_k, p.top_p
                 sampling.seed[r], sampling.counter[r] = req.seed, index

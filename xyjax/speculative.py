@@ -70,30 +70,30 @@ class SpecConfig:
 
 @dataclasses.dataclass
 class AdaptiveControl:
-    """Per-request draft length from an EMA of its accepted drafts per verify run.
+    """Per-request draft length from an EMA of its accepted drafts per verify run (start it at k).
 
     The next draft gets ``ceil(ema) + 1`` nodes (at most k): a request that copies text drafts the whole
-    budget, one whose drafts fail drafts little, since every rejected token costs compute. Below
+    budget, one whose drafts fail drafts less and less, since every rejected token costs compute. Below
     ``min_accepted`` drafting pauses for ``pause`` steps (8, doubling on every failed re-probe up to 256),
     then re-probes with 2 drafts; a probe with an accepted draft ends the backoff. Random text thus costs a
-    probe now and then."""
+    few short drafts and then a probe now and then."""
 
-    ema: float | None = None
+    ema: float
     paused: int = 0
     pause: int = 0
-    alpha: float = 0.3
+    alpha: float = 0.5
     min_accepted: float = 0.2
 
     def budget(self, k: int) -> int:
         if self.paused:
             self.paused -= 1
             return 0
-        return k if self.ema is None else max(1, min(k, math.ceil(self.ema) + 1))
+        return max(1, min(k, math.ceil(self.ema) + 1))
 
     def update(self, drafted: int, accepted: int) -> None:
         if not drafted:
             return
-        self.ema = accepted if self.ema is None else self.ema + self.alpha * (accepted - self.ema)
+        self.ema += self.alpha * (accepted - self.ema)
         if self.ema < self.min_accepted or (self.pause and not accepted):     # failing, or a failed re-probe
             self.pause = min(2 * self.pause or 8, 256)
             self.paused, self.ema = self.pause, 1.0
