@@ -81,7 +81,7 @@ class Planner:
             k = seq.num_samples
             num_samples.append(k)
             p, done = req.params, len(req.output_ids)
-            outputs = done + depth[n - k:] - depth[n - k]          # output index each sampled row draws
+            outputs = done + depth[n - k:] - (depth[n - k] if k else 0)     # output index each sampled row draws
             for j in range(k):
                 r, index = sample_row + j, int(outputs[j])
                 sample_index[r] = row + n - k + j
