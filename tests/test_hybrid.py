@@ -108,10 +108,10 @@ def test_verify_slot_gives_the_same_tokens_as_plain_decoding(llm, temperature):
         future = truth[tuple(req.prompt_token_ids)][len(req.output_ids):]
         return [t if (len(req.output_ids) + j) % 3 else (t + 1) % 49000 for j, t in enumerate(future)]
 
-    accepted = llm.stats["accepted_drafts"]
+    accepted = llm.stats["spec_accepted_tokens"]
     speculated = drive(llm.engine, [0, 0, 1], prompts, sampling, drafts=oracle)
     assert speculated == plain
-    assert llm.stats["accepted_drafts"] > accepted and llm.stats["verify_tokens"] > 0
+    assert llm.stats["spec_accepted_tokens"] > accepted and llm.stats["verify_tokens"] > 0
 
 
 def test_logprobs_match_the_reference_distribution(llm, tiny_model):

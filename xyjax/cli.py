@@ -1,5 +1,5 @@
 """Command line: ``xyjax generate "prompt" [...]``, ``xyjax serve [...]``, ``xyjax bench [--workload W] [...]``,
-``xyjax bench-attention``, ``xyjax bench-gemm``, ``xyjax bench-prefix`` and ``xyjax profile``."""
+``xyjax bench-attention``, ``xyjax bench-gemm``, ``xyjax bench-prefix``, ``xyjax bench-spec`` and ``xyjax profile``."""
 
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench-attention": ("xyjax.bench.attention", "time Meta-Attention backends on hybrid batches"),
         "bench-gemm": ("xyjax.bench.gemm", "time SmoothGEMM against padded and exact-m XLA dots"),
         "bench-prefix": ("xyjax.bench.prefix", "prefix caching on vs off: shared system prompts, multi-turn chats"),
+        "bench-spec": ("xyjax.bench.spec", "output tokens/s with and without speculative decoding"),
         "profile": ("xyjax.gemm_profile", "profile the gemm backend's tunables per linear shape and bucket"),
     }
     for name, (_, text) in passthrough.items():

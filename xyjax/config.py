@@ -33,6 +33,9 @@ class EngineConfig:
         $XYJAX_ATTENTION_THREADS). max_kv_splits: KV splits a straggler task may be cut into (1: never);
         min_split_kv: the fewest KV positions of a split (xyjax.tiling).
     max_draft_tokens: speculative tokens a request may verify per step (sets the sampled-row capacity).
+    speculative: None (off) or a dict of ``xyjax.speculative.SpecConfig`` fields, e.g. {"method": "ngram",
+        "num_draft_tokens": 4, "tree": False}: the engine drafts for decoding requests and verifies the drafts
+        in the V stage; max_draft_tokens is raised to num_draft_tokens. Parsed into a SpecConfig.
     max_logprobs: the most top logprobs a request may ask for (SamplingParams.logprobs).
     max_stop_ids: the most token ids one request may mask before min_tokens (its stop ids and EOS).
     compilation_cache_dir: JAX's persistent compilation cache ("" disables it); default
@@ -59,6 +62,7 @@ class EngineConfig:
     max_kv_splits: int = 4
     min_split_kv: int = 256
     max_draft_tokens: int = 0
+    speculative: dict | None = None
     max_logprobs: int = 20
     max_stop_ids: int = 16
     compilation_cache_dir: str | None = dataclasses.field(default_factory=default_compilation_cache_dir)
@@ -96,6 +100,12 @@ class EngineConfig:
             if getattr(self, name) not in backends:
                 raise ValueError(f"engine option {name} must be one of {', '.join(backends)}, "
                                  f"got {getattr(self, name)!r}")
+        from xyjax.speculative import SpecConfig
+
+        if not isinstance(self.speculative, SpecConfig):
+            self.speculative = SpecConfig.parse(self.speculative)
+        if self.speculative:
+            self.max_draft_tokens = max(self.max_draft_tokens, self.speculative.num_draft_tokens)
         budget = self.max_num_batched_tokens
         if self.token_buckets is None:
             self.token_buckets = tuple(sorted({min(16, budget)} | {1 << i for i in range(4, budget.bit_length())

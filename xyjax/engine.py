@@ -3,8 +3,10 @@
 ``add_request`` queues a request; ``step`` schedules (xyjax.scheduler), plans the bucketed arrays
 (xyjax.planner), runs the jitted step (xyjax.runner), then applies sampled tokens: prefill chunks that
 reach the end of their tokens and decodes append one token; a verify run accepts its drafts while they
-equal the token sampled at their position, then appends the sampled one (exact for deterministic drafts);
-stop conditions and detokenization follow, and each changed request yields a RequestOutput delta.
+equal the token sampled at their parent (a chain, or a path down a tree), then appends the sampled one
+(exact rejection sampling for deterministic drafts, xyjax.speculative); stop conditions and detokenization
+follow, and each changed request yields a RequestOutput delta. With the ``speculative`` option the engine
+drafts (xyjax.drafters) for every decoding request before scheduling.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from models.loader import LoadedModel
 from models.tokenizer import IncrementalDetokenizer
 from xyjax.block_manager import BlockManager
 from xyjax.config import EngineConfig
+from xyjax.drafters import DraftTree
 from xyjax.gemm_profile import load_default
 from xyjax.kv_cache import bytes_per_token
 from xyjax.outputs import RequestMetrics, RequestOutput
@@ -31,6 +34,7 @@ from xyjax.runner import Runner, enable_persistent_cache
 from xyjax.sampler import SamplerOutput
 from xyjax.sampling_params import SamplingParams
 from xyjax.scheduler import ScheduledBatch, Scheduler, Stage
+from xyjax.speculative import AdaptiveControl, accepted_path, kv_moves
 
 
 class Engine:
@@ -57,17 +61,19 @@ class Engine:
                                  gemm_profile=load_default(config.gemm_backend) if config.gemm_backend != "xla"
                                  else None)
         self.runner = Runner(cfg, model.params, num_blocks, config.block_size, self.backends, model.dtype,
-                             num_logprobs=config.max_logprobs)
+                             num_logprobs=config.max_logprobs,
+                             max_moves=config.max_num_seqs * config.max_draft_tokens)
         self.requests: dict[str, Request] = {}
         self._reported: list[Request] = []        # finished outside a step (bad prompt, abort): next step reports
         self._ids = itertools.count()
         self._rng = np.random.default_rng(config.seed)
+        self.drafter = config.speculative.drafter() if config.speculative else None
         # step_seconds: plan + run; host_plan_seconds: schedule + plan; device_seconds: the jitted step (with
         # transfers); host_output_seconds: applying sampled tokens, stop checks, detokenising, deltas.
         self.stats = collections.Counter(steps=0, step_seconds=0.0, host_plan_seconds=0.0, device_seconds=0.0,
                                          host_output_seconds=0.0, real_tokens=0, padded_tokens=0,
-                                         prefill_tokens=0, decode_tokens=0, verify_tokens=0, accepted_drafts=0,
-                                         generated_tokens=0, preemptions=0, finished=0, errors=0, aborted=0)
+                                         prefill_tokens=0, decode_tokens=0, verify_tokens=0, spec_verify_runs=0,
+                                         spec_drafted_tokens=0, spec_accepted_tokens=0, generated_tokens=0, preemptions=0, finished=0, errors=0, aborted=0)
         self.startup_seconds = 0.0
         if config.precompile:
             self.precompile(progress)
@@ -78,6 +84,8 @@ class Engine:
         for bucket in tqdm(self.config.token_buckets, desc="compiling step buckets", disable=not progress):
             self.runner.run(*self.planner.empty(bucket))
         self.runner.copy_blocks([(0, 0)])      # the copy-on-write program
+        if self.planner.trees:
+            self.runner.move_slots([])          # the tree KV move program
         self.startup_seconds += time.perf_counter() - start
 
     # ---- requests -------------------------------------------------------------------------------
@@ -145,6 +153,8 @@ class Engine:
         included (then with metrics); a finished request's id is forgotten after it is reported."""
         changed = {}
         begin = time.perf_counter()
+        if self.drafter:
+            self._draft()
         batch = self.scheduler.schedule()
         self.stats["preemptions"] += len(batch.preempted)
         if batch.seqs:
@@ -157,7 +167,7 @@ class Engine:
             self._account(batch, inputs.token_ids.shape[0], now - start)
             self.stats["host_plan_seconds"] += planned - begin
             self.stats["device_seconds"] += now - planned
-            offset = 0
+            offset, sampled, moves = 0, [], []
             for seq, k in zip(batch.seqs, rows):
                 req = seq.request
                 req.metrics.first_scheduled_time = req.metrics.first_scheduled_time or start
@@ -165,9 +175,14 @@ class Engine:
                 if seq.stage is Stage.PREFILL:
                     self.scheduler.cache_computed(req)
                 if k:
-                    self._apply(req, seq.stage, out, offset, k, now)
-                    changed[req] = None
+                    path = self._verify(req, out.tokens[offset:offset + k], moves) if seq.stage is Stage.VERIFY else [0]
+                    sampled.append((req, offset, path))
                 offset += k
+            if moves:                         # before anything (a finish caching its prefix) reads that KV
+                self.runner.move_slots(moves)
+            for req, offset, path in sampled:
+                self._apply(req, out, offset, path, now)
+                changed[req] = None
         elif self.scheduler.has_unfinished():   # cannot happen while every prompt fits the pool: never spin
             raise RuntimeError(f"scheduler found no work for {len(self.scheduler.waiting)} waiting requests")
         changed.update(dict.fromkeys(self._reported))
@@ -190,23 +205,53 @@ class Engine:
             s[{Stage.PREFILL: "prefill_tokens", Stage.DECODE: "decode_tokens",
                Stage.VERIFY: "verify_tokens"}[seq.stage]] += seq.num_tokens
 
-    def _apply(self, req: Request, stage: Stage, out: SamplerOutput, offset: int, k: int, now: float) -> None:
-        """Append the tokens sampled at rows offset..offset+k-1 (k > 1: a verify run)."""
-        sampled = [int(t) for t in out.tokens[offset:offset + k]]
-        accepted = 0
-        if stage is Stage.VERIFY:
-            drafts = req.draft_token_ids
-            while accepted < len(drafts) and drafts[accepted] == sampled[accepted]:
-                accepted += 1
-            req.num_computed -= len(drafts) - accepted        # KV of rejected drafts is dead: overwritten later
-            req.draft_token_ids = []
-            self.stats["accepted_drafts"] += accepted
-        for j in range(accepted + 1):
+    def _draft(self) -> None:
+        """Propose drafts for every running request that decodes next, within its adaptive budget, its
+        remaining max_tokens and the context length."""
+        k = self.config.speculative.num_draft_tokens
+        for req in self.scheduler.running:
+            if req.num_pending != 1 or not req.output_ids or not req.params.speculative:
+                continue
+            if req.spec is None:
+                req.spec = AdaptiveControl(ema=k)
+            budget = req.spec.budget(k) if self.config.speculative.adaptive else k
+            budget = min(budget, req.params.max_tokens - len(req.output_ids) - 1,
+                         self.max_model_len - len(req.token_ids))
+            tree = self.drafter.propose(req.token_ids, budget) if budget > 0 else DraftTree([], [])
+            req.draft_token_ids = tree.tokens
+            req.draft_parents = None if tree.is_chain else tree.parents
+
+    def _verify(self, req: Request, sampled, moves: list[tuple[int, int]]) -> list[int]:
+        """Accept ``req``'s drafts against the tokens ``sampled`` at its verify rows: returns the accepted
+        path's rows, rolls ``num_computed`` back to it (rejected KV is dead, overwritten later) and adds the
+        slot moves that put a tree path's KV at its positions to ``moves``."""
+        tree = (DraftTree.chain(req.draft_token_ids) if req.draft_parents is None
+                else DraftTree(req.draft_token_ids, req.draft_parents))
+        path = accepted_path(tree, [int(t) for t in sampled])
+        drafted, accepted = len(tree.tokens), len(path) - 1
+        start = req.num_computed - len(sampled)                # position of the run's root
+        req.num_computed = start + len(path)
+        bs, table = self.blocks.block_size, req.block_table
+        moves += kv_moves(path, start, lambda pos: table[pos // bs] * bs + pos % bs)
+        req.draft_token_ids, req.draft_parents = [], None
+        if req.spec is not None:
+            req.spec.update(drafted, accepted)
+        req.metrics.num_draft_tokens += drafted
+        req.metrics.num_accepted_tokens += accepted
+        self.stats["spec_verify_runs"] += 1
+        self.stats["spec_drafted_tokens"] += drafted
+        self.stats["spec_accepted_tokens"] += accepted
+        return path
+
+    def _apply(self, req: Request, out: SamplerOutput, offset: int, path: list[int], now: float) -> None:
+        """Append the tokens sampled at rows ``offset + path`` (a decode or prefill end: path [0])."""
+        sampled = [int(t) for t in out.tokens[offset:offset + max(path) + 1]]
+        for row in path:
             if req.logprobs is not None:
-                top = dict(zip(out.top_ids[offset + j, :req.params.logprobs].tolist(),
-                               out.top_logprobs[offset + j, :req.params.logprobs].tolist()))
-                req.logprobs.append({sampled[j]: float(out.logprob[offset + j]), **top})
-            self._append(req, sampled[j], now)
+                top = dict(zip(out.top_ids[offset + row, :req.params.logprobs].tolist(),
+                               out.top_logprobs[offset + row, :req.params.logprobs].tolist()))
+                req.logprobs.append({sampled[row]: float(out.logprob[offset + row]), **top})
+            self._append(req, sampled[row], now)
             if req.finished:
                 break
 

@@ -58,6 +58,18 @@ class KVCache:
             return jax.lax.dynamic_update_index_in_dim(x, jax.lax.dynamic_index_in_dim(x, source, 1), destination, 1)
         return KVCache(k=copy(self.k), v=copy(self.v))
 
+    def move(self, moves: jax.Array) -> "KVCache":
+        """Copy every layer's K/V from slot ``moves[i, 0]`` to slot ``moves[i, 1]`` (``moves: [C, 2]`` int32;
+        a row with -1 copies nothing). All reads happen before all writes."""
+        src, dst = moves[:, 0], moves[:, 1]
+        valid = (src >= 0) & (dst >= 0)
+        src = jnp.where(valid, src, 0)
+        block = jnp.where(valid, dst // self.block_size, self.num_blocks)                     # OOB -> dropped
+        k = self.k[:, src // self.block_size, :, src % self.block_size]
+        v = self.v[:, src // self.block_size, :, src % self.block_size]
+        return KVCache(k=self.k.at[:, block, :, dst % self.block_size].set(k, mode="drop"),
+                       v=self.v.at[:, block, :, dst % self.block_size].set(v, mode="drop"))
+
 
 def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype) -> int:
     """KV bytes one token occupies across all layers (K and V)."""

@@ -45,11 +45,15 @@ class LLM:
         request holds them: the free pool and blocks only the prefix cache holds, which it gives back on demand)
         and cached (held by the prefix cache); prefix caching: lookups (admissions), prompt tokens looked up, hit
         tokens, prefix_cache_hit_rate (hit / looked-up tokens), block_hit_tokens (the hits rounded down to whole
-        blocks: what block-granular matching would reuse), copy-on-write copies, evicted blocks."""
+        blocks: what block-granular matching would reuse), copy-on-write copies, evicted blocks; speculation:
+        spec_verify_runs, spec_drafted_tokens, spec_accepted_tokens, spec_acceptance_rate (accepted / drafted)
+        and spec_mean_accepted_length (tokens a verify run appends: 1 + accepted drafts)."""
         engine = self.engine
         s, blocks, sched, cache = engine.stats, engine.blocks, engine.scheduler, engine.prefix_cache
         steps, lookups = max(s["steps"], 1), max(sched.stats["prefix_lookup_tokens"], 1)
         return dict(s, mean_step_time=s["step_seconds"] / steps, tokens_per_step=s["real_tokens"] / steps,
+                    spec_acceptance_rate=s["spec_accepted_tokens"] / max(s["spec_drafted_tokens"], 1),
+                    spec_mean_accepted_length=1 + s["spec_accepted_tokens"] / max(s["spec_verify_runs"], 1),
                     padding_ratio=s["padded_tokens"] / max(s["real_tokens"], 1), compiles=engine.runner.compiles,
                     compile_seconds=engine.runner.compile_seconds, startup_seconds=engine.startup_seconds,
                     kv_blocks_total=blocks.num_blocks,

@@ -16,6 +16,8 @@ class RequestMetrics:
     first_token_time: float | None = None
     finished_time: float | None = None
     num_preemptions: int = 0
+    num_draft_tokens: int = 0            # speculative tokens verified for it, and of those accepted
+    num_accepted_tokens: int = 0
 
     @property
     def queue_time(self) -> float | None:

@@ -20,7 +20,9 @@ class Status(enum.Enum):
 @dataclasses.dataclass(eq=False)   # identity: requests are compared and hashed as objects
 class Request:
     """``token_ids`` = prompt + output; the KV of the first ``num_computed`` of them is in ``block_table``.
-    ``draft_token_ids``: speculative tokens to verify after ``token_ids`` in the next step (V stage)."""
+    ``draft_token_ids``: speculative tokens to verify after ``token_ids`` in the next step (V stage), a chain,
+    or with ``draft_parents`` (xyjax.drafters.DraftTree.parents) a token tree. ``spec``: its adaptive drafting
+    control (xyjax.speculative.AdaptiveControl) when the engine speculates."""
 
     request_id: str
     prompt: str | None
@@ -32,6 +34,8 @@ class Request:
     stop_ids: frozenset[int] = frozenset()           # token ids that end it (stop_token_ids, EOS)
     token_ids: list[int] = dataclasses.field(default_factory=list)
     draft_token_ids: list[int] = dataclasses.field(default_factory=list)
+    draft_parents: list[int] | None = None
+    spec: object = None
     block_table: list[int] = dataclasses.field(default_factory=list)
     num_computed: int = 0
     status: Status = Status.WAITING

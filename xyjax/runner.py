@@ -36,7 +36,7 @@ class Runner:
     """
 
     def __init__(self, cfg: ModelConfig, params: dict, num_blocks: int, block_size: int, backends: Backends,
-                 dtype=jnp.float32, num_logprobs: int = 0):
+                 dtype=jnp.float32, num_logprobs: int = 0, max_moves: int = 0):
         self.params = params
         self.kv = KVCache.create(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype)
         self.compiles, self.compile_seconds = 0, 0.0
@@ -48,6 +48,8 @@ class Runner:
         step.__name__ = step.__qualname__ = f"xyjax_step_{next(_ids)}"
         self._step = jax.jit(step, donate_argnums=(1,))
         self._copy = jax.jit(KVCache.copy_block, donate_argnums=(0,))
+        self._move = jax.jit(KVCache.move, donate_argnums=(0,))
+        self.max_moves = max_moves
         this = weakref.ref(self)
 
         def on_event(event: str, seconds: float, **kwargs) -> None:
@@ -62,6 +64,13 @@ class Runner:
         """Copy KV block ``source`` to ``destination`` in every layer, for each pair in order (in place)."""
         for source, destination in pairs:
             self.kv = self._copy(self.kv, np.int32(source), np.int32(destination))
+
+    def move_slots(self, moves: list[tuple[int, int]]) -> None:
+        """Copy KV slot ``src`` to ``dst`` in every layer for each pair, all reads first, in one program of
+        fixed shape ``[max_moves, 2]`` (tree verify: accepted nodes to their positions; in place)."""
+        pairs = np.full((self.max_moves, 2), -1, np.int32)
+        pairs[:len(moves)] = np.asarray(moves, np.int32).reshape(-1, 2)
+        self.kv = self._move(self.kv, pairs)
 
     def run(self, inputs: StepInputs, sampling: SamplingInputs) -> SamplerOutput:
         """One step; returns the sampler's output as numpy arrays."""

@@ -15,6 +15,7 @@ class SamplingParams:
     condition fires before ``min_tokens`` tokens: EOS and stop tokens are masked until then.
     ``logprobs``: None, or N >= 0 to return each output token's logprob (of the model's distribution, before
     temperature/top-k/top-p) plus the N most likely tokens' (vLLM's convention).
+    ``speculative``: False keeps the engine from drafting for this request (its ``speculative`` option).
     """
 
     max_tokens: int = 16
@@ -28,6 +29,7 @@ class SamplingParams:
     min_tokens: int = 0
     skip_special_tokens: bool = True
     logprobs: int | None = None
+    speculative: bool = True
 
     def __post_init__(self):
         if isinstance(self.stop, str):
