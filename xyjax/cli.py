@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -102,14 +103,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # engine options as flags: (EngineConfig field, type); unset flags keep the engine's default
+def _json(text: str):
+    return json.loads(text)
+
+
+_json.__name__ = "JSON"   # argparse's error: "invalid JSON value: ..."
+
+
 ENGINE_OPTIONS = (("max_num_batched_tokens", int), ("max_num_seqs", int), ("prefill_tile", int), ("block_size", int),
-                  ("attention_backend", str), ("gemm_backend", str))
+                  ("attention_backend", str), ("gemm_backend", str), ("enable_prefix_caching", bool),
+                  ("speculative", _json))
 SERVE_ENGINE_OPTIONS = (("max_model_len", int), ("kv_cache_memory", int), ("max_logprobs", int), ("seed", int))
 
 
 def _add_engine_options(parser, options) -> None:
     for name, kind in options:
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None)
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:   # --enable-prefix-caching / --no-enable-prefix-caching
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, type=kind, default=None,
+                                help='a JSON object, e.g. \'{"method": "ngram", "num_draft_tokens": 4}\'' if kind is _json
+                                else None)
 
 
 def _engine_options(args, options) -> dict:
