@@ -73,7 +73,8 @@ class Engine:
         self.stats = collections.Counter(steps=0, step_seconds=0.0, host_plan_seconds=0.0, device_seconds=0.0,
                                          host_output_seconds=0.0, real_tokens=0, padded_tokens=0,
                                          prefill_tokens=0, decode_tokens=0, verify_tokens=0, spec_verify_runs=0,
-                                         spec_drafted_tokens=0, spec_accepted_tokens=0, generated_tokens=0, preemptions=0, finished=0, errors=0, aborted=0)
+                                         spec_drafted_tokens=0, spec_accepted_tokens=0, generated_tokens=0,
+                                         preemptions=0, finished=0, errors=0, aborted=0)
         self.startup_seconds = 0.0
         if config.precompile:
             self.precompile(progress)
