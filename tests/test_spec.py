@@ -273,6 +273,16 @@ def test_draft_model_interface_with_a_test_double():
         DraftModelDrafter().propose([1], 2)
 
 
+def test_logprobs_on_a_vocabulary_smaller_than_max_logprobs(tokenizer):
+    """max_logprobs (default 20) is capped at the vocabulary: 6 logprobs of a 6-token model are served, 7 refused."""
+    llm = LLM(small_model(tokenizer, 6, 3, 0.5), block_size=4, max_num_batched_tokens=64, max_num_seqs=4,
+              progress=False)
+    out, bad = llm.generate([[1, 2, 3], [1, 2]], [SamplingParams(max_tokens=3, logprobs=6, ignore_eos=True),
+                                                  SamplingParams(max_tokens=3, logprobs=7)], progress=False)
+    assert len(out.token_ids) == 3 and all(len(step) == 6 for step in out.logprobs)
+    assert bad.finish_reason == "error" and "max_logprobs=6" in bad.error
+
+
 def test_stochastic_speculation_matches_the_model_distribution(tokenizer):
     """A 6-token model sampled at temperature 1 with chain and tree speculation (seeds 0..N-1): the joint
     distribution of output tokens 2 and 3 (drawn in verify runs) fits the exact one computed from float32

@@ -60,8 +60,9 @@ class Engine:
         self.backends = Backends(attention=config.attention_backend, gemm=config.gemm_backend,
                                  gemm_profile=load_default(config.gemm_backend) if config.gemm_backend != "xla"
                                  else None)
+        self.max_logprobs = min(config.max_logprobs, cfg.vocab_size)   # top-k over the vocabulary at most
         self.runner = Runner(cfg, model.params, num_blocks, config.block_size, self.backends, model.dtype,
-                             num_logprobs=config.max_logprobs,
+                             num_logprobs=self.max_logprobs,
                              max_moves=config.max_num_seqs * config.max_draft_tokens)
         self.requests: dict[str, Request] = {}
         self._reported: list[Request] = []        # finished outside a step (bad prompt, abort): next step reports
@@ -132,8 +133,9 @@ class Engine:
             raise ValueError(f"prompt has {len(ids)} tokens; the context length is {self.max_model_len} "
                              f"(prompt + at least 1 generated token must fit; it is also capped by the KV pool, "
                              f"{self.blocks.num_blocks} blocks of {self.blocks.block_size})")
-        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
-            raise ValueError(f"logprobs={params.logprobs} exceeds the engine's max_logprobs={self.config.max_logprobs}")
+        if params.logprobs is not None and params.logprobs > self.max_logprobs:
+            raise ValueError(f"logprobs={params.logprobs} exceeds the engine's max_logprobs={self.max_logprobs} "
+                             f"(max_logprobs={self.config.max_logprobs}, vocabulary {self.model.config.vocab_size})")
         if len(stop_ids) > self.config.max_stop_ids and params.min_tokens:
             raise ValueError(f"min_tokens needs {len(stop_ids)} stop token ids masked; the engine masks "
                              f"at most max_stop_ids={self.config.max_stop_ids}")

@@ -78,7 +78,7 @@ def device_breakdown(engine, steps: list, repeat: int = 3) -> dict:
             return acc + meta_attention(q, kv, index, meta, backend=backends.attention).sum()
         return jax.lax.fori_loop(0, cfg.num_layers, one, jnp.float32(0))
 
-    sampler = jax.jit(lambda logits, s: sample(logits, s, engine.config.max_logprobs))
+    sampler = jax.jit(lambda logits, s: sample(logits, s, engine.max_logprobs))
     width = max(cfg.hidden_size, cfg.q_size, cfg.intermediate_size)
     totals = dict(step=0.0, gemm=0.0, attention=0.0, sampling=0.0)
     for inputs, sampling in steps:
