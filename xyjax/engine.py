@@ -23,7 +23,6 @@ from models.loader import LoadedModel
 from models.tokenizer import IncrementalDetokenizer
 from xyjax.block_manager import BlockManager
 from xyjax.config import EngineConfig
-from xyjax.drafters import DraftTree
 from xyjax.gemm_profile import load_default
 from xyjax.kv_cache import bytes_per_token
 from xyjax.outputs import RequestMetrics, RequestOutput
@@ -220,23 +219,20 @@ class Engine:
             budget = req.spec.budget(k) if self.config.speculative.adaptive else k
             budget = min(budget, req.params.max_tokens - len(req.output_ids) - 1,
                          self.max_model_len - len(req.token_ids))
-            tree = self.drafter.propose(req.token_ids, budget) if budget > 0 else DraftTree([], [])
-            req.draft_token_ids = tree.tokens
-            req.draft_parents = None if tree.is_chain else tree.parents
+            req.set_draft(self.drafter.propose(req.token_ids, budget))   # budget <= 0: an empty draft
 
     def _verify(self, req: Request, sampled, moves: list[tuple[int, int]]) -> list[int]:
         """Accept ``req``'s drafts against the tokens ``sampled`` at its verify rows: returns the accepted
         path's rows, rolls ``num_computed`` back to it (rejected KV is dead, overwritten later) and adds the
         slot moves that put a tree path's KV at its positions to ``moves``."""
-        tree = (DraftTree.chain(req.draft_token_ids) if req.draft_parents is None
-                else DraftTree(req.draft_token_ids, req.draft_parents))
+        tree = req.draft_tree()
         path = accepted_path(tree, [int(t) for t in sampled])
         drafted, accepted = len(tree.tokens), len(path) - 1
         start = req.num_computed - len(sampled)                # position of the run's root
         req.num_computed = start + len(path)
         bs, table = self.blocks.block_size, req.block_table
         moves += kv_moves(path, start, lambda pos: table[pos // bs] * bs + pos % bs)
-        req.draft_token_ids, req.draft_parents = [], None
+        req.clear_draft()
         if req.spec is not None:
             req.spec.update(drafted, accepted)
         req.metrics.num_draft_tokens += drafted

@@ -20,7 +20,6 @@ import numpy as np
 
 from xyjax import tiling
 from xyjax.config import EngineConfig
-from xyjax.drafters import DraftTree
 from xyjax.sampler import SamplingInputs
 from xyjax.scheduler import ScheduledBatch, Stage
 from xyjax.step_inputs import StepInputs
@@ -70,7 +69,7 @@ class Planner:
             depth = np.arange(n)
             if seq.stage is Stage.VERIFY and req.draft_parents is not None:
                 trees[i] = [-1] + [p + 1 for p in req.draft_parents]
-                depth = np.asarray([0] + DraftTree(req.draft_token_ids, req.draft_parents).depths())
+                depth = np.asarray([0] + req.draft_tree().depths())
             pos = np.arange(start, start + n)
             table = np.asarray(req.block_table, np.int32)
             tokens[row:row + n] = ids[start:start + n]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from xyjax.drafters import DraftTree
 from xyjax.outputs import RequestMetrics
 from xyjax.sampling_params import SamplingParams
 
@@ -62,3 +63,16 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    def draft_tree(self) -> DraftTree:
+        """The drafts to verify as a DraftTree (a chain when ``draft_parents`` is None)."""
+        if self.draft_parents is None:
+            return DraftTree.chain(self.draft_token_ids)
+        return DraftTree(self.draft_token_ids, self.draft_parents)
+
+    def set_draft(self, tree: DraftTree) -> None:
+        """Verify ``tree`` in the next step (an empty tree: plain decoding)."""
+        self.draft_token_ids, self.draft_parents = tree.tokens, None if tree.is_chain else tree.parents
+
+    def clear_draft(self) -> None:
+        self.draft_token_ids, self.draft_parents = [], None

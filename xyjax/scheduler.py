@@ -189,7 +189,8 @@ class Scheduler:
     def _preempt(self, req: Request, preempted: list[Request]) -> None:
         """Back to waiting; its blocks are freed (the cache keeps what it cached of them)."""
         self.blocks.free(req.block_table)
-        req.num_computed, req.status, req.draft_token_ids = 0, Status.WAITING, []
+        req.num_computed, req.status = 0, Status.WAITING
+        req.clear_draft()
         req.metrics.num_preemptions += 1
         self.running.remove(req)
         position = sum(1 for r in self.waiting if r.arrival < req.arrival)   # keep the queue in arrival order
