@@ -28,36 +28,30 @@ COUNTERS = ("prefill_tokens", "prefix_lookup_tokens", "prefix_hit_tokens", "pref
             "prefix_copies", "prefix_evicted_blocks", "preemptions")
 
 
-def run_batch(engine, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], list[float]]:
-    """Submit ``prompts`` at once and step until all finish: (output ids, TTFT in seconds) per prompt."""
-    sampling = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    ids = [engine.add_request(p, sampling) for p in prompts]
-    outputs, ttft = {i: [] for i in ids}, {}
-    while engine.has_unfinished():
-        for delta in engine.step():
-            outputs[delta.request_id] += delta.token_ids
-            if delta.finished:
-                ttft[delta.request_id] = delta.metrics.ttft
-    return [outputs[i] for i in ids], [ttft[i] for i in ids]
+def run_batch(llm, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], list[float]]:
+    """Submit ``prompts`` at once and run them to the end: (output ids, TTFT in seconds) per prompt."""
+    outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+                        progress=False)
+    return [o.token_ids for o in outs], [o.metrics.ttft for o in outs]
 
 
-def system_prompt(engine, rng, args, bar) -> tuple[list, list[float], int]:
+def system_prompt(llm, rng, args, bar) -> tuple[list, list[float], int]:
     """(a): outputs, TTFTs and prompt + output tokens."""
-    system = rng.integers(3, engine.model.config.vocab_size, args.system).tolist()
-    prompts = [system + rng.integers(3, engine.model.config.vocab_size, n).tolist()
+    system = rng.integers(3, llm.model.config.vocab_size, args.system).tolist()
+    prompts = [system + rng.integers(3, llm.model.config.vocab_size, n).tolist()
                for n in rng.integers(32, 257, args.requests)]
-    outputs, ttft = run_batch(engine, prompts, args.output)
+    outputs, ttft = run_batch(llm, prompts, args.output)
     bar.update()
     return outputs, ttft, sum(map(len, prompts)) + sum(map(len, outputs))
 
 
-def multi_turn(engine, rng, args, bar) -> tuple[list, list[float], int]:
+def multi_turn(llm, rng, args, bar) -> tuple[list, list[float], int]:
     """(b): every turn's outputs, TTFTs and prompt + output tokens."""
-    vocab = engine.model.config.vocab_size
+    vocab = llm.model.config.vocab_size
     convs = [rng.integers(3, vocab, n).tolist() for n in rng.integers(64, 129, args.conversations)]
     answers, ttfts, tokens = [], [], 0
     for _ in range(args.turns):
-        outputs, ttft = run_batch(engine, convs, args.answer)
+        outputs, ttft = run_batch(llm, convs, args.answer)
         answers += outputs
         ttfts += ttft
         tokens += sum(map(len, convs)) + sum(map(len, outputs))
@@ -76,7 +70,7 @@ def run(model, workload: str, caching: bool, args, bar) -> tuple[dict, list]:
 
     llm = LLM(model, progress=False, enable_prefix_caching=caching, max_num_batched_tokens=args.budget)
     before, start = dict(llm.stats), time.perf_counter()
-    outputs, ttft, tokens = WORKLOADS[workload](llm.engine, np.random.default_rng(args.seed), args, bar)
+    outputs, ttft, tokens = WORKLOADS[workload](llm, np.random.default_rng(args.seed), args, bar)
     wall = time.perf_counter() - start
     after = llm.stats
     figures = {k: after[k] - before[k] for k in COUNTERS}
