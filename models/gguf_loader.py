@@ -84,5 +84,5 @@ def load_gguf(path: str, dtype=np.float32, progress: bool = True) -> tuple[Model
     params = {"embed": get("token_embd.weight"), "final_norm": get("output_norm.weight"),
               "layers": stack_layers(layers)}
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = get("output.weight").T
+        params["lm_head"] = get("output.weight")
     return cfg, params, meta

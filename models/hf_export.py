@@ -23,7 +23,7 @@ def export_hf(model: LoadedModel, directory: str, dtype=np.float32) -> None:
     params = {k: np.asarray(v) for k, v in model.params.items() if k != "layers"}
     tensors = {"model.embed_tokens.weight": params["embed"], "model.norm.weight": params["final_norm"]}
     if not cfg.tie_word_embeddings:
-        tensors["lm_head.weight"] = params["lm_head"].T
+        tensors["lm_head.weight"] = params["lm_head"]
     names = dict(LAYER_NAMES, **BIAS_NAMES)
     for i, layer in enumerate(unstack_layers(model.params["layers"])):
         tensors.update({f"model.layers.{i}.{names[key]}": value for key, value in layer.items()})

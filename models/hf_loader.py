@@ -47,5 +47,5 @@ def load_hf(path: str, dtype=np.float32, progress: bool = True) -> tuple[ModelCo
     params = {"embed": get("model.embed_tokens.weight"), "final_norm": get("model.norm.weight"),
               "layers": stack_layers(layers)}
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = get("lm_head.weight").T
+        params["lm_head"] = get("lm_head.weight")
     return cfg, params

@@ -1,9 +1,10 @@
 """Llama-family decoder as pure functions over a param pytree (Llama, Mistral, Qwen2 with q/k/v bias).
 
-Params (``[in, out]`` weights, layers stacked on a leading axis L so ``lax.scan`` runs them):
-    embed [V, D]; final_norm [D]; lm_head [D, V] (absent when tied to ``embed``)
-    layers: attn_norm [L, D], wqkv [L, D, (H + 2 Hkv) Dh], bqkv [L, (H + 2 Hkv) Dh] (optional),
-            wo [L, H Dh, D], mlp_norm [L, D], w_gate_up [L, D, 2 F], w_down [L, F, D]
+Params (weights ``[out, in]`` like ``torch.nn.Linear``, each output's weights one contiguous row, which the
+ffi gemm streams in place; layers stacked on a leading axis L so ``lax.scan`` runs them):
+    embed [V, D]; final_norm [D]; lm_head [V, D] (absent when tied to ``embed``)
+    layers: attn_norm [L, D], wqkv [L, (H + 2 Hkv) Dh, D], bqkv [L, (H + 2 Hkv) Dh] (optional),
+            wo [L, D, H Dh], mlp_norm [L, D], w_gate_up [L, 2 F, D], w_down [L, D, F]
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def forward(params: dict, kv: KVCache, inputs: StepInputs, *, cfg: ModelConfig,
     x = params["embed"][inputs.token_ids]                                   # [T, D]
     angles = inputs.positions[:, None].astype(jnp.float32) * rope_frequencies(cfg)[None]
     cos, sin = jnp.cos(jnp.concatenate([angles] * 2, -1)), jnp.sin(jnp.concatenate([angles] * 2, -1))
-    # The dense weights stay stacked [L, in, out] and are read by layer index (the ffi backend in place);
+    # The dense weights stay stacked [L, out, in] and are read by layer index (the ffi backend in place);
     # only the small per-layer params are scanned over.
     dense = {name: params["layers"][name] for name in GEMM_WEIGHTS}
     scanned_params = {name: p for name, p in params["layers"].items() if name not in GEMM_WEIGHTS}
@@ -86,7 +87,7 @@ def forward(params: dict, kv: KVCache, inputs: StepInputs, *, cfg: ModelConfig,
     def layer(carry, scanned):
         x, kv = carry
         index, p = scanned
-        gemm = lambda a, name: backends.smooth_gemm(a, dense[name], m, layer=index)  # noqa: E731
+        gemm = lambda a, name: backends.smooth_gemm(a, dense[name], m, layer=index, transpose_w=True)  # noqa: E731
         h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
         qkv = gemm(h, "wqkv")
         if "bqkv" in p:
@@ -104,10 +105,8 @@ def forward(params: dict, kv: KVCache, inputs: StepInputs, *, cfg: ModelConfig,
 
     (x, kv), _ = jax.lax.scan(layer, (x, kv), (jnp.arange(cfg.num_layers), scanned_params))
     h = rms_norm(x[inputs.sample_index], params["final_norm"], cfg.rms_norm_eps)
-    if cfg.tie_word_embeddings:   # embed [V, D] read as the head's [D, V]: no transpose materialised
-        logits = backends.smooth_gemm(h, params["embed"], inputs.num_samples, transpose_w=True)
-    else:
-        logits = backends.smooth_gemm(h, params["lm_head"], inputs.num_samples)
+    head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]   # [V, D]
+    logits = backends.smooth_gemm(h, head, inputs.num_samples, transpose_w=True)
     return logits.astype(jnp.float32), kv
 
 
@@ -115,7 +114,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: floa
     """Random params with the right structure (for tests and tiny configs)."""
     L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
     qkv = cfg.q_size + 2 * cfg.kv_size
-    shapes = {"wqkv": (L, D, qkv), "wo": (L, cfg.q_size, D), "w_gate_up": (L, D, 2 * F), "w_down": (L, F, D)}
+    shapes = {"wqkv": (L, qkv, D), "wo": (L, D, cfg.q_size), "w_gate_up": (L, 2 * F, D), "w_down": (L, D, F)}
     if cfg.attention_bias:
         shapes["bqkv"] = (L, qkv)
     keys = iter(jax.random.split(key, len(shapes) + 5))   # + norms, embed, final norm, lm_head
@@ -126,5 +125,5 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: floa
     params = {"embed": normal((cfg.vocab_size, D)), "final_norm": (1.0 + normal((D,))).astype(dtype),
               "layers": layers}
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = normal((D, cfg.vocab_size))
+        params["lm_head"] = normal((cfg.vocab_size, D))
     return params

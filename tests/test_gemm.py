@@ -37,6 +37,7 @@ def test_random_shapes_match_float64(T, K, N, frac, seed):
     full = x.astype(np.float64) @ w.astype(np.float64)
     for backend in BACKENDS:
         check(gemm(x, w, jnp.int32(m), backend=backend), full, m, rtol=1e-4, atol=1e-4)
+        check(gemm(x, w.T.copy(), jnp.int32(m), transpose_w=True, backend=backend), full, m, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -47,6 +48,25 @@ def test_edge_m_and_non_tile_multiples(backend, m):
     full = x.astype(np.float64) @ w.astype(np.float64)
     x[m:] = np.nan
     check(gemm(x, w, jnp.int32(m), backend=backend), full, m)
+    check(gemm(x, w.T.copy(), jnp.int32(m), transpose_w=True, backend=backend), full, m)
+
+
+@pytest.mark.parametrize("K, N", [(576, 960), (1536, 100), (40, 4100)])
+def test_streaming_kernel_equals_the_blas(K, N):
+    """The float32 ``transpose_w`` path at m <= stream_rows (the handler's own kernel on AVX-512 CPUs) against
+    float64 and against the BLAS path (stream_rows=0), at the model's sizes: every row block of 1..6 rows, weight
+    blocks of 32 rows with a tail, K with and without a 16-float tail, rows split over the lanes."""
+    rng = np.random.default_rng(K + N)
+    x, w = operands(rng, 40, K, N)
+    wt = w.T.copy()
+    for m in (1, 2, 5, 6, 7, 12, 31, 40):
+        full = x.astype(np.float64) @ w.astype(np.float64)
+        stream = smooth_gemm(x, wt, m, backend="ffi", transpose_w=True, tuning=dict(stream_rows=64))
+        check(stream, full, m, rtol=1e-4, atol=1e-3)
+        blas_path = smooth_gemm(x, wt, m, backend="ffi", transpose_w=True, tuning=dict(stream_rows=0))
+        np.testing.assert_allclose(np.asarray(stream), np.asarray(blas_path), rtol=1e-4, atol=1e-3)
+        by_rows = smooth_gemm(x, wt, m, backend="ffi", transpose_w=True, tuning=dict(stream_rows=64, split_rows=True))
+        np.testing.assert_array_equal(np.asarray(by_rows), np.asarray(stream))
 
 
 def test_fused_weights_equal_separate_gemms():
@@ -116,13 +136,15 @@ def test_unknown_backends_and_tunables():
         smooth_gemm(x, w, 1, backend="ffi", tuning={"threads": 2})
     with pytest.raises(ValueError, match="m_align >= 1"):
         smooth_gemm(x, w, 1, backend="ffi", tuning={"m_align": 0})
+    with pytest.raises(ValueError, match="stream_rows >= 0"):
+        smooth_gemm(x, w, 1, backend="ffi", tuning={"stream_rows": -1})
 
 
 @pytest.mark.parametrize("tuning", gemm_profile.candidates("ffi") + [dict(lanes=7, m_align=5)])
 @pytest.mark.parametrize("m", [0, 1, 13, 37])
 def test_every_ffi_tuning_computes_the_same(tuning, m):
-    """Each point the profiler sweeps (lanes, row or column split, m rounded up to 16), and lanes beyond the
-    pool: the same rows < m, zeros (not the NaN of computed padding rows) below; plain and transposed w."""
+    """Each point the profiler sweeps (streaming kernel up to 0, 32 or 64 rows, lanes, row or column split, m
+    rounded up to 16), and lanes beyond the pool: the same rows < m, zeros (not the NaN of computed padding rows) below; plain and transposed w."""
     x, w = operands(np.random.default_rng(m + 7), 37, 24, 70)
     full = x.astype(np.float64) @ w.astype(np.float64)
     x[m:] = np.nan

@@ -63,12 +63,13 @@ def test_pallas_profiling_is_refused_on_cpu():
 
 def test_engine_runs_the_profiled_tunables(monkeypatch, tmp_path, tiny_model):
     """A saved profile for this device is loaded at start and its tunables reach every GEMM (here ones no
-    default uses: one lane, row split, m rounded up to 16): greedy output unchanged; no profile: defaults."""
+    default uses: one lane, row split, m rounded up to 16, no streaming kernel): greedy output unchanged; no
+    profile: defaults."""
     from xyjax import LLM, SamplingParams
 
     monkeypatch.setenv("XYJAX_CACHE_DIR", str(tmp_path))
     cfg = tiny_model.config
-    odd = (("lanes", 1), ("m_align", 16), ("split_rows", True))
+    odd = (("lanes", 1), ("m_align", 16), ("split_rows", True), ("stream_rows", 0))
     table = GemmProfile(device=jax.devices()[0].device_kind, backend="ffi", entries=tuple(
         ((T, K, N, tr), odd) for K, N, tr in gemm_profile.linear_shapes(cfg).values() for T in (16, 32)))
     prompts = [[5, 9, 200, 7, 11, 3, 90, 4, 8, 1000, 33], [17, 4]]
@@ -81,7 +82,7 @@ def test_engine_runs_the_profiled_tunables(monkeypatch, tmp_path, tiny_model):
     tuned = LLM(tiny_model, gemm_backend="ffi", **options)
     assert tuned.engine.backends.gemm_profile == table
     K, N, _ = gemm_profile.linear_shapes(cfg)["qkv"]
-    hlo = jax.jit(lambda x, w: tuned.engine.backends.smooth_gemm(x, w, 3)).lower(
-        jax.numpy.zeros((16, K)), jax.numpy.zeros((K, N))).as_text()
-    assert "m_align = 16" in hlo and "split_rows = true" in hlo
+    hlo = jax.jit(lambda x, w: tuned.engine.backends.smooth_gemm(x, w, 3, transpose_w=True)).lower(
+        jax.numpy.zeros((16, K)), jax.numpy.zeros((N, K))).as_text()
+    assert "m_align = 16" in hlo and "split_rows = true" in hlo and "stream_rows = 0" in hlo
     assert [o.token_ids for o in tuned.generate(prompts, sampling)] == expected

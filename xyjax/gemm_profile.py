@@ -86,11 +86,11 @@ def load_default(backend: str) -> GemmProfile | None:
 
 def linear_shapes(cfg) -> dict[str, tuple[int, int, bool]]:
     """(K, N, transpose_w) of each linear layer of a Llama-family ModelConfig, as the model calls them."""
-    return {"qkv": (cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, False),
-            "o": (cfg.q_size, cfg.hidden_size, False),
-            "gate_up": (cfg.hidden_size, 2 * cfg.intermediate_size, False),
-            "down": (cfg.intermediate_size, cfg.hidden_size, False),
-            "lm_head": (cfg.hidden_size, cfg.vocab_size, bool(cfg.tie_word_embeddings))}
+    return {"qkv": (cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, True),
+            "o": (cfg.q_size, cfg.hidden_size, True),
+            "gate_up": (cfg.hidden_size, 2 * cfg.intermediate_size, True),
+            "down": (cfg.intermediate_size, cfg.hidden_size, True),
+            "lm_head": (cfg.hidden_size, cfg.vocab_size, True)}
 
 
 def candidates(backend: str) -> list[dict]:
@@ -99,8 +99,8 @@ def candidates(backend: str) -> list[dict]:
         import ascend_ffi
 
         lanes = ascend_ffi.load().xyjax_attention_threads()
-        return [dict(lanes=n, split_rows=rows, m_align=align)
-                for n, rows, align in itertools.product(range(lanes, 0, -1), (False, True), (1, 16))
+        return [dict(lanes=n, split_rows=rows, m_align=align, stream_rows=stream)
+                for stream, n, rows, align in itertools.product((32, 0, 64), range(lanes, 0, -1), (False, True), (1, 16))
                 if n > 1 or not rows]
     if backend == "pallas":
         return [dict(block_m=bm, block_n=bn, block_k=bk, m_major=order)

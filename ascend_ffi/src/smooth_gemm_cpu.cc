@@ -14,7 +14,10 @@
 // lanes > 0 caps them), each block one single-threaded BLAS call: on 2 cores this measured faster than
 // the BLAS's own threads (docs/architecture.md). m_align rounds the rows computed up to a multiple
 // (within T; those extra rows are zeroed after): some BLAS kernels are faster on aligned row counts.
-// The three are the tunables `xyjax profile` sweeps per shape and bucket.
+// stream_rows: float32 gemms with transpose_w and 1 <= m <= stream_rows run the streaming kernel of
+// smooth_gemm_kernel_avx512.cc instead of the BLAS (on CPUs with AVX-512F; elsewhere the BLAS): it reads
+// the weights once, in place, where the BLAS packs them first. The four are the tunables `xyjax profile`
+// sweeps per shape and bucket.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -30,6 +33,22 @@ namespace ffi = xla::ffi;
 
 namespace xyjax {
 namespace gemm {
+
+// c [m, n] (stride ldc) = x [m, K] (stride ldx) @ w [n, K]^T in float32 on one thread.
+using StreamGemm = void (*)(int64_t m, int64_t n, int64_t K, const float* x, int64_t ldx, const float* w, float* c,
+                            int64_t ldc);
+#ifdef XYJAX_HAVE_X86_KERNELS
+void StreamGemmAvx512(int64_t m, int64_t n, int64_t K, const float* x, int64_t ldx, const float* w, float* c,
+                      int64_t ldc);   // smooth_gemm_kernel_avx512.cc
+#endif
+
+// The streaming kernel this CPU runs, or null (then the BLAS runs every gemm).
+StreamGemm StreamKernel() {
+#ifdef XYJAX_HAVE_X86_KERNELS
+  if (__builtin_cpu_supports("avx512f")) return StreamGemmAvx512;
+#endif
+  return nullptr;
+}
 
 using Scalar32 = ffi::Buffer<ffi::S32, 0>;
 
@@ -53,7 +72,7 @@ ffi::Error Invalid(const std::string& what) {
 }
 
 ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, Scalar32 layer_buffer,
-                         bool transpose_w, int32_t lanes_attr, bool split_rows, int32_t m_align,
+                         bool transpose_w, int32_t lanes_attr, bool split_rows, int32_t m_align, int32_t stream_rows,
                          ffi::Result<ffi::AnyBuffer> out) {
   const ffi::DataType type = x.element_type();
   if (type != ffi::DataType::F32 && type != ffi::DataType::BF16) return Invalid("x must be float32 or bfloat16");
@@ -88,14 +107,16 @@ ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, 
   const bool bf16 = type == ffi::DataType::BF16;
   if (bf16 && bf16_gemm == nullptr) return Invalid("the loaded BLAS has no bfloat16 gemm");
 
-  if (lanes_attr < 0 || m_align < 1) {
-    return Invalid("lanes must be >= 0 and m_align >= 1, got " + std::to_string(lanes_attr) + " and " +
-                   std::to_string(m_align));
+  if (lanes_attr < 0 || m_align < 1 || stream_rows < 0) {
+    return Invalid("lanes and stream_rows must be >= 0 and m_align >= 1, got " + std::to_string(lanes_attr) +
+                   ", " + std::to_string(stream_rows) + " and " + std::to_string(m_align));
   }
+  static const StreamGemm stream_gemm = StreamKernel();
+  const bool stream = stream_gemm != nullptr && !bf16 && transpose_w && m <= stream_rows;
   const size_t elem = bf16 ? 2 : 4;
   char* out_bytes = static_cast<char*>(out->untyped_data());
   // Rows computed: m rounded up to m_align (within T); the extra ones are zeroed again below.
-  const int64_t mc = m == 0 ? 0 : std::min<int64_t>(T, (m + m_align - 1) / m_align * m_align);
+  const int64_t mc = m == 0 || stream ? m : std::min<int64_t>(T, (m + m_align - 1) / m_align * m_align);
   if (mc > 0 && N > 0) {
     // float32: straight into the result. bfloat16: into float scratch, rounded once per lane's block.
     thread_local std::vector<float> scratch;  // reused across calls on this thread
@@ -116,7 +137,10 @@ ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, 
       if (n <= 0 || nr <= 0) return;
       const int64_t w_offset = layer * K * N + (transpose_w ? n0 * K : n0);  // w[layer]'s column n0
       float* c_block = c + r0 * N + n0;
-      if (bf16) {
+      if (stream) {
+        stream_gemm(nr, n, K, static_cast<const float*>(x.untyped_data()) + r0 * K, K,
+                         static_cast<const float*>(w.untyped_data()) + w_offset, c_block, N);
+      } else if (bf16) {
         bf16_gemm(kRowMajor, kNoTrans, trans_b, static_cast<int>(nr), static_cast<int>(n), static_cast<int>(K),
                   1.0f, static_cast<const uint16_t*>(x.untyped_data()) + r0 * K, static_cast<int>(K),
                   static_cast<const uint16_t*>(w.untyped_data()) + w_offset, ldb, 0.0f, c_block,
@@ -152,6 +176,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XyjaxSmoothGemmCpu, xyjax::gemm::SmoothGemmCpu,
                                   .Attr<int32_t>("lanes")
                                   .Attr<bool>("split_rows")
                                   .Attr<int32_t>("m_align")
+                                  .Attr<int32_t>("stream_rows")
                                   .Ret<ffi::AnyBuffer>());
 #pragma GCC visibility pop
 

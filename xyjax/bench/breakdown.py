@@ -67,10 +67,10 @@ def device_breakdown(engine, steps: list, repeat: int = 3) -> dict:
         def one(index, acc):
             for name in GEMM_WEIGHTS:
                 w = layers[name]
-                acc = acc + backends.smooth_gemm(x[:, :w.shape[1]], w, m, layer=index).sum()
+                acc = acc + backends.smooth_gemm(x[:, :w.shape[2]], w, m, layer=index, transpose_w=True).sum()
             return acc
         acc = jax.lax.fori_loop(0, cfg.num_layers, one, jnp.float32(0))
-        return acc + backends.smooth_gemm(h, head, num_samples, transpose_w=cfg.tie_word_embeddings).sum()
+        return acc + backends.smooth_gemm(h, head, num_samples, transpose_w=True).sum()
 
     @jax.jit
     def attention(q, kv, meta):

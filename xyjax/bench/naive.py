@@ -64,7 +64,7 @@ def _forward(params: dict, cache: Cache, tokens: jax.Array, column: jax.Array, c
         x, k_cache, v_cache = carry
         index, p = scanned
         h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-        qkv = h @ p["wqkv"]
+        qkv = h @ p["wqkv"].T
         if "bqkv" in p:
             qkv = qkv + p["bqkv"]
         q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
@@ -79,16 +79,16 @@ def _forward(params: dict, cache: Cache, tokens: jax.Array, column: jax.Array, c
         scores = jnp.where(mask[:, None, None], scores * cfg.head_dim ** -0.5, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
         attn = jnp.einsum("bkgts,bksd->btkgd", probs, v_cache[index]).reshape(batch, num_tokens, cfg.q_size)
-        x = x + attn.astype(x.dtype) @ p["wo"]
+        x = x + attn.astype(x.dtype) @ p["wo"].T
         h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-        gate, up = jnp.split(h @ p["w_gate_up"], 2, axis=-1)
-        x = x + (jax.nn.silu(gate) * up) @ p["w_down"]
+        gate, up = jnp.split(h @ p["w_gate_up"].T, 2, axis=-1)
+        x = x + (jax.nn.silu(gate) * up) @ p["w_down"].T
         return (x, k_cache, v_cache), None
 
     (x, k_cache, v_cache), _ = jax.lax.scan(layer, (x, cache.k, cache.v),
                                             (jnp.arange(cfg.num_layers), params["layers"]))
     h = rms_norm(x[:, -1], params["final_norm"], cfg.rms_norm_eps)
-    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    head = (params["embed"] if cfg.tie_word_embeddings else params["lm_head"]).T
     logits = jnp.dot(h, head, preferred_element_type=jnp.float32)
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), Cache(k_cache, v_cache, cache.start)
 
