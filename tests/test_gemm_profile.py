@@ -44,7 +44,7 @@ def test_default_path_is_keyed_by_device_and_backend(monkeypatch, tmp_path):
 
 def test_profile_sweeps_every_candidate_and_keeps_the_fastest():
     shapes = {"a": (32, 48, False), "head": (32, 80, True)}
-    table, timings = gemm_profile.profile(shapes, [16, 32], "ffi", repeat=1)
+    table, timings = gemm_profile.profile(shapes, [16, 32], "ffi", repeat=1, stream_bytes=1 << 16)
     assert table.backend == "ffi" and len(table.entries) == 4
     assert set(timings) == {"a T=16", "a T=32", "head T=16", "head T=32"}
     for (T, K, N, tr), params in table.entries:

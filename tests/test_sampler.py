@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xyjax.sampler import SamplingInputs, mask_banned, sample, top_k_top_p_mask
+from xyjax.sampler import SamplingInputs, argmax_rows, mask_banned, sample, top_k_top_p_mask
 
 
 def sample_tokens(logits, s):
@@ -61,3 +61,15 @@ def test_sampling_distribution_matches_softmax_at_temperature():
     expected = np.array([0.6, 0.3, 0.1]) ** 2
     expected /= expected.sum()
     np.testing.assert_allclose(freq, expected, atol=0.03)
+
+
+def test_chunked_argmax_equals_argmax_with_ties_and_ragged_vocab():
+    """argmax_rows (chunk maxima, then inside the winning chunk) is jnp.argmax: the first index of the max,
+    across and inside chunks, with a vocabulary that is no multiple of the chunk, and rows all -inf."""
+    rng = np.random.default_rng(0)
+    for vocab in (49152, 1000, 7):
+        x = rng.integers(-3, 3, (9, vocab)).astype(np.float32)    # many ties
+        x[1] = -np.inf
+        x[2, :] = 0.0
+        x[3, vocab - 1] = 9.0                                      # max in the padded last chunk
+        np.testing.assert_array_equal(np.asarray(argmax_rows(jnp.asarray(x), chunk=128)), x.argmax(axis=1))

@@ -120,9 +120,14 @@ def time_call(fn, *args, repeat: int = 5) -> float:
 
 
 def profile(shapes: dict[str, tuple[int, int, bool]], buckets: list[int], backend: str, *, dtype=jnp.float32,
-            repeat: int = 5, seed: int = 0) -> tuple[GemmProfile, dict]:
+            repeat: int = 5, seed: int = 0, stream_bytes: int = 512 << 20,
+            max_flops: float = 4e9) -> tuple[GemmProfile, dict]:
     """Times every candidate on every (shape, bucket T) and keeps the fastest. A candidate's time is the sum
     over three real row counts the bucket serves: just past the previous bucket, the middle (odd), and T.
+    Each time is one program's pass over a stack of distinct weights of about ``stream_bytes`` (per layer), so
+    the weights come from memory as in a model's step: one matrix timed over and over stays in cache, where a
+    BLAS's packing costs little and small-m gemms look compute-bound. The stack is cut to ``max_flops`` of work
+    per pass (large buckets are compute-bound: where the weights come from matters little there).
     Returns the profile and {"name T": {candidate: ms}}."""
     from xyjax.ops.gemm import smooth_gemm
 
@@ -138,14 +143,19 @@ def profile(shapes: dict[str, tuple[int, int, bool]], buckets: list[int], backen
     work = [(name, shape, T) for name, shape in shapes.items() for T in buckets]
     for name, (K, N, transpose_w), T in tqdm(work, desc=f"profiling {backend} gemm"):
         rows = sorted({lower[T] + 1, (lower[T] + T) // 2 | 1, T} & set(range(1, T + 1)))
+        layers = max(1, min(-(-stream_bytes // (K * N * jnp.dtype(dtype).itemsize)), int(max_flops / (2 * T * K * N))))
         x = jnp.asarray(rng.standard_normal((T, K)), dtype)
-        w = jnp.asarray(rng.standard_normal((N, K) if transpose_w else (K, N)), dtype)
+        w = jnp.asarray(rng.standard_normal((layers,) + ((N, K) if transpose_w else (K, N)), np.float32), dtype)
         ms = {}
         for params in options:
-            fn = jax.jit(lambda x, w, m, p=params: smooth_gemm(x, w, m, backend=backend, transpose_w=transpose_w,
-                                                               tuning=p))
+            def stream(x, w, m, p=params):   # the layers' gemms in turn; one element of each kept alive
+                def one(i, acc):
+                    out = smooth_gemm(x, w, m, layer=i, backend=backend, transpose_w=transpose_w, tuning=p)
+                    return acc + out[0, 0].astype(jnp.float32)
+                return jax.lax.fori_loop(0, layers, one, jnp.float32(0))
+            fn = jax.jit(stream)
             ms[json.dumps(params, sort_keys=True)] = 1e3 * sum(time_call(fn, x, w, jnp.int32(m), repeat=repeat)
-                                                               for m in rows)
+                                                               for m in rows) / layers
         best = min(ms, key=ms.get)
         entries.append(((T, K, N, transpose_w), tuple(sorted(json.loads(best).items()))))
         timings[f"{name} T={T}"] = ms
@@ -162,12 +172,15 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=None, help="known name, .gguf path or HF directory (default model)")
     parser.add_argument("--backend", default="ffi" if jax.default_backend() == "cpu" else "pallas")
     parser.add_argument("--buckets", default=None, help="token buckets, comma-separated (default: the engine's)")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--stream-mib", type=int, default=512,
+                        help="MiB of distinct weights each timing passes over (so they come from memory)")
     parser.add_argument("--out", default=None, help="table path (default: the cache path the engine reads)")
     args = parser.parse_args(argv)
     buckets = [int(b) for b in args.buckets.split(",")] if args.buckets else list(EngineConfig().token_buckets)
     cfg = load(args.model).config
-    result, timings = profile(linear_shapes(cfg), buckets, args.backend, repeat=args.repeat)
+    result, timings = profile(linear_shapes(cfg), buckets, args.backend, repeat=args.repeat,
+                              stream_bytes=args.stream_mib << 20)
     path = args.out or default_path(result.device, args.backend)
     result.save(path, timings)
     for (T, K, N, tr), params in result.entries:
