@@ -55,18 +55,19 @@ def test_adaptive_control_follows_accepted_length_pauses_and_reprobes():
     assert c.budget(8) == 8
     c.update(8, 0)
     c.update(8, 2)
-    assert c.budget(8) == 4                    # ema 8 -> 4 -> 3: ceil + 1
+    assert c.budget(8) == 5                    # ema 8 -> 4 -> 3: ceil + slack 2
     budgets = []
     while not c.paused:
         budgets.append(c.budget(8))
         c.update(budgets[-1], 0)
-    assert budgets == [4, 3, 2, 2] and c.paused == 8 == c.pause                  # ema 1.5, 0.75, 0.375, 0.19
-    assert [c.budget(8) for _ in range(8)] == [0] * 8 and c.budget(8) == 2      # re-probe with 2 drafts
-    c.update(2, 0)
+    assert budgets == [5, 4, 3, 3] and c.paused == 8 == c.pause                  # ema 1.5, 0.75, 0.375, 0.19
+    assert [c.budget(8) for _ in range(8)] == [0] * 8 and c.budget(8) == 3      # re-probe with 3 drafts
+    c.update(3, 0)
     assert c.pause == c.paused == 16                                             # failed probe: longer pause
     c.paused = 0
-    c.update(2, 2)
-    assert c.pause == 0 and c.budget(8) == 3
+    c.update(3, 2)
+    assert c.pause == 0 and c.budget(8) == 4
+    assert AdaptiveControl(ema=3, slack=1).budget(8) == 4
 
 
 def test_accepted_path_and_kv_moves():
