@@ -100,7 +100,7 @@ def candidates(backend: str) -> list[dict]:
 
         lanes = ascend_ffi.load().xyjax_attention_threads()
         return [dict(lanes=n, split_rows=rows, m_align=align, stream_rows=stream)
-                for stream, n, rows, align in itertools.product((32, 0, 64), range(lanes, 0, -1), (False, True), (1, 16))
+                for stream, n, rows, align in itertools.product((24, 0, 64), range(lanes, 0, -1), (False, True), (1, 16))
                 if n > 1 or not rows]
     if backend == "pallas":
         return [dict(block_m=bm, block_n=bn, block_k=bk, m_major=order)

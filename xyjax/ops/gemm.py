@@ -38,7 +38,7 @@ FFI_TARGET = "xyjax_smooth_gemm_cpu"   # jax.ffi target of the C++ CPU handler
 FFI_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
-FFI_TUNING = dict(lanes=0, split_rows=False, m_align=1, stream_rows=32)   # the ffi backend's defaults
+FFI_TUNING = dict(lanes=0, split_rows=False, m_align=1, stream_rows=24)   # the ffi backend's defaults
 
 
 def smooth_gemm(x: jax.Array, w: jax.Array, m: jax.Array | int, *, layer: jax.Array | int | None = None,
