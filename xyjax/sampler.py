@@ -75,7 +75,7 @@ def top_k_top_p_mask(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> j
 def sample(logits: jax.Array, s: SamplingInputs, num_logprobs: int = 0) -> SamplerOutput:
     """See the module docstring."""
     logits = logits.astype(jnp.float32)
-    tokens = _sample_tokens(logits, s)
+    tokens = _sample_tokens(mask_banned(logits, s.banned), s)
     rows, k = logits.shape[0], num_logprobs
 
     def with_logprobs(_):
@@ -91,12 +91,9 @@ def sample(logits: jax.Array, s: SamplingInputs, num_logprobs: int = 0) -> Sampl
 
 
 def _sample_tokens(logits: jax.Array, s: SamplingInputs) -> jax.Array:
-    """Tokens [R] from the raw logits: banned ids masked, then argmax or a seeded draw. The stochastic branch
-    takes the raw logits and masks them itself: handing it masked ones measured 4x the greedy sampler's time."""
-    greedy = argmax_rows(mask_banned(logits, s.banned))
+    greedy = argmax_rows(logits)
 
     def stochastic(logits):
-        logits = mask_banned(logits, s.banned)
         scaled = logits / jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
         needs_mask = jnp.any((s.top_k > 0) | (s.top_p < 1))
         scaled = jax.lax.cond(needs_mask, lambda x: top_k_top_p_mask(x, s.top_k, s.top_p), lambda x: x, scaled)

@@ -139,7 +139,7 @@ ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, 
       float* c_block = c + r0 * N + n0;
       if (stream) {
         stream_gemm(nr, n, K, static_cast<const float*>(x.untyped_data()) + r0 * K, K,
-                         static_cast<const float*>(w.untyped_data()) + w_offset, c_block, N);
+                    static_cast<const float*>(w.untyped_data()) + w_offset, c_block, N);
       } else if (bf16) {
         bf16_gemm(kRowMajor, kNoTrans, trans_b, static_cast<int>(nr), static_cast<int>(n), static_cast<int>(K),
                   1.0f, static_cast<const uint16_t*>(x.untyped_data()) + r0 * K, static_cast<int>(K),
