@@ -144,7 +144,8 @@ def test_unknown_backends_and_tunables():
 @pytest.mark.parametrize("m", [0, 1, 13, 37])
 def test_every_ffi_tuning_computes_the_same(tuning, m):
     """Each point the profiler sweeps (streaming kernel up to 0, 24 or 64 rows, lanes, row or column split, m
-    rounded up to 16), and lanes beyond the pool: the same rows < m, zeros (not the NaN of computed padding rows) below; plain and transposed w."""
+    rounded up to 16), and lanes beyond the pool: the same rows < m, zeros (not the NaN of computed padding
+    rows) below; plain and transposed w."""
     x, w = operands(np.random.default_rng(m + 7), 37, 24, 70)
     full = x.astype(np.float64) @ w.astype(np.float64)
     x[m:] = np.nan

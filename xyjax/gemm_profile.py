@@ -141,21 +141,29 @@ def profile(shapes: dict[str, tuple[int, int, bool]], buckets: list[int], backen
     buckets = sorted(buckets)
     lower = dict(zip(buckets, [0] + buckets[:-1]))
     work = [(name, shape, T) for name, shape in shapes.items() for T in buckets]
+    stack = None   # (name, weights): one shape's stack at a time, drawn once for all its buckets
+
+    def layers(T, K, N):
+        return max(1, min(-(-stream_bytes // (K * N * jnp.dtype(dtype).itemsize)), int(max_flops / (2 * T * K * N))))
+
     for name, (K, N, transpose_w), T in tqdm(work, desc=f"profiling {backend} gemm"):
         rows = sorted({lower[T] + 1, (lower[T] + T) // 2 | 1, T} & set(range(1, T + 1)))
-        layers = max(1, min(-(-stream_bytes // (K * N * jnp.dtype(dtype).itemsize)), int(max_flops / (2 * T * K * N))))
+        if stack is None or stack[0] != name:   # sized for the smallest bucket, which passes over the most
+            stack = None                          # the previous shape's stack freed before the next is drawn
+            shape = (layers(buckets[0], K, N),) + ((N, K) if transpose_w else (K, N))
+            stack = (name, jnp.asarray(rng.standard_normal(shape, np.float32), dtype))
+        w, used = stack[1], layers(T, K, N)
         x = jnp.asarray(rng.standard_normal((T, K)), dtype)
-        w = jnp.asarray(rng.standard_normal((layers,) + ((N, K) if transpose_w else (K, N)), np.float32), dtype)
         ms = {}
         for params in options:
-            def stream(x, w, m, p=params):   # the layers' gemms in turn; one element of each kept alive
+            def stream(x, w, m, p=params):   # the first layers' gemms in turn; one element of each kept alive
                 def one(i, acc):
                     out = smooth_gemm(x, w, m, layer=i, backend=backend, transpose_w=transpose_w, tuning=p)
                     return acc + out[0, 0].astype(jnp.float32)
-                return jax.lax.fori_loop(0, layers, one, jnp.float32(0))
+                return jax.lax.fori_loop(0, used, one, jnp.float32(0))
             fn = jax.jit(stream)
             ms[json.dumps(params, sort_keys=True)] = 1e3 * sum(time_call(fn, x, w, jnp.int32(m), repeat=repeat)
-                                                               for m in rows) / layers
+                                                               for m in rows) / used
         best = min(ms, key=ms.get)
         entries.append(((T, K, N, transpose_w), tuple(sorted(json.loads(best).items()))))
         timings[f"{name} T={T}"] = ms

@@ -2,12 +2,13 @@
 // this file only): c[i, j] = dot(x[i, :], w[j, :]) for a few rows x [m, K] against weights w [n, K]
 // stored as the rows of the outputs (the layout of the model's dense weights and of a tied LM head).
 //
-// Why not the BLAS: at 2 <= m <= ~32 a step is bound by reading the weights once, and the BLAS packs
-// them first (read, write, read again), which made an m = 7 step cost 1.6x an m = 1 step. Here the
-// weight rows are consumed where they lie, in order: a block of kColumns rows (a few KiB, staying in
-// L1) is multiplied against every block of up to 6 x rows, while the next block is prefetched, so the
-// whole lane's range is one forward stream read once. Each 6 x 4 register block (24 accumulators of
-// 16 floats) runs fused multiply-adds along K and is reduced to its 24 dot products at the end.
+// Why not the BLAS: at small m a step is bound by reading the weights once, and the BLAS packs them
+// first (read, write, read again), which made a 7-row pass over the model's weights cost 1.9x a 1-row
+// pass. Here the weight rows are consumed where they lie, in order: a block of kColumns rows (74 KiB at
+// K = 576: it stays in L2) is multiplied against every block of up to 6 x rows, the first of which also
+// prefetches the rows kPrefetchRows ahead, so the whole lane's range is one forward stream read once.
+// Each 6 x 4 register block (24 accumulators of 16 floats) runs fused multiply-adds along K and is
+// reduced to its 24 dot products at the end.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -17,7 +18,7 @@ namespace xyjax {
 namespace gemm {
 namespace {
 
-constexpr int64_t kColumns = 32;   // weight rows per block (kept in L1 across the x row blocks)
+constexpr int64_t kColumns = 32;   // weight rows per block (kept in cache across the x row blocks)
 constexpr int64_t kPrefetchRows = 8;   // how far ahead of a block's rows the stream is prefetched
 
 // c[i, j] for i < MR, j < NR: x rows at x + i * ldx, weight rows at w + j * K. pf: weight rows to
