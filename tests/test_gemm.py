@@ -69,6 +69,34 @@ def test_streaming_kernel_equals_the_blas(K, N):
         np.testing.assert_array_equal(np.asarray(by_rows), np.asarray(stream))
 
 
+@pytest.mark.parametrize("K, N", [(576, 960), (1536, 300), (40, 4100), (31, 33)])
+def test_amx_kernel_is_float32_accurate(K, N):
+    """The float32 ``transpose_w`` path at m >= amx_rows (the handler's bfloat16-tile kernel on AMX CPUs) is as
+    close to float64 as the BLAS path (amx_rows=0), scaled by |x| @ |w|: one and two 16-row tiles of rows and
+    of columns, K and N tails, one pass over x and several (m = 300 at K = 1536), more than 256 weight rows;
+    rows >= m zero though x's padding rows hold NaN."""
+    import ascend_ffi
+
+    if not ascend_ffi.load().xyjax_gemm_amx():
+        pytest.skip("this CPU or OS does not run AMX-BF16")
+    rng = np.random.default_rng(K + N)
+    T = 320
+    x, w = operands(rng, T, K, N)
+    wt = w.T.copy()
+    scale = np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64)
+    full = x.astype(np.float64) @ w.astype(np.float64)
+    for m in (1, 16, 17, 33, 64, 300):
+        xm = x.copy()
+        xm[m:] = np.nan
+        errors = {}
+        for name, amx_rows in (("amx", 1), ("blas", 0)):
+            out = np.asarray(smooth_gemm(xm, wt, m, backend="ffi", transpose_w=True,
+                                         tuning=dict(stream_rows=0, amx_rows=amx_rows)))
+            assert not out[m:].any(), f"padding rows must be zero (m={m})"
+            errors[name] = np.max(np.abs(out[:m] - full[:m]) / scale[:m])
+        assert errors["amx"] < 1e-6 and errors["amx"] < 4 * errors["blas"], (m, errors)
+
+
 def test_fused_weights_equal_separate_gemms():
     """A QKV-style concatenation [K, Nq + Nk + Nv] gives the separate products side by side."""
     rng = np.random.default_rng(1)
@@ -136,7 +164,7 @@ def test_unknown_backends_and_tunables():
         smooth_gemm(x, w, 1, backend="ffi", tuning={"threads": 2})
     with pytest.raises(ValueError, match="m_align >= 1"):
         smooth_gemm(x, w, 1, backend="ffi", tuning={"m_align": 0})
-    with pytest.raises(ValueError, match="stream_rows >= 0"):
+    with pytest.raises(ValueError, match="amx_rows >= 0"):
         smooth_gemm(x, w, 1, backend="ffi", tuning={"stream_rows": -1})
 
 

@@ -98,10 +98,15 @@ def candidates(backend: str) -> list[dict]:
     if backend == "ffi":
         import ascend_ffi
 
-        lanes = ascend_ffi.load().xyjax_attention_threads()
-        return [dict(lanes=n, split_rows=rows, m_align=align, stream_rows=stream)
-                for stream, n, rows, align in itertools.product((24, 0, 64), range(lanes, 0, -1), (False, True), (1, 16))
-                if n > 1 or not rows]
+        lib = ascend_ffi.load()
+        lanes = lib.xyjax_attention_threads()
+        # The AMX kernel (where the CPU has it) cuts columns only and computes exactly m rows: lanes alone vary.
+        amx = [dict(lanes=n, split_rows=False, m_align=1, stream_rows=stream, amx_rows=1)
+               for stream, n in itertools.product((24, 0, 64), range(lanes, 0, -1))] if lib.xyjax_gemm_amx() else []
+        return amx + [dict(lanes=n, split_rows=rows, m_align=align, stream_rows=stream, amx_rows=0)
+                      for stream, n, rows, align in itertools.product((24, 0, 64), range(lanes, 0, -1), (False, True),
+                                                                      (1, 16))
+                      if n > 1 or not rows]
     if backend == "pallas":
         return [dict(block_m=bm, block_n=bn, block_k=bk, m_major=order)
                 for bm, bn, bk, order in itertools.product((16, 32, 64, 128), (64, 128, 256), (32, 64), (True, False))]

@@ -16,8 +16,11 @@
 // (within T; those extra rows are zeroed after): some BLAS kernels are faster on aligned row counts.
 // stream_rows: float32 gemms with transpose_w and 1 <= m <= stream_rows run the streaming kernel of
 // smooth_gemm_kernel_avx512.cc instead of the BLAS (on CPUs with AVX-512F; elsewhere the BLAS): it reads
-// the weights once, in place, where the BLAS packs them first. The four are the tunables `xyjax profile`
-// sweeps per shape and bucket.
+// the weights once, in place, where the BLAS packs them first. amx_rows: the float32 transpose_w gemms
+// the streaming kernel does not take and with m >= amx_rows > 0 run the AMX kernel of
+// smooth_gemm_kernel_amx.cc (on CPUs with AMX-BF16; elsewhere the BLAS): float32-accurate products from
+// bfloat16 tiles, x packed once per call by all lanes, then each lane's columns as for the BLAS. The five
+// are the tunables `xyjax profile` sweeps per shape and bucket.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -40,7 +43,20 @@ using StreamGemm = void (*)(int64_t m, int64_t n, int64_t K, const float* x, int
 #ifdef XYJAX_HAVE_X86_KERNELS
 void StreamGemmAvx512(int64_t m, int64_t n, int64_t K, const float* x, int64_t ldx, const float* w, float* c,
                       int64_t ldc);   // smooth_gemm_kernel_avx512.cc
+bool AmxReady();                                // smooth_gemm_kernel_amx.cc
+int64_t AmxPackedBytes(int64_t m, int64_t K);
+void AmxPackX(int64_t m, int64_t K, const float* x, int64_t ldx, int64_t b0, int64_t b1, uint8_t* dst);
+void AmxGemm(int64_t m, int64_t n, int64_t K, const uint8_t* xb, const float* w, float* c, int64_t ldc);
 #endif
+
+// Whether this CPU and OS run the AMX kernel.
+bool HaveAmx() {
+#ifdef XYJAX_HAVE_AMX_KERNEL
+  return AmxReady();
+#else
+  return false;
+#endif
+}
 
 // The streaming kernel this CPU runs, or null (then the BLAS runs every gemm).
 StreamGemm StreamKernel() {
@@ -73,7 +89,7 @@ ffi::Error Invalid(const std::string& what) {
 
 ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, Scalar32 layer_buffer,
                          bool transpose_w, int32_t lanes_attr, bool split_rows, int32_t m_align, int32_t stream_rows,
-                         ffi::Result<ffi::AnyBuffer> out) {
+                         int32_t amx_rows, ffi::Result<ffi::AnyBuffer> out) {
   const ffi::DataType type = x.element_type();
   if (type != ffi::DataType::F32 && type != ffi::DataType::BF16) return Invalid("x must be float32 or bfloat16");
   if (w.element_type() != type || out->element_type() != type) {
@@ -107,16 +123,19 @@ ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, 
   const bool bf16 = type == ffi::DataType::BF16;
   if (bf16 && bf16_gemm == nullptr) return Invalid("the loaded BLAS has no bfloat16 gemm");
 
-  if (lanes_attr < 0 || m_align < 1 || stream_rows < 0) {
-    return Invalid("lanes and stream_rows must be >= 0 and m_align >= 1, got " + std::to_string(lanes_attr) +
-                   ", " + std::to_string(stream_rows) + " and " + std::to_string(m_align));
+  if (lanes_attr < 0 || m_align < 1 || stream_rows < 0 || amx_rows < 0) {
+    return Invalid("lanes, stream_rows and amx_rows must be >= 0 and m_align >= 1, got " +
+                   std::to_string(lanes_attr) + ", " + std::to_string(stream_rows) + ", " + std::to_string(amx_rows) +
+                   " and " + std::to_string(m_align));
   }
   static const StreamGemm stream_gemm = StreamKernel();
+  static const bool have_amx = HaveAmx();
   const bool stream = stream_gemm != nullptr && !bf16 && transpose_w && m <= stream_rows;
+  const bool amx = !stream && have_amx && !bf16 && transpose_w && amx_rows > 0 && m >= amx_rows;
   const size_t elem = bf16 ? 2 : 4;
   char* out_bytes = static_cast<char*>(out->untyped_data());
   // Rows computed: m rounded up to m_align (within T); the extra ones are zeroed again below.
-  const int64_t mc = m == 0 || stream ? m : std::min<int64_t>(T, (m + m_align - 1) / m_align * m_align);
+  const int64_t mc = m == 0 || stream || amx ? m : std::min<int64_t>(T, (m + m_align - 1) / m_align * m_align);
   if (mc > 0 && N > 0) {
     // float32: straight into the result. bfloat16: into float scratch, rounded once per lane's block.
     thread_local std::vector<float> scratch;  // reused across calls on this thread
@@ -125,19 +144,40 @@ ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, 
 
     ThreadPool& pool = ThreadPool::Shared();
     const int64_t lanes = lanes_attr == 0 ? pool.lanes() : std::min<int64_t>(lanes_attr, pool.lanes());
-    // Blocks of whole rows (split_rows) or of kColumnAlign-aligned columns, one per lane.
-    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(lanes, split_rows ? mc : N / kColumnAlign));
-    const int64_t width = split_rows ? (mc + blocks - 1) / blocks
+    // AMX: x's bfloat16 tiles, 16 rows per block, packed by all lanes before any lane multiplies.
+    thread_local std::vector<uint64_t> packed_x;  // 8-byte aligned; the tile loads take any address
+    const uint8_t* xb = nullptr;
+#ifdef XYJAX_HAVE_AMX_KERNEL
+    if (amx) {
+      packed_x.resize((AmxPackedBytes(mc, K) + 7) / 8);
+      uint8_t* dst = reinterpret_cast<uint8_t*>(packed_x.data());
+      const int64_t row_blocks = (mc + 15) / 16, per_lane = (row_blocks + lanes - 1) / lanes;
+      pool.Run(static_cast<int>(std::min(lanes, row_blocks)), [&](int i) {
+        AmxPackX(mc, K, static_cast<const float*>(x.untyped_data()), K, i * per_lane,
+                 std::min(row_blocks, (i + 1) * per_lane), dst);
+      });
+      xb = dst;
+    }
+#endif
+    // Blocks of whole rows (split_rows; not with AMX, whose packed x is shared) or of kColumnAlign-aligned
+    // columns, one per lane.
+    const bool by_rows = split_rows && !amx;
+    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(lanes, by_rows ? mc : N / kColumnAlign));
+    const int64_t width = by_rows ? (mc + blocks - 1) / blocks
                                      : ((N + blocks - 1) / blocks + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
     const int trans_b = transpose_w ? kTrans : kNoTrans;
     const int ldb = static_cast<int>(transpose_w ? K : N);
     auto lane = [&](int i) {
-      const int64_t r0 = split_rows ? i * width : 0, nr = split_rows ? std::min(mc, r0 + width) - r0 : mc;
-      const int64_t n0 = split_rows ? 0 : i * width, n = split_rows ? N : std::min(N, n0 + width) - n0;
+      const int64_t r0 = by_rows ? i * width : 0, nr = by_rows ? std::min(mc, r0 + width) - r0 : mc;
+      const int64_t n0 = by_rows ? 0 : i * width, n = by_rows ? N : std::min(N, n0 + width) - n0;
       if (n <= 0 || nr <= 0) return;
       const int64_t w_offset = layer * K * N + (transpose_w ? n0 * K : n0);  // w[layer]'s column n0
       float* c_block = c + r0 * N + n0;
-      if (stream) {
+      if (amx) {
+#ifdef XYJAX_HAVE_AMX_KERNEL
+        AmxGemm(nr, n, K, xb, static_cast<const float*>(w.untyped_data()) + w_offset, c_block, N);
+#endif
+      } else if (stream) {
         stream_gemm(nr, n, K, static_cast<const float*>(x.untyped_data()) + r0 * K, K,
                     static_cast<const float*>(w.untyped_data()) + w_offset, c_block, N);
       } else if (bf16) {
@@ -177,6 +217,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XyjaxSmoothGemmCpu, xyjax::gemm::SmoothGemmCpu,
                                   .Attr<bool>("split_rows")
                                   .Attr<int32_t>("m_align")
                                   .Attr<int32_t>("stream_rows")
+                                  .Attr<int32_t>("amx_rows")
                                   .Ret<ffi::AnyBuffer>());
 #pragma GCC visibility pop
 
@@ -186,4 +227,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XyjaxSmoothGemmCpu, xyjax::gemm::SmoothGemmCpu,
 extern "C" __attribute__((visibility("default"))) void xyjax_gemm_set_blas(void* sgemm, void* bf16_gemm) {
   xyjax::gemm::g_bf16_gemm.store(reinterpret_cast<xyjax::gemm::Bf16Gemm>(bf16_gemm));
   xyjax::gemm::g_sgemm.store(reinterpret_cast<xyjax::gemm::Sgemm>(sgemm));
+}
+
+// 1 where the handler runs its AMX kernel (amx_rows > 0 has an effect), else 0.
+extern "C" __attribute__((visibility("default"))) int32_t xyjax_gemm_amx(void) {
+  return xyjax::gemm::HaveAmx() ? 1 : 0;
 }

@@ -19,8 +19,9 @@ work; Triton on GPU, interpret mode on CPU).
 missing keys: defaults). ffi: ``lanes`` (0 = every lane of the thread pool), ``split_rows`` (cut rows, not
 columns, over the lanes), ``m_align`` (compute m rounded up to this, then zero the extra rows), ``stream_rows``
 (float32 with ``transpose_w`` and m <= this: the handler's own streaming kernel, which reads the weights once in
-place, instead of the BLAS, which packs them; AVX-512 CPUs). pallas: the
-``GemmTiling`` fields. xla: none.
+place, instead of the BLAS, which packs them; AVX-512 CPUs), ``amx_rows`` (the float32 ``transpose_w`` gemms
+the streaming kernel does not take, with m >= this > 0: the handler's AMX kernel, float32-accurate sums of
+bfloat16 tile products; CPUs with AMX-BF16, elsewhere the BLAS). pallas: the ``GemmTiling`` fields. xla: none.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ FFI_TARGET = "xyjax_smooth_gemm_cpu"   # jax.ffi target of the C++ CPU handler
 FFI_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
-FFI_TUNING = dict(lanes=0, split_rows=False, m_align=1, stream_rows=24)   # the ffi backend's defaults
+FFI_TUNING = dict(lanes=0, split_rows=False, m_align=1, stream_rows=24, amx_rows=1)   # the ffi backend's defaults
 
 
 def smooth_gemm(x: jax.Array, w: jax.Array, m: jax.Array | int, *, layer: jax.Array | int | None = None,
@@ -71,12 +72,13 @@ def _gemm_ffi(x, w, m, layer, transpose_w: bool, tuning: dict):
     if unknown:
         raise ValueError(f"unknown ffi gemm tunables {sorted(unknown)}; known: {sorted(FFI_TUNING)}")
     params = {**FFI_TUNING, **tuning}
-    if params["lanes"] < 0 or params["stream_rows"] < 0 or params["m_align"] < 1:
-        raise ValueError(f"ffi gemm tunables need lanes >= 0, stream_rows >= 0 and m_align >= 1, got {params}")
+    if min(params["lanes"], params["stream_rows"], params["amx_rows"]) < 0 or params["m_align"] < 1:
+        raise ValueError(f"ffi gemm tunables need lanes, stream_rows, amx_rows >= 0 and m_align >= 1, got {params}")
     blas.load()
     ascend_ffi.register_ffi_target(FFI_TARGET, "XyjaxSmoothGemmCpu", platform="cpu")
     n = w.shape[-2] if transpose_w else w.shape[-1]
     call = jax.ffi.ffi_call(FFI_TARGET, jax.ShapeDtypeStruct((x.shape[0], n), x.dtype))
     return call(x, w, jnp.asarray(m, jnp.int32), jnp.asarray(layer, jnp.int32), transpose_w=transpose_w,
                 lanes=np.int32(params["lanes"]), split_rows=bool(params["split_rows"]),
-                m_align=np.int32(params["m_align"]), stream_rows=np.int32(params["stream_rows"]))
+                m_align=np.int32(params["m_align"]), stream_rows=np.int32(params["stream_rows"]),
+                amx_rows=np.int32(params["amx_rows"]))

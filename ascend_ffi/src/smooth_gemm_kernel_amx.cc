@@ -1,0 +1,244 @@
+// The AMX gemm of smooth_gemm_cpu.cc, for CPUs with AMX-BF16 and AVX512-BF16 (CMake adds -mamx-tile
+// -mamx-bf16 -mavx512f -mavx512bw -mavx512bf16 to this file only): c [m, n] = x [m, K] @ w [n, K]^T in
+// float32, with the weights stored as the rows of the outputs (the model's dense layers, a tied LM head).
+//
+// float32 accuracy from bfloat16 tiles (the "bf16x6" scheme of XLA's Precision.HIGHEST on TPUs): each
+// float32 is split into three bfloat16 parts, v = v0 + v1 + v2 (v0 = bf16(v), v1 = bf16(v - v0), ...:
+// 24 significant bits in all), and x @ w^T is the sum of the six part products whose order is at most
+// two, x0w0 + x1w0 + x2w0 + x0w1 + x1w1 + x0w2. The three dropped ones are below 2^-24 of |x||w|, the
+// products of bfloat16 pairs are exact in float32 and the tiles accumulate in float32, so the result is
+// as close to the exact one as a float32 gemm's. Six tile products per output cost 6/16 of what AVX-512
+// FMAs would (a TDPBF16PS does 16x16x32 multiply-adds in 16 cycles), hence ~2.7x a float32 core's peak.
+//
+// Layout: every tile is 1 KiB, 16 rows of 64 bytes. The weights are the A operand: 16 weight rows x 32
+// bf16 along K, converted from float32 as they are read (no transposes), kSuper rows at a time. x is the
+// B operand, packed once per call by AmxPackX into the VNNI form the tile unit wants: tile row r holds,
+// for each of 16 x rows, the pair (x[., k0 + 2r], x[., k0 + 2r + 1]). A 2 x 2 block of accumulator tiles
+// (32 weight rows x 32 x rows) runs along K; its [n, m] result is transposed into c.
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace xyjax {
+namespace gemm {
+namespace {
+
+constexpr int64_t kTileK = 32;        // bf16 per tile row: the K step
+constexpr int64_t kTileBytes = 1024;  // 16 rows x 64 bytes
+constexpr int kParts = 3;             // bf16 parts per float32
+constexpr int64_t kSuper = 256;       // weight rows converted at once (x chunks are reused across them)
+constexpr int64_t kChunkBytes = 768 << 10;  // packed x rows multiplied per pass over a superblock (in L2)
+
+struct TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// The three bf16 parts of 32 floats at src (lanes past `valid` read as 0), each 32 bf16 in one vector.
+inline void Split32(const float* src, int64_t valid, __m512i parts[kParts]) {
+  const __mmask16 lo = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << std::max<int64_t>(valid, 0)) - 1);
+  const __mmask16 hi = valid >= 32 ? 0xFFFF : static_cast<__mmask16>((1u << std::max<int64_t>(valid - 16, 0)) - 1);
+  __m512 a = _mm512_maskz_loadu_ps(lo, src), b = _mm512_maskz_loadu_ps(hi, src + 16);
+  for (int p = 0; p < kParts; ++p) {
+    const __m512i h = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));   // a's 16 first, then b's
+    parts[p] = h;
+    // a - float(bf16(a)) is exact: the next part rounds what this one left.
+    a = _mm512_sub_ps(a, _mm512_castsi512_ps(_mm512_slli_epi32(
+                             _mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16)));
+    b = _mm512_sub_ps(b, _mm512_castsi512_ps(_mm512_slli_epi32(
+                             _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16)));
+  }
+}
+
+// r[j] = column j of the 16 x 16 matrix of 32-bit words whose rows are r[0..15].
+inline void Transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int p = 0; p < 8; ++p) {
+    t[2 * p] = _mm512_unpacklo_epi32(r[2 * p], r[2 * p + 1]);
+    t[2 * p + 1] = _mm512_unpackhi_epi32(r[2 * p], r[2 * p + 1]);
+  }
+  for (int q = 0; q < 4; ++q) {   // u[4q + c], lane L: column 4L + c of rows 4q .. 4q + 3
+    u[4 * q] = _mm512_unpacklo_epi64(t[4 * q], t[4 * q + 2]);
+    u[4 * q + 1] = _mm512_unpackhi_epi64(t[4 * q], t[4 * q + 2]);
+    u[4 * q + 2] = _mm512_unpacklo_epi64(t[4 * q + 1], t[4 * q + 3]);
+    u[4 * q + 3] = _mm512_unpackhi_epi64(t[4 * q + 1], t[4 * q + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i wlo = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), whi = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+    const __m512i ylo = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+    const __m512i yhi = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(wlo, ylo, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(wlo, ylo, 0xDD);
+    r[8 + c] = _mm512_shuffle_i32x4(whi, yhi, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(whi, yhi, 0xDD);
+  }
+}
+
+// Rows [n0, n0 + 16 * blocks) of w [n, K] as A tiles: dst[((b * KS + ks) * kParts + p) tiles], rows past n zero.
+void PackWeights(const float* w, int64_t n, int64_t K, int64_t n0, int64_t blocks, uint8_t* dst) {
+  const int64_t KS = (K + kTileK - 1) / kTileK;
+  for (int64_t b = 0; b < blocks; ++b) {
+    for (int64_t i = 0; i < 16; ++i) {
+      const int64_t row = n0 + b * 16 + i;
+      for (int64_t ks = 0; ks < KS; ++ks) {
+        __m512i parts[kParts];
+        Split32(w + row * K + ks * kTileK, row < n ? K - ks * kTileK : 0, parts);
+        for (int p = 0; p < kParts; ++p) {
+          _mm512_storeu_si512(dst + ((b * KS + ks) * kParts + p) * kTileBytes + i * 64, parts[p]);
+        }
+      }
+    }
+  }
+}
+
+// Accumulates the (NT x 16 weight rows) x (MT x 16 x rows) block along K and writes it, transposed, into
+// c rows [0, m_valid) x columns [0, n_valid). a, b: the block's first A and B tiles; the next 16 rows'
+// tiles are a_next / b_next bytes further. pf: pf_rows float32 rows of K to pull into the cache alongside
+// (the weights converted next), or null.
+template <int NT, int MT>
+void Block(const uint8_t* a, int64_t a_next, const uint8_t* b, int64_t b_next, int64_t KS, float* c, int64_t ldc,
+           int64_t n_valid, int64_t m_valid, const float* pf, int64_t pf_rows, int64_t K) {
+  _tile_zero(0);
+  if constexpr (MT == 2) _tile_zero(1);
+  if constexpr (NT == 2) _tile_zero(2);
+  if constexpr (NT == 2 && MT == 2) _tile_zero(3);
+  auto products = [&](int64_t xp_count, const uint8_t* bk) {   // tiles 4/5 hold a weight part
+    for (int64_t xp = 0; xp < xp_count; ++xp) {
+      // Tile 6's two products first, so its next load overlaps tile 7's (tiles are not renamed).
+      _tile_loadd(6, bk + xp * kTileBytes, 64);
+      if constexpr (MT == 2) _tile_loadd(7, bk + b_next + xp * kTileBytes, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      if constexpr (NT == 2) _tile_dpbf16ps(2, 5, 6);
+      if constexpr (MT == 2) _tile_dpbf16ps(1, 4, 7);
+      if constexpr (NT == 2 && MT == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+  };
+  for (int64_t ks = 0; ks < KS; ++ks) {
+    const uint8_t* ak = a + ks * kParts * kTileBytes;
+    const uint8_t* bk = b + ks * kParts * kTileBytes;
+    for (int64_t r = 0; r < pf_rows; ++r) {   // this K step's two lines of each row
+      const char* line = reinterpret_cast<const char*>(pf + r * K + ks * kTileK);
+      _mm_prefetch(line, _MM_HINT_T0);
+      _mm_prefetch(line + 64, _MM_HINT_T0);
+    }
+    for (int wp = 0; wp < kParts; ++wp) {   // weight part wp against x parts 0 .. 2 - wp
+      _tile_loadd(4, ak + wp * kTileBytes, 64);
+      if constexpr (NT == 2) _tile_loadd(5, ak + a_next + wp * kTileBytes, 64);
+      products(kParts - wp, bk);
+    }
+  }
+  alignas(64) float tile[4][16 * 16];
+  _tile_stored(0, tile[0], 64);
+  if constexpr (MT == 2) _tile_stored(1, tile[1], 64);
+  if constexpr (NT == 2) _tile_stored(2, tile[2], 64);
+  if constexpr (NT == 2 && MT == 2) _tile_stored(3, tile[3], 64);
+  for (int nt = 0; nt < NT; ++nt) {
+    for (int mt = 0; mt < MT; ++mt) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(tile[nt * 2 + mt] + i * 16);
+      Transpose16(r);   // r[j] = x row mt * 16 + j, weight rows nt * 16 ..
+      const int64_t cols = std::min<int64_t>(16, n_valid - nt * 16), rows = std::min<int64_t>(16, m_valid - mt * 16);
+      if (cols <= 0) continue;
+      const __mmask16 mask = cols == 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+      for (int64_t j = 0; j < rows; ++j) {
+        _mm512_mask_storeu_ps(c + (mt * 16 + j) * ldc + nt * 16, mask, _mm512_castsi512_ps(r[j]));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// Whether this process may use the AMX tiles (the kernel asks Linux for the tile state once).
+bool AmxReady() {
+  static const bool ready = [] {
+    if (!__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("amx-bf16")) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;   // arch_prctl(ARCH_REQ_XCOMP_PERM, ...)
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ready;
+}
+
+// Bytes of AmxPackX's result for m rows of K.
+int64_t AmxPackedBytes(int64_t m, int64_t K) {
+  return (m + 15) / 16 * ((K + kTileK - 1) / kTileK) * kParts * kTileBytes;
+}
+
+// x rows [16 * b0, 16 * b1) (rows past m zero) as B tiles into dst: dst[((b * KS + ks) * kParts + p) tiles].
+void AmxPackX(int64_t m, int64_t K, const float* x, int64_t ldx, int64_t b0, int64_t b1, uint8_t* dst) {
+  const int64_t KS = (K + kTileK - 1) / kTileK;
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t ks = 0; ks < KS; ++ks) {
+      __m512i rows[kParts][16];   // per part: row i = x row 16b + i's 16 k pairs
+      for (int64_t i = 0; i < 16; ++i) {
+        const int64_t row = b * 16 + i;
+        __m512i parts[kParts];
+        Split32(x + row * ldx + ks * kTileK, row < m ? K - ks * kTileK : 0, parts);
+        for (int p = 0; p < kParts; ++p) rows[p][i] = parts[p];
+      }
+      for (int p = 0; p < kParts; ++p) {
+        Transpose16(rows[p]);   // row r = k pair r of the 16 x rows
+        uint8_t* tile = dst + ((b * KS + ks) * kParts + p) * kTileBytes;
+        for (int r = 0; r < 16; ++r) _mm512_storeu_si512(tile + r * 64, rows[p][r]);
+      }
+    }
+  }
+}
+
+// c [m, n] (row stride ldc) = x @ w [n, K]^T, x packed by AmxPackX, float32, single-threaded.
+void AmxGemm(int64_t m, int64_t n, int64_t K, const uint8_t* xb, const float* w, float* c, int64_t ldc) {
+  const int64_t KS = (K + kTileK - 1) / kTileK, strip = KS * kParts * kTileBytes;  // one 16-row block's tiles
+  const int64_t MB = (m + 15) / 16;
+  const int64_t chunk = std::max<int64_t>(2, kChunkBytes / strip / 2 * 2);   // x blocks per pass, even
+  TileConfig config{};
+  config.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = 16;
+    config.colsb[t] = 64;
+  }
+  _tile_loadconfig(&config);
+  thread_local std::vector<__m512i> packed;   // a superblock of weight rows as A tiles (64-byte aligned)
+  // One pass over x (a single chunk): 32 weight rows at a time, the next 32 prefetched while these multiply,
+  // so the weights stream in once. Several chunks: kSuper rows at a time, converted once for all chunks.
+  const int64_t super = MB <= chunk ? 32 : kSuper;
+  for (int64_t s0 = 0; s0 < n; s0 += super) {
+    const int64_t ns = std::min(super, n - s0), NB = (ns + 15) / 16;
+    if (packed.size() * 64 < static_cast<size_t>(NB * strip)) packed.resize(NB * strip / 64);
+    uint8_t* wa = reinterpret_cast<uint8_t*>(packed.data());
+    PackWeights(w, n, K, s0, NB, wa);
+    const int64_t pf_rows = super == 32 ? std::max<int64_t>(0, std::min<int64_t>(32, n - s0 - 32)) : 0;
+    for (int64_t c0 = 0; c0 < MB; c0 += chunk) {
+      for (int64_t nb = 0; nb < NB; nb += 2) {
+        const uint8_t* a = wa + nb * strip;
+        const int64_t n_valid = std::min<int64_t>(32, ns - nb * 16);
+        for (int64_t mb = c0; mb < std::min(MB, c0 + chunk); mb += 2) {
+          const uint8_t* b = xb + mb * strip;
+          float* cb = c + mb * 16 * ldc + s0 + nb * 16;
+          const int64_t m_valid = std::min<int64_t>(32, m - mb * 16);
+          const float* pf = w + (s0 + 32) * K;
+          const int64_t pfr = mb == 0 ? pf_rows : 0;
+          const bool two_n = nb + 1 < NB, two_m = mb + 1 < MB;
+          if (two_n && two_m) {
+            Block<2, 2>(a, strip, b, strip, KS, cb, ldc, n_valid, m_valid, pf, pfr, K);
+          } else if (two_n) {
+            Block<2, 1>(a, strip, b, strip, KS, cb, ldc, n_valid, m_valid, pf, pfr, K);
+          } else if (two_m) {
+            Block<1, 2>(a, strip, b, strip, KS, cb, ldc, n_valid, m_valid, pf, pfr, K);
+          } else {
+            Block<1, 1>(a, strip, b, strip, KS, cb, ldc, n_valid, m_valid, pf, pfr, K);
+          }
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+
+}  // namespace gemm
+}  // namespace xyjax
