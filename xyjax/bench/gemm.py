@@ -10,9 +10,9 @@ Reports the mean over m of padded / smooth and smooth / exact per shape and over
 PNG of time against m per shape. Each shape's weight is one matrix, timed over and over: it stays in cache.
 
 ``--model-pass``: instead, one pass over a model's worth of dense weights (num_layers distinct random
-``[out, in]`` matrices of each linear shape, and the LM head), as a step reads them (from memory), at bucket
-64 and m real rows, through the ``ffi`` backend with the BLAS for every m (``stream_rows`` 0) and with the
-streaming kernel for every m (``stream_rows`` 64); prints ms and GB/s of weights read per pass.
+``[out, in]`` matrices of each linear shape, and the LM head), as a step reads them (from memory), for x of
+m rows, through each of the ``ffi`` backend's paths for every m: the BLAS, the streaming kernel and the AMX
+kernel (where the CPU has none, the BLAS runs in its place); prints ms per pass.
 """
 
 from __future__ import annotations
@@ -65,8 +65,13 @@ def bench_shape(K: int, N: int, transpose_w: bool, ms: list[int], buckets, backe
     return rows
 
 
+SYSTEMS = dict(blas=dict(stream_rows=0, amx_rows=0), stream=dict(stream_rows=1 << 20, amx_rows=0),
+               amx=dict(stream_rows=0, amx_rows=1))   # --model-pass: the ffi handler's three gemm paths
+
+
 def model_pass(cfg, ms: list[int], repeat: int, rng) -> dict:
-    """ms per pass over a model's dense weights and LM head at each m: BLAS against the streaming kernel."""
+    """ms per pass over a model's dense weights and LM head at each m (x of exactly m rows): the ffi handler's
+    BLAS, streaming-kernel and AMX-kernel paths (``SYSTEMS``)."""
     from xyjax.ops import smooth_gemm
 
     shapes = linear_shapes(cfg)
@@ -74,20 +79,18 @@ def model_pass(cfg, ms: list[int], repeat: int, rng) -> dict:
               for name, (K, N, _) in tqdm(shapes.items(), desc="weights") if name != "lm_head"}
     K, N, _ = shapes["lm_head"]
     head = jnp.asarray(0.02 * rng.standard_normal((N, K), np.float32))
-    x = jnp.asarray(rng.standard_normal((64, max(k for k, _, _ in shapes.values()))), jnp.float32)
+    x_all = jnp.asarray(rng.standard_normal((max(ms), max(k for k, _, _ in shapes.values()))), jnp.float32)
 
-    def one_pass(stacks, head, x, m, stream_rows):
-        gemm = functools.partial(smooth_gemm, m=m, transpose_w=True, backend="ffi",
-                                 tuning=dict(stream_rows=stream_rows))
+    def one_pass(stacks, head, x, tuning):
+        gemm = functools.partial(smooth_gemm, m=x.shape[0], transpose_w=True, backend="ffi", tuning=tuning)
 
         def layer(i, acc):   # one element of each result kept alive
             return acc + sum(gemm(x[:, :w.shape[2]], w, layer=i)[0, 0] for w in stacks.values())
         return jax.lax.fori_loop(0, cfg.num_layers, layer, jnp.float32(0)) + gemm(x[:, :K], head)[0, 0]
 
-    systems = {"blas": 0, "stream": 64}
-    programs = {name: jax.jit(functools.partial(one_pass, stream_rows=rows)) for name, rows in systems.items()}
-    times = {name: [1e3 * time_call(programs[name], stacks, head, x, jnp.int32(m), repeat=repeat)
-                    for m in tqdm(ms, desc=f"model pass, {name}")] for name in systems}
+    programs = {name: jax.jit(functools.partial(one_pass, tuning=t)) for name, t in SYSTEMS.items()}
+    times = {name: [1e3 * time_call(programs[name], stacks, head, x_all[:m], repeat=repeat)
+                    for m in tqdm(ms, desc=f"model pass, {name}")] for name in SYSTEMS}
     weight_bytes = 4 * (sum(w.size for w in stacks.values()) + head.size)
     return dict(m=ms, ms=times, weight_bytes=weight_bytes)
 
@@ -122,17 +125,20 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=None)
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--model-pass", action="store_true", help="time whole passes over a model's weights instead")
-    parser.add_argument("--pass-m", default="1,2,4,7,8,12,16,24,32,48,64", help="m values of --model-pass")
+    parser.add_argument("--pass-m", default="1,4,7,16,24,32,48,64,128,256,512", help="m values of --model-pass")
     args = parser.parse_args(argv)
     from models.loader import load
 
     if args.model_pass:
         ms = [int(m) for m in args.pass_m.split(",")]
         r = model_pass(load(args.model).config, ms, args.repeat, np.random.default_rng(0))
-        print(f"one pass over {r['weight_bytes'] / 1e6:.0f} MB of dense weights + LM head, bucket 64, ffi backend")
-        print("| m | BLAS (ms) | streaming kernel (ms) | BLAS / streaming | streaming GB/s |\n|---|---|---|---|---|")
-        for m, b, t in zip(ms, r["ms"]["blas"], r["ms"]["stream"]):
-            print(f"| {m} | {b:.1f} | {t:.1f} | {b / t:.2f}x | {r['weight_bytes'] / t / 1e6:.1f} |")
+        print(f"one pass over {r['weight_bytes'] / 1e6:.0f} MB of dense weights + LM head, ffi backend")
+        print("| m | BLAS (ms) | streaming kernel (ms) | AMX kernel (ms) | best / BLAS | GFLOP/s of the best |\n"
+              "|---|---|---|---|---|---|")
+        for i, m in enumerate(ms):
+            b, t, a = (r["ms"][name][i] for name in SYSTEMS)
+            print(f"| {m} | {b:.1f} | {t:.1f} | {a:.1f} | {b / min(b, t, a):.2f}x | "
+                  f"{2 * m * r['weight_bytes'] / 4 / min(b, t, a) / 1e6:.0f} |")
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, f"gemm-model-pass-{time.strftime('%Y%m%d-%H%M%S')}.json")
         with open(path, "w") as f:
