@@ -43,7 +43,7 @@ using StreamGemm = void (*)(int64_t m, int64_t n, int64_t K, const float* x, int
 #ifdef XYJAX_HAVE_X86_KERNELS
 void StreamGemmAvx512(int64_t m, int64_t n, int64_t K, const float* x, int64_t ldx, const float* w, float* c,
                       int64_t ldc);   // smooth_gemm_kernel_avx512.cc
-bool AmxReady();                                // smooth_gemm_kernel_amx.cc
+bool AmxReady();   // smooth_gemm_kernel_amx.cc
 int64_t AmxPackedBytes(int64_t m, int64_t K);
 void AmxPackX(int64_t m, int64_t K, const float* x, int64_t ldx, int64_t b0, int64_t b1, uint8_t* dst);
 void AmxGemm(int64_t m, int64_t n, int64_t K, const uint8_t* xb, const float* w, float* c, int64_t ldc);

@@ -88,7 +88,7 @@ void PackWeights(const float* w, int64_t n, int64_t K, int64_t n0, int64_t block
       const int64_t row = n0 + b * 16 + i;
       for (int64_t ks = 0; ks < KS; ++ks) {
         __m512i parts[kParts];
-        Split32(w + row * K + ks * kTileK, row < n ? K - ks * kTileK : 0, parts);
+        Split32(row < n ? w + row * K + ks * kTileK : w, row < n ? K - ks * kTileK : 0, parts);
         for (int p = 0; p < kParts; ++p) {
           _mm512_storeu_si512(dst + ((b * KS + ks) * kParts + p) * kTileBytes + i * 64, parts[p]);
         }
@@ -179,7 +179,7 @@ void AmxPackX(int64_t m, int64_t K, const float* x, int64_t ldx, int64_t b0, int
       for (int64_t i = 0; i < 16; ++i) {
         const int64_t row = b * 16 + i;
         __m512i parts[kParts];
-        Split32(x + row * ldx + ks * kTileK, row < m ? K - ks * kTileK : 0, parts);
+        Split32(row < m ? x + row * ldx + ks * kTileK : x, row < m ? K - ks * kTileK : 0, parts);
         for (int p = 0; p < kParts; ++p) rows[p][i] = parts[p];
       }
       for (int p = 0; p < kParts; ++p) {
@@ -221,7 +221,7 @@ void AmxGemm(int64_t m, int64_t n, int64_t K, const uint8_t* xb, const float* w,
           const uint8_t* b = xb + mb * strip;
           float* cb = c + mb * 16 * ldc + s0 + nb * 16;
           const int64_t m_valid = std::min<int64_t>(32, m - mb * 16);
-          const float* pf = w + (s0 + 32) * K;
+          const float* pf = pf_rows > 0 ? w + (s0 + 32) * K : w;
           const int64_t pfr = mb == 0 ? pf_rows : 0;
           const bool two_n = nb + 1 < NB, two_m = mb + 1 < MB;
           if (two_n && two_m) {
