@@ -9,8 +9,8 @@ per (T, K, N, transpose_w): the winning ``params`` and the milliseconds of every
 every shape runs the backend's defaults) and passes each GEMM the params of its shape and bucket (the
 entry with the smallest T >= the bucket, else the largest T; exact K, N, transpose_w).
 
-Tunables (see ``xyjax.ops.gemm``): ``ffi`` lanes, row or column split, m alignment and the streaming kernel's
-row limit; ``pallas`` the ``GemmTiling`` fields (block sizes and grid order; its timings only mean something on
+Tunables (see ``xyjax.ops.gemm``): ``ffi`` lanes, row or column split, m alignment, the streaming kernel's
+row limit and whether the AMX kernel runs (where the CPU has it); ``pallas`` the ``GemmTiling`` fields (block sizes and grid order; its timings only mean something on
 a GPU, so profiling it on CPU is refused).
 """
 

@@ -11,10 +11,10 @@
 // FMAs would (a TDPBF16PS does 16x16x32 multiply-adds in 16 cycles), hence ~2.7x a float32 core's peak.
 //
 // Layout: every tile is 1 KiB, 16 rows of 64 bytes. The weights are the A operand: 16 weight rows x 32
-// bf16 along K, converted from float32 as they are read (no transposes), kSuper rows at a time. x is the
-// B operand, packed once per call by AmxPackX into the VNNI form the tile unit wants: tile row r holds,
-// for each of 16 x rows, the pair (x[., k0 + 2r], x[., k0 + 2r + 1]). A 2 x 2 block of accumulator tiles
-// (32 weight rows x 32 x rows) runs along K; its [n, m] result is transposed into c.
+// bf16 along K, converted from float32 as they are read (no transposes; AmxGemm says how many rows at a
+// time). x is the B operand, packed once per call by AmxPackX into the VNNI form the tile unit wants: tile
+// row r holds, for each of 16 x rows, the pair (x[., k0 + 2r], x[., k0 + 2r + 1]). A 2 x 2 block of
+// accumulator tiles (32 weight rows x 32 x rows) runs along K; its [n, m] result is transposed into c.
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -213,6 +213,7 @@ void AmxGemm(int64_t m, int64_t n, int64_t K, const uint8_t* xb, const float* w,
     uint8_t* wa = reinterpret_cast<uint8_t*>(packed.data());
     PackWeights(w, n, K, s0, NB, wa);
     const int64_t pf_rows = super == 32 ? std::max<int64_t>(0, std::min<int64_t>(32, n - s0 - 32)) : 0;
+    const float* pf = pf_rows > 0 ? w + (s0 + 32) * K : w;
     for (int64_t c0 = 0; c0 < MB; c0 += chunk) {
       for (int64_t nb = 0; nb < NB; nb += 2) {
         const uint8_t* a = wa + nb * strip;
@@ -221,7 +222,6 @@ void AmxGemm(int64_t m, int64_t n, int64_t K, const uint8_t* xb, const float* w,
           const uint8_t* b = xb + mb * strip;
           float* cb = c + mb * 16 * ldc + s0 + nb * 16;
           const int64_t m_valid = std::min<int64_t>(32, m - mb * 16);
-          const float* pf = pf_rows > 0 ? w + (s0 + 32) * K : w;
           const int64_t pfr = mb == 0 ? pf_rows : 0;
           const bool two_n = nb + 1 < NB, two_m = mb + 1 < MB;
           if (two_n && two_m) {
