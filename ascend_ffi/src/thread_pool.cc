@@ -10,6 +10,8 @@ namespace xyjax {
 namespace {
 // How long Run polls for the other lanes before it sleeps on the condition variable.
 constexpr std::chrono::microseconds kSpin{500};
+// How long an idle worker polls for the next Run before it sleeps.
+constexpr std::chrono::microseconds kIdleSpin{2000};
 }  // namespace
 
 int ThreadPool::DefaultLanes() {
@@ -43,7 +45,7 @@ ThreadPool::ThreadPool(int lanes) : lanes_(lanes < 1 ? 1 : lanes) {
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
+    stop_.store(true);
   }
   wake_.notify_all();
   for (std::thread& t : workers_) t.join();
@@ -51,17 +53,29 @@ ThreadPool::~ThreadPool() {
 
 void ThreadPool::Work(int lane) {
   uint64_t seen = 0;
-  std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
-    wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
-    if (stop_) return;
-    seen = generation_;
-    if (lane >= active_) continue;
-    const std::function<void(int)>* fn = fn_;
-    lock.unlock();
-    (*fn)(lane);
-    lock.lock();  // under the lock, so a Run between its check and its wait cannot miss this
-    if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) done_.notify_one();
+    uint64_t generation = generation_.load(std::memory_order_acquire);
+    const auto until = std::chrono::steady_clock::now() + kIdleSpin;
+    while (generation == seen && !stop_.load(std::memory_order_relaxed) && std::chrono::steady_clock::now() < until) {
+      std::this_thread::yield();
+      generation = generation_.load(std::memory_order_acquire);
+    }
+    if (generation == seen) {
+      // Announce the sleep before the last look at generation_; Run bumps generation_ before it reads
+      // sleepers_ (both sequentially consistent), so one of the two sees the other.
+      std::unique_lock<std::mutex> lock(mu_);
+      sleepers_.fetch_add(1);
+      wake_.wait(lock, [&] { return stop_.load() || (generation = generation_.load()) != seen; });
+      sleepers_.fetch_sub(1);
+    }
+    if (stop_.load()) return;
+    seen = generation;
+    if (lane < active_) (*fn_)(lane);
+    // Every worker reports every Run (an inactive one too), so none can lag into the next Run's fn_.
+    if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      std::lock_guard<std::mutex> lock(mu_);   // Run checks pending_ under mu_ before it waits
+      done_.notify_one();
+    }
   }
 }
 
@@ -72,17 +86,16 @@ void ThreadPool::Run(int n, const std::function<void(int)>& fn) {
     return;
   }
   std::lock_guard<std::mutex> run_lock(run_mu_);
-  {
+  fn_ = &fn;
+  active_ = n;
+  pending_.store(lanes_ - 1, std::memory_order_relaxed);
+  generation_.fetch_add(1);   // publishes fn_ and active_
+  if (sleepers_.load() > 0) {
     std::lock_guard<std::mutex> lock(mu_);
-    fn_ = &fn;
-    active_ = n;
-    pending_.store(n - 1, std::memory_order_relaxed);
-    ++generation_;
+    wake_.notify_all();
   }
-  wake_.notify_all();
   fn(0);
-  // The others are at most one work item behind: spin a little before sleeping (a futex wake-up
-  // costs tens of microseconds on some virtual machines, a large share of a ~1 ms call).
+  // The others are at most one work item behind: spin a little before sleeping.
   const auto until = std::chrono::steady_clock::now() + kSpin;
   while (pending_.load(std::memory_order_acquire) != 0 && std::chrono::steady_clock::now() < until) {
     std::this_thread::yield();
