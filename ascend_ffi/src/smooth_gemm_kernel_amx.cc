@@ -31,7 +31,7 @@ namespace {
 constexpr int64_t kTileK = 32;        // bf16 per tile row: the K step
 constexpr int64_t kTileBytes = 1024;  // 16 rows x 64 bytes
 constexpr int kParts = 3;             // bf16 parts per float32
-constexpr int64_t kSuper = 256;       // weight rows converted at once (x chunks are reused across them)
+constexpr int64_t kSuperBytes = 864 << 10;  // converted weight rows reused across x chunks (in L2 with a chunk)
 constexpr int64_t kChunkBytes = 768 << 10;  // packed x rows multiplied per pass over a superblock (in L2)
 
 struct TileConfig {
@@ -226,8 +226,9 @@ void AmxGemm(int64_t m, int64_t n, int64_t K, const uint8_t* xb, const float* w,
   _tile_loadconfig(&config);
   thread_local std::vector<__m512i> packed;   // a superblock of weight rows as A tiles (64-byte aligned)
   // One pass over x (a single chunk): 32 weight rows at a time, the next 32 prefetched while these multiply,
-  // so the weights stream in once. Several chunks: kSuper rows at a time, converted once for all chunks.
-  const int64_t super = MB <= chunk ? 32 : kSuper;
+  // so the weights stream in once. Several chunks: as many 32-row pairs as fit kSuperBytes (256 rows at K = 576,
+  // 96 at K = 1536), converted once for all chunks.
+  const int64_t super = MB <= chunk ? 32 : std::max<int64_t>(1, kSuperBytes / (2 * strip)) * 32;
   for (int64_t s0 = 0; s0 < n; s0 += super) {
     const int64_t ns = std::min(super, n - s0), NB = (ns + 15) / 16;
     if (packed.size() * 64 < static_cast<size_t>(NB * strip)) packed.resize(NB * strip / 64);
