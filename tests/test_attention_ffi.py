@@ -378,3 +378,31 @@ def test_thread_count_follows_the_environment():
             env["XYJAX_ATTENTION_THREADS"] = value
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert int(out.stdout) == expected
+
+
+POOL_HANDOFF = """
+import time, numpy as np, jax, jax.numpy as jnp
+from xyjax.ops import smooth_gemm
+rng = np.random.default_rng(0)
+x = jnp.asarray(rng.standard_normal((40, 64)), jnp.float32)
+w = jnp.asarray(rng.standard_normal((96, 64)), jnp.float32)
+want = np.asarray(x @ w.T)
+calls = {lanes: jax.jit(lambda x, w, lanes=lanes: smooth_gemm(x, w, 40, transpose_w=True, backend="ffi",
+                                                              tuning=dict(lanes=lanes, stream_rows=0, amx_rows=0)))
+         for lanes in (0, 2)}
+for i in range(600):
+    if i % 50 == 49:
+        time.sleep(0.005)   # longer than an idle worker polls: the next call must wake it
+    got = np.asarray(calls[(0, 2)[i % 2]](x, w))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+print("ok")
+"""
+
+
+def test_pool_hands_work_to_polling_sleeping_and_idle_workers():
+    """Back-to-back calls (workers still polling), calls after a pause (workers asleep) and calls on fewer
+    lanes than the pool has (idle workers), on a 4-lane pool: every result is right and nothing hangs."""
+    env = dict(os.environ, XYJAX_ATTENTION_THREADS="4")
+    out = subprocess.run([sys.executable, "-c", POOL_HANDOFF], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")
