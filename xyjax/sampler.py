@@ -75,7 +75,10 @@ def top_k_top_p_mask(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> j
 def sample(logits: jax.Array, s: SamplingInputs, num_logprobs: int = 0) -> SamplerOutput:
     """See the module docstring."""
     logits = logits.astype(jnp.float32)
-    tokens = _sample_tokens(mask_banned(logits, s.banned), s)
+    # Masking writes a copy of all [R, V] logits (the log-probabilities read the raw ones), a few ms a step:
+    # only when some row bans tokens.
+    tokens = jax.lax.cond(jnp.any(s.banned >= 0), lambda x: _sample_tokens(mask_banned(x, s.banned), s),
+                          lambda x: _sample_tokens(x, s), logits)
     rows, k = logits.shape[0], num_logprobs
 
     def with_logprobs(_):
