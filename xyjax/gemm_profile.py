@@ -102,7 +102,7 @@ def candidates(backend: str) -> list[dict]:
         lanes = lib.xyjax_attention_threads()
         # The AMX kernel (where the CPU has it) cuts columns only and computes exactly m rows: lanes alone vary.
         amx = [dict(lanes=n, split_rows=False, m_align=1, stream_rows=stream, amx_rows=1)
-               for stream, n in itertools.product((12, 24, 0, 64), range(lanes, 0, -1))] if lib.xyjax_gemm_amx() else []
+               for stream, n in itertools.product((24, 0, 64), range(lanes, 0, -1))] if lib.xyjax_gemm_amx() else []
         return amx + [dict(lanes=n, split_rows=rows, m_align=align, stream_rows=stream, amx_rows=0)
                       for stream, n, rows, align in itertools.product((24, 0, 64), range(lanes, 0, -1), (False, True),
                                                                       (1, 16))

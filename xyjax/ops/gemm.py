@@ -19,14 +19,12 @@ work; Triton on GPU, interpret mode on CPU).
 missing keys: defaults). ffi: ``lanes`` (0 = every lane of the thread pool), ``split_rows`` (cut rows, not
 columns, over the lanes), ``m_align`` (compute m rounded up to this, then zero the extra rows), ``stream_rows``
 (float32 with ``transpose_w`` and m <= this: the handler's own streaming kernel, which reads the weights once in
-place, instead of the BLAS, which packs them; AVX-512 CPUs; default 24, 12 where the AMX kernel runs), ``amx_rows`` (the float32 ``transpose_w`` gemms
+place, instead of the BLAS, which packs them; AVX-512 CPUs), ``amx_rows`` (the float32 ``transpose_w`` gemms
 the streaming kernel does not take, with m >= this > 0: the handler's AMX kernel, float32-accurate sums of
 bfloat16 tile products; CPUs with AMX-BF16, elsewhere the BLAS). pallas: the ``GemmTiling`` fields. xla: none.
 """
 
 from __future__ import annotations
-
-import functools
 
 import chex
 import jax
@@ -42,13 +40,6 @@ FFI_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
 FFI_TUNING = dict(lanes=0, split_rows=False, m_align=1, stream_rows=24, amx_rows=1)   # the ffi backend's defaults
-AMX_STREAM_ROWS = 12   # stream_rows's default where the AMX kernel runs: it beats the streaming kernel from ~13 rows
-
-
-@functools.cache
-def ffi_defaults() -> dict:
-    """The ffi tunables a call leaves out: FFI_TUNING, with stream_rows = AMX_STREAM_ROWS on AMX CPUs."""
-    return dict(FFI_TUNING, stream_rows=AMX_STREAM_ROWS) if ascend_ffi.load().xyjax_gemm_amx() else dict(FFI_TUNING)
 
 
 def smooth_gemm(x: jax.Array, w: jax.Array, m: jax.Array | int, *, layer: jax.Array | int | None = None,
@@ -80,7 +71,7 @@ def _gemm_ffi(x, w, m, layer, transpose_w: bool, tuning: dict):
     unknown = set(tuning) - set(FFI_TUNING)
     if unknown:
         raise ValueError(f"unknown ffi gemm tunables {sorted(unknown)}; known: {sorted(FFI_TUNING)}")
-    params = {**ffi_defaults(), **tuning}
+    params = {**FFI_TUNING, **tuning}
     if min(params["lanes"], params["stream_rows"], params["amx_rows"]) < 0 or params["m_align"] < 1:
         raise ValueError(f"ffi gemm tunables need lanes, stream_rows, amx_rows >= 0 and m_align >= 1, got {params}")
     blas.load()
