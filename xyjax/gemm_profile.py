@@ -10,8 +10,8 @@ every shape runs the backend's defaults) and passes each GEMM the params of its 
 entry with the smallest T >= the bucket, else the largest T; exact K, N, transpose_w).
 
 Tunables (see ``xyjax.ops.gemm``): ``ffi`` lanes, row or column split, m alignment, the streaming kernel's
-row limit and whether the AMX kernel runs (where the CPU has it); ``pallas`` the ``GemmTiling`` fields (block sizes and grid order; its timings only mean something on
-a GPU, so profiling it on CPU is refused).
+row limit and whether the AMX kernel runs (where the CPU has it); ``pallas`` the ``GemmTiling`` fields (block
+sizes and grid order; its timings only mean something on a GPU, so profiling it on CPU is refused).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ be read as a fraction of the limit.
 ``machine_limits()`` measures, in the calling process: the sgemm rate (numpy's BLAS at 2048^3, all cores), the
 memory copy rate (bytes copied per second, 512 MiB) and the read rate (``dot(x, x)`` over 512 MiB cut into one
 slice per core, read by all cores at once: bytes read per second; one core alone reads about half as fast here,
-and an engine's steps read weights on every core). ``workload_work(cfg, requests)`` counts a workload's arithmetic exactly as a serving engine must
-do it (ignore-EOS, each request's KV computed once, no prefix reuse):
+and an engine's steps read weights on every core). ``workload_work(cfg, requests)`` counts a workload's
+arithmetic exactly as a serving engine must do it (ignore-EOS, each request's KV computed once, no prefix reuse):
 
     dense    2 * (D * (H + 2 Hkv) Dh + H Dh * D + D * 2F + F * D) * L per token computed
     attn     4 * H * Dh * L per (query, visible key) pair (QK^T and PV; causal)
