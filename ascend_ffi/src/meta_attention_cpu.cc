@@ -46,31 +46,22 @@ namespace xyjax {
 namespace attention {
 namespace {
 
-// The task kernels for this CPU: `rows` for tasks of fewer than `tile_min` query rows x heads,
-// `tile` for the others. With AVX-512F: the AVX-512 copy (tile path only) for the large tasks and
-// the AVX2 copy for the rest (its row path built for AVX-512 measured about 20% slower on decodes:
-// the compiler moves values through zmm registers there). Else the AVX2+FMA copy, else the
-// baseline one. XYJAX_ATTENTION_KERNEL=generic|avx2 caps the choice (read on every call; tests).
-struct Kernels {
-  TaskFn rows, tile;
-  int64_t tile_min;
-  TaskFn For(const Args& a, const XyjaxTask& t) const { return t.q_len * a.group >= tile_min ? tile : rows; }
-};
-
-Kernels PickKernels() {
+// The task kernel for this CPU: the AVX-512F copy, else the AVX2+FMA one, else the baseline one.
+// XYJAX_ATTENTION_KERNEL=generic|avx2 caps the choice (read on every call; tests).
+TaskFn PickKernel() {
   const char* forced = std::getenv("XYJAX_ATTENTION_KERNEL");
   const std::string cap = forced != nullptr ? forced : "";
-  if (cap == "generic") return {generic::RunTask, generic::RunTask, 0};
+  if (cap == "generic") return generic::RunTask;
 #if defined(XYJAX_HAVE_X86_KERNELS)
   static const int level = [] {
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 0;
     return __builtin_cpu_supports("avx512f") ? 2 : 1;
   }();
-  if (level == 2 && cap != "avx2") return {avx2::RunTask, avx512::RunTask, kMaxRowVector};
-  if (level >= 1) return {avx2::RunTask, avx2::RunTask, 0};
+  if (level == 2 && cap != "avx2") return avx512::RunTask;
+  if (level >= 1) return avx2::RunTask;
 #endif
-  return {generic::RunTask, generic::RunTask, 0};
+  return generic::RunTask;
 }
 
 bool ElemOf(ffi::DataType type, Elem* elem) {
@@ -330,7 +321,7 @@ ffi::Error MetaAttentionCpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v
   thread_local std::vector<float> partials;  // reused across calls on this thread
   if (static_cast<int64_t>(partials.size()) < partial_floats) partials.resize(partial_floats);
   float* part = partials.data();
-  const Kernels kernels = PickKernels();
+  const TaskFn kernel = PickKernel();
   const int64_t scratch = ScratchFloats(a, max_rows);
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> bad{-1};
@@ -340,7 +331,7 @@ ffi::Error MetaAttentionCpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v
     for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < count;) {
       const int32_t index = order[i].second;
       const bool split = partial_at[index] >= 0;
-      if (kernels.For(a, rows[index])(a, rows[index], buffer.data(), split ? part + partial_at[index] : nullptr,
+      if (kernel(a, rows[index], buffer.data(), split ? part + partial_at[index] : nullptr,
                  split ? part + lse_at[index] : nullptr) != 0) {
         int64_t none = -1;
         bad.compare_exchange_strong(none, index);
