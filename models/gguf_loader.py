@@ -1,14 +1,24 @@
-"""Load a Llama-family GGUF file: config, dequantized params (HF layout) and GGUF metadata."""
+"""Load a Llama-family GGUF file: config, dequantized params (HF layout) and GGUF metadata.
+
+Where every dense matrix of the file is Q4_1 (w = d * q + m per block of 32 inputs) and the params are
+float32, the dense matrices are kept in the split block layout ``[d * q | m]`` (``ModelConfig.quant_block``
+= 32, see ``xyjax.ops.gemm``): the same weights, whose parts are exact in bfloat16 pairs.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
 from tqdm import tqdm
 
 from models.config import ModelConfig
-from models.weights import stack_layers
+from models.weights import merge_blocks, stack_layers
+
+DENSE_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+Q4_1_BLOCK = 32    # inputs per Q4_1 block
+Q4_1_BYTES = 20    # bytes per block: d and m float16, 32 4-bit q (element j in byte j % 16, high nibble j >= 16)
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -48,8 +58,26 @@ def dequantize(tensor, dtype) -> np.ndarray:
     return data.reshape(shape).astype(dtype)
 
 
-def load_gguf(path: str, dtype=np.float32, progress: bool = True) -> tuple[ModelConfig, dict, dict]:
-    """Returns ``(config, params, metadata)``; params follow ``models.llama``'s pytree layout."""
+def split_q4_1(tensor) -> np.ndarray:
+    """A Q4_1 tensor [out, in] in the split block layout [out, in + in / 32] float32: ``[d * q | m]``. Checked
+    to give gguf's own dequantization exactly (d * q + m rounded once), so both layouts hold the same weights."""
+    raw = np.asarray(tensor.data, np.uint8)
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, Q4_1_BYTES)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)       # [out, in / 32]
+    mins = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    nibbles = blocks[..., 4:]
+    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).astype(np.float32)  # [out, in / 32, 32]
+    split = np.concatenate([(d[..., None] * q).reshape(rows, -1), mins], axis=-1)
+    if not np.array_equal(merge_blocks(split, Q4_1_BLOCK), dequantize(tensor, np.float32)):
+        raise ValueError(f"tensor {tensor.name!r}: the split Q4_1 layout does not reproduce gguf's dequantization")
+    return split
+
+
+def load_gguf(path: str, dtype=np.float32, progress: bool = True,
+              split_blocks: bool = True) -> tuple[ModelConfig, dict, dict]:
+    """Returns ``(config, params, metadata)``; params follow ``models.llama``'s pytree layout. split_blocks:
+    keep an all-Q4_1 file's dense matrices in the split block layout (float32 only; see the module docstring)."""
     from models.tokenizer import gguf_metadata
 
     reader = read_gguf(path)
@@ -58,12 +86,19 @@ def load_gguf(path: str, dtype=np.float32, progress: bool = True) -> tuple[Model
     cfg = ModelConfig.from_gguf(meta, has_output_tensor="output.weight" in tensors,
                                 has_qkv_bias="blk.0.attn_q.bias" in tensors)
     permuted = meta["general.architecture"] in ("llama", "mistral")
+    from gguf import GGMLQuantizationType
+
+    dense = [tensors.get(f"blk.{i}.{kind}.weight") for i in range(cfg.num_layers) for kind in DENSE_TENSORS]
+    split = split_blocks and np.dtype(dtype) == np.float32 and all(
+        t is not None and t.tensor_type == GGMLQuantizationType.Q4_1 for t in dense)
+    if split:
+        cfg = dataclasses.replace(cfg, quant_block=Q4_1_BLOCK)
 
     def get(name: str) -> np.ndarray:
         if name not in tensors:
             raise ValueError(f"GGUF file {path} lacks tensor {name!r}")
-        w = dequantize(tensors[name], dtype)
         kind = name.split(".")[-2]
+        w = split_q4_1(tensors[name]) if split and kind in DENSE_TENSORS else dequantize(tensors[name], dtype)
         if permuted and kind in ("attn_q", "attn_k"):
             w = unpermute_qk(w, cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads)
         return w

@@ -25,7 +25,7 @@ def export_hf(model: LoadedModel, directory: str, dtype=np.float32) -> None:
     if not cfg.tie_word_embeddings:
         tensors["lm_head.weight"] = params["lm_head"]
     names = dict(LAYER_NAMES, **BIAS_NAMES)
-    for i, layer in enumerate(unstack_layers(model.params["layers"])):
+    for i, layer in enumerate(unstack_layers(model.params["layers"], cfg.quant_block)):
         tensors.update({f"model.layers.{i}.{names[key]}": value for key, value in layer.items()})
     save_file({k: np.ascontiguousarray(v, dtype=dtype) for k, v in tensors.items()},
               os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})

@@ -5,6 +5,8 @@ ffi gemm streams in place; layers stacked on a leading axis L so ``lax.scan`` ru
     embed [V, D]; final_norm [D]; lm_head [V, D] (absent when tied to ``embed``)
     layers: attn_norm [L, D], wqkv [L, (H + 2 Hkv) Dh, D], bqkv [L, (H + 2 Hkv) Dh] (optional),
             wo [L, D, H Dh], mlp_norm [L, D], w_gate_up [L, 2 F, D], w_down [L, D, F]
+With ``cfg.quant_block`` = b > 0 the four dense matrices are in the split block layout, in -> in + in / b
+(``xyjax.ops.gemm``; the loader's layout for GGUF Q4_1).
 """
 
 from __future__ import annotations
@@ -17,13 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.config import ModelConfig
+from models.weights import DENSE as GEMM_WEIGHTS, quantize_blocks
 from xyjax.kv_cache import KVCache
 from xyjax.gemm_profile import GemmProfile
 from xyjax.ops import meta_attention, smooth_gemm
 from xyjax.step_inputs import StepInputs
-
-
-GEMM_WEIGHTS = ("wqkv", "wo", "w_gate_up", "w_down")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,11 +34,12 @@ class Backends:
     gemm: str = "xla"
     gemm_profile: GemmProfile | None = None
 
-    def smooth_gemm(self, x, w, m, *, layer=None, transpose_w: bool = False):
-        """``smooth_gemm`` on this gemm backend with the profiled tunables of x's bucket and w's shape."""
-        K, N = (w.shape[-1], w.shape[-2]) if transpose_w else (w.shape[-2], w.shape[-1])
+    def smooth_gemm(self, x, w, m, *, layer=None, transpose_w: bool = False, quant_block: int = 0):
+        """``smooth_gemm`` on this gemm backend with the profiled tunables of x's bucket and the [K, N] shape."""
+        K, N = x.shape[1], w.shape[-2] if transpose_w else w.shape[-1]
         tuning = self.gemm_profile.params(x.shape[0], K, N, transpose_w) if self.gemm_profile else None
-        return smooth_gemm(x, w, m, layer=layer, transpose_w=transpose_w, backend=self.gemm, tuning=tuning)
+        return smooth_gemm(x, w, m, layer=layer, transpose_w=transpose_w, quant_block=quant_block,
+                           backend=self.gemm, tuning=tuning)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -87,7 +88,8 @@ def forward(params: dict, kv: KVCache, inputs: StepInputs, *, cfg: ModelConfig,
     def layer(carry, scanned):
         x, kv = carry
         index, p = scanned
-        gemm = lambda a, name: backends.smooth_gemm(a, dense[name], m, layer=index, transpose_w=True)  # noqa: E731
+        gemm = lambda a, name: backends.smooth_gemm(a, dense[name], m, layer=index, transpose_w=True,  # noqa: E731
+                                                    quant_block=cfg.quant_block)
         h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
         qkv = gemm(h, "wqkv")
         if "bqkv" in p:
@@ -120,6 +122,9 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: floa
     keys = iter(jax.random.split(key, len(shapes) + 5))   # + norms, embed, final norm, lm_head
     normal = lambda shape: (scale * jax.random.normal(next(keys), shape)).astype(dtype)  # noqa: E731
     layers = {name: normal(shape) for name, shape in shapes.items()}
+    if cfg.quant_block:   # the random matrices' block quantizations, in the split layout
+        layers.update({name: jnp.asarray(quantize_blocks(np.asarray(layers[name]), cfg.quant_block), dtype)
+                       for name in GEMM_WEIGHTS})
     layers["attn_norm"] = (1.0 + normal((L, D))).astype(dtype)
     layers["mlp_norm"] = (1.0 + normal((L, D))).astype(dtype)
     params = {"embed": normal((cfg.vocab_size, D)), "final_norm": (1.0 + normal((D,))).astype(dtype),

@@ -36,8 +36,9 @@ def resolve(model: str | None) -> str:
     raise FileNotFoundError(f"unknown model {model!r}; tried " + "; ".join(tried))
 
 
-def load(model: str | None = None, dtype="float32", progress: bool = True) -> LoadedModel:
-    """Load ``model`` (see ``resolve``) with weights in ``dtype``."""
+def load(model: str | None = None, dtype="float32", progress: bool = True, split_blocks: bool = True) -> LoadedModel:
+    """Load ``model`` (see ``resolve``) with weights in ``dtype``. split_blocks: a float32 load of an all-Q4_1
+    GGUF keeps its dense matrices in the split block layout (``models.gguf_loader``; False: plain)."""
     from models.gguf_loader import load_gguf
     from models.hf_loader import load_hf
 
@@ -47,7 +48,7 @@ def load(model: str | None = None, dtype="float32", progress: bool = True) -> Lo
         cfg, params = load_hf(path, np.float32, progress)
         tokenizer = Tokenizer.from_dir(path)
     else:
-        cfg, params, meta = load_gguf(path, np.float32, progress)
+        cfg, params, meta = load_gguf(path, np.float32, progress, split_blocks and dtype == jnp.float32)
         tokenizer = Tokenizer.from_gguf(meta)
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
     return LoadedModel(name=model or registry.DEFAULT_MODEL, config=cfg, params=params, tokenizer=tokenizer,

@@ -1,9 +1,43 @@
 """Turn per-layer HF-layout weights ([out, in] matrices) into ``models.llama``'s stacked, fused pytree (still
-``[out, in]``: each output's weights are one contiguous row, which the ffi gemm streams in place)."""
+``[out, in]``: each output's weights are one contiguous row, which the ffi gemm streams in place), and back.
+
+The dense matrices may be in the split block layout (``ModelConfig.quant_block`` = b > 0, see
+``xyjax.ops.gemm``): each row ``[d * q | m]`` [out, in + in / b], the block minimums m as extra columns.
+``merge_blocks`` turns them into plain ``[out, in]`` weights.
+"""
 
 from __future__ import annotations
 
 import numpy as np
+
+DENSE = ("wqkv", "wo", "w_gate_up", "w_down")   # the stacked dense matrices (the gemms' weights)
+
+
+def in_features(w, block: int) -> int:
+    """in of a dense matrix [..., out, in] (split layout: [..., out, in + in / block])."""
+    return w.shape[-1] * block // (block + 1) if block else w.shape[-1]
+
+
+def quantize_blocks(w: np.ndarray, block: int) -> np.ndarray:
+    """Plain [..., out, in] -> the split layout of its 4-bit block quantization (GGUF Q4_1's rounding: per block
+    of ``block`` inputs, d = (max - min) / 15 and m = min as float16, q = round((w - m) / d) in [0, 15])."""
+    w = np.asarray(w, np.float32)
+    b = w.reshape(*w.shape[:-1], w.shape[-1] // block, block)
+    lo, hi = b.min(-1, keepdims=True), b.max(-1, keepdims=True)
+    d = ((hi - lo) / 15).astype(np.float16).astype(np.float32)
+    mins = lo.astype(np.float16).astype(np.float32)
+    q = np.clip(np.round((b - mins) / np.where(d == 0, 1, d)), 0, 15)
+    return np.concatenate([(d * q).reshape(w.shape), mins[..., 0]], axis=-1)
+
+
+def merge_blocks(w: np.ndarray, block: int) -> np.ndarray:
+    """Split layout [..., out, in + in / block] -> plain [..., out, in] float32 (d * q + m, rounded once, as
+    gguf's dequantization computes it); plain weights (block = 0) are returned as they are."""
+    if not block:
+        return w
+    K = in_features(w, block)
+    dq, mins = np.asarray(w[..., :K], np.float32), np.asarray(w[..., K:], np.float32)
+    return (dq.reshape(*dq.shape[:-1], K // block, block) + mins[..., None]).reshape(dq.shape)
 
 
 def stack_layers(layers: list[dict]) -> dict:
@@ -26,10 +60,10 @@ def stack_layers(layers: list[dict]) -> dict:
     return out
 
 
-
-def unstack_layers(params: dict) -> list[dict]:
-    """Inverse of ``stack_layers``: the stacked, fused pytree's ``layers`` -> per-layer dicts in HF layout."""
-    stacked = {k: np.asarray(v) for k, v in params.items()}
+def unstack_layers(params: dict, block: int = 0) -> list[dict]:
+    """Inverse of ``stack_layers``: the stacked, fused pytree's ``layers`` (dense matrices in the split layout
+    of ``block``, 0: plain) -> per-layer dicts in HF layout, plain matrices."""
+    stacked = {k: merge_blocks(np.asarray(v), block if k in DENSE else 0) for k, v in params.items()}
     q_size = stacked["wo"].shape[2]                         # wo [L, hidden, q_size]
     kv_size = (stacked["wqkv"].shape[1] - q_size) // 2
     inter = stacked["w_down"].shape[2]                      # w_down [L, hidden, intermediate]

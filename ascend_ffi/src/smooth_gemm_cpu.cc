@@ -21,6 +21,12 @@
 // smooth_gemm_kernel_amx.cc (on CPUs with AMX-BF16; elsewhere the BLAS): float32-accurate products from
 // bfloat16 tiles, x packed once per call by all lanes, then each lane's columns as for the BLAS. The five
 // are the tunables `xyjax profile` sweeps per shape and bucket.
+//
+// quant_block = 32 (0: plain w): w is the split layout of a 4-bit block-quantized matrix (xyjax/ops/gemm.py),
+// [N, K + K / 32] ([L, N, K + K / 32]) rows [d * q | m] with transpose_w, float32, K a multiple of 32: the
+// result is x_ext @ w^T for x_ext = [x | the sums of x's 32-column blocks]. w's values are exact in two
+// bfloat16 parts, which the AMX kernel relies on (five part products, not six); it sums x's blocks as it packs
+// x, the other paths read x_ext built here.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -44,9 +50,11 @@ using StreamGemm = void (*)(int64_t m, int64_t n, int64_t K, const float* x, int
 void StreamGemmAvx512(int64_t m, int64_t n, int64_t K, const float* x, int64_t ldx, const float* w, float* c,
                       int64_t ldc);   // smooth_gemm_kernel_avx512.cc
 bool AmxReady();   // smooth_gemm_kernel_amx.cc
+int64_t AmxPackedK(int64_t K, bool sums);
 int64_t AmxPackedBytes(int64_t m, int64_t K);
-void AmxPackX(int64_t m, int64_t K, const float* x, int64_t ldx, int64_t b0, int64_t b1, uint8_t* dst);
-void AmxGemm(int64_t m, int64_t n, int64_t K, const uint8_t* xb, const float* w, float* c, int64_t ldc);
+void AmxPackX(int64_t m, int64_t K, bool sums, const float* x, int64_t ldx, int64_t b0, int64_t b1, uint8_t* dst);
+void AmxGemm(int64_t m, int64_t n, int64_t K, int w_parts, const uint8_t* xb, const float* w, float* c,
+             int64_t ldc);
 #endif
 
 // Whether this CPU and OS run the AMX kernel.
@@ -82,6 +90,25 @@ std::atomic<Bf16Gemm> g_bf16_gemm{nullptr};
 
 // Columns of one lane's block are a multiple of this (a 64-byte line of floats).
 constexpr int64_t kColumnAlign = 16;
+// The quantization block of the split weight layout (the attribute quant_block): GGUF's 4-bit quants'.
+constexpr int64_t kQuantBlock = 32;
+
+// Rows [r0, r1) of x_ext [., K + K / kQuantBlock] = [x | the sums of x's kQuantBlock-column blocks].
+void ExtendRows(const float* x, int64_t K, int64_t r0, int64_t r1, float* x_ext) {
+  const int64_t KE = K + K / kQuantBlock;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* row = x + r * K;
+    float* out = x_ext + r * KE;
+    std::memcpy(out, row, K * sizeof(float));
+    for (int64_t b = 0; b < K / kQuantBlock; ++b) {
+      float acc[8] = {};   // eight running sums: a shape the compiler vectorizes
+      for (int64_t j = 0; j < kQuantBlock; j += 8) {
+        for (int l = 0; l < 8; ++l) acc[l] += row[b * kQuantBlock + j + l];
+      }
+      out[K + b] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    }
+  }
+}
 
 ffi::Error Invalid(const std::string& what) {
   return ffi::Error::InvalidArgument("xyjax_smooth_gemm_cpu: " + what);
@@ -89,7 +116,7 @@ ffi::Error Invalid(const std::string& what) {
 
 ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, Scalar32 layer_buffer,
                          bool transpose_w, int32_t lanes_attr, bool split_rows, int32_t m_align, int32_t stream_rows,
-                         int32_t amx_rows, ffi::Result<ffi::AnyBuffer> out) {
+                         int32_t amx_rows, int32_t quant_block, ffi::Result<ffi::AnyBuffer> out) {
   const ffi::DataType type = x.element_type();
   if (type != ffi::DataType::F32 && type != ffi::DataType::BF16) return Invalid("x must be float32 or bfloat16");
   if (w.element_type() != type || out->element_type() != type) {
@@ -101,12 +128,18 @@ ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, 
   }
   const int64_t L = wd.size() == 3 ? wd[0] : 1, rows = wd[wd.size() - 2], cols = wd[wd.size() - 1];
   const int64_t T = xd[0], K = xd[1], N = transpose_w ? rows : cols;
-  if ((transpose_w ? cols : rows) != K) {
+  if (quant_block != 0 &&
+      (quant_block != kQuantBlock || !transpose_w || type != ffi::DataType::F32 || K % kQuantBlock)) {
+    return Invalid("quant_block = " + std::to_string(quant_block) + " needs quant_block = 32, transpose_w, " +
+                   "float32 and K = " + std::to_string(K) + " a multiple of 32");
+  }
+  const int64_t KE = quant_block ? K + K / kQuantBlock : K;   // w's row length: x_ext's columns
+  if ((transpose_w ? cols : rows) != KE) {
     return Invalid("x " + Dims(xd) + " and w " + Dims(wd) + (transpose_w ? " (transposed)" : "") +
-                   " do not chain");
+                   (quant_block ? " do not chain: w's rows must hold K + K / 32" : " do not chain"));
   }
   if (od.size() != 2 || od[0] != T || od[1] != N) return Invalid("the result must be [T, N], got " + Dims(od));
-  if (std::max({T, K, N}) > INT32_MAX) return Invalid("dimensions beyond the BLAS's 32-bit ints");
+  if (std::max({T, KE, N}) > INT32_MAX) return Invalid("dimensions beyond the BLAS's 32-bit ints");
   const int64_t m = m_buffer.typed_data()[0];
   if (m < 0 || m > T) {
     return Invalid("m = " + std::to_string(m) + " outside [0, T = " + std::to_string(T) + "]");
@@ -145,20 +178,31 @@ ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, 
     ThreadPool& pool = ThreadPool::Shared();
     const int64_t lanes = lanes_attr == 0 ? pool.lanes() : std::min<int64_t>(lanes_attr, pool.lanes());
     // AMX: x's bfloat16 tiles, 16 rows per block, packed by all lanes before any lane multiplies.
+    const float* x32 = static_cast<const float*>(x.untyped_data());   // (float32 paths)
     thread_local std::vector<uint64_t> packed_x;  // 8-byte aligned; the tile loads take any address
     const uint8_t* xb = nullptr;
 #ifdef XYJAX_HAVE_AMX_KERNEL
     if (amx) {
-      packed_x.resize((AmxPackedBytes(mc, K) + 7) / 8);
+      packed_x.resize((AmxPackedBytes(mc, AmxPackedK(K, quant_block != 0)) + 7) / 8);
       uint8_t* dst = reinterpret_cast<uint8_t*>(packed_x.data());
       const int64_t row_blocks = (mc + 15) / 16, per_lane = (row_blocks + lanes - 1) / lanes;
       pool.Run(static_cast<int>(std::min(lanes, row_blocks)), [&](int i) {
-        AmxPackX(mc, K, static_cast<const float*>(x.untyped_data()), K, i * per_lane,
-                 std::min(row_blocks, (i + 1) * per_lane), dst);
+        AmxPackX(mc, K, quant_block != 0, x32, K, i * per_lane, std::min(row_blocks, (i + 1) * per_lane), dst);
       });
       xb = dst;
     }
 #endif
+    // The streaming kernel and the BLAS read x_ext for the split layout, built here by all lanes.
+    thread_local std::vector<float> x_ext;
+    if (quant_block && !amx) {
+      x_ext.resize(mc * KE);
+      float* ext = x_ext.data();   // (a lane naming x_ext would get its own thread's)
+      const int64_t per_lane = (mc + lanes - 1) / lanes;
+      pool.Run(static_cast<int>(std::min(lanes, mc)), [&](int i) {
+        ExtendRows(x32, K, i * per_lane, std::min(mc, (i + 1) * per_lane), ext);
+      });
+      x32 = ext;
+    }
     // Blocks of whole rows (split_rows; not with AMX, whose packed x is shared) or of kColumnAlign-aligned
     // columns, one per lane.
     const bool by_rows = split_rows && !amx;
@@ -166,20 +210,20 @@ ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, 
     const int64_t width = by_rows ? (mc + blocks - 1) / blocks
                                      : ((N + blocks - 1) / blocks + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
     const int trans_b = transpose_w ? kTrans : kNoTrans;
-    const int ldb = static_cast<int>(transpose_w ? K : N);
+    const int ldb = static_cast<int>(transpose_w ? KE : N);
     auto lane = [&](int i) {
       const int64_t r0 = by_rows ? i * width : 0, nr = by_rows ? std::min(mc, r0 + width) - r0 : mc;
       const int64_t n0 = by_rows ? 0 : i * width, n = by_rows ? N : std::min(N, n0 + width) - n0;
       if (n <= 0 || nr <= 0) return;
-      const int64_t w_offset = layer * K * N + (transpose_w ? n0 * K : n0);  // w[layer]'s column n0
+      const int64_t w_offset = layer * KE * N + (transpose_w ? n0 * KE : n0);  // w[layer]'s column n0
       float* c_block = c + r0 * N + n0;
       if (amx) {
 #ifdef XYJAX_HAVE_AMX_KERNEL
-        AmxGemm(nr, n, K, xb, static_cast<const float*>(w.untyped_data()) + w_offset, c_block, N);
+        AmxGemm(nr, n, KE, quant_block ? 2 : 3, xb, static_cast<const float*>(w.untyped_data()) + w_offset, c_block,
+                N);
 #endif
       } else if (stream) {
-        stream_gemm(nr, n, K, static_cast<const float*>(x.untyped_data()) + r0 * K, K,
-                    static_cast<const float*>(w.untyped_data()) + w_offset, c_block, N);
+        stream_gemm(nr, n, KE, x32 + r0 * KE, KE, static_cast<const float*>(w.untyped_data()) + w_offset, c_block, N);
       } else if (bf16) {
         bf16_gemm(kRowMajor, kNoTrans, trans_b, static_cast<int>(nr), static_cast<int>(n), static_cast<int>(K),
                   1.0f, static_cast<const uint16_t*>(x.untyped_data()) + r0 * K, static_cast<int>(K),
@@ -190,8 +234,8 @@ ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, 
           for (int64_t j = n0; j < n0 + n; ++j) dst[r * N + j] = FloatToBf16(c[r * N + j]);
         }
       } else {
-        sgemm(kRowMajor, kNoTrans, trans_b, static_cast<int>(nr), static_cast<int>(n), static_cast<int>(K), 1.0f,
-              static_cast<const float*>(x.untyped_data()) + r0 * K, static_cast<int>(K),
+        sgemm(kRowMajor, kNoTrans, trans_b, static_cast<int>(nr), static_cast<int>(n), static_cast<int>(KE), 1.0f,
+              x32 + r0 * KE, static_cast<int>(KE),
               static_cast<const float*>(w.untyped_data()) + w_offset, ldb, 0.0f, c_block, static_cast<int>(N));
       }
     };
@@ -218,6 +262,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XyjaxSmoothGemmCpu, xyjax::gemm::SmoothGemmCpu,
                                   .Attr<int32_t>("m_align")
                                   .Attr<int32_t>("stream_rows")
                                   .Attr<int32_t>("amx_rows")
+                                  .Attr<int32_t>("quant_block")
                                   .Ret<ffi::AnyBuffer>());
 #pragma GCC visibility pop
 

@@ -9,6 +9,8 @@
 // products of bfloat16 pairs are exact in float32 and the tiles accumulate in float32, so the result is
 // as close to the exact one as a float32 gemm's. Six tile products per output cost 6/16 of what AVX-512
 // FMAs would (a TDPBF16PS does 16x16x32 multiply-adds in 16 cycles), hence ~2.7x a float32 core's peak.
+// Weights already exact in two parts (w_parts = 2: the split Q4_1 layout, d * q and the float16 block
+// minimums, see xyjax/ops/gemm.py) drop x0w2: five products and 12 tile loads per K step instead of 14.
 //
 // Layout: every tile is 1 KiB, 16 rows of 64 bytes. The weights are the A operand: 16 weight rows x 32
 // bf16 along K, converted from float32 as they are read (no transposes; AmxGemm says how many rows at a
@@ -30,7 +32,7 @@ namespace {
 
 constexpr int64_t kTileK = 32;        // bf16 per tile row: the K step
 constexpr int64_t kTileBytes = 1024;  // 16 rows x 64 bytes
-constexpr int kParts = 3;             // bf16 parts per float32
+constexpr int kParts = 3;             // bf16 parts per float32 (of x; of w unless w_parts = 2)
 constexpr int64_t kSuperBytes = 864 << 10;  // converted weight rows reused across x chunks (in L2 with a chunk)
 constexpr int64_t kChunkBytes = 768 << 10;  // packed x rows multiplied per pass over a superblock (in L2)
 
@@ -40,12 +42,15 @@ struct TileConfig {
   uint8_t rows[16];
 };
 
-// The three bf16 parts of 32 floats at src (lanes past `valid` read as 0), each 32 bf16 in one vector.
-inline void Split32(const float* src, int64_t valid, __m512i parts[kParts]) {
+// The first P bf16 parts of 32 floats at src (lanes past `valid` read as 0), each 32 bf16 in one vector;
+// their sum into *sum where given.
+template <int P>
+inline void Split32(const float* src, int64_t valid, __m512i parts[P], float* sum = nullptr) {
   const __mmask16 lo = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << std::max<int64_t>(valid, 0)) - 1);
   const __mmask16 hi = valid >= 32 ? 0xFFFF : static_cast<__mmask16>((1u << std::max<int64_t>(valid - 16, 0)) - 1);
   __m512 a = _mm512_maskz_loadu_ps(lo, src), b = _mm512_maskz_loadu_ps(hi, src + 16);
-  for (int p = 0; p < kParts; ++p) {
+  if (sum != nullptr) *sum = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+  for (int p = 0; p < P; ++p) {
     const __m512i h = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));   // a's 16 first, then b's
     parts[p] = h;
     // a - float(bf16(a)) is exact: the next part rounds what this one left.
@@ -80,17 +85,19 @@ inline void Transpose16(__m512i r[16]) {
   }
 }
 
-// Rows [n0, n0 + 16 * blocks) of w [n, K] as A tiles: dst[((b * KS + ks) * kParts + p) tiles], rows past n zero.
-void PackWeights(const float* w, int64_t n, int64_t K, int64_t n0, int64_t blocks, uint8_t* dst) {
+// Rows [n0, n0 + 16 * row_blocks) of w [n, K] as A tiles in WP parts: dst[((b * KS + ks) * WP + p) tiles],
+// rows past n zero.
+template <int WP>
+void PackWeights(const float* w, int64_t n, int64_t K, int64_t n0, int64_t row_blocks, uint8_t* dst) {
   const int64_t KS = (K + kTileK - 1) / kTileK;
-  for (int64_t b = 0; b < blocks; ++b) {
+  for (int64_t b = 0; b < row_blocks; ++b) {
     for (int64_t i = 0; i < 16; ++i) {
       const int64_t row = n0 + b * 16 + i;
       for (int64_t ks = 0; ks < KS; ++ks) {
-        __m512i parts[kParts];
-        Split32(row < n ? w + row * K + ks * kTileK : w, row < n ? K - ks * kTileK : 0, parts);
-        for (int p = 0; p < kParts; ++p) {
-          _mm512_storeu_si512(dst + ((b * KS + ks) * kParts + p) * kTileBytes + i * 64, parts[p]);
+        __m512i parts[WP];
+        Split32<WP>(row < n ? w + row * K + ks * kTileK : w, row < n ? K - ks * kTileK : 0, parts);
+        for (int p = 0; p < WP; ++p) {
+          _mm512_storeu_si512(dst + ((b * KS + ks) * WP + p) * kTileBytes + i * 64, parts[p]);
         }
       }
     }
@@ -100,8 +107,8 @@ void PackWeights(const float* w, int64_t n, int64_t K, int64_t n0, int64_t block
 // Accumulates the (NT x 16 weight rows) x (MT x 16 x rows) block along K and writes it, transposed, into
 // c rows [0, m_valid) x columns [0, n_valid). a, b: the block's first A and B tiles; the next 16 rows'
 // tiles are a_next / b_next bytes further. pf: pf_rows float32 rows of K to pull into the cache alongside
-// (the weights converted next), or null.
-template <int NT, int MT>
+// (the weights converted next), or null. WP: the weights' parts (x always has three).
+template <int NT, int MT, int WP>
 void Block(const uint8_t* a, int64_t a_next, const uint8_t* b, int64_t b_next, int64_t KS, float* c, int64_t ldc,
            int64_t n_valid, int64_t m_valid, const float* pf, int64_t pf_rows, int64_t K) {
   _tile_zero(0);
@@ -133,26 +140,40 @@ void Block(const uint8_t* a, int64_t a_next, const uint8_t* b, int64_t b_next, i
     if constexpr (MT == 2) _tile_loadd(7, bk + b_next + part * kTileBytes, 64);
   };
   for (int64_t ks = 0; ks < KS; ++ks) {
-    const uint8_t* ak = a + ks * kParts * kTileBytes;
+    const uint8_t* ak = a + ks * WP * kTileBytes;
     const uint8_t* bk = b + ks * kParts * kTileBytes;
     for (int64_t r = 0; r < pf_rows; ++r) {   // this K step's two lines of each row
       const char* line = reinterpret_cast<const char*>(pf + r * K + ks * kTileK);
       _mm_prefetch(line, _MM_HINT_T0);
       _mm_prefetch(line + 64, _MM_HINT_T0);
     }
-    load_a(ak, 0);
-    load_b(bk, 2);
-    tile6_first();
-    load_b(bk, 1);
-    tile6_first();
-    load_b(bk, 0);
-    tile4_first();
-    load_a(ak, 2);
-    tile4_first();
-    load_a(ak, 1);
-    tile6_first();
-    load_b(bk, 1);
-    tile4_first();
+    if constexpr (WP == 3) {
+      load_a(ak, 0);
+      load_b(bk, 2);
+      tile6_first();
+      load_b(bk, 1);
+      tile6_first();
+      load_b(bk, 0);
+      tile4_first();
+      load_a(ak, 2);
+      tile4_first();
+      load_a(ak, 1);
+      tile6_first();
+      load_b(bk, 1);
+      tile4_first();
+    } else {   // (w0 x2) (w0 x1) (w1 x1) (w1 x0) (w0 x0): 12 loads
+      load_b(bk, 2);
+      load_a(ak, 0);
+      tile6_first();
+      load_b(bk, 1);
+      tile4_first();
+      load_a(ak, 1);
+      tile6_first();
+      load_b(bk, 0);
+      tile4_first();
+      load_a(ak, 0);
+      tile6_first();
+    }
   }
   alignas(64) float tile[4][16 * 16];
   _tile_stored(0, tile[0], 64);
@@ -186,21 +207,33 @@ bool AmxReady() {
   return ready;
 }
 
-// Bytes of AmxPackX's result for m rows of K.
+// Columns of x as packed by AmxPackX: K, plus one block sum per 32 columns with sums.
+int64_t AmxPackedK(int64_t K, bool sums) { return sums ? K + K / kTileK : K; }
+
+// Bytes of AmxPackX's result for m rows of K (AmxPackedK) columns.
 int64_t AmxPackedBytes(int64_t m, int64_t K) {
   return (m + 15) / 16 * ((K + kTileK - 1) / kTileK) * kParts * kTileBytes;
 }
 
-// x rows [16 * b0, 16 * b1) (rows past m zero) as B tiles into dst: dst[((b * KS + ks) * kParts + p) tiles].
-void AmxPackX(int64_t m, int64_t K, const float* x, int64_t ldx, int64_t b0, int64_t b1, uint8_t* dst) {
-  const int64_t KS = (K + kTileK - 1) / kTileK;
+// x rows [16 * b0, 16 * b1) (rows past m zero) as B tiles into dst: dst[((b * KS + ks) * kParts + p) tiles]
+// over the AmxPackedK(K, sums) columns: with sums (K a multiple of 32), x's row is followed by the sums of
+// its 32-column blocks, the x_ext that multiplies the split weights [d * q | m] (xyjax/ops/gemm.py).
+void AmxPackX(int64_t m, int64_t K, bool sums, const float* x, int64_t ldx, int64_t b0, int64_t b1, uint8_t* dst) {
+  const int64_t KX = (K + kTileK - 1) / kTileK, KE = AmxPackedK(K, sums), KS = (KE + kTileK - 1) / kTileK;
+  thread_local std::vector<float> block_sums;   // [16, KX]: each row's block sums, as its x steps are split
+  if (sums) block_sums.resize(16 * KX);
   for (int64_t b = b0; b < b1; ++b) {
     for (int64_t ks = 0; ks < KS; ++ks) {
       __m512i rows[kParts][16];   // per part: row i = x row 16b + i's 16 k pairs
       for (int64_t i = 0; i < 16; ++i) {
         const int64_t row = b * 16 + i;
         __m512i parts[kParts];
-        Split32(row < m ? x + row * ldx + ks * kTileK : x, row < m ? K - ks * kTileK : 0, parts);
+        if (ks < KX) {
+          Split32<kParts>(row < m ? x + row * ldx + ks * kTileK : x, row < m ? K - ks * kTileK : 0, parts,
+                          sums ? &block_sums[i * KX + ks] : nullptr);
+        } else {   // the block sums' steps (rows past m summed zeros)
+          Split32<kParts>(&block_sums[i * KX + (ks - KX) * kTileK], KX - (ks - KX) * kTileK, parts);
+        }
         for (int p = 0; p < kParts; ++p) rows[p][i] = parts[p];
       }
       for (int p = 0; p < kParts; ++p) {
@@ -212,11 +245,15 @@ void AmxPackX(int64_t m, int64_t K, const float* x, int64_t ldx, int64_t b0, int
   }
 }
 
-// c [m, n] (row stride ldc) = x @ w [n, K]^T, x packed by AmxPackX, float32, single-threaded.
-void AmxGemm(int64_t m, int64_t n, int64_t K, const uint8_t* xb, const float* w, float* c, int64_t ldc) {
-  const int64_t KS = (K + kTileK - 1) / kTileK, strip = KS * kParts * kTileBytes;  // one 16-row block's tiles
+namespace {
+
+// AmxGemm with the weights in WP bf16 parts.
+template <int WP>
+void Gemm(int64_t m, int64_t n, int64_t K, const uint8_t* xb, const float* w, float* c, int64_t ldc) {
+  const int64_t KS = (K + kTileK - 1) / kTileK;
+  const int64_t a_strip = KS * WP * kTileBytes, b_strip = KS * kParts * kTileBytes;  // one 16-row block's tiles
   const int64_t MB = (m + 15) / 16;
-  const int64_t chunk = std::max<int64_t>(2, kChunkBytes / strip / 2 * 2);   // x blocks per pass, even
+  const int64_t chunk = std::max<int64_t>(2, kChunkBytes / b_strip / 2 * 2);   // x blocks per pass, even
   TileConfig config{};
   config.palette = 1;
   for (int t = 0; t < 8; ++t) {
@@ -228,38 +265,51 @@ void AmxGemm(int64_t m, int64_t n, int64_t K, const uint8_t* xb, const float* w,
   // One pass over x (a single chunk): 32 weight rows at a time, the next 32 prefetched while these multiply,
   // so the weights stream in once. Several chunks: as many 32-row pairs as fit kSuperBytes (256 rows at K = 576,
   // 96 at K = 1536), converted once for all chunks.
-  const int64_t super = MB <= chunk ? 32 : std::max<int64_t>(1, kSuperBytes / (2 * strip)) * 32;
+  const int64_t super = MB <= chunk ? 32 : std::max<int64_t>(1, kSuperBytes / (2 * a_strip)) * 32;
   for (int64_t s0 = 0; s0 < n; s0 += super) {
     const int64_t ns = std::min(super, n - s0), NB = (ns + 15) / 16;
-    if (packed.size() * 64 < static_cast<size_t>(NB * strip)) packed.resize(NB * strip / 64);
+    if (packed.size() * 64 < static_cast<size_t>(NB * a_strip)) packed.resize(NB * a_strip / 64);
     uint8_t* wa = reinterpret_cast<uint8_t*>(packed.data());
-    PackWeights(w, n, K, s0, NB, wa);
+    PackWeights<WP>(w, n, K, s0, NB, wa);
     const int64_t pf_rows = super == 32 ? std::max<int64_t>(0, std::min<int64_t>(32, n - s0 - 32)) : 0;
     const float* pf = pf_rows > 0 ? w + (s0 + 32) * K : w;
     for (int64_t c0 = 0; c0 < MB; c0 += chunk) {
       for (int64_t nb = 0; nb < NB; nb += 2) {
-        const uint8_t* a = wa + nb * strip;
+        const uint8_t* a = wa + nb * a_strip;
         const int64_t n_valid = std::min<int64_t>(32, ns - nb * 16);
         for (int64_t mb = c0; mb < std::min(MB, c0 + chunk); mb += 2) {
-          const uint8_t* b = xb + mb * strip;
+          const uint8_t* b = xb + mb * b_strip;
           float* cb = c + mb * 16 * ldc + s0 + nb * 16;
           const int64_t m_valid = std::min<int64_t>(32, m - mb * 16);
           const int64_t pfr = mb == 0 ? pf_rows : 0;
           const bool two_n = nb + 1 < NB, two_m = mb + 1 < MB;
           if (two_n && two_m) {
-            Block<2, 2>(a, strip, b, strip, KS, cb, ldc, n_valid, m_valid, pf, pfr, K);
+            Block<2, 2, WP>(a, a_strip, b, b_strip, KS, cb, ldc, n_valid, m_valid, pf, pfr, K);
           } else if (two_n) {
-            Block<2, 1>(a, strip, b, strip, KS, cb, ldc, n_valid, m_valid, pf, pfr, K);
+            Block<2, 1, WP>(a, a_strip, b, b_strip, KS, cb, ldc, n_valid, m_valid, pf, pfr, K);
           } else if (two_m) {
-            Block<1, 2>(a, strip, b, strip, KS, cb, ldc, n_valid, m_valid, pf, pfr, K);
+            Block<1, 2, WP>(a, a_strip, b, b_strip, KS, cb, ldc, n_valid, m_valid, pf, pfr, K);
           } else {
-            Block<1, 1>(a, strip, b, strip, KS, cb, ldc, n_valid, m_valid, pf, pfr, K);
+            Block<1, 1, WP>(a, a_strip, b, b_strip, KS, cb, ldc, n_valid, m_valid, pf, pfr, K);
           }
         }
       }
     }
   }
   _tile_release();
+}
+
+}  // namespace
+
+// c [m, n] (row stride ldc) = x @ w [n, K]^T, x packed by AmxPackX (K = its AmxPackedK), float32,
+// single-threaded. w_parts: 3, or 2 where every weight is exact in two bfloat16 parts (the caller's promise).
+void AmxGemm(int64_t m, int64_t n, int64_t K, int w_parts, const uint8_t* xb, const float* w, float* c,
+             int64_t ldc) {
+  if (w_parts == 2) {
+    Gemm<2>(m, n, K, xb, w, c, ldc);
+  } else {
+    Gemm<3>(m, n, K, xb, w, c, ldc);
+  }
 }
 
 }  // namespace gemm

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.llama import GEMM_WEIGHTS
+from models.weights import in_features
 from xyjax.ops import meta_attention
 from xyjax.sampler import sample
 
@@ -66,8 +67,9 @@ def device_breakdown(engine, steps: list, repeat: int = 3) -> dict:
     def gemms(x, h, m, num_samples):
         def one(index, acc):
             for name in GEMM_WEIGHTS:
-                w = layers[name]
-                acc = acc + backends.smooth_gemm(x[:, :w.shape[2]], w, m, layer=index, transpose_w=True).sum()
+                w, block = layers[name], cfg.quant_block
+                acc = acc + backends.smooth_gemm(x[:, :in_features(w, block)], w, m, layer=index, transpose_w=True,
+                                                 quant_block=block).sum()
             return acc
         acc = jax.lax.fori_loop(0, cfg.num_layers, one, jnp.float32(0))
         return acc + backends.smooth_gemm(h, head, num_samples, transpose_w=True).sum()

@@ -10,6 +10,12 @@ Contract (every backend):
 Returns [T, N] in x's dtype, accumulated in float32: rows < m are ``x @ w``, rows >= m are zero (virtual
 padding: fast backends skip them; this result is defined and tested).
 
+``quant_block`` (with ``transpose_w``; 0: plain): w is the split layout of a block-quantized matrix (the
+loader's for GGUF Q4_1, w = d * q + m per block of ``quant_block`` inputs): each row ``[d * q | m]``, w
+[N, K + K / quant_block], and the op computes ``extend_x(x, quant_block) @ w.T``, x followed by its block sums. d * q (a float16
+scale times a 4-bit integer) and m (float16) are exact in two bfloat16 parts, so the ffi backend's AMX kernel
+needs five bfloat16 part products where plain float32 weights need six; ffi needs quant_block = 32 and float32.
+
 Backends: ``xla`` (pure jnp, the oracle: computes every row, then zeroes the padding), ``ffi`` (the C++ CPU
 handler in ``ascend_ffi/src/smooth_gemm_cpu.cc``: BLAS gemms over exactly m rows, float32 or bfloat16;
 an m outside [0, T] fails when the call runs), ``pallas`` (``gemm_pallas.py``: tiles past m skip their
@@ -42,15 +48,28 @@ FFI_DTYPES = (jnp.float32, jnp.bfloat16)
 FFI_TUNING = dict(lanes=0, split_rows=False, m_align=1, stream_rows=24, amx_rows=1)   # the ffi backend's defaults
 
 
+def extend_x(x: jax.Array, quant_block: int) -> jax.Array:
+    """[T, K] -> [T, K + K / quant_block]: x followed by the float32 sums of its ``quant_block``-column blocks."""
+    T, K = x.shape
+    sums = x.reshape(T, K // quant_block, quant_block).astype(jnp.float32).sum(-1)
+    return jnp.concatenate([x, sums.astype(x.dtype)], axis=1)
+
+
 def smooth_gemm(x: jax.Array, w: jax.Array, m: jax.Array | int, *, layer: jax.Array | int | None = None,
-                transpose_w: bool = False, backend: str = "xla", tuning: dict | None = None) -> jax.Array:
+                transpose_w: bool = False, quant_block: int = 0, backend: str = "xla",
+                tuning: dict | None = None) -> jax.Array:
     """``x @ w[layer]`` (``.T`` with ``transpose_w``) on the first ``m`` rows, zeros below (see module docstring)."""
     chex.assert_rank([x, w], [2, 2 if layer is None else 3])
-    chex.assert_axis_dimension(w, w.ndim - (1 if transpose_w else 2), x.shape[1])
+    K = x.shape[1]
+    if quant_block and (not transpose_w or K % quant_block):
+        raise ValueError(f"quant_block={quant_block} needs transpose_w and K={K} a multiple of it")
+    chex.assert_axis_dimension(w, w.ndim - (1 if transpose_w else 2), K + (K // quant_block if quant_block else 0))
     if backend not in BACKENDS:
         raise ValueError(f"unknown gemm backend {backend!r}; available: {', '.join(map(repr, BACKENDS))}")
     if backend == "ffi":
-        return _gemm_ffi(x, w, m, 0 if layer is None else layer, transpose_w, tuning or {})
+        return _gemm_ffi(x, w, m, 0 if layer is None else layer, transpose_w, quant_block, tuning or {})
+    if quant_block:
+        x = extend_x(x, quant_block)
     if layer is not None:
         w = jax.lax.dynamic_index_in_dim(w, layer, keepdims=False)
     if backend == "pallas":
@@ -64,10 +83,13 @@ def smooth_gemm(x: jax.Array, w: jax.Array, m: jax.Array | int, *, layer: jax.Ar
     return jnp.where(rows < m, out, 0).astype(x.dtype)
 
 
-def _gemm_ffi(x, w, m, layer, transpose_w: bool, tuning: dict):
+def _gemm_ffi(x, w, m, layer, transpose_w: bool, quant_block: int, tuning: dict):
     """The C++ handler as a jax.ffi custom call (CPU only), the BLAS loaded first (``ascend_ffi.blas``)."""
     if x.dtype not in FFI_DTYPES or w.dtype != x.dtype:
         raise TypeError(f"ffi gemm backend: x and w must be both float32 or both bfloat16, got {x.dtype} and {w.dtype}")
+    if quant_block not in (0, 32) or (quant_block and x.dtype != jnp.float32):
+        raise ValueError(f"ffi gemm backend: quant_block must be 0 or 32 (float32 only), got {quant_block} with "
+                         f"{x.dtype}")
     unknown = set(tuning) - set(FFI_TUNING)
     if unknown:
         raise ValueError(f"unknown ffi gemm tunables {sorted(unknown)}; known: {sorted(FFI_TUNING)}")
@@ -81,4 +103,4 @@ def _gemm_ffi(x, w, m, layer, transpose_w: bool, tuning: dict):
     return call(x, w, jnp.asarray(m, jnp.int32), jnp.asarray(layer, jnp.int32), transpose_w=transpose_w,
                 lanes=np.int32(params["lanes"]), split_rows=bool(params["split_rows"]),
                 m_align=np.int32(params["m_align"]), stream_rows=np.int32(params["stream_rows"]),
-                amx_rows=np.int32(params["amx_rows"]))
+                amx_rows=np.int32(params["amx_rows"]), quant_block=np.int32(quant_block))
