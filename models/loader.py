@@ -36,11 +36,14 @@ def resolve(model: str | None) -> str:
     raise FileNotFoundError(f"unknown model {model!r}; tried " + "; ".join(tried))
 
 
-def load(model: str | None = None, dtype="float32", progress: bool = True, split_blocks: bool = True) -> LoadedModel:
+def load(model: str | None = None, dtype="float32", progress: bool = True,
+         split_blocks: bool | None = None) -> LoadedModel:
     """Load ``model`` (see ``resolve``) with weights in ``dtype``. split_blocks: a float32 load of an all-Q4_1
-    GGUF keeps its dense matrices in the split block layout (``models.gguf_loader``; False: plain)."""
+    GGUF keeps its dense matrices in the split block layout (``models.gguf_loader``; False: plain; None: where it
+    pays, ``xyjax.ops.gemm.split_layout_pays``)."""
     from models.gguf_loader import load_gguf
     from models.hf_loader import load_hf
+    from xyjax.ops.gemm import split_layout_pays
 
     path = resolve(model)
     dtype = jnp.dtype(dtype)
@@ -48,7 +51,8 @@ def load(model: str | None = None, dtype="float32", progress: bool = True, split
         cfg, params = load_hf(path, np.float32, progress)
         tokenizer = Tokenizer.from_dir(path)
     else:
-        cfg, params, meta = load_gguf(path, np.float32, progress, split_blocks and dtype == jnp.float32)
+        split = dtype == jnp.float32 and (split_layout_pays() if split_blocks is None else split_blocks)
+        cfg, params, meta = load_gguf(path, np.float32, progress, split)
         tokenizer = Tokenizer.from_gguf(meta)
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
     return LoadedModel(name=model or registry.DEFAULT_MODEL, config=cfg, params=params, tokenizer=tokenizer,

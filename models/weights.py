@@ -19,15 +19,18 @@ def in_features(w, block: int) -> int:
 
 
 def quantize_blocks(w: np.ndarray, block: int) -> np.ndarray:
-    """Plain [..., out, in] -> the split layout of its 4-bit block quantization (GGUF Q4_1's rounding: per block
-    of ``block`` inputs, d = (max - min) / 15 and m = min as float16, q = round((w - m) / d) in [0, 15])."""
+    """Plain [..., out, in] -> the split layout of its 4-bit block quantization, rounded as GGUF's Q4_1
+    quantizer rounds: per block of ``block`` inputs, d = (max - min) / 15 and q = trunc((w - min) / d + 0.5) in
+    [0, 15] from the float32 min and d, then d and m = min stored as float16."""
     w = np.asarray(w, np.float32)
     b = w.reshape(*w.shape[:-1], w.shape[-1] // block, block)
     lo, hi = b.min(-1, keepdims=True), b.max(-1, keepdims=True)
-    d = ((hi - lo) / 15).astype(np.float16).astype(np.float32)
-    mins = lo.astype(np.float16).astype(np.float32)
-    q = np.clip(np.round((b - mins) / np.where(d == 0, 1, d)), 0, 15)
-    return np.concatenate([(d * q).reshape(w.shape), mins[..., 0]], axis=-1)
+    d = (hi - lo) / np.float32(15)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+    q = np.clip(np.trunc((b - lo) * inv + np.float32(0.5)), 0, 15)
+    d16, mins = (v.astype(np.float16).astype(np.float32) for v in (d, lo))
+    return np.concatenate([(d16 * q).reshape(w.shape), mins[..., 0]], axis=-1)
 
 
 def merge_blocks(w: np.ndarray, block: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""``xyjax export-hf``: a model written as an HF directory reads back identically (xyjax's loader) and
+"""``xyjax export-hf``: a model written as an HF directory reads back identically (xyjax's loader; the split block layout of 4-bit weights as the plain weights it holds) and
 transformers computes the same logits from it."""
 
 import dataclasses
@@ -13,22 +13,30 @@ from conftest import TINY
 from models.hf_export import export_hf
 from models.llama import init_params
 from models.loader import LoadedModel, load
+from models.weights import DENSE, merge_blocks
 from reference import reference_logits
 
 
-@pytest.mark.parametrize("variant", ["tied", "untied-bias"])
+@pytest.mark.parametrize("variant", ["tied", "untied-bias", "split-blocks"])
 def test_round_trip_and_transformers_logits(tmp_path, tiny_model, variant):
-    model = tiny_model
+    model, expected = tiny_model, tiny_model.params
     if variant == "untied-bias":   # a separate LM head and QKV biases (the Qwen2 layout)
         cfg = dataclasses.replace(TINY, tie_word_embeddings=False, attention_bias=True, architecture="qwen2")
         model = LoadedModel(name="tiny-qwen", config=cfg, params=init_params(cfg, jax.random.key(1), scale=0.2),
                             tokenizer=tiny_model.tokenizer, dtype=tiny_model.dtype)
+        expected = model.params
+    if variant == "split-blocks":   # dense matrices in the split block layout: exported merged (plain)
+        cfg = dataclasses.replace(TINY, quant_block=32)
+        model = LoadedModel(name="tiny-q4", config=cfg, params=init_params(cfg, jax.random.key(2), scale=0.2),
+                            tokenizer=tiny_model.tokenizer, dtype=tiny_model.dtype)
+        layers = {k: merge_blocks(np.asarray(v), 32) if k in DENSE else v for k, v in model.params["layers"].items()}
+        expected = dict(model.params, layers=layers)
     directory = str(tmp_path / "hf")
     export_hf(model, directory)
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(directory))
     back = load(directory, progress=False)
-    assert back.config == model.config
-    flat, _ = jax.tree.flatten_with_path(model.params)
+    assert back.config == dataclasses.replace(model.config, quant_block=0)
+    flat, _ = jax.tree.flatten_with_path(expected)
     again = dict(jax.tree.flatten_with_path(back.params)[0])
     for path, value in flat:
         np.testing.assert_array_equal(np.asarray(again[path]), np.asarray(value), err_msg=jax.tree_util.keystr(path))

@@ -1,6 +1,8 @@
 """smooth_gemm's ffi backend (C++ handler over MKL) and its xla oracle, against float64 numpy: real rows, zero
 padding rows, fused and transposed weights, stacked weights read by layer, bfloat16, bad m and layer, no recompile
-across m, and the engine's greedy output with either backend."""
+across m, the split block layout of 4-bit weights, and the engine's greedy output with either backend."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ import pytest
 from hypothesis import example, given, settings, strategies as st
 
 from ascend_ffi import blas
+from models.weights import DENSE, merge_blocks, quantize_blocks
 from xyjax import LLM, SamplingParams, gemm_profile
 from xyjax.config import EngineConfig
 from xyjax.ops import smooth_gemm
@@ -95,6 +98,44 @@ def test_amx_kernel_is_float32_accurate(K, N):
             assert not out[m:].any(), f"padding rows must be zero (m={m})"
             errors[name] = np.max(np.abs(out[:m] - full[:m]) / scale[:m])
         assert errors["amx"] < 1e-6 and errors["amx"] < 4 * errors["blas"], (m, errors)
+
+
+@pytest.mark.parametrize("K, N", [(576, 960), (1536, 100), (64, 70)])
+def test_split_block_layout_equals_the_merged_weights(K, N):
+    """quant_block=32: w = [d * q | m], a 4-bit block quantization in the split layout, stacked and read by layer.
+    x_ext @ w^T equals x @ (d * q + m)^T to float32 accuracy (scaled by |x_ext| @ |w|^T) on every ffi path (the
+    AMX kernel's two-part weights where the CPU has AMX, the BLAS, the streaming kernel) and on xla; padding
+    rows (NaN in x) are zero."""
+    rng = np.random.default_rng(K + N)
+    split = quantize_blocks(rng.standard_normal((2, N, K)).astype(np.float32), 32)   # [2, N, K + K / 32]
+    merged = merge_blocks(split, 32).astype(np.float64)
+    x = rng.standard_normal((40, K)).astype(np.float32)
+    x_ext = np.abs(np.concatenate([x, x.reshape(40, K // 32, 32).sum(-1)], 1)).astype(np.float64)
+    paths = {"xla": ("xla", None), "blas": ("ffi", dict(stream_rows=0, amx_rows=0)),
+             "stream": ("ffi", dict(stream_rows=64, amx_rows=0)), "amx": ("ffi", dict(stream_rows=0, amx_rows=1))}
+    for m, layer in ((1, 0), (17, 1), (33, 0), (40, 1)):
+        full = x[:m].astype(np.float64) @ merged[layer].T
+        scale = x_ext[:m] @ np.abs(split[layer]).astype(np.float64).T
+        xs = x.copy()
+        xs[m:] = np.nan
+        for name, (backend, tuning) in paths.items():
+            out = np.asarray(smooth_gemm(xs, split, m, layer=layer, transpose_w=True, quant_block=32, backend=backend,
+                                         tuning=tuning))
+            assert np.max(np.abs(out[:m] - full) / scale) < 1e-6, (name, m)
+            assert not out[m:].any(), (name, m)
+
+
+def test_split_block_layout_errors():
+    x = jnp.ones((4, 64))
+    with pytest.raises(ValueError, match="quant_block=32 needs transpose_w"):
+        smooth_gemm(x, jnp.ones((66, 8)), 4, quant_block=32)
+    with pytest.raises(AssertionError):   # rows of K, not K + K / 32
+        smooth_gemm(x, jnp.ones((8, 64)), 4, transpose_w=True, quant_block=32)
+    with pytest.raises(ValueError, match="quant_block must be 0 or 32"):
+        smooth_gemm(x, jnp.ones((8, 68)), 4, transpose_w=True, quant_block=16, backend="ffi")
+    with pytest.raises(ValueError, match="float32 only"):
+        smooth_gemm(x.astype(jnp.bfloat16), jnp.ones((8, 66), jnp.bfloat16), 4, transpose_w=True, quant_block=32,
+                    backend="ffi")
 
 
 def test_fused_weights_equal_separate_gemms():
@@ -218,3 +259,24 @@ def test_engine_greedy_identical_with_ffi_and_xla_gemm(tiny_model):
         tokens[backend] = [out.token_ids for out in llm.generate(prompts, sampling)]
     assert tokens["ffi"] == tokens["xla"]
     assert all(len(t) == 8 for t in tokens["ffi"])
+
+
+def test_engine_greedy_identical_with_split_and_merged_weights(tiny_model):
+    """The tiny model's dense matrices block-quantized: in the split layout (quant_block=32) on the ffi and xla
+    backends, and merged into plain weights, the engine's greedy tokens are the same."""
+    cfg = dataclasses.replace(tiny_model.config, quant_block=32)
+    layers = tiny_model.params["layers"]
+    split = {name: jnp.asarray(quantize_blocks(np.asarray(w), 32)) if name in DENSE else w for name, w in layers.items()}
+    merged = {name: jnp.asarray(merge_blocks(np.asarray(w), 32)) if name in DENSE else w for name, w in split.items()}
+    models = {"split-ffi": (cfg, split, "ffi"), "split-xla": (cfg, split, "xla"),
+              "merged": (tiny_model.config, merged, "ffi")}
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(3, 49000, n).tolist() for n in (45, 3, 20, 9)]
+    sampling = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    tokens = {}
+    for name, (config, layers, backend) in models.items():
+        model = dataclasses.replace(tiny_model, config=config, params=dict(tiny_model.params, layers=layers))
+        llm = LLM(model, block_size=4, max_num_batched_tokens=32, max_num_seqs=4, gemm_backend=backend,
+                  progress=False)
+        tokens[name] = [out.token_ids for out in llm.generate(prompts, sampling)]
+    assert tokens["split-ffi"] == tokens["split-xla"] == tokens["merged"]

@@ -2,10 +2,12 @@
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.gguf_loader import load_gguf, permute_qk, read_gguf, unpermute_qk
+from models.gguf_loader import dequantize, load_gguf, permute_qk, read_gguf, split_q4_1, unpermute_qk
+from models.weights import DENSE, merge_blocks, quantize_blocks
 from models.hf_loader import load_hf
 
 
@@ -52,6 +54,41 @@ def test_unsupported_tensor_type_is_named(tmp_path):
     tensor = read_gguf(str(path)).tensors[0]
     with pytest.raises(ValueError, match="token_embd.weight.*Q8_K"):
         dequantize(tensor, np.float32)
+
+
+def test_q4_1_split_layout_is_the_files_weights(tmp_path):
+    """A Q4_1 tensor written by gguf's own quantizer: split_q4_1 gives [d * q | m], which merges into gguf's
+    dequantization exactly, whose parts are exact bfloat16 pairs, and which models.weights.quantize_blocks
+    reproduces from the float values (the same rounding)."""
+    gguf = pytest.importorskip("gguf")
+
+    values = (0.1 * np.random.default_rng(0).standard_normal((8, 96))).astype(np.float32)
+    values[0, :32] = 0.25   # a constant block: d = 0
+    path = tmp_path / "q4_1.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tensor("blk.0.ffn_up.weight", gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q4_1),
+                 raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file()
+    w.close()
+    tensor = read_gguf(str(path)).tensors[0]
+    split = split_q4_1(tensor)
+    assert split.shape == (8, 96 + 3)
+    np.testing.assert_array_equal(merge_blocks(split, 32), dequantize(tensor, np.float32))
+    hi = split.astype(jnp.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(hi + (split - hi).astype(jnp.bfloat16).astype(np.float32), split)
+    np.testing.assert_array_equal(quantize_blocks(values, 32), split)
+
+
+def test_real_q4_1_model_loads_split_and_plain(gguf_path):
+    """The default model (all dense matrices Q4_1) loads in the split layout; split_blocks=False loads the plain
+    weights, which the split ones merge into exactly; the embedding (Q8_0) and norms are the same either way."""
+    cfg, params, _ = load_gguf(gguf_path, progress=False)
+    plain_cfg, plain, _ = load_gguf(gguf_path, progress=False, split_blocks=False)
+    assert (cfg.quant_block, plain_cfg.quant_block) == (32, 0)
+    for name, w in params["layers"].items():
+        expected = plain["layers"][name]
+        np.testing.assert_array_equal(merge_blocks(w, 32) if name in DENSE else w, expected, err_msg=name)
+    np.testing.assert_array_equal(params["embed"], plain["embed"])
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

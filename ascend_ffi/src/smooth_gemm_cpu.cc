@@ -192,16 +192,13 @@ ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, 
       xb = dst;
     }
 #endif
-    // The streaming kernel and the BLAS read x_ext for the split layout, built here by all lanes.
+    // The streaming kernel and the BLAS read x_ext for the split layout, built here on this thread: with AMX
+    // these are the small-m gemms, for which a pool pass costs more than the copy.
     thread_local std::vector<float> x_ext;
     if (quant_block && !amx) {
       x_ext.resize(mc * KE);
-      float* ext = x_ext.data();   // (a lane naming x_ext would get its own thread's)
-      const int64_t per_lane = (mc + lanes - 1) / lanes;
-      pool.Run(static_cast<int>(std::min(lanes, mc)), [&](int i) {
-        ExtendRows(x32, K, i * per_lane, std::min(mc, (i + 1) * per_lane), ext);
-      });
-      x32 = ext;
+      ExtendRows(x32, K, 0, mc, x_ext.data());
+      x32 = x_ext.data();
     }
     // Blocks of whole rows (split_rows; not with AMX, whose packed x is shared) or of kColumnAlign-aligned
     // columns, one per lane.

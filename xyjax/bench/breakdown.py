@@ -64,7 +64,7 @@ def device_breakdown(engine, steps: list, repeat: int = 3) -> dict:
     head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
 
     @jax.jit
-    def gemms(x, h, m, num_samples):
+    def gemms(layers, head, x, h, m, num_samples):   # weights as arguments: closed over, they would be constants
         def one(index, acc):
             for name in GEMM_WEIGHTS:
                 w, block = layers[name], cfg.quant_block
@@ -93,7 +93,7 @@ def device_breakdown(engine, steps: list, repeat: int = 3) -> dict:
             return out
 
         totals["step"] += _best(whole, repeat=repeat)
-        totals["gemm"] += _best(gemms, x, h, inputs.num_tokens, inputs.num_samples, repeat=repeat)
+        totals["gemm"] += _best(gemms, layers, head, x, h, inputs.num_tokens, inputs.num_samples, repeat=repeat)
         totals["attention"] += _best(attention, q, runner.kv, inputs.attention, repeat=repeat)
         totals["sampling"] += _best(sampler, jnp.zeros((R, cfg.vocab_size), jnp.float32), sampling, repeat=repeat)
     n = max(len(steps), 1)

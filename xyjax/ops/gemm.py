@@ -46,6 +46,14 @@ FFI_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
 FFI_TUNING = dict(lanes=0, split_rows=False, m_align=1, stream_rows=24, amx_rows=1)   # the ffi backend's defaults
+# ... with quant_block: the two-part AMX path overtakes the streaming kernel from ~12 rows (BENCHMARKS.md)
+FFI_TUNING_SPLIT = dict(FFI_TUNING, stream_rows=12)
+
+
+def split_layout_pays() -> bool:
+    """Whether the split block layout multiplies faster than plain weights here: on CPU with the ffi handler's
+    AMX kernel (elsewhere it only adds x_ext's columns)."""
+    return jax.default_backend() == "cpu" and bool(ascend_ffi.load().xyjax_gemm_amx())
 
 
 def extend_x(x: jax.Array, quant_block: int) -> jax.Array:
@@ -93,7 +101,7 @@ def _gemm_ffi(x, w, m, layer, transpose_w: bool, quant_block: int, tuning: dict)
     unknown = set(tuning) - set(FFI_TUNING)
     if unknown:
         raise ValueError(f"unknown ffi gemm tunables {sorted(unknown)}; known: {sorted(FFI_TUNING)}")
-    params = {**FFI_TUNING, **tuning}
+    params = {**(FFI_TUNING_SPLIT if quant_block else FFI_TUNING), **tuning}
     if min(params["lanes"], params["stream_rows"], params["amx_rows"]) < 0 or params["m_align"] < 1:
         raise ValueError(f"ffi gemm tunables need lanes, stream_rows, amx_rows >= 0 and m_align >= 1, got {params}")
     blas.load()
