@@ -12,6 +12,9 @@ import numpy as np
 from models import registry
 from models.config import ModelConfig
 from models.tokenizer import Tokenizer
+from models.weights import DENSE
+
+WEIGHT_LAYOUTS = ("auto", "plain", "split", "tiles")
 
 
 @dataclasses.dataclass
@@ -36,14 +39,19 @@ def resolve(model: str | None) -> str:
     raise FileNotFoundError(f"unknown model {model!r}; tried " + "; ".join(tried))
 
 
-def load(model: str | None = None, dtype="float32", progress: bool = True,
-         split_blocks: bool | None = None) -> LoadedModel:
-    """Load ``model`` (see ``resolve``) with weights in ``dtype``. split_blocks: a float32 load of an all-Q4_1
-    GGUF keeps its dense matrices in the split block layout (``models.gguf_loader``; False: plain; None: where it
-    pays, ``xyjax.ops.gemm.split_layout_pays``)."""
+def load(model: str | None = None, dtype="float32", progress: bool = True, weight_layout: str = "auto") -> LoadedModel:
+    """Load ``model`` (see ``resolve``) with weights in ``dtype``. weight_layout: how a float32 load of an all-Q4_1
+    GGUF keeps its dense matrices (other models: always "plain"): "plain" [out, in] float32, "split" the split
+    block layout ``[d * q | m]`` (``models.gguf_loader``), "tiles" that as ``xyjax.ops.gemm.TileWeights`` (for
+    the ffi gemm's AMX kernel), "auto" tiles where they pay (``tile_weights_pay``), else plain."""
     from models.gguf_loader import load_gguf
     from models.hf_loader import load_hf
-    from xyjax.ops.gemm import split_layout_pays
+    from xyjax.ops.gemm import pack_tiles, tile_weights_pay
+
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"weight_layout must be one of {', '.join(WEIGHT_LAYOUTS)}, got {weight_layout!r}")
+    if weight_layout == "auto":
+        weight_layout = "tiles" if tile_weights_pay() else "plain"
 
     path = resolve(model)
     dtype = jnp.dtype(dtype)
@@ -51,9 +59,13 @@ def load(model: str | None = None, dtype="float32", progress: bool = True,
         cfg, params = load_hf(path, np.float32, progress)
         tokenizer = Tokenizer.from_dir(path)
     else:
-        split = dtype == jnp.float32 and (split_layout_pays() if split_blocks is None else split_blocks)
+        split = dtype == jnp.float32 and weight_layout != "plain"
         cfg, params, meta = load_gguf(path, np.float32, progress, split)
         tokenizer = Tokenizer.from_gguf(meta)
+    tiles = {}
+    if cfg.quant_block and weight_layout == "tiles":
+        tiles = {name: pack_tiles(params["layers"].pop(name)) for name in DENSE}
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+    params["layers"].update(tiles)
     return LoadedModel(name=model or registry.DEFAULT_MODEL, config=cfg, params=params, tokenizer=tokenizer,
                        dtype=dtype)

@@ -33,11 +33,16 @@ def quantize_blocks(w: np.ndarray, block: int) -> np.ndarray:
     return np.concatenate([(d16 * q).reshape(w.shape), mins[..., 0]], axis=-1)
 
 
-def merge_blocks(w: np.ndarray, block: int) -> np.ndarray:
-    """Split layout [..., out, in + in / block] -> plain [..., out, in] float32 (d * q + m, rounded once, as
-    gguf's dequantization computes it); plain weights (block = 0) are returned as they are."""
+def merge_blocks(w, block: int) -> np.ndarray:
+    """Split layout [..., out, in + in / block] (an array or ``xyjax.ops.gemm.TileWeights``) -> plain [..., out, in]
+    float32 (d * q + m, rounded once, as gguf's dequantization computes it); plain weights (block = 0) are
+    returned as numpy arrays."""
+    from xyjax.ops.gemm import TileWeights, unpack_tiles
+
+    if isinstance(w, TileWeights):
+        w = unpack_tiles(w)
     if not block:
-        return w
+        return np.asarray(w)
     K = in_features(w, block)
     dq, mins = np.asarray(w[..., :K], np.float32), np.asarray(w[..., K:], np.float32)
     return (dq.reshape(*dq.shape[:-1], K // block, block) + mins[..., None]).reshape(dq.shape)
@@ -66,7 +71,7 @@ def stack_layers(layers: list[dict]) -> dict:
 def unstack_layers(params: dict, block: int = 0) -> list[dict]:
     """Inverse of ``stack_layers``: the stacked, fused pytree's ``layers`` (dense matrices in the split layout
     of ``block``, 0: plain) -> per-layer dicts in HF layout, plain matrices."""
-    stacked = {k: merge_blocks(np.asarray(v), block if k in DENSE else 0) for k, v in params.items()}
+    stacked = {k: merge_blocks(v, block if k in DENSE else 0) for k, v in params.items()}
     q_size = stacked["wo"].shape[2]                         # wo [L, hidden, q_size]
     kv_size = (stacked["wqkv"].shape[1] - q_size) // 2
     inter = stacked["w_down"].shape[2]                      # w_down [L, hidden, intermediate]

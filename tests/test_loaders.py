@@ -9,6 +9,7 @@ import pytest
 from models.gguf_loader import dequantize, load_gguf, permute_qk, read_gguf, split_q4_1, unpermute_qk
 from models.weights import DENSE, merge_blocks, quantize_blocks
 from models.hf_loader import load_hf
+from models.loader import load
 
 
 @pytest.mark.parametrize("heads,rows,cols", [(9, 576, 8), (3, 192, 5), (1, 4, 1)])
@@ -80,15 +81,18 @@ def test_q4_1_split_layout_is_the_files_weights(tmp_path):
 
 
 def test_real_q4_1_model_loads_split_and_plain(gguf_path):
-    """The default model (all dense matrices Q4_1) loads in the split layout; split_blocks=False loads the plain
-    weights, which the split ones merge into exactly; the embedding (Q8_0) and norms are the same either way."""
-    cfg, params, _ = load_gguf(gguf_path, progress=False)
-    plain_cfg, plain, _ = load_gguf(gguf_path, progress=False, split_blocks=False)
-    assert (cfg.quant_block, plain_cfg.quant_block) == (32, 0)
-    for name, w in params["layers"].items():
-        expected = plain["layers"][name]
+    """The default model (all dense matrices Q4_1) loads in the split layout or plain; the split weights merge
+    into the plain ones exactly; the embedding (Q8_0) and norms are the same either way. A bfloat16 load and an
+    unknown layout name."""
+    split, plain = (load(gguf_path, progress=False, weight_layout=layout) for layout in ("split", "plain"))
+    assert (split.config.quant_block, plain.config.quant_block) == (32, 0)
+    for name, w in split.params["layers"].items():
+        expected = np.asarray(plain.params["layers"][name])
         np.testing.assert_array_equal(merge_blocks(w, 32) if name in DENSE else w, expected, err_msg=name)
-    np.testing.assert_array_equal(params["embed"], plain["embed"])
+    np.testing.assert_array_equal(split.params["embed"], plain.params["embed"])
+    assert load(gguf_path, dtype="bfloat16", progress=False, weight_layout="split").config.quant_block == 0
+    with pytest.raises(ValueError, match="weight_layout must be one of auto, plain, split, tiles, got 'q4'"):
+        load(gguf_path, progress=False, weight_layout="q4")
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

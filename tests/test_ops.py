@@ -370,8 +370,10 @@ def test_smooth_gemm_real_rows_and_zero_padding(T, K, N):
 
 
 def test_smooth_gemm_rejects_bad_shapes():
-    with pytest.raises(AssertionError):
+    with pytest.raises(ValueError, match=r"x \(4, 3\) and w \(4, 3\) do not chain"):
         smooth_gemm(jnp.zeros((4, 3)), jnp.zeros((4, 3)), 2)
+    with pytest.raises(ValueError, match=r"w must be \[L, K, N\]"):
+        smooth_gemm(jnp.zeros((4, 3)), jnp.zeros((3, 4)), 2, layer=0)
 
 
 def test_kv_write_through_slot_mapping_and_padding_writes_nothing():

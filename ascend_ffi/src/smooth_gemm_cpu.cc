@@ -55,6 +55,7 @@ int64_t AmxPackedBytes(int64_t m, int64_t K);
 void AmxPackX(int64_t m, int64_t K, bool sums, const float* x, int64_t ldx, int64_t b0, int64_t b1, uint8_t* dst);
 void AmxGemm(int64_t m, int64_t n, int64_t K, int w_parts, const uint8_t* xb, const float* w, float* c,
              int64_t ldc);
+void AmxGemmTiles(int64_t m, int64_t n, int64_t K, const uint8_t* xb, const uint8_t* tiles, float* c, int64_t ldc);
 #endif
 
 // Whether this CPU and OS run the AMX kernel.
@@ -116,29 +117,49 @@ ffi::Error Invalid(const std::string& what) {
 
 ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, Scalar32 layer_buffer,
                          bool transpose_w, int32_t lanes_attr, bool split_rows, int32_t m_align, int32_t stream_rows,
-                         int32_t amx_rows, int32_t quant_block, ffi::Result<ffi::AnyBuffer> out) {
+                         int32_t amx_rows, int32_t quant_block, bool w_tiles, ffi::Result<ffi::AnyBuffer> out) {
   const ffi::DataType type = x.element_type();
   if (type != ffi::DataType::F32 && type != ffi::DataType::BF16) return Invalid("x must be float32 or bfloat16");
-  if (w.element_type() != type || out->element_type() != type) {
-    return Invalid("w and the result must have x's dtype");
-  }
   const auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
-  if (xd.size() != 2 || (wd.size() != 2 && wd.size() != 3)) {
-    return Invalid("x must be [T, K] and w [K, N] or [L, K, N], got x " + Dims(xd) + ", w " + Dims(wd));
+  if (xd.size() != 2 || od.size() != 2 || od[0] != xd[0]) {
+    return Invalid("x must be [T, K] and the result [T, N], got x " + Dims(xd) + " and " + Dims(od));
   }
-  const int64_t L = wd.size() == 3 ? wd[0] : 1, rows = wd[wd.size() - 2], cols = wd[wd.size() - 1];
-  const int64_t T = xd[0], K = xd[1], N = transpose_w ? rows : cols;
+  const int64_t T = xd[0], K = xd[1];
   if (quant_block != 0 &&
       (quant_block != kQuantBlock || !transpose_w || type != ffi::DataType::F32 || K % kQuantBlock)) {
     return Invalid("quant_block = " + std::to_string(quant_block) + " needs quant_block = 32, transpose_w, " +
                    "float32 and K = " + std::to_string(K) + " a multiple of 32");
   }
   const int64_t KE = quant_block ? K + K / kQuantBlock : K;   // w's row length: x_ext's columns
-  if ((transpose_w ? cols : rows) != KE) {
-    return Invalid("x " + Dims(xd) + " and w " + Dims(wd) + (transpose_w ? " (transposed)" : "") +
-                   (quant_block ? " do not chain: w's rows must hold K + K / 32" : " do not chain"));
+  int64_t L = 1, N = od[1];
+  if (w_tiles) {   // [(L,) ceil(N / 16), ceil(KE / 32), 2, 16, 32] bfloat16: N is the result's
+    const size_t r = wd.size();
+    if (type != ffi::DataType::F32 || out->element_type() != type || w.element_type() != ffi::DataType::BF16 ||
+        !transpose_w) {
+      return Invalid("tile weights need float32 x and result, bfloat16 tiles and transpose_w");
+    }
+    if ((r != 5 && r != 6) || wd[r - 5] != (N + 15) / 16 || wd[r - 4] != (KE + 31) / 32 || wd[r - 3] != 2 ||
+        wd[r - 2] != 16 || wd[r - 1] != 32) {
+      return Invalid("tile weights for N = " + std::to_string(N) + " rows of " + std::to_string(KE) +
+                     " must be [(L,) " + std::to_string((N + 15) / 16) + ", " + std::to_string((KE + 31) / 32) +
+                     ", 2, 16, 32], got " + Dims(wd));
+    }
+    if (r == 6) L = wd[0];
+    if (!HaveAmx()) return Invalid("tile weights need the AMX kernel (a CPU with AMX-BF16)");
+  } else {
+    if (w.element_type() != type || out->element_type() != type) {
+      return Invalid("w and the result must have x's dtype");
+    }
+    if (wd.size() != 2 && wd.size() != 3) {
+      return Invalid("w must be [K, N] or [L, K, N], got " + Dims(wd));
+    }
+    const int64_t rows = wd[wd.size() - 2], cols = wd[wd.size() - 1];
+    if (wd.size() == 3) L = wd[0];
+    if ((transpose_w ? cols : rows) != KE || (transpose_w ? rows : cols) != N) {
+      return Invalid("x " + Dims(xd) + ", w " + Dims(wd) + (transpose_w ? " (transposed)" : "") + " and the result " +
+                     Dims(od) + (quant_block ? " do not chain: w's rows must hold K + K / 32" : " do not chain"));
+    }
   }
-  if (od.size() != 2 || od[0] != T || od[1] != N) return Invalid("the result must be [T, N], got " + Dims(od));
   if (std::max({T, KE, N}) > INT32_MAX) return Invalid("dimensions beyond the BLAS's 32-bit ints");
   const int64_t m = m_buffer.typed_data()[0];
   if (m < 0 || m > T) {
@@ -163,8 +184,8 @@ ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, 
   }
   static const StreamGemm stream_gemm = StreamKernel();
   static const bool have_amx = HaveAmx();
-  const bool stream = stream_gemm != nullptr && !bf16 && transpose_w && m <= stream_rows;
-  const bool amx = !stream && have_amx && !bf16 && transpose_w && amx_rows > 0 && m >= amx_rows;
+  const bool stream = !w_tiles && stream_gemm != nullptr && !bf16 && transpose_w && m <= stream_rows;
+  const bool amx = w_tiles || (!stream && have_amx && !bf16 && transpose_w && amx_rows > 0 && m >= amx_rows);
   const size_t elem = bf16 ? 2 : 4;
   char* out_bytes = static_cast<char*>(out->untyped_data());
   // Rows computed: m rounded up to m_align (within T); the extra ones are zeroed again below.
@@ -179,11 +200,14 @@ ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, 
     const int64_t lanes = lanes_attr == 0 ? pool.lanes() : std::min<int64_t>(lanes_attr, pool.lanes());
     // AMX: x's bfloat16 tiles, 16 rows per block, packed by all lanes before any lane multiplies.
     const float* x32 = static_cast<const float*>(x.untyped_data());   // (float32 paths)
-    thread_local std::vector<uint64_t> packed_x;  // 8-byte aligned; the tile loads take any address
+    struct alignas(64) Line {
+      uint8_t bytes[64];
+    };
+    thread_local std::vector<Line> packed_x;  // cache-line aligned: a tile row across two lines loads slower
     const uint8_t* xb = nullptr;
 #ifdef XYJAX_HAVE_AMX_KERNEL
     if (amx) {
-      packed_x.resize((AmxPackedBytes(mc, AmxPackedK(K, quant_block != 0)) + 7) / 8);
+      packed_x.resize((AmxPackedBytes(mc, AmxPackedK(K, quant_block != 0)) + 63) / 64);
       uint8_t* dst = reinterpret_cast<uint8_t*>(packed_x.data());
       const int64_t row_blocks = (mc + 15) / 16, per_lane = (row_blocks + lanes - 1) / lanes;
       pool.Run(static_cast<int>(std::min(lanes, row_blocks)), [&](int i) {
@@ -214,7 +238,13 @@ ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, 
       if (n <= 0 || nr <= 0) return;
       const int64_t w_offset = layer * KE * N + (transpose_w ? n0 * KE : n0);  // w[layer]'s column n0
       float* c_block = c + r0 * N + n0;
-      if (amx) {
+      if (w_tiles) {
+#ifdef XYJAX_HAVE_AMX_KERNEL
+        const int64_t block_bytes = (KE + 31) / 32 * 2 * 1024;   // one 16-row block's tiles
+        AmxGemmTiles(nr, n, KE, xb, static_cast<const uint8_t*>(w.untyped_data()) +
+                                        (layer * ((N + 15) / 16) + n0 / 16) * block_bytes, c_block, N);
+#endif
+      } else if (amx) {
 #ifdef XYJAX_HAVE_AMX_KERNEL
         AmxGemm(nr, n, KE, quant_block ? 2 : 3, xb, static_cast<const float*>(w.untyped_data()) + w_offset, c_block,
                 N);
@@ -260,6 +290,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XyjaxSmoothGemmCpu, xyjax::gemm::SmoothGemmCpu,
                                   .Attr<int32_t>("stream_rows")
                                   .Attr<int32_t>("amx_rows")
                                   .Attr<int32_t>("quant_block")
+                                  .Attr<bool>("w_tiles")
                                   .Ret<ffi::AnyBuffer>());
 #pragma GCC visibility pop
 

@@ -32,6 +32,7 @@ namespace {
 
 constexpr int64_t kTileK = 32;        // bf16 per tile row: the K step
 constexpr int64_t kTileBytes = 1024;  // 16 rows x 64 bytes
+constexpr int64_t kFloatBytes = 4;
 constexpr int kParts = 3;             // bf16 parts per float32 (of x; of w unless w_parts = 2)
 constexpr int64_t kSuperBytes = 864 << 10;  // converted weight rows reused across x chunks (in L2 with a chunk)
 constexpr int64_t kChunkBytes = 768 << 10;  // packed x rows multiplied per pass over a superblock (in L2)
@@ -104,13 +105,19 @@ void PackWeights(const float* w, int64_t n, int64_t K, int64_t n0, int64_t row_b
   }
 }
 
+// The weights a Block pulls into the cache alongside its K steps (those multiplied next): at K step ks, `lines`
+// 64-byte lines from base + r * stride + ks * step for each r < runs (runs = 0: none).
+struct Prefetch {
+  const char* base;
+  int64_t runs, lines, stride, step;
+};
+
 // Accumulates the (NT x 16 weight rows) x (MT x 16 x rows) block along K and writes it, transposed, into
 // c rows [0, m_valid) x columns [0, n_valid). a, b: the block's first A and B tiles; the next 16 rows'
-// tiles are a_next / b_next bytes further. pf: pf_rows float32 rows of K to pull into the cache alongside
-// (the weights converted next), or null. WP: the weights' parts (x always has three).
+// tiles are a_next / b_next bytes further. WP: the weights' parts (x always has three).
 template <int NT, int MT, int WP>
 void Block(const uint8_t* a, int64_t a_next, const uint8_t* b, int64_t b_next, int64_t KS, float* c, int64_t ldc,
-           int64_t n_valid, int64_t m_valid, const float* pf, int64_t pf_rows, int64_t K) {
+           int64_t n_valid, int64_t m_valid, const Prefetch& pf) {
   _tile_zero(0);
   if constexpr (MT == 2) _tile_zero(1);
   if constexpr (NT == 2) _tile_zero(2);
@@ -142,10 +149,9 @@ void Block(const uint8_t* a, int64_t a_next, const uint8_t* b, int64_t b_next, i
   for (int64_t ks = 0; ks < KS; ++ks) {
     const uint8_t* ak = a + ks * WP * kTileBytes;
     const uint8_t* bk = b + ks * kParts * kTileBytes;
-    for (int64_t r = 0; r < pf_rows; ++r) {   // this K step's two lines of each row
-      const char* line = reinterpret_cast<const char*>(pf + r * K + ks * kTileK);
-      _mm_prefetch(line, _MM_HINT_T0);
-      _mm_prefetch(line + 64, _MM_HINT_T0);
+    for (int64_t r = 0; r < pf.runs; ++r) {
+      const char* run = pf.base + r * pf.stride + ks * pf.step;
+      for (int64_t l = 0; l < pf.lines; ++l) _mm_prefetch(run + l * 64, _MM_HINT_T0);
     }
     if constexpr (WP == 3) {
       load_a(ak, 0);
@@ -161,17 +167,17 @@ void Block(const uint8_t* a, int64_t a_next, const uint8_t* b, int64_t b_next, i
       tile6_first();
       load_b(bk, 1);
       tile4_first();
-    } else {   // (w0 x2) (w0 x1) (w1 x1) (w1 x0) (w0 x0): 12 loads
+    } else {   // (w0 x2) (w0 x1) (w0 x0) (w1 x0) (w1 x1): 12 loads, each weight tile once
       load_b(bk, 2);
       load_a(ak, 0);
       tile6_first();
       load_b(bk, 1);
-      tile4_first();
-      load_a(ak, 1);
       tile6_first();
       load_b(bk, 0);
       tile4_first();
-      load_a(ak, 0);
+      load_a(ak, 1);
+      tile6_first();
+      load_b(bk, 1);
       tile6_first();
     }
   }
@@ -247,9 +253,11 @@ void AmxPackX(int64_t m, int64_t K, bool sums, const float* x, int64_t ldx, int6
 
 namespace {
 
-// AmxGemm with the weights in WP bf16 parts.
+// AmxGemm with the weights in WP bf16 parts: float32 rows w converted as they are read, or (WP = 2) already A
+// tiles (AmxGemmTiles).
 template <int WP>
-void Gemm(int64_t m, int64_t n, int64_t K, const uint8_t* xb, const float* w, float* c, int64_t ldc) {
+void Gemm(int64_t m, int64_t n, int64_t K, const uint8_t* xb, const float* w, const uint8_t* tiles, float* c,
+          int64_t ldc) {
   const int64_t KS = (K + kTileK - 1) / kTileK;
   const int64_t a_strip = KS * WP * kTileBytes, b_strip = KS * kParts * kTileBytes;  // one 16-row block's tiles
   const int64_t MB = (m + 15) / 16;
@@ -264,15 +272,25 @@ void Gemm(int64_t m, int64_t n, int64_t K, const uint8_t* xb, const float* w, fl
   thread_local std::vector<__m512i> packed;   // a superblock of weight rows as A tiles (64-byte aligned)
   // One pass over x (a single chunk): 32 weight rows at a time, the next 32 prefetched while these multiply,
   // so the weights stream in once. Several chunks: as many 32-row pairs as fit kSuperBytes (256 rows at K = 576,
-  // 96 at K = 1536), converted once for all chunks.
+  // 96 at K = 1536), converted once for all chunks (tiles: read in place, kept in L2 for all chunks).
   const int64_t super = MB <= chunk ? 32 : std::max<int64_t>(1, kSuperBytes / (2 * a_strip)) * 32;
   for (int64_t s0 = 0; s0 < n; s0 += super) {
     const int64_t ns = std::min(super, n - s0), NB = (ns + 15) / 16;
-    if (packed.size() * 64 < static_cast<size_t>(NB * a_strip)) packed.resize(NB * a_strip / 64);
-    uint8_t* wa = reinterpret_cast<uint8_t*>(packed.data());
-    PackWeights<WP>(w, n, K, s0, NB, wa);
-    const int64_t pf_rows = super == 32 ? std::max<int64_t>(0, std::min<int64_t>(32, n - s0 - 32)) : 0;
-    const float* pf = pf_rows > 0 ? w + (s0 + 32) * K : w;
+    const uint8_t* wa = tiles != nullptr ? tiles + s0 / 16 * a_strip : nullptr;
+    if (tiles == nullptr) {
+      if (packed.size() * 64 < static_cast<size_t>(NB * a_strip)) packed.resize(NB * a_strip / 64);
+      PackWeights<WP>(w, n, K, s0, NB, reinterpret_cast<uint8_t*>(packed.data()));
+      wa = reinterpret_cast<const uint8_t*>(packed.data());
+    }
+    // The next 32 rows, with one pass: two lines of each float32 row, or both blocks' WP tiles, per K step.
+    const int64_t next = super == 32 ? std::max<int64_t>(0, std::min<int64_t>(32, n - s0 - 32)) : 0;
+    const Prefetch pf = next == 0 ? Prefetch{nullptr, 0, 0, 0, 0}
+                        : tiles != nullptr
+                            ? Prefetch{reinterpret_cast<const char*>(wa + 2 * a_strip), (next + 15) / 16,
+                                       WP * kTileBytes / 64, a_strip, WP * kTileBytes}
+                            : Prefetch{reinterpret_cast<const char*>(w + (s0 + 32) * K), next, 2,
+                                       K * kFloatBytes, kTileK * kFloatBytes};
+    const Prefetch none{nullptr, 0, 0, 0, 0};
     for (int64_t c0 = 0; c0 < MB; c0 += chunk) {
       for (int64_t nb = 0; nb < NB; nb += 2) {
         const uint8_t* a = wa + nb * a_strip;
@@ -281,16 +299,16 @@ void Gemm(int64_t m, int64_t n, int64_t K, const uint8_t* xb, const float* w, fl
           const uint8_t* b = xb + mb * b_strip;
           float* cb = c + mb * 16 * ldc + s0 + nb * 16;
           const int64_t m_valid = std::min<int64_t>(32, m - mb * 16);
-          const int64_t pfr = mb == 0 ? pf_rows : 0;
+          const Prefetch& p = mb == 0 ? pf : none;
           const bool two_n = nb + 1 < NB, two_m = mb + 1 < MB;
           if (two_n && two_m) {
-            Block<2, 2, WP>(a, a_strip, b, b_strip, KS, cb, ldc, n_valid, m_valid, pf, pfr, K);
+            Block<2, 2, WP>(a, a_strip, b, b_strip, KS, cb, ldc, n_valid, m_valid, p);
           } else if (two_n) {
-            Block<2, 1, WP>(a, a_strip, b, b_strip, KS, cb, ldc, n_valid, m_valid, pf, pfr, K);
+            Block<2, 1, WP>(a, a_strip, b, b_strip, KS, cb, ldc, n_valid, m_valid, p);
           } else if (two_m) {
-            Block<1, 2, WP>(a, a_strip, b, b_strip, KS, cb, ldc, n_valid, m_valid, pf, pfr, K);
+            Block<1, 2, WP>(a, a_strip, b, b_strip, KS, cb, ldc, n_valid, m_valid, p);
           } else {
-            Block<1, 1, WP>(a, a_strip, b, b_strip, KS, cb, ldc, n_valid, m_valid, pf, pfr, K);
+            Block<1, 1, WP>(a, a_strip, b, b_strip, KS, cb, ldc, n_valid, m_valid, p);
           }
         }
       }
@@ -306,10 +324,16 @@ void Gemm(int64_t m, int64_t n, int64_t K, const uint8_t* xb, const float* w, fl
 void AmxGemm(int64_t m, int64_t n, int64_t K, int w_parts, const uint8_t* xb, const float* w, float* c,
              int64_t ldc) {
   if (w_parts == 2) {
-    Gemm<2>(m, n, K, xb, w, c, ldc);
+    Gemm<2>(m, n, K, xb, w, nullptr, c, ldc);
   } else {
-    Gemm<3>(m, n, K, xb, w, c, ldc);
+    Gemm<3>(m, n, K, xb, w, nullptr, c, ldc);
   }
+}
+
+// AmxGemm of weights stored as A tiles of their two bfloat16 parts (xyjax.ops.gemm.TileWeights): tiles holds
+// rows [0, 16 * ceil(n / 16)) as [ceil(n / 16), ceil(K / 32), 2, 16, 32] bfloat16, rows past n zero.
+void AmxGemmTiles(int64_t m, int64_t n, int64_t K, const uint8_t* xb, const uint8_t* tiles, float* c, int64_t ldc) {
+  Gemm<2>(m, n, K, xb, nullptr, tiles, c, ldc);
 }
 
 }  // namespace gemm

@@ -129,7 +129,7 @@ class NaiveGenerator:
 
     def __init__(self, cfg: ModelConfig, params: dict):
         if cfg.quant_block:
-            layers = {name: jnp.asarray(merge_blocks(np.asarray(w), cfg.quant_block), w.dtype)
+            layers = {name: jnp.asarray(merge_blocks(w, cfg.quant_block))
                       if name in DENSE else w for name, w in params["layers"].items()}
             cfg, params = dataclasses.replace(cfg, quant_block=0), dict(params, layers=layers)
         self.cfg, self.params = cfg, params

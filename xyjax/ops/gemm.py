@@ -12,9 +12,12 @@ padding: fast backends skip them; this result is defined and tested).
 
 ``quant_block`` (with ``transpose_w``; 0: plain): w is the split layout of a block-quantized matrix (the
 loader's for GGUF Q4_1, w = d * q + m per block of ``quant_block`` inputs): each row ``[d * q | m]``, w
-[N, K + K / quant_block], and the op computes ``extend_x(x, quant_block) @ w.T``, x followed by its block sums. d * q (a float16
-scale times a 4-bit integer) and m (float16) are exact in two bfloat16 parts, so the ffi backend's AMX kernel
-needs five bfloat16 part products where plain float32 weights need six; ffi needs quant_block = 32 and float32.
+[N, K + K / quant_block], and the op computes ``extend_x(x, quant_block) @ w.T``, x followed by its block sums.
+d * q (a float16 scale times a 4-bit integer) and m (float16) are exact in two bfloat16 parts, so the ffi
+backend's AMX kernel needs five bfloat16 part products where plain float32 weights need six; ffi needs
+quant_block = 32 and float32. w may also be ``TileWeights`` (with ``transpose_w``): weights exact in two bfloat16
+parts, such as the split layout, stored as the AMX kernel's tiles, which the ffi backend reads in place with no
+conversion (CPUs with AMX-BF16 only); the other backends unpack them first.
 
 Backends: ``xla`` (pure jnp, the oracle: computes every row, then zeroes the padding), ``ffi`` (the C++ CPU
 handler in ``ascend_ffi/src/smooth_gemm_cpu.cc``: BLAS gemms over exactly m rows, float32 or bfloat16;
@@ -32,6 +35,8 @@ bfloat16 tile products; CPUs with AMX-BF16, elsewhere the BLAS). pallas: the ``G
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -46,13 +51,57 @@ FFI_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
 FFI_TUNING = dict(lanes=0, split_rows=False, m_align=1, stream_rows=24, amx_rows=1)   # the ffi backend's defaults
-# ... with quant_block: the two-part AMX path overtakes the streaming kernel from ~12 rows (BENCHMARKS.md)
-FFI_TUNING_SPLIT = dict(FFI_TUNING, stream_rows=12)
+TILE_ROWS, TILE_K = 16, 32   # an AMX A tile: 16 weight rows x 32 bfloat16 along K
 
 
-def split_layout_pays() -> bool:
-    """Whether the split block layout multiplies faster than plain weights here: on CPU with the ffi handler's
-    AMX kernel (elsewhere it only adds x_ext's columns)."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TileWeights:
+    """Weights w [..., N, KW] (rows of KW inputs, transposed: outputs first) exact in two bfloat16 parts,
+    w = hi + lo, stored as the ffi AMX kernel's A tiles: ``tiles`` [..., ceil(N / 16), ceil(KW / 32), 2, 16, 32]
+    bfloat16, tiles[..., b, s, p, i, j] = part p of w[..., 16 b + i, 32 s + j] (zero past N and KW). Four bytes
+    per weight, as float32, with nothing left to convert per call. ``pack_tiles`` makes them from numpy."""
+
+    tiles: jax.Array
+    n: int = dataclasses.field(metadata=dict(static=True))
+    kw: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the weights held, [..., N, KW]."""
+        return (*self.tiles.shape[:-5], self.n, self.kw)
+
+
+def pack_tiles(w: np.ndarray) -> TileWeights:
+    """float32 w [..., N, KW] -> TileWeights; a ValueError if some weight is not exact in two bfloat16 parts."""
+    w = np.asarray(w, np.float32)
+    *lead, n, kw = w.shape
+    hi = w.astype(jnp.bfloat16)
+    lo = (w - hi.astype(np.float32)).astype(jnp.bfloat16)
+    if not np.array_equal(hi.astype(np.float32) + lo.astype(np.float32), w):
+        raise ValueError("pack_tiles: the weights are not exact in two bfloat16 parts (e.g. not the split layout "
+                         "of 4-bit blocks)")
+    nb, ks = -(-n // TILE_ROWS), -(-kw // TILE_K)
+    parts = np.zeros((*lead, 2, nb * TILE_ROWS, ks * TILE_K), jnp.bfloat16)
+    parts[..., 0, :n, :kw], parts[..., 1, :n, :kw] = hi, lo
+    parts = parts.reshape(*lead, 2, nb, TILE_ROWS, ks, TILE_K)
+    k = len(lead)
+    tiles = parts.transpose(*range(k), k + 1, k + 3, k, k + 2, k + 4)   # [..., nb, ks, 2, 16, 32]
+    return TileWeights(jnp.asarray(np.ascontiguousarray(tiles)), n, kw)
+
+
+def unpack_tiles(w: TileWeights) -> jax.Array:
+    """TileWeights -> the float32 weights [..., N, KW] they hold (hi + lo)."""
+    t = w.tiles.astype(jnp.float32)
+    *lead, nb, ks, _, _, _ = t.shape
+    k = len(lead)
+    rows = (t[..., 0, :, :] + t[..., 1, :, :]).transpose(*range(k), k, k + 2, k + 1, k + 3)   # [..., nb, 16, ks, 32]
+    return rows.reshape(*lead, nb * TILE_ROWS, ks * TILE_K)[..., :w.n, :w.kw]
+
+
+def tile_weights_pay() -> bool:
+    """Whether TileWeights of the split block layout beat plain float32 weights here: on CPU with the ffi
+    handler's AMX kernel (which alone reads them; elsewhere the layout only adds x_ext's columns)."""
     return jax.default_backend() == "cpu" and bool(ascend_ffi.load().xyjax_gemm_amx())
 
 
@@ -63,15 +112,24 @@ def extend_x(x: jax.Array, quant_block: int) -> jax.Array:
     return jnp.concatenate([x, sums.astype(x.dtype)], axis=1)
 
 
-def smooth_gemm(x: jax.Array, w: jax.Array, m: jax.Array | int, *, layer: jax.Array | int | None = None,
-                transpose_w: bool = False, quant_block: int = 0, backend: str = "xla",
-                tuning: dict | None = None) -> jax.Array:
+def smooth_gemm(x: jax.Array, w: jax.Array | TileWeights, m: jax.Array | int, *,
+                layer: jax.Array | int | None = None, transpose_w: bool = False, quant_block: int = 0,
+                backend: str = "xla", tuning: dict | None = None) -> jax.Array:
     """``x @ w[layer]`` (``.T`` with ``transpose_w``) on the first ``m`` rows, zeros below (see module docstring)."""
-    chex.assert_rank([x, w], [2, 2 if layer is None else 3])
+    tiles = isinstance(w, TileWeights)
+    if tiles and not transpose_w:
+        raise ValueError("TileWeights hold transposed weights [N, K]: pass transpose_w=True")
+    if tiles and backend != "ffi":
+        w = unpack_tiles(w)
+    chex.assert_rank(x, 2)
+    if len(w.shape) != (2 if layer is None else 3):
+        raise ValueError(f"w must be {'[K, N]' if layer is None else '[L, K, N]'} (transposed: N, K), got {w.shape}")
     K = x.shape[1]
     if quant_block and (not transpose_w or K % quant_block):
         raise ValueError(f"quant_block={quant_block} needs transpose_w and K={K} a multiple of it")
-    chex.assert_axis_dimension(w, w.ndim - (1 if transpose_w else 2), K + (K // quant_block if quant_block else 0))
+    if w.shape[-1 if transpose_w else -2] != K + (K // quant_block if quant_block else 0):
+        raise ValueError(f"x {x.shape} and w {w.shape}{' (transposed)' if transpose_w else ''} do not chain"
+                         + (f" (quant_block={quant_block}: w's rows hold K + K / {quant_block})" if quant_block else ""))
     if backend not in BACKENDS:
         raise ValueError(f"unknown gemm backend {backend!r}; available: {', '.join(map(repr, BACKENDS))}")
     if backend == "ffi":
@@ -93,22 +151,25 @@ def smooth_gemm(x: jax.Array, w: jax.Array, m: jax.Array | int, *, layer: jax.Ar
 
 def _gemm_ffi(x, w, m, layer, transpose_w: bool, quant_block: int, tuning: dict):
     """The C++ handler as a jax.ffi custom call (CPU only), the BLAS loaded first (``ascend_ffi.blas``)."""
-    if x.dtype not in FFI_DTYPES or w.dtype != x.dtype:
-        raise TypeError(f"ffi gemm backend: x and w must be both float32 or both bfloat16, got {x.dtype} and {w.dtype}")
+    tiles = isinstance(w, TileWeights)
+    if x.dtype not in FFI_DTYPES or (w.tiles.dtype != jnp.bfloat16 or x.dtype != jnp.float32 if tiles
+                                     else w.dtype != x.dtype):
+        raise TypeError(f"ffi gemm backend: x and w must be both float32 or both bfloat16 (TileWeights: x float32), "
+                        f"got {x.dtype} and {'TileWeights' if tiles else w.dtype}")
     if quant_block not in (0, 32) or (quant_block and x.dtype != jnp.float32):
         raise ValueError(f"ffi gemm backend: quant_block must be 0 or 32 (float32 only), got {quant_block} with "
                          f"{x.dtype}")
     unknown = set(tuning) - set(FFI_TUNING)
     if unknown:
         raise ValueError(f"unknown ffi gemm tunables {sorted(unknown)}; known: {sorted(FFI_TUNING)}")
-    params = {**(FFI_TUNING_SPLIT if quant_block else FFI_TUNING), **tuning}
+    params = {**FFI_TUNING, **tuning}
     if min(params["lanes"], params["stream_rows"], params["amx_rows"]) < 0 or params["m_align"] < 1:
         raise ValueError(f"ffi gemm tunables need lanes, stream_rows, amx_rows >= 0 and m_align >= 1, got {params}")
     blas.load()
     ascend_ffi.register_ffi_target(FFI_TARGET, "XyjaxSmoothGemmCpu", platform="cpu")
     n = w.shape[-2] if transpose_w else w.shape[-1]
     call = jax.ffi.ffi_call(FFI_TARGET, jax.ShapeDtypeStruct((x.shape[0], n), x.dtype))
-    return call(x, w, jnp.asarray(m, jnp.int32), jnp.asarray(layer, jnp.int32), transpose_w=transpose_w,
+    return call(x, w.tiles if tiles else w, jnp.asarray(m, jnp.int32), jnp.asarray(layer, jnp.int32), transpose_w=transpose_w,
                 lanes=np.int32(params["lanes"]), split_rows=bool(params["split_rows"]),
                 m_align=np.int32(params["m_align"]), stream_rows=np.int32(params["stream_rows"]),
-                amx_rows=np.int32(params["amx_rows"]), quant_block=np.int32(quant_block))
+                amx_rows=np.int32(params["amx_rows"]), quant_block=np.int32(quant_block), w_tiles=tiles)
