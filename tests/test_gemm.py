@@ -129,12 +129,13 @@ def test_split_block_layout_equals_the_merged_weights(K, N):
 
 def test_tile_weights_hold_the_split_layout():
     """TileWeights (the split layout's two bfloat16 parts as the AMX kernel's tiles, N and K+K/32 not multiples
-    of a tile): unpack gives the weights back exactly; on the ffi backend (AMX CPUs) the product equals the
-    on-the-fly two-part AMX path bit for bit, for every layer and m; on xla it equals the split layout's."""
+    of a tile): unpack gives the weights back exactly; on the ffi backend (AMX CPUs, every m on the AMX kernel)
+    the product equals the two-part AMX path's on the float32 split layout bit for bit, for every layer and m; on
+    xla it equals the split layout's."""
     rng = np.random.default_rng(9)
     split = quantize_blocks(rng.standard_normal((2, 70, 96)).astype(np.float32), 32)   # [2, 70, 99]
     tiles = pack_tiles(split)
-    assert tiles.shape == (2, 70, 99) and tiles.tiles.shape == (2, 5, 4, 2, 16, 32)
+    assert tiles.shape == (2, 70, 99) and tiles.tiles.shape == (2, 80, 4, 2, 32)
     np.testing.assert_array_equal(np.asarray(unpack_tiles(tiles)), split)
     x = rng.standard_normal((40, 96)).astype(np.float32)
     for m, layer in ((1, 0), (16, 1), (17, 0), (40, 1)):

@@ -132,19 +132,19 @@ ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, 
   }
   const int64_t KE = quant_block ? K + K / kQuantBlock : K;   // w's row length: x_ext's columns
   int64_t L = 1, N = od[1];
-  if (w_tiles) {   // [(L,) ceil(N / 16), ceil(KE / 32), 2, 16, 32] bfloat16: N is the result's
+  if (w_tiles) {   // [(L,) 16 ceil(N / 16), ceil(KE / 32), 2, 32] bfloat16: N is the result's
     const size_t r = wd.size();
     if (type != ffi::DataType::F32 || out->element_type() != type || w.element_type() != ffi::DataType::BF16 ||
         !transpose_w) {
       return Invalid("tile weights need float32 x and result, bfloat16 tiles and transpose_w");
     }
-    if ((r != 5 && r != 6) || wd[r - 5] != (N + 15) / 16 || wd[r - 4] != (KE + 31) / 32 || wd[r - 3] != 2 ||
-        wd[r - 2] != 16 || wd[r - 1] != 32) {
+    if ((r != 4 && r != 5) || wd[r - 4] != (N + 15) / 16 * 16 || wd[r - 3] != (KE + 31) / 32 || wd[r - 2] != 2 ||
+        wd[r - 1] != 32) {
       return Invalid("tile weights for N = " + std::to_string(N) + " rows of " + std::to_string(KE) +
-                     " must be [(L,) " + std::to_string((N + 15) / 16) + ", " + std::to_string((KE + 31) / 32) +
-                     ", 2, 16, 32], got " + Dims(wd));
+                     " must be [(L,) " + std::to_string((N + 15) / 16 * 16) + ", " + std::to_string((KE + 31) / 32) +
+                     ", 2, 32], got " + Dims(wd));
     }
-    if (r == 6) L = wd[0];
+    if (r == 5) L = wd[0];
     if (!HaveAmx()) return Invalid("tile weights need the AMX kernel (a CPU with AMX-BF16)");
   } else {
     if (w.element_type() != type || out->element_type() != type) {
@@ -240,9 +240,9 @@ ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, 
       float* c_block = c + r0 * N + n0;
       if (w_tiles) {
 #ifdef XYJAX_HAVE_AMX_KERNEL
-        const int64_t block_bytes = (KE + 31) / 32 * 2 * 1024;   // one 16-row block's tiles
-        AmxGemmTiles(nr, n, KE, xb, static_cast<const uint8_t*>(w.untyped_data()) +
-                                        (layer * ((N + 15) / 16) + n0 / 16) * block_bytes, c_block, N);
+        const uint8_t* tiles = static_cast<const uint8_t*>(w.untyped_data()) +   // TileWeights' row n0
+                               (layer * ((N + 15) / 16 * 16) + n0) * ((KE + 31) / 32 * 128);
+        AmxGemmTiles(nr, n, KE, xb, tiles, c_block, N);
 #endif
       } else if (amx) {
 #ifdef XYJAX_HAVE_AMX_KERNEL

@@ -112,11 +112,20 @@ struct Prefetch {
   int64_t runs, lines, stride, step;
 };
 
+// Where the weights' A tiles are: part p of 16-row block nb at K step ks is the tile of 16 rows `stride` bytes
+// apart from base + nb * next + ks * step + p * part (packed here: contiguous 1 KiB tiles; TileWeights: rows
+// of [KS, 2, 32] bfloat16).
+struct ATiles {
+  const uint8_t* base;
+  int64_t next, step, part, stride;
+  ATiles Block(int64_t nb) const { return {base + nb * next, next, step, part, stride}; }
+};
+
 // Accumulates the (NT x 16 weight rows) x (MT x 16 x rows) block along K and writes it, transposed, into
-// c rows [0, m_valid) x columns [0, n_valid). a, b: the block's first A and B tiles; the next 16 rows'
-// tiles are a_next / b_next bytes further. WP: the weights' parts (x always has three).
+// c rows [0, m_valid) x columns [0, n_valid). a: the block's weight tiles; b: its first x (B) tiles, the next
+// 16 rows' b_next bytes further. WP: the weights' parts (x always has three).
 template <int NT, int MT, int WP>
-void Block(const uint8_t* a, int64_t a_next, const uint8_t* b, int64_t b_next, int64_t KS, float* c, int64_t ldc,
+void Block(const ATiles& a, const uint8_t* b, int64_t b_next, int64_t KS, float* c, int64_t ldc,
            int64_t n_valid, int64_t m_valid, const Prefetch& pf) {
   _tile_zero(0);
   if constexpr (MT == 2) _tile_zero(1);
@@ -139,15 +148,15 @@ void Block(const uint8_t* a, int64_t a_next, const uint8_t* b, int64_t b_next, i
     if constexpr (NT == 2 && MT == 2) _tile_dpbf16ps(3, 5, 7);
   };
   auto load_a = [&](const uint8_t* ak, int part) {
-    _tile_loadd(4, ak + part * kTileBytes, 64);
-    if constexpr (NT == 2) _tile_loadd(5, ak + a_next + part * kTileBytes, 64);
+    _tile_loadd(4, ak + part * a.part, a.stride);
+    if constexpr (NT == 2) _tile_loadd(5, ak + a.next + part * a.part, a.stride);
   };
   auto load_b = [&](const uint8_t* bk, int part) {
     _tile_loadd(6, bk + part * kTileBytes, 64);
     if constexpr (MT == 2) _tile_loadd(7, bk + b_next + part * kTileBytes, 64);
   };
   for (int64_t ks = 0; ks < KS; ++ks) {
-    const uint8_t* ak = a + ks * WP * kTileBytes;
+    const uint8_t* ak = a.base + ks * a.step;
     const uint8_t* bk = b + ks * kParts * kTileBytes;
     for (int64_t r = 0; r < pf.runs; ++r) {
       const char* run = pf.base + r * pf.stride + ks * pf.step;
@@ -253,13 +262,14 @@ void AmxPackX(int64_t m, int64_t K, bool sums, const float* x, int64_t ldx, int6
 
 namespace {
 
-// AmxGemm with the weights in WP bf16 parts: float32 rows w converted as they are read, or (WP = 2) already A
-// tiles (AmxGemmTiles).
+// AmxGemm with the weights in WP bf16 parts: float32 rows w converted as they are read, or (WP = 2)
+// TileWeights rows [n, ceil(K / 32), 2, 32] bfloat16 read in place.
 template <int WP>
 void Gemm(int64_t m, int64_t n, int64_t K, const uint8_t* xb, const float* w, const uint8_t* tiles, float* c,
           int64_t ldc) {
   const int64_t KS = (K + kTileK - 1) / kTileK;
   const int64_t a_strip = KS * WP * kTileBytes, b_strip = KS * kParts * kTileBytes;  // one 16-row block's tiles
+  const int64_t row_bytes = KS * 2 * 64;   // a TileWeights row
   const int64_t MB = (m + 15) / 16;
   const int64_t chunk = std::max<int64_t>(2, kChunkBytes / b_strip / 2 * 2);   // x blocks per pass, even
   TileConfig config{};
@@ -272,28 +282,29 @@ void Gemm(int64_t m, int64_t n, int64_t K, const uint8_t* xb, const float* w, co
   thread_local std::vector<__m512i> packed;   // a superblock of weight rows as A tiles (64-byte aligned)
   // One pass over x (a single chunk): 32 weight rows at a time, the next 32 prefetched while these multiply,
   // so the weights stream in once. Several chunks: as many 32-row pairs as fit kSuperBytes (256 rows at K = 576,
-  // 96 at K = 1536), converted once for all chunks (tiles: read in place, kept in L2 for all chunks).
+  // 96 at K = 1536), converted once for all chunks (TileWeights: read in place, kept in L2 for all chunks).
   const int64_t super = MB <= chunk ? 32 : std::max<int64_t>(1, kSuperBytes / (2 * a_strip)) * 32;
   for (int64_t s0 = 0; s0 < n; s0 += super) {
     const int64_t ns = std::min(super, n - s0), NB = (ns + 15) / 16;
-    const uint8_t* wa = tiles != nullptr ? tiles + s0 / 16 * a_strip : nullptr;
-    if (tiles == nullptr) {
+    ATiles wa;
+    if (tiles != nullptr) {
+      wa = {tiles + s0 * row_bytes, 16 * row_bytes, 2 * 64, 64, row_bytes};
+    } else {
       if (packed.size() * 64 < static_cast<size_t>(NB * a_strip)) packed.resize(NB * a_strip / 64);
       PackWeights<WP>(w, n, K, s0, NB, reinterpret_cast<uint8_t*>(packed.data()));
-      wa = reinterpret_cast<const uint8_t*>(packed.data());
+      wa = {reinterpret_cast<const uint8_t*>(packed.data()), a_strip, WP * kTileBytes, kTileBytes, 64};
     }
-    // The next 32 rows, with one pass: two lines of each float32 row, or both blocks' WP tiles, per K step.
+    // The next 32 rows (with one pass) per K step: two lines of each float32 or TileWeights row.
     const int64_t next = super == 32 ? std::max<int64_t>(0, std::min<int64_t>(32, n - s0 - 32)) : 0;
     const Prefetch pf = next == 0 ? Prefetch{nullptr, 0, 0, 0, 0}
-                        : tiles != nullptr
-                            ? Prefetch{reinterpret_cast<const char*>(wa + 2 * a_strip), (next + 15) / 16,
-                                       WP * kTileBytes / 64, a_strip, WP * kTileBytes}
-                            : Prefetch{reinterpret_cast<const char*>(w + (s0 + 32) * K), next, 2,
-                                       K * kFloatBytes, kTileK * kFloatBytes};
+                        : tiles != nullptr ? Prefetch{reinterpret_cast<const char*>(wa.base + 32 * row_bytes), next, 2,
+                                                      row_bytes, 2 * 64}
+                                           : Prefetch{reinterpret_cast<const char*>(w + (s0 + 32) * K), next, 2,
+                                                      K * kFloatBytes, kTileK * kFloatBytes};
     const Prefetch none{nullptr, 0, 0, 0, 0};
     for (int64_t c0 = 0; c0 < MB; c0 += chunk) {
       for (int64_t nb = 0; nb < NB; nb += 2) {
-        const uint8_t* a = wa + nb * a_strip;
+        const ATiles a = wa.Block(nb);
         const int64_t n_valid = std::min<int64_t>(32, ns - nb * 16);
         for (int64_t mb = c0; mb < std::min(MB, c0 + chunk); mb += 2) {
           const uint8_t* b = xb + mb * b_strip;
@@ -302,13 +313,13 @@ void Gemm(int64_t m, int64_t n, int64_t K, const uint8_t* xb, const float* w, co
           const Prefetch& p = mb == 0 ? pf : none;
           const bool two_n = nb + 1 < NB, two_m = mb + 1 < MB;
           if (two_n && two_m) {
-            Block<2, 2, WP>(a, a_strip, b, b_strip, KS, cb, ldc, n_valid, m_valid, p);
+            Block<2, 2, WP>(a, b, b_strip, KS, cb, ldc, n_valid, m_valid, p);
           } else if (two_n) {
-            Block<2, 1, WP>(a, a_strip, b, b_strip, KS, cb, ldc, n_valid, m_valid, p);
+            Block<2, 1, WP>(a, b, b_strip, KS, cb, ldc, n_valid, m_valid, p);
           } else if (two_m) {
-            Block<1, 2, WP>(a, a_strip, b, b_strip, KS, cb, ldc, n_valid, m_valid, p);
+            Block<1, 2, WP>(a, b, b_strip, KS, cb, ldc, n_valid, m_valid, p);
           } else {
-            Block<1, 1, WP>(a, a_strip, b, b_strip, KS, cb, ldc, n_valid, m_valid, p);
+            Block<1, 1, WP>(a, b, b_strip, KS, cb, ldc, n_valid, m_valid, p);
           }
         }
       }
@@ -330,8 +341,9 @@ void AmxGemm(int64_t m, int64_t n, int64_t K, int w_parts, const uint8_t* xb, co
   }
 }
 
-// AmxGemm of weights stored as A tiles of their two bfloat16 parts (xyjax.ops.gemm.TileWeights): tiles holds
-// rows [0, 16 * ceil(n / 16)) as [ceil(n / 16), ceil(K / 32), 2, 16, 32] bfloat16, rows past n zero.
+// AmxGemm of weights stored as their two bfloat16 parts (xyjax.ops.gemm.TileWeights): tiles holds rows
+// [0, 16 * ceil(n / 16)) as [., ceil(K / 32), 2, 32] bfloat16 (hi, lo per 32 inputs), rows past n zero; the A
+// tiles are read from them in place, 16 rows apart.
 void AmxGemmTiles(int64_t m, int64_t n, int64_t K, const uint8_t* xb, const uint8_t* tiles, float* c, int64_t ldc) {
   Gemm<2>(m, n, K, xb, nullptr, tiles, c, ldc);
 }

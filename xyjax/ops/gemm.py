@@ -58,9 +58,10 @@ TILE_ROWS, TILE_K = 16, 32   # an AMX A tile: 16 weight rows x 32 bfloat16 along
 @dataclasses.dataclass(frozen=True)
 class TileWeights:
     """Weights w [..., N, KW] (rows of KW inputs, transposed: outputs first) exact in two bfloat16 parts,
-    w = hi + lo, stored as the ffi AMX kernel's A tiles: ``tiles`` [..., ceil(N / 16), ceil(KW / 32), 2, 16, 32]
-    bfloat16, tiles[..., b, s, p, i, j] = part p of w[..., 16 b + i, 32 s + j] (zero past N and KW). Four bytes
-    per weight, as float32, with nothing left to convert per call. ``pack_tiles`` makes them from numpy."""
+    w = hi + lo, stored as what the ffi AMX kernel loads its tiles from: ``tiles`` [..., 16 ceil(N / 16),
+    ceil(KW / 32), 2, 32] bfloat16, tiles[..., r, s, p, j] = part p of w[..., r, 32 s + j] (zero past N and KW):
+    each row's 32-input steps as a (hi, lo) pair of 64-byte lines, so a tile is 16 rows' lines and the streaming
+    kernel reads a row in order. Four bytes per weight, as float32, with nothing to convert per call."""
 
     tiles: jax.Array
     n: int = dataclasses.field(metadata=dict(static=True))
@@ -69,7 +70,7 @@ class TileWeights:
     @property
     def shape(self) -> tuple[int, ...]:
         """The shape of the weights held, [..., N, KW]."""
-        return (*self.tiles.shape[:-5], self.n, self.kw)
+        return (*self.tiles.shape[:-4], self.n, self.kw)
 
 
 def pack_tiles(w: np.ndarray) -> TileWeights:
@@ -81,22 +82,18 @@ def pack_tiles(w: np.ndarray) -> TileWeights:
     if not np.array_equal(hi.astype(np.float32) + lo.astype(np.float32), w):
         raise ValueError("pack_tiles: the weights are not exact in two bfloat16 parts (e.g. not the split layout "
                          "of 4-bit blocks)")
-    nb, ks = -(-n // TILE_ROWS), -(-kw // TILE_K)
-    parts = np.zeros((*lead, 2, nb * TILE_ROWS, ks * TILE_K), jnp.bfloat16)
-    parts[..., 0, :n, :kw], parts[..., 1, :n, :kw] = hi, lo
-    parts = parts.reshape(*lead, 2, nb, TILE_ROWS, ks, TILE_K)
-    k = len(lead)
-    tiles = parts.transpose(*range(k), k + 1, k + 3, k, k + 2, k + 4)   # [..., nb, ks, 2, 16, 32]
-    return TileWeights(jnp.asarray(np.ascontiguousarray(tiles)), n, kw)
+    rows, ks = -(-n // TILE_ROWS) * TILE_ROWS, -(-kw // TILE_K)
+    tiles = np.zeros((*lead, rows, ks, 2, TILE_K), jnp.bfloat16)
+    tiles[..., :n, :, 0, :] = np.pad(hi, [(0, 0)] * len(lead) + [(0, 0), (0, ks * TILE_K - kw)]).reshape(*lead, n, ks, TILE_K)
+    tiles[..., :n, :, 1, :] = np.pad(lo, [(0, 0)] * len(lead) + [(0, 0), (0, ks * TILE_K - kw)]).reshape(*lead, n, ks, TILE_K)
+    return TileWeights(jnp.asarray(tiles), n, kw)
 
 
 def unpack_tiles(w: TileWeights) -> jax.Array:
     """TileWeights -> the float32 weights [..., N, KW] they hold (hi + lo)."""
     t = w.tiles.astype(jnp.float32)
-    *lead, nb, ks, _, _, _ = t.shape
-    k = len(lead)
-    rows = (t[..., 0, :, :] + t[..., 1, :, :]).transpose(*range(k), k, k + 2, k + 1, k + 3)   # [..., nb, 16, ks, 32]
-    return rows.reshape(*lead, nb * TILE_ROWS, ks * TILE_K)[..., :w.n, :w.kw]
+    *lead, rows, ks, _, _ = t.shape
+    return (t[..., 0, :] + t[..., 1, :]).reshape(*lead, rows, ks * TILE_K)[..., :w.n, :w.kw]
 
 
 def tile_weights_pay() -> bool:
