@@ -1,5 +1,5 @@
-"""``xyjax export-hf``: a model written as an HF directory reads back identically (xyjax's loader; the split block layout of 4-bit weights as the plain weights it holds) and
-transformers computes the same logits from it."""
+"""``xyjax export-hf``: a model written as an HF directory reads back identically (xyjax's loader; the split block
+layout of 4-bit weights as the plain weights it holds) and transformers computes the same logits from it."""
 
 import dataclasses
 import json

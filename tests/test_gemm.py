@@ -141,7 +141,8 @@ def test_tile_weights_hold_the_split_layout():
     for m, layer in ((1, 0), (16, 1), (17, 0), (40, 1)):
         xla = smooth_gemm(x, tiles, m, layer=layer, transpose_w=True, quant_block=32)
         np.testing.assert_array_equal(np.asarray(xla),
-                                      np.asarray(smooth_gemm(x, split, m, layer=layer, transpose_w=True, quant_block=32)))
+                                      np.asarray(smooth_gemm(x, split, m, layer=layer, transpose_w=True,
+                                                             quant_block=32)))
         if ascend_ffi.load().xyjax_gemm_amx():
             ffi = smooth_gemm(x, tiles, m, layer=layer, transpose_w=True, quant_block=32, backend="ffi")
             amx = smooth_gemm(x, split, m, layer=layer, transpose_w=True, quant_block=32, backend="ffi",
@@ -295,7 +296,8 @@ def test_engine_greedy_identical_with_split_and_merged_weights(tiny_model):
     same."""
     cfg = dataclasses.replace(tiny_model.config, quant_block=32)
     layers = tiny_model.params["layers"]
-    split = {name: jnp.asarray(quantize_blocks(np.asarray(w), 32)) if name in DENSE else w for name, w in layers.items()}
+    split = {name: jnp.asarray(quantize_blocks(np.asarray(w), 32)) if name in DENSE else w
+             for name, w in layers.items()}
     merged = {name: jnp.asarray(merge_blocks(np.asarray(w), 32)) if name in DENSE else w for name, w in split.items()}
     models = {"split-ffi": (cfg, split, "ffi"), "split-xla": (cfg, split, "xla"),
               "merged": (tiny_model.config, merged, "ffi")}

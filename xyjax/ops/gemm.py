@@ -84,8 +84,9 @@ def pack_tiles(w: np.ndarray) -> TileWeights:
                          "of 4-bit blocks)")
     rows, ks = -(-n // TILE_ROWS) * TILE_ROWS, -(-kw // TILE_K)
     tiles = np.zeros((*lead, rows, ks, 2, TILE_K), jnp.bfloat16)
-    tiles[..., :n, :, 0, :] = np.pad(hi, [(0, 0)] * len(lead) + [(0, 0), (0, ks * TILE_K - kw)]).reshape(*lead, n, ks, TILE_K)
-    tiles[..., :n, :, 1, :] = np.pad(lo, [(0, 0)] * len(lead) + [(0, 0), (0, ks * TILE_K - kw)]).reshape(*lead, n, ks, TILE_K)
+    pad = [(0, 0)] * (len(lead) + 1) + [(0, ks * TILE_K - kw)]
+    for p, part in enumerate((hi, lo)):
+        tiles[..., :n, :, p, :] = np.pad(part, pad).reshape(*lead, n, ks, TILE_K)
     return TileWeights(jnp.asarray(tiles), n, kw)
 
 
@@ -125,8 +126,8 @@ def smooth_gemm(x: jax.Array, w: jax.Array | TileWeights, m: jax.Array | int, *,
     if quant_block and (not transpose_w or K % quant_block):
         raise ValueError(f"quant_block={quant_block} needs transpose_w and K={K} a multiple of it")
     if w.shape[-1 if transpose_w else -2] != K + (K // quant_block if quant_block else 0):
-        raise ValueError(f"x {x.shape} and w {w.shape}{' (transposed)' if transpose_w else ''} do not chain"
-                         + (f" (quant_block={quant_block}: w's rows hold K + K / {quant_block})" if quant_block else ""))
+        split = f" (quant_block={quant_block}: w's rows hold K + K / {quant_block})" if quant_block else ""
+        raise ValueError(f"x {x.shape} and w {w.shape}{' (transposed)' if transpose_w else ''} do not chain{split}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown gemm backend {backend!r}; available: {', '.join(map(repr, BACKENDS))}")
     if backend == "ffi":
@@ -166,7 +167,7 @@ def _gemm_ffi(x, w, m, layer, transpose_w: bool, quant_block: int, tuning: dict)
     ascend_ffi.register_ffi_target(FFI_TARGET, "XyjaxSmoothGemmCpu", platform="cpu")
     n = w.shape[-2] if transpose_w else w.shape[-1]
     call = jax.ffi.ffi_call(FFI_TARGET, jax.ShapeDtypeStruct((x.shape[0], n), x.dtype))
-    return call(x, w.tiles if tiles else w, jnp.asarray(m, jnp.int32), jnp.asarray(layer, jnp.int32), transpose_w=transpose_w,
-                lanes=np.int32(params["lanes"]), split_rows=bool(params["split_rows"]),
+    return call(x, w.tiles if tiles else w, jnp.asarray(m, jnp.int32), jnp.asarray(layer, jnp.int32),
+                transpose_w=transpose_w, lanes=np.int32(params["lanes"]), split_rows=bool(params["split_rows"]),
                 m_align=np.int32(params["m_align"]), stream_rows=np.int32(params["stream_rows"]),
                 amx_rows=np.int32(params["amx_rows"]), quant_block=np.int32(quant_block), w_tiles=tiles)
