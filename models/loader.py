@@ -42,16 +42,17 @@ def resolve(model: str | None) -> str:
 def load(model: str | None = None, dtype="float32", progress: bool = True, weight_layout: str = "auto") -> LoadedModel:
     """Load ``model`` (see ``resolve``) with weights in ``dtype``. weight_layout: how a float32 load of an all-Q4_1
     GGUF keeps its dense matrices (other models: always "plain"): "plain" [out, in] float32, "split" the split
-    block layout ``[d * q | m]`` (``models.gguf_loader``), "tiles" that as ``xyjax.ops.gemm.TileWeights`` (for
-    the ffi gemm's AMX kernel), "auto" tiles where they pay (``tile_weights_pay``), else plain."""
+    block layout ``[d * q | m]`` (``models.gguf_loader``), "tiles" that as ``xyjax.ops.gemm.TileWeights`` (read
+    in place by the ffi gemm's AMX kernel, at every m), "auto" split where it pays (``split_layout_pays``), else
+    plain."""
     from models.gguf_loader import load_gguf
     from models.hf_loader import load_hf
-    from xyjax.ops.gemm import pack_tiles, tile_weights_pay
+    from xyjax.ops.gemm import pack_tiles, split_layout_pays
 
     if weight_layout not in WEIGHT_LAYOUTS:
         raise ValueError(f"weight_layout must be one of {', '.join(WEIGHT_LAYOUTS)}, got {weight_layout!r}")
     if weight_layout == "auto":
-        weight_layout = "tiles" if tile_weights_pay() else "plain"
+        weight_layout = "split" if split_layout_pays() else "plain"
 
     path = resolve(model)
     dtype = jnp.dtype(dtype)

