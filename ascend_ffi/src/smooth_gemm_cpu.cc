@@ -94,10 +94,10 @@ constexpr int64_t kColumnAlign = 16;
 // The quantization block of the split weight layout (the attribute quant_block): GGUF's 4-bit quants'.
 constexpr int64_t kQuantBlock = 32;
 
-// Rows [r0, r1) of x_ext [., K + K / kQuantBlock] = [x | the sums of x's kQuantBlock-column blocks].
-void ExtendRows(const float* x, int64_t K, int64_t r0, int64_t r1, float* x_ext) {
+// x_ext [m, K + K / kQuantBlock] = [x | the sums of x's kQuantBlock-column blocks] for x [m, K].
+void ExtendRows(const float* x, int64_t m, int64_t K, float* x_ext) {
   const int64_t KE = K + K / kQuantBlock;
-  for (int64_t r = r0; r < r1; ++r) {
+  for (int64_t r = 0; r < m; ++r) {
     const float* row = x + r * K;
     float* out = x_ext + r * KE;
     std::memcpy(out, row, K * sizeof(float));
@@ -221,7 +221,7 @@ ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, 
     thread_local std::vector<float> x_ext;
     if (quant_block && !amx) {
       x_ext.resize(mc * KE);
-      ExtendRows(x32, K, 0, mc, x_ext.data());
+      ExtendRows(x32, mc, K, x_ext.data());
       x32 = x_ext.data();
     }
     // Blocks of whole rows (split_rows; not with AMX, whose packed x is shared) or of kColumnAlign-aligned

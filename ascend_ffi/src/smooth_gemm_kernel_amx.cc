@@ -296,12 +296,12 @@ void Gemm(int64_t m, int64_t n, int64_t K, const uint8_t* xb, const float* w, co
     }
     // The next 32 rows (with one pass) per K step: two lines of each float32 or TileWeights row.
     const int64_t next = super == 32 ? std::max<int64_t>(0, std::min<int64_t>(32, n - s0 - 32)) : 0;
-    const Prefetch pf = next == 0 ? Prefetch{nullptr, 0, 0, 0, 0}
+    const Prefetch none{nullptr, 0, 0, 0, 0};
+    const Prefetch pf = next == 0 ? none
                         : tiles != nullptr ? Prefetch{reinterpret_cast<const char*>(wa.base + 32 * row_bytes), next, 2,
                                                       row_bytes, 2 * 64}
                                            : Prefetch{reinterpret_cast<const char*>(w + (s0 + 32) * K), next, 2,
                                                       K * kFloatBytes, kTileK * kFloatBytes};
-    const Prefetch none{nullptr, 0, 0, 0, 0};
     for (int64_t c0 = 0; c0 < MB; c0 += chunk) {
       for (int64_t nb = 0; nb < NB; nb += 2) {
         const ATiles a = wa.Block(nb);

@@ -62,8 +62,9 @@ class TileWeights:
     """Weights w [..., N, KW] (rows of KW inputs, transposed: outputs first) exact in two bfloat16 parts,
     w = hi + lo, stored as what the ffi AMX kernel loads its tiles from: ``tiles`` [..., 16 ceil(N / 16),
     ceil(KW / 32), 2, 32] bfloat16, tiles[..., r, s, p, j] = part p of w[..., r, 32 s + j] (zero past N and KW):
-    each row's 32-input steps as a (hi, lo) pair of 64-byte lines, so a tile is 16 rows' lines and the streaming
-    kernel reads a row in order. Four bytes per weight, as float32, with nothing to convert per call."""
+    each row's 32-input steps as a (hi, lo) pair of 64-byte lines, so an A tile is 16 rows' lines of one part.
+    Four bytes per weight, as float32, with nothing to convert per call; every ffi gemm on them runs the AMX
+    kernel."""
 
     tiles: jax.Array
     n: int = dataclasses.field(metadata=dict(static=True))
