@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import ascend_ffi
-from xyjax.kv_cache import KVCache
+from xyjax.ops.kv_cache import KVCache
 from xyjax.ops import meta_attention
-from xyjax.tiling import attention_metadata
+from xyjax.ops.attention.tiling import attention_metadata
 
 NB, BS, H, HKV, D = 4096, 16, 9, 3, 64   # smollm2-135m: 9 query heads, 3 KV heads, head_dim 64
 rng = np.random.default_rng(0)

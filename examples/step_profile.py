@@ -20,7 +20,7 @@ import numpy as np
 
 from xyjax.bench.breakdown import recording
 from xyjax.llm import LLM
-from xyjax.sampling_params import SamplingParams
+from xyjax.engine.sampling_params import SamplingParams
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--bucket", type=int, default=512, help="token bucket of the step to profile")

@@ -25,10 +25,6 @@ class ModelConfig:
     # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_position) or ("linear", factor)
     rope_scaling: tuple | None = None
     architecture: str = "llama"
-    # > 0: the dense matrices are stored in the split block layout of this many inputs per block (GGUF Q4_1:
-    # 32), [out, in + in / quant_block] (see xyjax.ops.gemm); 0: plain [out, in]. A storage choice of the
-    # loader, not of the model: to_hf describes the model, whose exported weights are plain.
-    quant_block: int = 0
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

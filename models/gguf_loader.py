@@ -1,20 +1,20 @@
-"""Load a Llama-family GGUF file: config, dequantized params (HF layout) and GGUF metadata.
+"""Load a Llama-family GGUF file: config, params (HF layout) and GGUF metadata.
 
-Where every dense matrix of the file is Q4_1 (w = d * q + m per block of 32 inputs) and the params are
-float32, the dense matrices are kept in the split block layout ``[d * q | m]`` (``ModelConfig.quant_block``
-= 32, see ``xyjax.ops.gemm``): the same weights, whose parts are exact in bfloat16 pairs.
+Where every dense matrix of the file is Q4_1 (w = d * q + m per block of 32 inputs), the stacked dense matrices
+keep their blocks as ``SplitBlocks`` (``xyjax.ops.gemm.formats``): the same weights, whose parts are exact in
+bfloat16 pairs; every other tensor is dequantized.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import numpy as np
 from tqdm import tqdm
 
 from models.config import ModelConfig
-from models.weights import merge_blocks, stack_layers
+from models.weights import DENSE, stack_layers
+from xyjax.ops.gemm.formats import SplitBlocks
 
 DENSE_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 Q4_1_BLOCK = 32    # inputs per Q4_1 block
@@ -69,15 +69,14 @@ def split_q4_1(tensor) -> np.ndarray:
     nibbles = blocks[..., 4:]
     q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).astype(np.float32)  # [out, in / 32, 32]
     split = np.concatenate([(d[..., None] * q).reshape(rows, -1), mins], axis=-1)
-    if not np.array_equal(merge_blocks(split, Q4_1_BLOCK), dequantize(tensor, np.float32)):
+    if not np.array_equal(np.asarray(SplitBlocks(split, Q4_1_BLOCK).dense()), dequantize(tensor, np.float32)):
         raise ValueError(f"tensor {tensor.name!r}: the split Q4_1 layout does not reproduce gguf's dequantization")
     return split
 
 
-def load_gguf(path: str, dtype=np.float32, progress: bool = True,
-              split_blocks: bool = True) -> tuple[ModelConfig, dict, dict]:
-    """Returns ``(config, params, metadata)``; params follow ``models.llama``'s pytree layout. split_blocks:
-    keep an all-Q4_1 file's dense matrices in the split block layout (float32 only; see the module docstring)."""
+def load_gguf(path: str, progress: bool = True) -> tuple[ModelConfig, dict, dict]:
+    """Returns ``(config, params, metadata)``: params float32 numpy arrays (and ``SplitBlocks``, see the module
+    docstring) in ``models.llama``'s pytree layout."""
     from models.tokenizer import gguf_metadata
 
     reader = read_gguf(path)
@@ -89,16 +88,13 @@ def load_gguf(path: str, dtype=np.float32, progress: bool = True,
     from gguf import GGMLQuantizationType
 
     dense = [tensors.get(f"blk.{i}.{kind}.weight") for i in range(cfg.num_layers) for kind in DENSE_TENSORS]
-    split = split_blocks and np.dtype(dtype) == np.float32 and all(
-        t is not None and t.tensor_type == GGMLQuantizationType.Q4_1 for t in dense)
-    if split:
-        cfg = dataclasses.replace(cfg, quant_block=Q4_1_BLOCK)
+    split = all(t is not None and t.tensor_type == GGMLQuantizationType.Q4_1 for t in dense)
 
     def get(name: str) -> np.ndarray:
         if name not in tensors:
             raise ValueError(f"GGUF file {path} lacks tensor {name!r}")
         kind = name.split(".")[-2]
-        w = split_q4_1(tensors[name]) if split and kind in DENSE_TENSORS else dequantize(tensors[name], dtype)
+        w = split_q4_1(tensors[name]) if split and kind in DENSE_TENSORS else dequantize(tensors[name], np.float32)
         if permuted and kind in ("attn_q", "attn_k"):
             w = unpermute_qk(w, cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads)
         return w
@@ -116,8 +112,10 @@ def load_gguf(path: str, dtype=np.float32, progress: bool = True,
         if cfg.attention_bias:
             layer.update(q_bias=get(b + "attn_q.bias"), k_bias=get(b + "attn_k.bias"), v_bias=get(b + "attn_v.bias"))
         layers.append(layer)
-    params = {"embed": get("token_embd.weight"), "final_norm": get("output_norm.weight"),
-              "layers": stack_layers(layers)}
+    stacked = stack_layers(layers)
+    if split:
+        stacked.update({name: SplitBlocks(stacked[name], Q4_1_BLOCK) for name in DENSE})
+    params = {"embed": get("token_embd.weight"), "final_norm": get("output_norm.weight"), "layers": stacked}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = get("output.weight")
     return cfg, params, meta

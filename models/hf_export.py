@@ -11,6 +11,7 @@ import numpy as np
 from models.hf_loader import BIAS_NAMES, LAYER_NAMES
 from models.loader import LoadedModel
 from models.weights import unstack_layers
+from xyjax.ops.gemm.formats import dense
 
 
 def export_hf(model: LoadedModel, directory: str, dtype=np.float32) -> None:
@@ -20,12 +21,12 @@ def export_hf(model: LoadedModel, directory: str, dtype=np.float32) -> None:
 
     cfg = model.config
     os.makedirs(directory, exist_ok=True)
-    params = {k: np.asarray(v) for k, v in model.params.items() if k != "layers"}
+    params = {k: np.asarray(dense(v)) for k, v in model.params.items() if k != "layers"}
     tensors = {"model.embed_tokens.weight": params["embed"], "model.norm.weight": params["final_norm"]}
     if not cfg.tie_word_embeddings:
         tensors["lm_head.weight"] = params["lm_head"]
     names = dict(LAYER_NAMES, **BIAS_NAMES)
-    for i, layer in enumerate(unstack_layers(model.params["layers"], cfg.quant_block)):
+    for i, layer in enumerate(unstack_layers(model.params["layers"])):
         tensors.update({f"model.layers.{i}.{names[key]}": value for key, value in layer.items()})
     save_file({k: np.ascontiguousarray(v, dtype=dtype) for k, v in tensors.items()},
               os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})

@@ -5,13 +5,12 @@ ffi gemm streams in place; layers stacked on a leading axis L so ``lax.scan`` ru
     embed [V, D]; final_norm [D]; lm_head [V, D] (absent when tied to ``embed``)
     layers: attn_norm [L, D], wqkv [L, (H + 2 Hkv) Dh, D], bqkv [L, (H + 2 Hkv) Dh] (optional),
             wo [L, D, H Dh], mlp_norm [L, D], w_gate_up [L, 2 F, D], w_down [L, D, F]
-With ``cfg.quant_block`` = b > 0 the four dense matrices are in the split block layout, in -> in + in / b
-(``xyjax.ops.gemm``; the loader's layout for GGUF Q4_1).
+The dense matrices (``DENSE``) and the LM head may be in any weight format of ``xyjax.ops.gemm.formats``: the model
+only hands them to ``smooth_gemm``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
@@ -19,27 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.config import ModelConfig
-from models.weights import DENSE as GEMM_WEIGHTS, quantize_blocks
-from xyjax.kv_cache import KVCache
-from xyjax.gemm_profile import GemmProfile
-from xyjax.ops import meta_attention, smooth_gemm
-from xyjax.step_inputs import StepInputs
-
-
-@dataclasses.dataclass(frozen=True)
-class Backends:
-    """Which backend each op uses, and the gemm backend's profile of tunables per shape (static)."""
-
-    attention: str = "xla"
-    gemm: str = "xla"
-    gemm_profile: GemmProfile | None = None
-
-    def smooth_gemm(self, x, w, m, *, layer=None, transpose_w: bool = False, quant_block: int = 0):
-        """``smooth_gemm`` on this gemm backend with the profiled tunables of x's bucket and the [K, N] shape."""
-        K, N = x.shape[1], w.shape[-2] if transpose_w else w.shape[-1]
-        tuning = self.gemm_profile.params(x.shape[0], K, N, transpose_w) if self.gemm_profile else None
-        return smooth_gemm(x, w, m, layer=layer, transpose_w=transpose_w, quant_block=quant_block,
-                           backend=self.gemm, tuning=tuning)
+from models.weights import DENSE
+from xyjax.ops import Backends, KVCache, StepInputs
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -81,15 +61,14 @@ def forward(params: dict, kv: KVCache, inputs: StepInputs, *, cfg: ModelConfig,
     cos, sin = jnp.cos(jnp.concatenate([angles] * 2, -1)), jnp.sin(jnp.concatenate([angles] * 2, -1))
     # The dense weights stay stacked [L, out, in] and are read by layer index (the ffi backend in place);
     # only the small per-layer params are scanned over.
-    dense = {name: params["layers"][name] for name in GEMM_WEIGHTS}
-    scanned_params = {name: p for name, p in params["layers"].items() if name not in GEMM_WEIGHTS}
+    dense = {name: params["layers"][name] for name in DENSE}
+    scanned_params = {name: p for name, p in params["layers"].items() if name not in DENSE}
     num_tokens = x.shape[0]
 
     def layer(carry, scanned):
         x, kv = carry
         index, p = scanned
-        gemm = lambda a, name: backends.smooth_gemm(a, dense[name], m, layer=index, transpose_w=True,  # noqa: E731
-                                                    quant_block=cfg.quant_block)
+        gemm = lambda a, name: backends.smooth_gemm(a, dense[name], m, layer=index, transpose_w=True)  # noqa: E731
         h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
         qkv = gemm(h, "wqkv")
         if "bqkv" in p:
@@ -98,7 +77,7 @@ def forward(params: dict, kv: KVCache, inputs: StepInputs, *, cfg: ModelConfig,
         q = apply_rope(q.reshape(num_tokens, cfg.num_heads, cfg.head_dim), cos, sin)
         k = apply_rope(k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim), cos, sin)
         kv = kv.write(index, k, v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim), inputs.slot_mapping)
-        attn = meta_attention(q, kv, index, inputs.attention, backend=backends.attention)
+        attn = backends.meta_attention(q, kv, index, inputs.attention)
         x = x + gemm(attn.reshape(num_tokens, cfg.q_size), "wo")
         h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
         gate, up = jnp.split(gemm(h, "w_gate_up"), 2, axis=-1)
@@ -113,7 +92,7 @@ def forward(params: dict, kv: KVCache, inputs: StepInputs, *, cfg: ModelConfig,
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.05) -> dict:
-    """Random params with the right structure (for tests and tiny configs)."""
+    """Random plain params with the right structure (for tests and tiny configs)."""
     L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
     qkv = cfg.q_size + 2 * cfg.kv_size
     shapes = {"wqkv": (L, qkv, D), "wo": (L, D, cfg.q_size), "w_gate_up": (L, 2 * F, D), "w_down": (L, D, F)}
@@ -122,9 +101,6 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: floa
     keys = iter(jax.random.split(key, len(shapes) + 5))   # + norms, embed, final norm, lm_head
     normal = lambda shape: (scale * jax.random.normal(next(keys), shape)).astype(dtype)  # noqa: E731
     layers = {name: normal(shape) for name, shape in shapes.items()}
-    if cfg.quant_block:   # the random matrices' block quantizations, in the split layout
-        layers.update({name: jnp.asarray(quantize_blocks(np.asarray(layers[name]), cfg.quant_block), dtype)
-                       for name in GEMM_WEIGHTS})
     layers["attn_norm"] = (1.0 + normal((L, D))).astype(dtype)
     layers["mlp_norm"] = (1.0 + normal((L, D))).astype(dtype)
     params = {"embed": normal((cfg.vocab_size, D)), "final_norm": (1.0 + normal((D,))).astype(dtype),
@@ -132,3 +108,12 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: floa
     if not cfg.tie_word_embeddings:
         params["lm_head"] = normal((cfg.vocab_size, D))
     return params
+
+
+def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int, bool]]:
+    """(K, N, transpose_w) of each linear layer, as ``forward`` calls ``smooth_gemm``."""
+    return {"qkv": (cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, True),
+            "o": (cfg.q_size, cfg.hidden_size, True),
+            "gate_up": (cfg.hidden_size, 2 * cfg.intermediate_size, True),
+            "down": (cfg.intermediate_size, cfg.hidden_size, True),
+            "lm_head": (cfg.hidden_size, cfg.vocab_size, True)}

@@ -9,6 +9,8 @@ import sys
 import tempfile
 import zipfile
 
+from xyjax.ops import paths
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
@@ -30,10 +32,8 @@ KNOWN_MODELS = {
 
 
 def cache_dir() -> str:
-    """Where fetched models live: the models folder of xyjax's cache root (``default_cache_dir``)."""
-    from xyjax.config import default_cache_dir
-
-    return os.path.join(default_cache_dir(), "models")
+    """Where fetched models live: the models folder of xyjax's cache root."""
+    return paths.cache_dir("models")
 
 
 def fetch(name: str) -> str:

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.llama import forward
-from xyjax.kv_cache import KVCache
-from xyjax.step_inputs import StepInputs
-from xyjax.tiling import attention_metadata
+from xyjax.ops.kv_cache import KVCache
+from xyjax.ops.step_inputs import StepInputs
+from xyjax.ops.attention.tiling import attention_metadata
 
 
 @functools.lru_cache(maxsize=None)

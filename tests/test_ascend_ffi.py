@@ -6,7 +6,8 @@ import re
 import pytest
 
 import ascend_ffi
-from ascend_ffi import Field, MaskKind
+from xyjax.ops.attention import contract
+from xyjax.ops.attention.contract import Field, MaskKind
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +25,9 @@ def test_abi_version(lib):
 
 
 def test_row_layout(lib):
-    assert lib.xyjax_tile_num_fields() == ascend_ffi.NUM_FIELDS == len(Field)
-    assert lib.xyjax_tile_row_bytes() == 4 * ascend_ffi.NUM_FIELDS
-    assert [f.value for f in Field] == list(range(ascend_ffi.NUM_FIELDS))
+    assert lib.xyjax_tile_num_fields() == contract.NUM_FIELDS == len(Field)
+    assert lib.xyjax_tile_row_bytes() == 4 * contract.NUM_FIELDS
+    assert [f.value for f in Field] == list(range(contract.NUM_FIELDS))
 
 
 def test_fields_agree_by_name_and_by_index(lib):
@@ -35,18 +36,18 @@ def test_fields_agree_by_name_and_by_index(lib):
         assert lib.xyjax_tile_field_index(name) == field.value, field
         assert lib.xyjax_tile_field_name(field.value) == name, field
     # Nothing beyond the fields on either side.
-    assert lib.xyjax_tile_field_name(ascend_ffi.NUM_FIELDS) is None
+    assert lib.xyjax_tile_field_name(contract.NUM_FIELDS) is None
     assert lib.xyjax_tile_field_name(-1) is None
     assert lib.xyjax_tile_field_index(b"no_such_field") == -1
 
 
 def test_mask_kinds_agree(lib):
-    assert lib.xyjax_tile_num_mask_kinds() == ascend_ffi.NUM_MASK_KINDS == len(MaskKind)
+    assert lib.xyjax_tile_num_mask_kinds() == contract.NUM_MASK_KINDS == len(MaskKind)
     for kind in MaskKind:
         name = kind.name.lower().encode()
         assert lib.xyjax_tile_mask_kind(name) == kind.value, kind
         assert lib.xyjax_tile_mask_kind_name(kind.value) == name, kind
-    assert lib.xyjax_tile_mask_kind_name(ascend_ffi.NUM_MASK_KINDS) is None
+    assert lib.xyjax_tile_mask_kind_name(contract.NUM_MASK_KINDS) is None
 
 
 def test_header_text_matches_python():
@@ -54,8 +55,8 @@ def test_header_text_matches_python():
     header = (ascend_ffi.include_dir() / "xyjax" / "tile_contract.h").read_text()
     fields = dict(re.findall(r"XYJAX_TASK_(\w+) = (\d+)", header))
     masks = dict(re.findall(r"XYJAX_MASK_(\w+) = (\d+)", header))
-    assert int(fields.pop("NUM_FIELDS")) == ascend_ffi.NUM_FIELDS
-    assert int(masks.pop("NUM_KINDS")) == ascend_ffi.NUM_MASK_KINDS
+    assert int(fields.pop("NUM_FIELDS")) == contract.NUM_FIELDS
+    assert int(masks.pop("NUM_KINDS")) == contract.NUM_MASK_KINDS
     assert {k: int(v) for k, v in fields.items()} == {f.name: f.value for f in Field}
     assert {k: int(v) for k, v in masks.items()} == {m.name: m.value for m in MaskKind}
     version = re.search(r"#define XYJAX_TILE_ABI_VERSION (\d+)", header)

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ascend_ffi import NUM_FIELDS, Field, MaskKind
+from xyjax.ops.attention.contract import NUM_FIELDS, Field, MaskKind
 from test_ops import (HAND_ROWS, SHAPES, SPLIT_TOL, Shapes, attention, contract_case, contract_seq, empty_tree_case,
                       hand_case, ragged_case, task_reference)
-from xyjax.kv_cache import KVCache
+from xyjax.ops.kv_cache import KVCache
 from xyjax.ops import AttentionMetadata, TaskTable, meta_attention
 
 TOL = dict(rtol=2e-5, atol=2e-5)
@@ -157,8 +157,8 @@ def test_long_decodes_split_and_a_split_tree():
 
 
 def test_tables_from_tiling_with_splits_and_a_tree():
-    """What xyjax.tiling emits for 2 lanes with splits allowed (long decodes split, block-aligned) and a tree."""
-    from xyjax import tiling
+    """What xyjax.ops.attention.tiling emits for 2 lanes with splits allowed (long decodes split, block-aligned) and a tree."""
+    from xyjax.ops.attention import tiling
 
     rng = np.random.default_rng(13)
     q, kv, meta, _ = ragged_case(rng, [1, 1, 5, 9], [1500, 90, 40, 30], heads=6, kv_heads=2, dim=64, block_size=16,
@@ -354,7 +354,7 @@ def test_block_table_entry_outside_the_cache_fails():
 
 
 def test_eager_call_with_host_metadata():
-    """Outside jit, with the metadata as numpy arrays (as xyjax.tiling builds it)."""
+    """Outside jit, with the metadata as numpy arrays (as xyjax.ops.attention.tiling builds it)."""
     rng = np.random.default_rng(8)
     q, kv, meta, expected = ragged_case(rng, [3, 1], [4, 10])
     np.testing.assert_allclose(np.asarray(meta_attention(q, kv, 1, meta, backend="ffi")), expected, **TOL)

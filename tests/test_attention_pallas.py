@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from test_ops import paged_batch
 
-from ascend_ffi import NUM_FIELDS, Field, MaskKind
-from xyjax.kv_cache import KVCache
+from xyjax.ops.attention.contract import NUM_FIELDS, Field, MaskKind
+from xyjax.ops.kv_cache import KVCache
 from xyjax.ops import TaskTable, meta_attention
-from xyjax.ops.attention_pallas import attend_pallas, attend_reference, meta_attention_pallas
-from xyjax.tiling import attention_metadata
+from xyjax.ops.attention.pallas import attend_pallas, attend_reference, meta_attention_pallas
+from xyjax.ops.attention.tiling import attention_metadata
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 pallas = jax.jit(meta_attention_pallas, static_argnames=("interpret",))
@@ -73,7 +73,7 @@ def tasks_seq_of(tasks, row):
 def make_case(rng, q_lens, histories, *, heads=4, kv_heads=2, dim=16, block_size=4, T=64, S=8, pages=16,
               num_blocks=96, tile=4, layers=2, **tiling):
     """Random cache with each sequence's KV in shuffled blocks, at fixed (bucket) shapes; returns q, the cache,
-    the AttentionMetadata of xyjax.tiling and the float64 expected output of every layer [L, T, H, D]."""
+    the AttentionMetadata of xyjax.ops.attention.tiling and the float64 expected output of every layer [L, T, H, D]."""
     kv_lens = [n + h for n, h in zip(q_lens, histories)]
     q, k, v, q_start, q_len, kv_len, tables = paged_batch(
         rng, q_lens, kv_lens, layers=layers, heads=heads, kv_heads=kv_heads, dim=dim, block_size=block_size, T=T,
@@ -295,7 +295,7 @@ def test_tree_masks_and_split_tree_tasks():
 
 
 def test_planner_splits_and_trees_end_to_end():
-    """Tables as xyjax.tiling builds them with straggler KV splits (lanes, max_splits) and a speculative token
+    """Tables as xyjax.ops.attention.tiling builds them with straggler KV splits (lanes, max_splits) and a speculative token
     tree (trees=, meta.tree_mask), through the meta_attention wiring."""
     rng = np.random.default_rng(12)
     parents = [-1, 0, 0, 1, 2, 1]

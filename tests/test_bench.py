@@ -10,9 +10,9 @@ import pytest
 
 from models.llama import forward
 from xyjax.bench import WORKLOADS, NaiveGenerator, Workload, make_requests, summarize
-from xyjax.kv_cache import KVCache
-from xyjax.step_inputs import StepInputs
-from xyjax.tiling import attention_metadata
+from xyjax.ops.kv_cache import KVCache
+from xyjax.ops.step_inputs import StepInputs
+from xyjax.ops.attention.tiling import attention_metadata
 
 VOCAB = 49152
 
@@ -127,12 +127,12 @@ def test_naive_run_records(tiny_model):
 def test_roofline_counts_the_workload_by_hand(tiny_model):
     """Dense FLOPs per token are twice the GEMM weights' parameters; a 3-token prompt with 2 outputs computes 4
     positions (the last output is never fed back), 1 + 2 + 3 + 4 causal pairs and 2 LM-head rows."""
-    from models.llama import GEMM_WEIGHTS
+    from models.weights import DENSE
     from xyjax.bench.roofline import dense_flops_per_token, params_bytes, roofline, workload_work
     from xyjax.bench.workload import BenchRequest
 
     cfg, params = tiny_model.config, tiny_model.params
-    gemm_params = sum(params["layers"][name].size for name in GEMM_WEIGHTS)
+    gemm_params = sum(params["layers"][name].size for name in DENSE)
     assert dense_flops_per_token(cfg) == 2 * gemm_params
     weight_bytes = params_bytes(params)
     assert weight_bytes == 4 * sum(x.size for x in jax.tree.leaves(params))

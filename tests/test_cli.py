@@ -27,7 +27,7 @@ def test_engine_option_flags_reach_the_engine_config(monkeypatch):
 
     from xyjax import cli
     from xyjax.bench import runs
-    from xyjax.config import EngineConfig
+    from xyjax.engine.config import EngineConfig
 
     seen = {}
     monkeypatch.setattr(runs, "bench", lambda *args, **options: seen.update(options))

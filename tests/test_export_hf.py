@@ -13,7 +13,8 @@ from conftest import TINY
 from models.hf_export import export_hf
 from models.llama import init_params
 from models.loader import LoadedModel, load
-from models.weights import DENSE, merge_blocks
+from models.weights import DENSE
+from xyjax.ops.gemm.formats import quantize_blocks
 from reference import reference_logits
 
 
@@ -25,17 +26,18 @@ def test_round_trip_and_transformers_logits(tmp_path, tiny_model, variant):
         model = LoadedModel(name="tiny-qwen", config=cfg, params=init_params(cfg, jax.random.key(1), scale=0.2),
                             tokenizer=tiny_model.tokenizer, dtype=tiny_model.dtype)
         expected = model.params
-    if variant == "split-blocks":   # dense matrices in the split block layout: exported merged (plain)
-        cfg = dataclasses.replace(TINY, quant_block=32)
-        model = LoadedModel(name="tiny-q4", config=cfg, params=init_params(cfg, jax.random.key(2), scale=0.2),
+    if variant == "split-blocks":   # dense matrices block-quantized (SplitBlocks): exported as their dense view
+        params = init_params(TINY, jax.random.key(2), scale=0.2)
+        split = {k: quantize_blocks(np.asarray(v)) if k in DENSE else v for k, v in params["layers"].items()}
+        model = LoadedModel(name="tiny-q4", config=TINY, params=dict(params, layers=split),
                             tokenizer=tiny_model.tokenizer, dtype=tiny_model.dtype)
-        layers = {k: merge_blocks(np.asarray(v), 32) if k in DENSE else v for k, v in model.params["layers"].items()}
-        expected = dict(model.params, layers=layers)
+        layers = {k: v.dense() if k in DENSE else v for k, v in split.items()}
+        expected = dict(params, layers=layers)
     directory = str(tmp_path / "hf")
     export_hf(model, directory)
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(directory))
     back = load(directory, progress=False)
-    assert back.config == dataclasses.replace(model.config, quant_block=0)
+    assert back.config == model.config
     flat, _ = jax.tree.flatten_with_path(expected)
     again = dict(jax.tree.flatten_with_path(back.params)[0])
     for path, value in flat:

@@ -12,11 +12,13 @@ from hypothesis import example, given, settings, strategies as st
 
 import ascend_ffi
 from ascend_ffi import blas
-from models.weights import DENSE, merge_blocks, quantize_blocks
-from xyjax import LLM, SamplingParams, gemm_profile
-from xyjax.config import EngineConfig
+from models.weights import DENSE
+from xyjax import LLM, SamplingParams
+from xyjax.ops.gemm import profile as gemm_profile
+from xyjax.engine.config import EngineConfig
 from xyjax.ops import smooth_gemm
-from xyjax.ops.gemm import pack_tiles, unpack_tiles
+from xyjax.ops.gemm import prepare_weights
+from xyjax.ops.gemm.formats import SplitBlocks, TileWeights, pack_tiles, quantize_blocks
 
 gemm = jax.jit(smooth_gemm, static_argnames=("backend", "transpose_w"))
 BACKENDS = ("ffi", "xla")
@@ -104,25 +106,25 @@ def test_amx_kernel_is_float32_accurate(K, N):
 
 @pytest.mark.parametrize("K, N", [(576, 960), (1536, 100), (64, 70)])
 def test_split_block_layout_equals_the_merged_weights(K, N):
-    """quant_block=32: w = [d * q | m], a 4-bit block quantization in the split layout, stacked and read by layer.
+    """SplitBlocks: w = [d * q | m], a 4-bit block quantization in the split layout, stacked and read by layer.
     x_ext @ w^T equals x @ (d * q + m)^T to float32 accuracy (scaled by |x_ext| @ |w|^T) on every ffi path (the
     AMX kernel's two-part weights where the CPU has AMX, the BLAS, the streaming kernel) and on xla; padding
     rows (NaN in x) are zero."""
     rng = np.random.default_rng(K + N)
-    split = quantize_blocks(rng.standard_normal((2, N, K)).astype(np.float32), 32)   # [2, N, K + K / 32]
-    merged = merge_blocks(split, 32).astype(np.float64)
+    split = quantize_blocks(rng.standard_normal((2, N, K)).astype(np.float32), 32)   # data [2, N, K + K / 32]
+    assert split.shape == (2, N, K) and split.data.shape == (2, N, K + K // 32)
+    merged = np.asarray(split.dense(), np.float64)
     x = rng.standard_normal((40, K)).astype(np.float32)
     x_ext = np.abs(np.concatenate([x, x.reshape(40, K // 32, 32).sum(-1)], 1)).astype(np.float64)
     paths = {"xla": ("xla", None), "blas": ("ffi", dict(stream_rows=0, amx_rows=0)),
              "stream": ("ffi", dict(stream_rows=64, amx_rows=0)), "amx": ("ffi", dict(stream_rows=0, amx_rows=1))}
     for m, layer in ((1, 0), (17, 1), (33, 0), (40, 1)):
         full = x[:m].astype(np.float64) @ merged[layer].T
-        scale = x_ext[:m] @ np.abs(split[layer]).astype(np.float64).T
+        scale = x_ext[:m] @ np.abs(split.data[layer]).astype(np.float64).T
         xs = x.copy()
         xs[m:] = np.nan
         for name, (backend, tuning) in paths.items():
-            out = np.asarray(smooth_gemm(xs, split, m, layer=layer, transpose_w=True, quant_block=32, backend=backend,
-                                         tuning=tuning))
+            out = np.asarray(smooth_gemm(xs, split, m, layer=layer, transpose_w=True, backend=backend, tuning=tuning))
             assert np.max(np.abs(out[:m] - full) / scale) < 1e-6, (name, m)
             assert not out[m:].any(), (name, m)
 
@@ -133,38 +135,51 @@ def test_tile_weights_hold_the_split_layout():
     the product equals the two-part AMX path's on the float32 split layout bit for bit, for every layer and m; on
     xla it equals the split layout's."""
     rng = np.random.default_rng(9)
-    split = quantize_blocks(rng.standard_normal((2, 70, 96)).astype(np.float32), 32)   # [2, 70, 99]
+    split = quantize_blocks(rng.standard_normal((2, 70, 96)).astype(np.float32), 32)   # data [2, 70, 99]
     tiles = pack_tiles(split)
-    assert tiles.shape == (2, 70, 99) and tiles.tiles.shape == (2, 80, 4, 2, 32)
-    np.testing.assert_array_equal(np.asarray(unpack_tiles(tiles)), split)
+    assert tiles.shape == (2, 70, 96) and tiles.tiles.shape == (2, 80, 4, 2, 32)
+    np.testing.assert_array_equal(np.asarray(tiles.stored()), split.data)
+    np.testing.assert_array_equal(np.asarray(tiles.dense()), np.asarray(split.dense()))
     x = rng.standard_normal((40, 96)).astype(np.float32)
     for m, layer in ((1, 0), (16, 1), (17, 0), (40, 1)):
-        xla = smooth_gemm(x, tiles, m, layer=layer, transpose_w=True, quant_block=32)
-        np.testing.assert_array_equal(np.asarray(xla),
-                                      np.asarray(smooth_gemm(x, split, m, layer=layer, transpose_w=True,
-                                                             quant_block=32)))
+        xla = smooth_gemm(x, tiles, m, layer=layer, transpose_w=True)
+        np.testing.assert_array_equal(np.asarray(xla), np.asarray(smooth_gemm(x, split, m, layer=layer,
+                                                                              transpose_w=True)))
         if ascend_ffi.load().xyjax_gemm_amx():
-            ffi = smooth_gemm(x, tiles, m, layer=layer, transpose_w=True, quant_block=32, backend="ffi")
-            amx = smooth_gemm(x, split, m, layer=layer, transpose_w=True, quant_block=32, backend="ffi",
+            ffi = smooth_gemm(x, tiles, m, layer=layer, transpose_w=True, backend="ffi")
+            amx = smooth_gemm(x, split, m, layer=layer, transpose_w=True, backend="ffi",
                               tuning=dict(stream_rows=0, amx_rows=1))
             np.testing.assert_array_equal(np.asarray(ffi), np.asarray(amx))
     with pytest.raises(ValueError, match="not exact in two bfloat16 parts"):
         pack_tiles(rng.standard_normal((16, 32)).astype(np.float32))
     with pytest.raises(ValueError, match="transpose_w=True"):
-        smooth_gemm(x, tiles, 1, layer=0, quant_block=32)
+        smooth_gemm(x, tiles, 1, layer=0)
 
 
 def test_split_block_layout_errors():
     x = jnp.ones((4, 64))
-    with pytest.raises(ValueError, match="quant_block=32 needs transpose_w"):
-        smooth_gemm(x, jnp.ones((66, 8)), 4, quant_block=32)
-    with pytest.raises(ValueError, match="w's rows hold K \+ K / 32"):
-        smooth_gemm(x, jnp.ones((8, 64)), 4, transpose_w=True, quant_block=32)
-    with pytest.raises(ValueError, match="quant_block must be 0 or 32"):
-        smooth_gemm(x, jnp.ones((8, 68)), 4, transpose_w=True, quant_block=16, backend="ffi")
-    with pytest.raises(ValueError, match="float32 only"):
-        smooth_gemm(x.astype(jnp.bfloat16), jnp.ones((8, 66), jnp.bfloat16), 4, transpose_w=True, quant_block=32,
+    with pytest.raises(ValueError, match="SplitBlocks holds transposed weights"):
+        smooth_gemm(x, SplitBlocks(jnp.ones((8, 66)), 32), 4)
+    with pytest.raises(ValueError, match=r"do not chain"):
+        smooth_gemm(x, SplitBlocks(jnp.ones((8, 33)), 32), 4, transpose_w=True)
+    with pytest.raises(ValueError, match=r"blocks of \(32,\)"):
+        smooth_gemm(x, SplitBlocks(jnp.ones((8, 68)), 16), 4, transpose_w=True, backend="ffi")
+    with pytest.raises(ValueError, match="float32 x"):
+        smooth_gemm(x.astype(jnp.bfloat16), SplitBlocks(jnp.ones((8, 66), jnp.bfloat16), 32), 4, transpose_w=True,
                     backend="ffi")
+
+
+def test_prepare_weights_layouts():
+    """prepare_weights holds SplitBlocks as asked, leaves other leaves alone, and names a bad layout."""
+    split = quantize_blocks(np.random.default_rng(0).standard_normal((2, 16, 64)).astype(np.float32))
+    params = {"w": split, "norm": jnp.ones(4)}
+    plain = prepare_weights(params, "xla")
+    assert not isinstance(plain["w"], SplitBlocks) and plain["norm"] is params["norm"]
+    np.testing.assert_array_equal(np.asarray(plain["w"]), np.asarray(split.dense()))
+    assert prepare_weights(params, "ffi", "split")["w"] is split
+    assert isinstance(prepare_weights(params, "ffi", "tiles")["w"], TileWeights)
+    with pytest.raises(ValueError, match="weight layout must be one of auto, plain, split, tiles, got 'q4'"):
+        prepare_weights(params, "ffi", "q4")
 
 
 def test_fused_weights_equal_separate_gemms():
@@ -291,26 +306,20 @@ def test_engine_greedy_identical_with_ffi_and_xla_gemm(tiny_model):
 
 
 def test_engine_greedy_identical_with_split_and_merged_weights(tiny_model):
-    """The tiny model's dense matrices block-quantized: in the split layout (quant_block=32) on the ffi and xla
-    backends, as TileWeights on ffi (AMX CPUs), and merged into plain weights: the engine's greedy tokens are the
-    same."""
-    cfg = dataclasses.replace(tiny_model.config, quant_block=32)
-    layers = tiny_model.params["layers"]
-    split = {name: jnp.asarray(quantize_blocks(np.asarray(w), 32)) if name in DENSE else w
-             for name, w in layers.items()}
-    merged = {name: jnp.asarray(merge_blocks(np.asarray(w), 32)) if name in DENSE else w for name, w in split.items()}
-    models = {"split-ffi": (cfg, split, "ffi"), "split-xla": (cfg, split, "xla"),
-              "merged": (tiny_model.config, merged, "ffi")}
+    """The tiny model's dense matrices block-quantized (SplitBlocks), held by the engine in the split layout on the
+    ffi backend, as TileWeights on ffi (AMX CPUs), plain on ffi and xla: the engine's greedy tokens are the same."""
+    layers = {name: quantize_blocks(np.asarray(w), 32) if name in DENSE else w
+              for name, w in tiny_model.params["layers"].items()}
+    model = dataclasses.replace(tiny_model, params=dict(tiny_model.params, layers=layers))
+    runs = {"split-ffi": ("split", "ffi"), "plain-xla": ("auto", "xla"), "merged": ("plain", "ffi")}
     if ascend_ffi.load().xyjax_gemm_amx():
-        models["tiles-ffi"] = (cfg, {name: pack_tiles(np.asarray(w)) if name in DENSE else w
-                                     for name, w in split.items()}, "ffi")
+        runs["tiles-ffi"] = ("tiles", "ffi")
     rng = np.random.default_rng(6)
     prompts = [rng.integers(3, 49000, n).tolist() for n in (45, 3, 20, 9)]
     sampling = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     tokens = {}
-    for name, (config, layers, backend) in models.items():
-        model = dataclasses.replace(tiny_model, config=config, params=dict(tiny_model.params, layers=layers))
+    for name, (layout, backend) in runs.items():
         llm = LLM(model, block_size=4, max_num_batched_tokens=32, max_num_seqs=4, gemm_backend=backend,
-                  progress=False)
+                  weight_layout=layout, progress=False)
         tokens[name] = [out.token_ids for out in llm.generate(prompts, sampling)]
     assert all(t == tokens["merged"] for t in tokens.values()), tokens

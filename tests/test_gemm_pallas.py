@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from xyjax.ops.gemm_pallas import GemmTiling, smooth_gemm_pallas, smooth_gemm_reference
+from xyjax.ops.gemm.pallas import GemmTiling, smooth_gemm_pallas, smooth_gemm_reference
 
 tilings = st.builds(GemmTiling, block_m=st.sampled_from([16, 32, 64]), block_n=st.sampled_from([16, 32, 64]),
                     block_k=st.sampled_from([16, 32]), m_major=st.booleans())

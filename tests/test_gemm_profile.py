@@ -5,13 +5,15 @@ import json
 import jax
 import pytest
 
-from xyjax import gemm_profile
-from xyjax.gemm_profile import GemmProfile
+from models.llama import linear_shapes
+from xyjax.ops.gemm import profile as gemm_profile
+from xyjax.ops.gemm.profile import GemmProfile
 
 TABLE = GemmProfile(device="cpu", backend="ffi", entries=(
-    ((16, 64, 96, False), (("threads", 1),)),
-    ((64, 64, 96, False), (("threads", 2),)),
-    ((16, 64, 500, True), (("threads", 2),)),
+    (("plain", 16, 64, 96, False), (("threads", 1),)),
+    (("plain", 64, 64, 96, False), (("threads", 2),)),
+    (("plain", 16, 64, 500, True), (("threads", 2),)),
+    (("split", 16, 64, 500, True), (("threads", 3),)),
 ))
 
 
@@ -24,13 +26,15 @@ def test_json_round_trip(tmp_path):
 
 
 def test_lookup_takes_the_smallest_profiled_bucket_that_covers_t():
-    assert TABLE.params(8, 64, 96) == {"threads": 1}
-    assert TABLE.params(16, 64, 96) == {"threads": 1}
-    assert TABLE.params(17, 64, 96) == {"threads": 2}
-    assert TABLE.params(512, 64, 96) == {"threads": 2}       # past the largest: the largest
-    assert TABLE.params(16, 64, 500, transpose_w=True) == {"threads": 2}
-    assert TABLE.params(16, 64, 500) == {}                    # other layout: never profiled, defaults
-    assert TABLE.params(16, 32, 96) == {}
+    assert TABLE.params("plain", 8, 64, 96) == {"threads": 1}
+    assert TABLE.params("plain", 16, 64, 96) == {"threads": 1}
+    assert TABLE.params("plain", 17, 64, 96) == {"threads": 2}
+    assert TABLE.params("plain", 512, 64, 96) == {"threads": 2}       # past the largest: the largest
+    assert TABLE.params("plain", 16, 64, 500, transpose_w=True) == {"threads": 2}
+    assert TABLE.params("split", 16, 64, 500, transpose_w=True) == {"threads": 3}   # keyed by weight format
+    assert TABLE.params("tiles", 16, 64, 500, transpose_w=True) == {}   # a format never profiled: its defaults
+    assert TABLE.params("plain", 16, 64, 500) == {}                    # other orientation: never profiled
+    assert TABLE.params("plain", 16, 32, 96) == {}
 
 
 def test_default_path_is_keyed_by_device_and_backend(monkeypatch, tmp_path):
@@ -47,7 +51,8 @@ def test_profile_sweeps_every_candidate_and_keeps_the_fastest():
     table, timings = gemm_profile.profile(shapes, [16, 32], "ffi", repeat=1, stream_bytes=1 << 16)
     assert table.backend == "ffi" and len(table.entries) == 4
     assert set(timings) == {"a T=16", "a T=32", "head T=16", "head T=32"}
-    for (T, K, N, tr), params in table.entries:
+    for (fmt, T, K, N, tr), params in table.entries:
+        assert fmt == "plain"
         name = "a" if N == 48 else "head"
         ms = timings[f"{name} T={T}"]
         assert len(ms) == len(gemm_profile.candidates("ffi"))
@@ -71,7 +76,7 @@ def test_engine_runs_the_profiled_tunables(monkeypatch, tmp_path, tiny_model):
     cfg = tiny_model.config
     odd = (("lanes", 1), ("m_align", 16), ("split_rows", True), ("stream_rows", 0))
     table = GemmProfile(device=jax.devices()[0].device_kind, backend="ffi", entries=tuple(
-        ((T, K, N, tr), odd) for K, N, tr in gemm_profile.linear_shapes(cfg).values() for T in (16, 32)))
+        (("plain", T, K, N, tr), odd) for K, N, tr in linear_shapes(cfg).values() for T in (16, 32)))
     prompts = [[5, 9, 200, 7, 11, 3, 90, 4, 8, 1000, 33], [17, 4]]
     sampling = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     options = dict(block_size=4, max_num_batched_tokens=32, max_num_seqs=4, progress=False)
@@ -81,7 +86,7 @@ def test_engine_runs_the_profiled_tunables(monkeypatch, tmp_path, tiny_model):
     table.save(gemm_profile.default_path(table.device, "ffi"))
     tuned = LLM(tiny_model, gemm_backend="ffi", **options)
     assert tuned.engine.backends.gemm_profile == table
-    K, N, _ = gemm_profile.linear_shapes(cfg)["qkv"]
+    K, N, _ = linear_shapes(cfg)["qkv"]
     hlo = jax.jit(lambda x, w: tuned.engine.backends.smooth_gemm(x, w, 3, transpose_w=True)).lower(
         jax.numpy.zeros((16, K)), jax.numpy.zeros((N, K))).as_text()
     assert "m_align = 16" in hlo and "split_rows = true" in hlo and "stream_rows = 0" in hlo

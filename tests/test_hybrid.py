@@ -163,8 +163,8 @@ from models.tokenizer import Tokenizer
 hits = []
 jax.monitoring.register_event_listener(lambda e, **kw: hits.append(e) if e.endswith("cache_hits") else None)
 model = LoadedModel("tiny", TINY, init_params(TINY, jax.random.key(0)), None, jnp.dtype("float32"))
-from xyjax.engine import Engine
-from xyjax.config import EngineConfig
+from xyjax.engine.engine import Engine
+from xyjax.engine.config import EngineConfig
 engine = Engine(model, EngineConfig(max_num_batched_tokens=32, max_num_seqs=4,
                                     compilation_cache_dir={str(tmp_path)!r}), progress=False)
 print(json.dumps(dict(compiles=engine.runner.compiles, hits=len(hits))))

@@ -3,11 +3,13 @@
 import json
 
 import jax.numpy as jnp
+import jax
 import numpy as np
 import pytest
 
 from models.gguf_loader import dequantize, load_gguf, permute_qk, read_gguf, split_q4_1, unpermute_qk
-from models.weights import DENSE, merge_blocks, quantize_blocks
+from models.weights import DENSE
+from xyjax.ops.gemm.formats import SplitBlocks, quantize_blocks
 from models.hf_loader import load_hf
 from models.loader import load
 
@@ -59,7 +61,7 @@ def test_unsupported_tensor_type_is_named(tmp_path):
 
 def test_q4_1_split_layout_is_the_files_weights(tmp_path):
     """A Q4_1 tensor written by gguf's own quantizer: split_q4_1 gives [d * q | m], which merges into gguf's
-    dequantization exactly, whose parts are exact bfloat16 pairs, and which models.weights.quantize_blocks
+    dequantization exactly, whose parts are exact bfloat16 pairs, and which quantize_blocks
     reproduces from the float values (the same rounding)."""
     gguf = pytest.importorskip("gguf")
 
@@ -74,25 +76,27 @@ def test_q4_1_split_layout_is_the_files_weights(tmp_path):
     tensor = read_gguf(str(path)).tensors[0]
     split = split_q4_1(tensor)
     assert split.shape == (8, 96 + 3)
-    np.testing.assert_array_equal(merge_blocks(split, 32), dequantize(tensor, np.float32))
+    np.testing.assert_array_equal(SplitBlocks(split, 32).dense(), dequantize(tensor, np.float32))
     hi = split.astype(jnp.bfloat16).astype(np.float32)
     np.testing.assert_array_equal(hi + (split - hi).astype(jnp.bfloat16).astype(np.float32), split)
-    np.testing.assert_array_equal(quantize_blocks(values, 32), split)
+    np.testing.assert_array_equal(quantize_blocks(values, 32).data, split)
 
 
-def test_real_q4_1_model_loads_split_and_plain(gguf_path):
-    """The default model (all dense matrices Q4_1) loads in the split layout or plain; the split weights merge
-    into the plain ones exactly; the embedding (Q8_0) and norms are the same either way. A bfloat16 load and an
-    unknown layout name."""
-    split, plain = (load(gguf_path, progress=False, weight_layout=layout) for layout in ("split", "plain"))
-    assert (split.config.quant_block, plain.config.quant_block) == (32, 0)
-    for name, w in split.params["layers"].items():
-        expected = np.asarray(plain.params["layers"][name])
-        np.testing.assert_array_equal(merge_blocks(w, 32) if name in DENSE else w, expected, err_msg=name)
-    np.testing.assert_array_equal(split.params["embed"], plain.params["embed"])
-    assert load(gguf_path, dtype="bfloat16", progress=False, weight_layout="split").config.quant_block == 0
-    with pytest.raises(ValueError, match="weight_layout must be one of auto, plain, split, tiles, got 'q4'"):
-        load(gguf_path, progress=False, weight_layout="q4")
+def test_real_q4_1_model_loads_its_blocks(gguf_path):
+    """The default model (all dense matrices Q4_1) loads them as SplitBlocks, whose dense view is gguf's own
+    dequantization; the embedding (Q8_0) and norms are plain. A bfloat16 load holds every weight plain, the
+    float32 weights rounded."""
+    model = load(gguf_path, progress=False)
+    reader = read_gguf(gguf_path)
+    for name in DENSE:
+        assert isinstance(model.params["layers"][name], SplitBlocks), name
+    up = next(t for t in reader.tensors if t.name == "blk.0.ffn_up.weight")
+    gate_up = np.asarray(model.params["layers"]["w_gate_up"].dense())[0]
+    np.testing.assert_array_equal(gate_up[gate_up.shape[0] // 2:], dequantize(up, np.float32))
+    half = load(gguf_path, dtype="bfloat16", progress=False)
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(half.params))
+    np.testing.assert_array_equal(np.asarray(half.params["layers"]["w_gate_up"][0], np.float32),
+                                  np.asarray(jnp.asarray(gate_up, jnp.bfloat16), np.float32))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

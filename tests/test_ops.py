@@ -1,7 +1,7 @@
 """xla backends of meta_attention / smooth_gemm and the KV write, against float64 numpy references.
 
 Also the shared builders of attention cases (imported by test_attention_ffi.py): ``ragged_case`` (tables from
-xyjax.tiling), ``contract_case`` (tables built here: KV splits, TREE masks, shuffled task order) and the float64
+xyjax.ops.attention.tiling), ``contract_case`` (tables built here: KV splits, TREE masks, shuffled task order) and the float64
 ``task_reference`` straight from the tile contract."""
 
 import dataclasses
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ascend_ffi import NUM_FIELDS, Field, MaskKind
-from xyjax.kv_cache import KVCache
+from xyjax.ops.attention.contract import NUM_FIELDS, Field, MaskKind
+from xyjax.ops.kv_cache import KVCache
 from xyjax.ops import AttentionMetadata, TaskTable, meta_attention, smooth_gemm
-from xyjax.tiling import attention_metadata
+from xyjax.ops.attention.tiling import attention_metadata
 
 attention = jax.jit(meta_attention, static_argnames="backend")
 

@@ -11,13 +11,13 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from xyjax import LLM, SamplingParams
-from xyjax.block_manager import BlockManager
-from xyjax.config import EngineConfig
-from xyjax.outputs import RequestMetrics
-from xyjax.planner import Planner
-from xyjax.prefix_cache import PrefixCache
-from xyjax.request import Request, Status
-from xyjax.scheduler import Scheduler, Stage
+from xyjax.engine.block_manager import BlockManager
+from xyjax.engine.config import EngineConfig
+from xyjax.engine.outputs import RequestMetrics
+from xyjax.engine.planner import Planner
+from xyjax.engine.prefix_cache import PrefixCache
+from xyjax.engine.request import Request, Status
+from xyjax.engine.scheduler import Scheduler, Stage
 
 
 def kv_of(tokens, p):

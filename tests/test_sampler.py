@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xyjax.sampler import SamplingInputs, argmax_rows, mask_banned, sample, top_k_top_p_mask
+from xyjax.ops.sampler import SamplingInputs, argmax_rows, mask_banned, sample, top_k_top_p_mask
 
 
 def sample_tokens(logits, s):

@@ -4,13 +4,13 @@ import collections
 
 from hypothesis import given, settings, strategies as st
 
-from xyjax.block_manager import BlockManager
-from xyjax.prefix_cache import PrefixCache
-from xyjax.config import EngineConfig
-from xyjax.outputs import RequestMetrics
-from xyjax.request import Request, Status
-from xyjax.sampling_params import SamplingParams
-from xyjax.scheduler import Scheduler, Stage
+from xyjax.engine.block_manager import BlockManager
+from xyjax.engine.prefix_cache import PrefixCache
+from xyjax.engine.config import EngineConfig
+from xyjax.engine.outputs import RequestMetrics
+from xyjax.engine.request import Request, Status
+from xyjax.engine.sampling_params import SamplingParams
+from xyjax.engine.scheduler import Scheduler, Stage
 
 
 def make_request(i, prompt_len, max_tokens, drafts=0):

@@ -16,11 +16,11 @@ from test_ops import reference_attention
 from models.llama import init_params
 from models.loader import LoadedModel
 from xyjax import LLM, SamplingParams
-from xyjax.drafters import DraftModelDrafter, DraftTree, NgramDrafter
-from xyjax.kv_cache import KVCache
+from xyjax.engine.drafters import DraftModelDrafter, DraftTree, NgramDrafter
+from xyjax.ops.kv_cache import KVCache
 from xyjax.ops import meta_attention
-from xyjax.speculative import AdaptiveControl, SpecConfig, accepted_path, kv_moves, rejection_sample
-from xyjax.tiling import attention_metadata
+from xyjax.engine.speculative import AdaptiveControl, SpecConfig, accepted_path, kv_moves, rejection_sample
+from xyjax.ops.attention.tiling import attention_metadata
 
 # Chi-square tests below reject at this significance level (fixed seeds: deterministic outcomes).
 ALPHA = 0.01

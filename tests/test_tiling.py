@@ -5,8 +5,8 @@ import collections
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from ascend_ffi import Field
-from xyjax import tiling
+from xyjax.ops.attention.contract import Field
+from xyjax.ops.attention import tiling
 
 
 @settings(max_examples=200, deadline=None)

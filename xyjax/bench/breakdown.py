@@ -21,10 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.llama import GEMM_WEIGHTS
-from models.weights import in_features
-from xyjax.ops import meta_attention
-from xyjax.sampler import sample
+from models.weights import DENSE
+from xyjax.ops.sampler import sample
 
 
 @contextlib.contextmanager
@@ -66,10 +64,9 @@ def device_breakdown(engine, steps: list, repeat: int = 3) -> dict:
     @jax.jit
     def gemms(layers, head, x, h, m, num_samples):   # weights as arguments: closed over, they would be constants
         def one(index, acc):
-            for name in GEMM_WEIGHTS:
-                w, block = layers[name], cfg.quant_block
-                acc = acc + backends.smooth_gemm(x[:, :in_features(w, block)], w, m, layer=index, transpose_w=True,
-                                                 quant_block=block).sum()
+            for name in DENSE:
+                w = layers[name]
+                acc = acc + backends.smooth_gemm(x[:, :w.shape[-1]], w, m, layer=index, transpose_w=True).sum()
             return acc
         acc = jax.lax.fori_loop(0, cfg.num_layers, one, jnp.float32(0))
         return acc + backends.smooth_gemm(h, head, num_samples, transpose_w=True).sum()
@@ -77,7 +74,7 @@ def device_breakdown(engine, steps: list, repeat: int = 3) -> dict:
     @jax.jit
     def attention(q, kv, meta):
         def one(index, acc):
-            return acc + meta_attention(q, kv, index, meta, backend=backends.attention).sum()
+            return acc + backends.meta_attention(q, kv, index, meta).sum()
         return jax.lax.fori_loop(0, cfg.num_layers, one, jnp.float32(0))
 
     sampler = jax.jit(lambda logits, s: sample(logits, s, engine.max_logprobs))

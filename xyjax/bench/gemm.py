@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from xyjax.config import EngineConfig
-from xyjax.gemm_profile import linear_shapes, load_default, time_call
+from xyjax.engine.config import EngineConfig
+from models.llama import linear_shapes
+from xyjax.ops.gemm.profile import load_default, time_call
 
 
 def m_sample(budget: int, step: int) -> list[int]:
@@ -56,7 +57,7 @@ def bench_shape(K: int, N: int, transpose_w: bool, ms: list[int], buckets, backe
         T = next(b for b in buckets if b >= m)
         x = x_all[:T]
         if T not in programs:
-            tuning = table.params(T, K, N, transpose_w) if table else None
+            tuning = table.params("plain", T, K, N, transpose_w) if table else None
             programs[T] = jax.jit(lambda x, w, m, t=tuning: smooth_gemm(x, w, m, backend=backend,
                                                                         transpose_w=transpose_w, tuning=t))
         rows["smooth"].append(1e3 * time_call(programs[T], x, w, jnp.int32(m), repeat=repeat))

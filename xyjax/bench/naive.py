@@ -18,7 +18,6 @@ each row's first real token, so left padding does not change the outputs.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from typing import NamedTuple
@@ -30,7 +29,7 @@ from tqdm import tqdm
 
 from models.config import ModelConfig
 from models.llama import apply_rope, rms_norm, rope_frequencies
-from models.weights import DENSE, merge_blocks
+from xyjax.ops.gemm import formats
 from xyjax.bench.workload import BenchRequest
 
 PAD = 64  # prompt and cache lengths are rounded up to a multiple of this
@@ -122,17 +121,13 @@ def _round_up(n: int) -> int:
 class NaiveGenerator:
     """Greedy static-batch generation over a contiguous cache (see the module docstring).
 
-    cfg, params: a ``models.llama`` config and params pytree (dense matrices in the split block layout are
-    merged into plain ones once, here: research code multiplies plain weights). Compiled programs are kept per
+    cfg, params: a ``models.llama`` config and params pytree (weights in another format are made plain once,
+    here: research code multiplies plain weights). Compiled programs are kept per
     shape: prefill per (B, Lp, Lmax), decode per (B, Lmax).
     """
 
     def __init__(self, cfg: ModelConfig, params: dict):
-        if cfg.quant_block:
-            layers = {name: jnp.asarray(merge_blocks(w, cfg.quant_block))
-                      if name in DENSE else w for name, w in params["layers"].items()}
-            cfg, params = dataclasses.replace(cfg, quant_block=0), dict(params, layers=layers)
-        self.cfg, self.params = cfg, params
+        self.cfg, self.params = cfg, formats.convert(params, "plain")
         self._compiled: dict[tuple, jax.stages.Compiled] = {}
 
     @staticmethod

@@ -22,7 +22,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from xyjax.sampling_params import SamplingParams
+from xyjax.engine.sampling_params import SamplingParams
 
 COUNTERS = ("prefill_tokens", "prefix_lookup_tokens", "prefix_hit_tokens", "prefix_block_hit_tokens",
             "prefix_copies", "prefix_evicted_blocks", "preemptions")

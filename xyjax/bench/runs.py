@@ -18,7 +18,7 @@ from xyjax.bench.breakdown import device_breakdown, recording
 from xyjax.bench.naive import NaiveGenerator
 from xyjax.bench.roofline import machine_limits, params_bytes, roofline, workload_work
 from xyjax.bench.workload import WORKLOADS, BenchRequest, make_requests, summarize
-from xyjax.sampling_params import SamplingParams
+from xyjax.engine.sampling_params import SamplingParams
 
 
 def run_engine(llm, requests: list[BenchRequest], progress: bool = True) -> tuple[list[dict], dict]:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from xyjax import LLM, SamplingParams
 from xyjax.bench.workload import WORKLOADS, make_requests
-from xyjax.speculative import SpecConfig
+from xyjax.engine.speculative import SpecConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TASKS = ("Repeat the following text exactly, without any comment:\n\n{}",

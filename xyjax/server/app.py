@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from xyjax.outputs import RequestOutput, merge_delta
+from xyjax.engine.outputs import RequestOutput, merge_delta
 from xyjax.server.engine_loop import EngineLoop, Generation
 from xyjax.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingRequest,
                                    chat_logprobs, completion_logprobs, envelope, response_id, usage,

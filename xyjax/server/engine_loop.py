@@ -15,8 +15,8 @@ import time
 import uuid
 
 from xyjax.llm import LLM
-from xyjax.outputs import RequestOutput
-from xyjax.sampling_params import SamplingParams
+from xyjax.engine.outputs import RequestOutput
+from xyjax.engine.sampling_params import SamplingParams
 from xyjax.server.metrics import Metrics
 from xyjax.server.protocol import APIError
 

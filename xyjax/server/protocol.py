@@ -14,8 +14,8 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from xyjax.outputs import RequestOutput
-from xyjax.sampling_params import SamplingParams
+from xyjax.engine.outputs import RequestOutput
+from xyjax.engine.sampling_params import SamplingParams
 
 
 class APIError(Exception):

@@ -78,11 +78,11 @@ def hf_directory(model: str | None, loaded) -> str:
     """An HF directory holding ``loaded``'s weights: ``model`` itself when it is one, else an export in the cache
     (``$XYJAX_CACHE_DIR/hf-export/<name>``, written once)."""
     from models.hf_export import export_hf
-    from xyjax.config import default_cache_dir
+    from xyjax.ops.paths import cache_dir
 
     if model and os.path.isfile(os.path.join(model, "config.json")):
         return model
-    directory = os.path.join(default_cache_dir(), "hf-export", os.path.basename(str(loaded.name)).replace(".gguf", ""))
+    directory = os.path.join(cache_dir("hf-export"), os.path.basename(str(loaded.name)).replace(".gguf", ""))
     if not os.path.isfile(os.path.join(directory, "model.safetensors")):
         export_hf(loaded, directory)
     return directory

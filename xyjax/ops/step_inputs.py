@@ -16,7 +16,7 @@ class StepInputs:
     positions:    [T] int32 absolute position of each token in its sequence
     slot_mapping: [T] int32 flat KV slot (block * block_size + offset); -1 writes nothing
     num_tokens:   [] int32 real tokens (rows >= num_tokens are padding)
-    attention:    AttentionMetadata: block tables [S, P] and attention task tables (xyjax.tiling)
+    attention:    AttentionMetadata: block tables [S, P] and attention task tables (xyjax.ops.attention.tiling)
     sample_index: [R] int32 rows of the token array whose logits are wanted
     num_samples:  [] int32 real entries of sample_index
     """

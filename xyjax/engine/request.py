@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from xyjax.drafters import DraftTree
-from xyjax.outputs import RequestMetrics
-from xyjax.sampling_params import SamplingParams
+from xyjax.engine.drafters import DraftTree
+from xyjax.engine.outputs import RequestMetrics
+from xyjax.engine.sampling_params import SamplingParams
 
 
 class Status(enum.Enum):
@@ -22,8 +22,8 @@ class Status(enum.Enum):
 class Request:
     """``token_ids`` = prompt + output; the KV of the first ``num_computed`` of them is in ``block_table``.
     ``draft_token_ids``: speculative tokens to verify after ``token_ids`` in the next step (V stage), a chain,
-    or with ``draft_parents`` (xyjax.drafters.DraftTree.parents) a token tree. ``spec``: its adaptive drafting
-    control (xyjax.speculative.AdaptiveControl) when the engine speculates."""
+    or with ``draft_parents`` (xyjax.engine.drafters.DraftTree.parents) a token tree. ``spec``: its adaptive drafting
+    control (xyjax.engine.speculative.AdaptiveControl) when the engine speculates."""
 
     request_id: str
     prompt: str | None

@@ -1,12 +1,12 @@
 """Engine: requests in, one hybrid P/D/V step at a time, output deltas out.
 
-``add_request`` queues a request; ``step`` schedules (xyjax.scheduler), plans the bucketed arrays
-(xyjax.planner), runs the jitted step (xyjax.runner), then applies sampled tokens: prefill chunks that
+``add_request`` queues a request; ``step`` schedules (xyjax.engine.scheduler), plans the bucketed arrays
+(xyjax.engine.planner), runs the jitted step (xyjax.engine.runner), then applies sampled tokens: prefill chunks that
 reach the end of their tokens and decodes append one token; a verify run accepts its drafts while they
 equal the token sampled at their parent (a chain, or a path down a tree), then appends the sampled one
-(exact rejection sampling for deterministic drafts, xyjax.speculative); stop conditions and detokenization
+(exact rejection sampling for deterministic drafts, xyjax.engine.speculative); stop conditions and detokenization
 follow, and each changed request yields a RequestOutput delta. With the ``speculative`` option the engine
-drafts (xyjax.drafters) for every decoding request before scheduling.
+drafts (xyjax.engine.drafters) for every decoding request before scheduling.
 """
 
 from __future__ import annotations
@@ -18,22 +18,23 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from models.llama import Backends
 from models.loader import LoadedModel
 from models.tokenizer import IncrementalDetokenizer
-from xyjax.block_manager import BlockManager
-from xyjax.config import EngineConfig
-from xyjax.gemm_profile import load_default
-from xyjax.kv_cache import bytes_per_token
-from xyjax.outputs import RequestMetrics, RequestOutput
-from xyjax.planner import Planner
-from xyjax.prefix_cache import PrefixCache
-from xyjax.request import Request, Status
-from xyjax.runner import Runner, enable_persistent_cache
-from xyjax.sampler import SamplerOutput
-from xyjax.sampling_params import SamplingParams
-from xyjax.scheduler import ScheduledBatch, Scheduler, Stage
-from xyjax.speculative import AdaptiveControl, accepted_path, kv_moves
+from xyjax.engine.block_manager import BlockManager
+from xyjax.engine.config import EngineConfig
+from xyjax.ops import Backends
+from xyjax.ops.gemm import prepare_weights
+from xyjax.ops.gemm.profile import load_default
+from xyjax.ops.kv_cache import bytes_per_token
+from xyjax.engine.outputs import RequestMetrics, RequestOutput
+from xyjax.engine.planner import Planner
+from xyjax.engine.prefix_cache import PrefixCache
+from xyjax.engine.request import Request, Status
+from xyjax.engine.runner import Runner, enable_persistent_cache
+from xyjax.ops.sampler import SamplerOutput
+from xyjax.engine.sampling_params import SamplingParams
+from xyjax.engine.scheduler import ScheduledBatch, Scheduler, Stage
+from xyjax.engine.speculative import AdaptiveControl, accepted_path, kv_moves
 
 
 class Engine:
@@ -60,7 +61,8 @@ class Engine:
                                  gemm_profile=load_default(config.gemm_backend) if config.gemm_backend != "xla"
                                  else None)
         self.max_logprobs = min(config.max_logprobs, cfg.vocab_size)   # top-k over the vocabulary at most
-        self.runner = Runner(cfg, model.params, num_blocks, config.block_size, self.backends, model.dtype,
+        params = prepare_weights(model.params, config.gemm_backend, config.weight_layout)
+        self.runner = Runner(cfg, params, num_blocks, config.block_size, self.backends, model.dtype,
                              num_logprobs=self.max_logprobs,
                              max_moves=config.max_num_seqs * config.max_draft_tokens)
         self.requests: dict[str, Request] = {}

@@ -1,6 +1,6 @@
 """Meta-Attention as a Pallas kernel over the tile-contract task table (GPU-style Pallas: Triton lowering).
 
-Contract (``ascend_ffi/include/xyjax/tile_contract.h``; fields ``ascend_ffi.Field``)::
+Contract (``ascend_ffi/include/xyjax/tile_contract.h``; fields ``xyjax.ops.attention.contract.Field``)::
 
     out = attend_pallas(q, k_cache, v_cache, layer, block_tables, tasks, scale, *, tile, interpret)
 
@@ -33,7 +33,7 @@ Masks and splits (all supported):
             table that lacks it a ValueError is raised; with a traced table their rows come out NaN.
     splits  the NUM_SPLITS tasks of one (seq, q_start, kv_head) each write a partial output normalised
             over their own KV range plus its log-sum-exp; partials landing on the same (row, head) are
-            merged with log-sum-exp weights (outside the kernel, see ``_merge``). For NUM_SPLITS == 1
+            merged with log-sum-exp weights (outside the kernel, ``metadata.merge_partials``). For NUM_SPLITS == 1
             the merge is exact (weight exp(0) = 1). KV_START need not be block aligned.
 
 How meta_attention's ``backend="pallas"`` is meant to call it (groups cover disjoint rows, so their
@@ -89,7 +89,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from ascend_ffi import NUM_FIELDS, Field, MaskKind
+from xyjax.ops.attention.contract import NUM_FIELDS, Field, MaskKind
+from xyjax.ops.attention.metadata import TaskTable, live_tasks, merge_partials
 
 __all__ = ["attend_pallas", "attend_reference", "meta_attention_pallas"]
 
@@ -192,20 +193,6 @@ def _packed_rows(tasks, num_tokens: int, group: int, tile: int, rows: int):
     return token, head
 
 
-def _merge(out_w, lse_w, token, head, shape):
-    """Scatter per-task partials [W, R, D] with their lse [W, R] into [T, H, D], merging partials on the same
-    (row, head) by log-sum-exp weights. Returns (out float32, lse [T, H])."""
-    num_tokens, num_heads, _ = shape
-    peak = jnp.full((num_tokens, num_heads), -jnp.inf, jnp.float32).at[token, head].max(lse_w, mode="drop")
-    peak_w = peak.at[token, head].get(mode="fill", fill_value=-jnp.inf)
-    weight = jnp.where(lse_w > -jnp.inf, jnp.exp(lse_w - jnp.where(peak_w > -jnp.inf, peak_w, 0.0)), 0.0)
-    num = jnp.zeros(shape, jnp.float32).at[token, head].add(weight[..., None] * out_w, mode="drop")
-    den = jnp.zeros((num_tokens, num_heads), jnp.float32).at[token, head].add(weight, mode="drop")
-    out = num / jnp.where(den > 0, den, 1.0)[..., None]
-    lse = jnp.where(den > 0, peak + jnp.log(jnp.where(den > 0, den, 1.0)), -jnp.inf)
-    return out, lse
-
-
 def _host_checks(tasks, tile: int, has_tree: bool):
     """Contract checks possible only on a concrete (host) table."""
     real = tasks[tasks[:, Field.Q_LEN] > 0]
@@ -257,10 +244,7 @@ def attend_pallas(q, k_cache, v_cache, layer, block_tables, tasks, scale, *, til
         out = jnp.zeros(out_shape, jnp.float32)
         return (out, jnp.full(out_shape[:2], -jnp.inf, jnp.float32)) if return_lse else out
 
-    tasks = jnp.asarray(tasks, jnp.int32)
-    if num_tasks is not None:
-        live = jnp.arange(width) < num_tasks
-        tasks = tasks.at[:, Field.Q_LEN].set(jnp.where(live, tasks[:, Field.Q_LEN], 0))
+    tasks = jnp.asarray(tasks, jnp.int32) if num_tasks is None else live_tasks(TaskTable(tasks, num_tasks, tile))
     token, head = _packed_rows(tasks, num_tokens, group, tile, rows)
     compute = jnp.promote_types(q.dtype, k_cache.dtype)
     q_w = q.astype(compute).at[token, head].get(mode="fill", fill_value=0)            # [W, R, D]
@@ -301,7 +285,7 @@ def attend_pallas(q, k_cache, v_cache, layer, block_tables, tasks, scale, *, til
         interpret=interpret,
         name=f"xyjax_meta_attention_t{tile}_g{group}",
     )(*args)
-    out, lse = _merge(out_w, lse_w, token, head, out_shape)
+    out, lse = merge_partials(out_shape, [(token, head, out_w, lse_w)])
     return (out, lse) if return_lse else out
 
 
@@ -314,10 +298,7 @@ def meta_attention_pallas(q, kv, layer, meta, *, scale=None, interpret: bool | N
     interpret = jax.default_backend() == "cpu" if interpret is None else interpret
     out = jnp.zeros(q.shape, jnp.float32)
     for g in meta.groups:
-        tasks = jnp.asarray(g.tasks, jnp.int32)
-        live = jnp.arange(tasks.shape[0]) < g.num_tasks
-        tasks = tasks.at[:, Field.Q_LEN].set(jnp.where(live, tasks[:, Field.Q_LEN], 0))
-        out = out + attend_pallas(q, kv.k, kv.v, layer, meta.block_tables, tasks, scale, tile=g.tile,
+        out = out + attend_pallas(q, kv.k, kv.v, layer, meta.block_tables, live_tasks(g), scale, tile=g.tile,
                                   interpret=interpret, tree_mask=tree_mask)
     return out
 
@@ -359,4 +340,4 @@ def attend_reference(q, k_cache, v_cache, layer, block_tables, tasks, scale, *, 
     lse = jax.nn.logsumexp(s, axis=-1)
     p = jnp.where(visible, jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]), 0.0)
     out_w = jnp.einsum("wrn,wnd->wrd", p, values)
-    return _merge(out_w, lse, token, head, q.shape)[0]
+    return merge_partials(q.shape, [(token, head, out_w, lse)])[0]

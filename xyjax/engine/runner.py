@@ -11,10 +11,11 @@ import numpy as np
 from jax.experimental.compilation_cache import compilation_cache
 
 from models.config import ModelConfig
-from models.llama import Backends, forward
-from xyjax.kv_cache import KVCache
-from xyjax.sampler import SamplerOutput, SamplingInputs, sample
-from xyjax.step_inputs import StepInputs
+from models.llama import forward
+from xyjax.ops import Backends
+from xyjax.ops.kv_cache import KVCache
+from xyjax.ops.sampler import SamplerOutput, SamplingInputs, sample
+from xyjax.ops.step_inputs import StepInputs
 
 _BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 _ids = itertools.count()

@@ -1,13 +1,13 @@
-"""The offline SmoothGEMM profile: for each linear shape of a model and each token bucket, the fastest
-tunables of a gemm backend, measured on this device and looked up when the engine traces its steps.
-
-    xyjax profile [--model M] [--backend ffi|pallas] [--buckets 16,32,...] [--out PATH]
+"""The offline SmoothGEMM profile: for each weight format, linear shape and token bucket, the fastest tunables
+of a gemm backend, measured on this device (``xyjax profile``, ``xyjax.bench.profile``) and looked up when the
+engine traces its steps.
 
 A profile is a JSON table keyed by device kind (``jax.devices()[0].device_kind``) and backend, one entry
-per (T, K, N, transpose_w): the winning ``params`` and the milliseconds of every candidate. It lives in
+per (format, T, K, N, transpose_w): the winning ``params`` and the milliseconds of every candidate. It lives in
 ``$XYJAX_CACHE_DIR/gemm-profiles/<device kind>-<backend>.json``. The engine loads it at start (no file:
-every shape runs the backend's defaults) and passes each GEMM the params of its shape and bucket (the
-entry with the smallest T >= the bucket, else the largest T; exact K, N, transpose_w).
+every call runs the backend's defaults for its format) and passes each GEMM the params of its format, shape
+and bucket (the entry with the smallest T >= the bucket, else the largest T; exact format, K, N, transpose_w).
+The sweep times plain float32 weights, so its entries are "plain" ones.
 
 Tunables (see ``xyjax.ops.gemm``): ``ffi`` lanes, row or column split, m alignment, the streaming kernel's
 row limit and whether the AMX kernel runs (where the CPU has it); ``pallas`` the ``GemmTiling`` fields (block
@@ -28,34 +28,37 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from xyjax.config import default_cache_dir
+from xyjax.ops.paths import cache_dir
 
-Key = tuple[int, int, int, bool]   # (T, K, N, transpose_w)
+Key = tuple[str, int, int, int, bool]   # (weight format, T, K, N, transpose_w)
 
 
 @dataclasses.dataclass(frozen=True)
 class GemmProfile:
-    """Best params per (T, K, N, transpose_w) for one device kind and backend (hashable: a static jit arg)."""
+    """Best params per (weight format, T, K, N, transpose_w) for one device kind and backend (hashable: a static
+    jit arg)."""
 
     device: str
     backend: str
     entries: tuple[tuple[Key, tuple[tuple[str, object], ...]], ...] = ()
 
-    def params(self, T: int, K: int, N: int, transpose_w: bool = False) -> dict:
-        """Params for a [T, K] x [K, N] GEMM: the smallest profiled T >= T of that shape, else the largest;
-        {} (the backend's defaults) when the shape was never profiled."""
-        same = sorted((key[0], dict(p)) for key, p in self.entries if key[1:] == (K, N, transpose_w))
+    def params(self, fmt: str, T: int, K: int, N: int, transpose_w: bool = False) -> dict:
+        """Params for a [T, K] x [K, N] GEMM on weights of format ``fmt`` (``xyjax.ops.gemm.format_name``): the
+        smallest profiled T >= T of that format and shape, else the largest; {} (the backend's defaults for the
+        format) when they were never profiled."""
+        same = sorted((key[1], dict(p)) for key, p in self.entries if key[0] == fmt and key[2:] == (K, N, transpose_w))
         if not same:
             return {}
         return next((p for t, p in same if t >= T), same[-1][1])
 
     def to_json(self) -> dict:
         return dict(device=self.device, backend=self.backend,
-                    entries=[dict(T=k[0], K=k[1], N=k[2], transpose_w=k[3], params=dict(p)) for k, p in self.entries])
+                    entries=[dict(format=k[0], T=k[1], K=k[2], N=k[3], transpose_w=k[4], params=dict(p))
+                             for k, p in self.entries])
 
     @classmethod
     def from_json(cls, data: dict) -> "GemmProfile":
-        entries = tuple(((int(e["T"]), int(e["K"]), int(e["N"]), bool(e["transpose_w"])),
+        entries = tuple(((e.get("format", "plain"), int(e["T"]), int(e["K"]), int(e["N"]), bool(e["transpose_w"])),
                          tuple(sorted(e["params"].items()))) for e in data["entries"])
         return cls(device=data["device"], backend=data["backend"], entries=entries)
 
@@ -75,22 +78,13 @@ class GemmProfile:
 
 def default_path(device: str, backend: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower() or "device"
-    return os.path.join(default_cache_dir(), "gemm-profiles", f"{slug}-{backend}.json")
+    return cache_dir("gemm-profiles", f"{slug}-{backend}.json")
 
 
 def load_default(backend: str) -> GemmProfile | None:
     """This device's saved profile for ``backend``, or None."""
     path = default_path(jax.devices()[0].device_kind, backend)
     return GemmProfile.load(path) if os.path.exists(path) else None
-
-
-def linear_shapes(cfg) -> dict[str, tuple[int, int, bool]]:
-    """(K, N, transpose_w) of each linear layer of a Llama-family ModelConfig, as the model calls them."""
-    return {"qkv": (cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, True),
-            "o": (cfg.q_size, cfg.hidden_size, True),
-            "gate_up": (cfg.hidden_size, 2 * cfg.intermediate_size, True),
-            "down": (cfg.intermediate_size, cfg.hidden_size, True),
-            "lm_head": (cfg.hidden_size, cfg.vocab_size, True)}
 
 
 def candidates(backend: str) -> list[dict]:
@@ -170,33 +164,6 @@ def profile(shapes: dict[str, tuple[int, int, bool]], buckets: list[int], backen
             ms[json.dumps(params, sort_keys=True)] = 1e3 * sum(time_call(fn, x, w, jnp.int32(m), repeat=repeat)
                                                                for m in rows) / used
         best = min(ms, key=ms.get)
-        entries.append(((T, K, N, transpose_w), tuple(sorted(json.loads(best).items()))))
+        entries.append((("plain", T, K, N, transpose_w), tuple(sorted(json.loads(best).items()))))
         timings[f"{name} T={T}"] = ms
     return GemmProfile(device=device, backend=backend, entries=tuple(entries)), timings
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    from models.loader import load
-    from xyjax.config import EngineConfig
-
-    parser = argparse.ArgumentParser(prog="xyjax profile", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="known name, .gguf path or HF directory (default model)")
-    parser.add_argument("--backend", default="ffi" if jax.default_backend() == "cpu" else "pallas")
-    parser.add_argument("--buckets", default=None, help="token buckets, comma-separated (default: the engine's)")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--stream-mib", type=int, default=512,
-                        help="MiB of distinct weights each timing passes over (so they come from memory)")
-    parser.add_argument("--out", default=None, help="table path (default: the cache path the engine reads)")
-    args = parser.parse_args(argv)
-    buckets = [int(b) for b in args.buckets.split(",")] if args.buckets else list(EngineConfig().token_buckets)
-    cfg = load(args.model).config
-    result, timings = profile(linear_shapes(cfg), buckets, args.backend, repeat=args.repeat,
-                              stream_bytes=args.stream_mib << 20)
-    path = args.out or default_path(result.device, args.backend)
-    result.save(path, timings)
-    for (T, K, N, tr), params in result.entries:
-        print(f"T={T:4d} K={K:5d} N={N:6d}{' (w^T)' if tr else ''}: {dict(params)}")
-    print(f"wrote {path}")
-    return 0

@@ -17,10 +17,10 @@ import collections
 import dataclasses
 import enum
 
-from xyjax.block_manager import BlockManager
-from xyjax.config import EngineConfig
-from xyjax.prefix_cache import PrefixCache
-from xyjax.request import Request, Status
+from xyjax.engine.block_manager import BlockManager
+from xyjax.engine.config import EngineConfig
+from xyjax.engine.prefix_cache import PrefixCache
+from xyjax.engine.request import Request, Status
 
 
 class Stage(enum.Enum):

@@ -36,6 +36,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from xyjax.ops.gemm.formats import dense
+from xyjax.ops.gemm.xla import take_layer
+
 
 @dataclasses.dataclass(frozen=True)
 class GemmTiling:
@@ -131,3 +134,14 @@ def smooth_gemm_reference(x, w, m, *, transpose_w: bool = False):
     out = jnp.dot(x, w, preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
     rows = jnp.arange(x.shape[0])[:, None]
     return jnp.where(rows < m, out, 0.0).astype(x.dtype)
+
+
+def gemm(x, w, m, layer, transpose_w: bool, tuning: dict) -> jax.Array:
+    """smooth_gemm's pallas backend: the kernel on the weights' dense view (interpret mode on CPU)."""
+    w = dense(take_layer(w, layer)).astype(x.dtype)
+    return smooth_gemm_pallas(x, w, m, tiling=GemmTiling(**tuning), transpose_w=transpose_w,
+                              interpret=jax.default_backend() == "cpu")
+
+
+def auto_layout() -> str:
+    return "plain"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import heapq
 import itertools
 
-from xyjax.block_manager import BlockManager
+from xyjax.engine.block_manager import BlockManager
 
 
 class Node:

@@ -1,9 +1,9 @@
 """Speculative decoding: the engine option, per-request adaptive control, acceptance and rejection sampling.
 
-Flow (XY-Serve §4.1, §5.1.2). Before a step the engine asks the drafter (xyjax.drafters) for a draft of
+Flow (XY-Serve §4.1, §5.1.2). Before a step the engine asks the drafter (xyjax.engine.drafters) for a draft of
 every running request that is decoding; the pending token and its draft nodes enter the step as one V run
 under the token budget: a chain keeps the causal mask, a tree gets TREE attention tasks with the ancestor
-mask (xyjax.tiling). Node j sits at position ``start + depth(j)`` (RoPE) and writes its KV at slot
+mask (xyjax.ops.attention.tiling). Node j sits at position ``start + depth(j)`` (RoPE) and writes its KV at slot
 ``start + j``. The step samples every row of the run in its one jitted sampler call; row j's token is
 drawn with the request's key ``(seed, outputs so far + depth(j))``, as plain decoding would draw it.
 
@@ -31,7 +31,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from xyjax.drafters import DraftTree, NgramDrafter
+from xyjax.engine.drafters import DraftTree, NgramDrafter
 
 
 @dataclasses.dataclass(frozen=True)

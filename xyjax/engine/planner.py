@@ -18,11 +18,11 @@ from typing import Callable
 
 import numpy as np
 
-from xyjax import tiling
-from xyjax.config import EngineConfig
-from xyjax.sampler import SamplingInputs
-from xyjax.scheduler import ScheduledBatch, Stage
-from xyjax.step_inputs import StepInputs
+from xyjax.ops.attention import tiling
+from xyjax.engine.config import EngineConfig
+from xyjax.ops.sampler import SamplingInputs
+from xyjax.engine.scheduler import ScheduledBatch, Stage
+from xyjax.ops.step_inputs import StepInputs
 
 
 @dataclasses.dataclass(frozen=True)

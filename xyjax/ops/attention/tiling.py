@@ -1,7 +1,7 @@
 """Task decomposition and reordering (host, numpy): a step's sequences -> attention task tables.
 
 Decomposition. Each sequence's query rows this step are cut into tiles; each tile x KV head is one task
-row of the tile contract (``ascend_ffi.Field`` columns). Tasks go in two groups, each with its own static
+row of the tile contract (``xyjax.ops.attention.contract.Field`` columns). Tasks go in two groups, each with its own static
 tile size, so no stage is padded to another's shape: ``decode`` (1-token tiles: decodes and 1-token
 chunks, the specialised path) and ``chunk`` (tiles of ``tile`` tokens: prefill chunks, cached-prefix
 chunks and verify runs). The G query heads of a KV head are packed as the tile's rows, so a task reads
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ascend_ffi import NUM_FIELDS, Field, MaskKind
+from xyjax.ops.attention.contract import NUM_FIELDS, Field, MaskKind
 from xyjax.ops.attention import AttentionMetadata, TaskTable
 
 

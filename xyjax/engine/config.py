@@ -5,15 +5,17 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import jax
 
-def default_cache_dir() -> str:
-    """xyjax's cache root: $XYJAX_CACHE_DIR, else $XDG_CACHE_HOME/xyjax, else ~/.cache/xyjax."""
-    return os.environ.get("XYJAX_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "xyjax")
+from ascend_ffi import blas
+from xyjax.engine.speculative import SpecConfig
+from xyjax.ops import attention, gemm
+from xyjax.ops.gemm import formats
+from xyjax.ops.paths import cache_dir
 
 
 def default_compilation_cache_dir() -> str:
-    return os.path.join(default_cache_dir(), "jax-compilation-cache")
+    return cache_dir("jax-compilation-cache")
 
 
 @dataclasses.dataclass
@@ -31,9 +33,9 @@ class EngineConfig:
         measured fastest with the ffi kernel (BENCHMARKS.md), by a few percent.
     attention_lanes: workers the attention tasks are balanced over (None: the CPU count, or
         $XYJAX_ATTENTION_THREADS). max_kv_splits: KV splits a straggler task may be cut into (1: never);
-        min_split_kv: the fewest KV positions of a split (xyjax.tiling).
+        min_split_kv: the fewest KV positions of a split (xyjax.ops.attention.tiling).
     max_draft_tokens: speculative tokens a request may verify per step (sets the sampled-row capacity).
-    speculative: None (off) or a dict of ``xyjax.speculative.SpecConfig`` fields, e.g. {"method": "ngram",
+    speculative: None (off) or a dict of ``xyjax.engine.speculative.SpecConfig`` fields, e.g. {"method": "ngram",
         "num_draft_tokens": 4, "tree": False}: the engine drafts for decoding requests and verifies the drafts
         in the V stage; max_draft_tokens is raised to num_draft_tokens. Parsed into a SpecConfig.
     max_logprobs: the most top logprobs a request may ask for (SamplingParams.logprobs).
@@ -46,7 +48,10 @@ class EngineConfig:
     gemm_backend: "ffi" (C++ custom call over MKL, the default on CPU where MKL is installed), "xla" (pure
         jnp, the default elsewhere) or "pallas" (Pallas kernel: Triton on GPU, interpret mode on CPU). The
         engine reads the backend's tunables from this device's `xyjax profile` table when there is one.
-    enable_prefix_caching: token-wise automatic prefix caching (xyjax.prefix_cache): a request reuses the KV of
+    weight_layout: how the gemm backend holds 4-bit block-quantized weights (``xyjax.ops.gemm.prepare_weights``):
+        "auto" (the backend's choice for this CPU: the split layout where the ffi AMX kernel runs, else plain),
+        "plain" (dense float32), "split" (``SplitBlocks``) or "tiles" (``TileWeights``, ffi on AMX CPUs).
+    enable_prefix_caching: token-wise automatic prefix caching (xyjax.engine.prefix_cache): a request reuses the KV of
         the longest prefix of its tokens that an earlier request computed, down to the token.
     seed: seeds requests that bring none.
     """
@@ -69,6 +74,7 @@ class EngineConfig:
     precompile: bool = True
     attention_backend: str | None = None
     gemm_backend: str | None = None
+    weight_layout: str = "auto"
     enable_prefix_caching: bool = True
     seed: int = 0
 
@@ -87,21 +93,16 @@ class EngineConfig:
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"engine option enable_prefix_caching must be True or False, "
                              f"got {self.enable_prefix_caching!r}")
-        import jax
-
-        from xyjax.ops import attention, gemm
-
         cpu = jax.default_backend() == "cpu"
         if self.attention_backend is None:
             self.attention_backend = "ffi" if cpu else "xla"
         if self.gemm_backend is None:   # ffi needs MKL (a dependency on x86-64 Linux only)
-            self.gemm_backend = "ffi" if cpu and gemm.blas.available() else "xla"
-        for name, backends in (("attention_backend", attention.BACKENDS), ("gemm_backend", gemm.BACKENDS)):
+            self.gemm_backend = "ffi" if cpu and blas.available() else "xla"
+        for name, backends in (("attention_backend", attention.BACKENDS), ("gemm_backend", gemm.BACKENDS),
+                               ("weight_layout", formats.LAYOUTS)):
             if getattr(self, name) not in backends:
                 raise ValueError(f"engine option {name} must be one of {', '.join(backends)}, "
                                  f"got {getattr(self, name)!r}")
-        from xyjax.speculative import SpecConfig
-
         if not isinstance(self.speculative, SpecConfig):
             self.speculative = SpecConfig.parse(self.speculative)
         if self.speculative:

@@ -1,0 +1,38 @@
+"""``xyjax profile``: measure the gemm backend's tunables for every linear shape of a model and every token
+bucket, and save the table the engine reads at start (``xyjax.ops.gemm.profile``).
+
+    xyjax profile [--model M] [--backend ffi|pallas] [--buckets 16,32,...] [--out PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+
+from models.llama import linear_shapes
+from models.loader import load
+from xyjax.engine.config import EngineConfig
+from xyjax.ops.gemm.profile import default_path, profile
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="xyjax profile", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="known name, .gguf path or HF directory (default model)")
+    parser.add_argument("--backend", default="ffi" if jax.default_backend() == "cpu" else "pallas")
+    parser.add_argument("--buckets", default=None, help="token buckets, comma-separated (default: the engine's)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--stream-mib", type=int, default=512,
+                        help="MiB of distinct weights each timing passes over (so they come from memory)")
+    parser.add_argument("--out", default=None, help="table path (default: the cache path the engine reads)")
+    args = parser.parse_args(argv)
+    buckets = [int(b) for b in args.buckets.split(",")] if args.buckets else list(EngineConfig().token_buckets)
+    cfg = load(args.model).config
+    result, timings = profile(linear_shapes(cfg), buckets, args.backend, repeat=args.repeat,
+                              stream_bytes=args.stream_mib << 20)
+    path = args.out or default_path(result.device, args.backend)
+    result.save(path, timings)
+    for (fmt, T, K, N, tr), params in result.entries:
+        print(f"{fmt} T={T:4d} K={K:5d} N={N:6d}{' (w^T)' if tr else ''}: {dict(params)}")
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,66 @@
+"""The ffi backend of smooth_gemm: the C++ CPU handler (``ascend_ffi/src/smooth_gemm_cpu.cc``) as a jax.ffi
+custom call, every weight format read in place.
+
+Tunables (``tuning``; missing keys: ``TUNING``, or ``TUNING_SPLIT`` for block-quantized weights): ``lanes``
+(0 = every lane of the thread pool), ``split_rows`` (cut rows, not columns, over the lanes), ``m_align`` (compute
+m rounded up to this, then zero the extra rows), ``stream_rows`` (float32 with ``transpose_w`` and m <= this: the
+handler's streaming kernel, which reads the weights once in place, instead of the BLAS, which packs them;
+AVX-512 CPUs), ``amx_rows`` (the float32 ``transpose_w`` gemms the streaming kernel does not take, with m >= this
+> 0: the AMX kernel, float32-accurate sums of bfloat16 tile products; AMX-BF16 CPUs, elsewhere the BLAS).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import ascend_ffi
+from ascend_ffi import blas
+from xyjax.ops.gemm.formats import SplitBlocks, TileWeights
+
+TARGET = "xyjax_smooth_gemm_cpu"   # jax.ffi target of the C++ CPU handler
+DTYPES = (jnp.float32, jnp.bfloat16)
+TUNING = dict(lanes=0, split_rows=False, m_align=1, stream_rows=24, amx_rows=1)
+# block-quantized weights: the two-part AMX kernel overtakes the streaming kernel from ~12 rows (BENCHMARKS.md)
+TUNING_SPLIT = dict(TUNING, stream_rows=12)
+QUANT_BLOCKS = (32,)   # the block sizes the handler's split path takes
+
+
+def has_amx() -> bool:
+    """Whether the handler's AMX kernel runs here (a CPU with AMX-BF16 and a kernel compiled for it)."""
+    return jax.default_backend() == "cpu" and bool(ascend_ffi.load().xyjax_gemm_amx())
+
+
+def auto_layout() -> str:
+    """Block-quantized weights stay split where the AMX kernel's two-part path runs; elsewhere the layout would
+    only add columns, so they are made plain."""
+    return "split" if has_amx() else "plain"
+
+
+def gemm(x, w, m, layer, transpose_w: bool, tuning: dict) -> jax.Array:
+    """The custom call over exactly m rows, the BLAS loaded first (``ascend_ffi.blas``)."""
+    tiles = isinstance(w, TileWeights)
+    block = w.block if isinstance(w, (SplitBlocks, TileWeights)) else 0
+    data = w.tiles if tiles else w.data if block else w
+    if x.dtype not in DTYPES or (data.dtype != jnp.bfloat16 or x.dtype != jnp.float32 if tiles
+                                 else data.dtype != x.dtype):
+        raise TypeError(f"ffi gemm backend: x and w must be both float32 or both bfloat16 (TileWeights: x float32), "
+                        f"got {x.dtype} and {'TileWeights' if tiles else data.dtype}")
+    if block and (block not in QUANT_BLOCKS or x.dtype != jnp.float32):
+        raise ValueError(f"ffi gemm backend: block-quantized weights need blocks of {QUANT_BLOCKS} and float32 x, "
+                         f"got blocks of {block} with {x.dtype}")
+    unknown = set(tuning) - set(TUNING)
+    if unknown:
+        raise ValueError(f"unknown ffi gemm tunables {sorted(unknown)}; known: {sorted(TUNING)}")
+    params = {**(TUNING_SPLIT if block else TUNING), **tuning}
+    if min(params["lanes"], params["stream_rows"], params["amx_rows"]) < 0 or params["m_align"] < 1:
+        raise ValueError(f"ffi gemm tunables need lanes, stream_rows, amx_rows >= 0 and m_align >= 1, got {params}")
+    blas.load()
+    ascend_ffi.register_ffi_target(TARGET, "XyjaxSmoothGemmCpu", platform="cpu")
+    n = w.shape[-2] if transpose_w else w.shape[-1]
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), x.dtype))
+    return call(x, data, jnp.asarray(m, jnp.int32), jnp.asarray(0 if layer is None else layer, jnp.int32),
+                transpose_w=transpose_w, lanes=np.int32(params["lanes"]), split_rows=bool(params["split_rows"]),
+                m_align=np.int32(params["m_align"]), stream_rows=np.int32(params["stream_rows"]),
+                amx_rows=np.int32(params["amx_rows"]), quant_block=np.int32(block), w_tiles=tiles)
