@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -329,9 +330,15 @@ ffi::Error Run(const Args& a, Plan* p) {
     if (!p->covered[i]) std::memset(out_bytes + i * slice, 0, slice);
   }
   if (p->order.empty()) return ffi::Error::Success();
-  // Largest first across all groups, so the last tasks handed out are the short ones.
-  std::stable_sort(p->order.begin(), p->order.end(), [](const auto& x, const auto& y) { return x.first > y.first; });
+  // The hand-out order: largest cost first, so the last tasks the lanes pull are the short ones. This is the
+  // only place the order is decided; the table's row order does not matter (ties go by q_start, kv_head,
+  // split, unique among valid tasks).
   const XyjaxTask* rows = p->rows;
+  std::sort(p->order.begin(), p->order.end(), [&](const auto& x, const auto& y) {
+    if (x.first != y.first) return x.first > y.first;
+    const XyjaxTask &u = rows[x.second], &w = rows[y.second];
+    return std::tie(u.q_start, u.kv_head, u.split) < std::tie(w.q_start, w.kv_head, w.split);
+  });
   thread_local std::vector<float> partials;  // reused across calls on this thread
   if (static_cast<int64_t>(partials.size()) < p->partial_floats) partials.resize(p->partial_floats);
   p->partials = partials.data();
