@@ -1,7 +1,7 @@
 // The per-task kernel of the CPU meta_attention backend: what one lane computes for one task row
 // of the tile contract. The kernel body (meta_attention_kernel.inc) is compiled once per
 // instruction-set level, each copy in its own namespace; meta_attention_cpu.cc picks one at run
-// time (so the library runs on any x86-64 and uses AVX2/FMA where the CPU has them).
+// time (so the library runs on any x86-64 and uses AVX2/FMA or AVX-512F where the CPU has them).
 #ifndef XYJAX_META_ATTENTION_KERNEL_H_
 #define XYJAX_META_ATTENTION_KERNEL_H_
 

@@ -27,6 +27,10 @@
 // result is x_ext @ w^T for x_ext = [x | the sums of x's 32-column blocks]. w's values are exact in two
 // bfloat16 parts, which the AMX kernel relies on (five part products, not six); it sums x's blocks as it packs
 // x, the other paths read x_ext built here.
+//
+// The handler: Parse (buffers -> Problem), CheckBlasAndTunables, ChooseKernel (the one choice among the five
+// kernels: BLAS sgemm, BLAS bf16 gemm, streaming, AMX, AMX tiles; smooth_gemm_kernels.h says which this build
+// has), Compute (x prepared once, then one block per lane) and the zeroing of rows >= m.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -35,6 +39,7 @@
 #include <vector>
 
 #include "ffi_util.h"
+#include "smooth_gemm_kernels.h"
 #include "thread_pool.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -42,38 +47,6 @@ namespace ffi = xla::ffi;
 
 namespace xyjax {
 namespace gemm {
-
-// c [m, n] (stride ldc) = x [m, K] (stride ldx) @ w [n, K]^T in float32 on one thread.
-using StreamGemm = void (*)(int64_t m, int64_t n, int64_t K, const float* x, int64_t ldx, const float* w, float* c,
-                            int64_t ldc);
-#ifdef XYJAX_HAVE_X86_KERNELS
-void StreamGemmAvx512(int64_t m, int64_t n, int64_t K, const float* x, int64_t ldx, const float* w, float* c,
-                      int64_t ldc);   // smooth_gemm_kernel_avx512.cc
-bool AmxReady();   // smooth_gemm_kernel_amx.cc
-int64_t AmxPackedK(int64_t K, bool sums);
-int64_t AmxPackedBytes(int64_t m, int64_t K);
-void AmxPackX(int64_t m, int64_t K, bool sums, const float* x, int64_t ldx, int64_t b0, int64_t b1, uint8_t* dst);
-void AmxGemm(int64_t m, int64_t n, int64_t K, int w_parts, const uint8_t* xb, const float* w, float* c,
-             int64_t ldc);
-void AmxGemmTiles(int64_t m, int64_t n, int64_t K, const uint8_t* xb, const uint8_t* tiles, float* c, int64_t ldc);
-#endif
-
-// Whether this CPU and OS run the AMX kernel.
-bool HaveAmx() {
-#ifdef XYJAX_HAVE_AMX_KERNEL
-  return AmxReady();
-#else
-  return false;
-#endif
-}
-
-// The streaming kernel this CPU runs, or null (then the BLAS runs every gemm).
-StreamGemm StreamKernel() {
-#ifdef XYJAX_HAVE_X86_KERNELS
-  if (__builtin_cpu_supports("avx512f")) return StreamGemmAvx512;
-#endif
-  return nullptr;
-}
 
 using Scalar32 = ffi::Buffer<ffi::S32, 0>;
 
@@ -115,9 +88,27 @@ ffi::Error Invalid(const std::string& what) {
   return ffi::Error::InvalidArgument("xyjax_smooth_gemm_cpu: " + what);
 }
 
-ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, Scalar32 layer_buffer,
-                         bool transpose_w, int32_t lanes_attr, bool split_rows, int32_t m_align, int32_t stream_rows,
-                         int32_t amx_rows, int32_t quant_block, bool w_tiles, ffi::Result<ffi::AnyBuffer> out) {
+// One call's checked operands.
+struct Problem {
+  const void* x;
+  const void* w;
+  char* out;
+  int64_t T, K, KE, N, m, layer;  // KE: w's row length, x_ext's columns (K + K / 32 with quant_block)
+  bool bf16, transpose_w, quant, w_tiles;
+};
+
+// The handler's tunables (attributes), as `xyjax profile` sweeps them.
+struct Tunables {
+  int32_t lanes, m_align, stream_rows, amx_rows;
+  bool split_rows;
+};
+
+// The five gemm kernels; ChooseKernel picks one per call.
+enum class GemmKernel { kSgemm, kBf16Gemm, kStream, kAmx, kAmxTiles };
+
+// Buffers -> Problem, with the shape and dtype checks.
+ffi::Error Parse(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, Scalar32 layer_buffer, bool transpose_w,
+                 int32_t quant_block, bool w_tiles, ffi::Result<ffi::AnyBuffer>& out, Problem* p) {
   const ffi::DataType type = x.element_type();
   if (type != ffi::DataType::F32 && type != ffi::DataType::BF16) return Invalid("x must be float32 or bfloat16");
   const auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
@@ -130,7 +121,7 @@ ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, 
     return Invalid("quant_block = " + std::to_string(quant_block) + " needs quant_block = 32, transpose_w, " +
                    "float32 and K = " + std::to_string(K) + " a multiple of 32");
   }
-  const int64_t KE = quant_block ? K + K / kQuantBlock : K;   // w's row length: x_ext's columns
+  const int64_t KE = quant_block ? K + K / kQuantBlock : K;
   int64_t L = 1, N = od[1];
   if (w_tiles) {   // [(L,) 16 ceil(N / 16), ceil(KE / 32), 2, 32] bfloat16: N is the result's
     const size_t r = wd.size();
@@ -145,7 +136,7 @@ ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, 
                      ", 2, 32], got " + Dims(wd));
     }
     if (r == 5) L = wd[0];
-    if (!HaveAmx()) return Invalid("tile weights need the AMX kernel (a CPU with AMX-BF16)");
+    if (!AmxReady()) return Invalid("tile weights need the AMX kernel (a CPU with AMX-BF16)");
   } else {
     if (w.element_type() != type || out->element_type() != type) {
       return Invalid("w and the result must have x's dtype");
@@ -169,106 +160,139 @@ ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, 
   if (layer < 0 || layer >= L) {
     return Invalid("layer " + std::to_string(layer) + " outside [0, " + std::to_string(L) + ")");
   }
-  const Sgemm sgemm = g_sgemm.load();
-  const Bf16Gemm bf16_gemm = g_bf16_gemm.load();
-  if (sgemm == nullptr) {
+  *p = Problem{x.untyped_data(), w.untyped_data(), static_cast<char*>(out->untyped_data()), T, K, KE, N, m, layer,
+               type == ffi::DataType::BF16, transpose_w, quant_block != 0, w_tiles};
+  return ffi::Error::Success();
+}
+
+// That the BLAS the call needs is loaded and the tunables are in range.
+ffi::Error CheckBlasAndTunables(const Problem& p, const Tunables& t) {
+  if (g_sgemm.load() == nullptr) {
     return ffi::Error::Internal("xyjax_smooth_gemm_cpu: no BLAS loaded (ascend_ffi.blas.load() hands it over)");
   }
-  const bool bf16 = type == ffi::DataType::BF16;
-  if (bf16 && bf16_gemm == nullptr) return Invalid("the loaded BLAS has no bfloat16 gemm");
-
-  if (lanes_attr < 0 || m_align < 1 || stream_rows < 0 || amx_rows < 0) {
-    return Invalid("lanes, stream_rows and amx_rows must be >= 0 and m_align >= 1, got " +
-                   std::to_string(lanes_attr) + ", " + std::to_string(stream_rows) + ", " + std::to_string(amx_rows) +
-                   " and " + std::to_string(m_align));
+  if (p.bf16 && g_bf16_gemm.load() == nullptr) return Invalid("the loaded BLAS has no bfloat16 gemm");
+  if (t.lanes < 0 || t.m_align < 1 || t.stream_rows < 0 || t.amx_rows < 0) {
+    return Invalid("lanes, stream_rows and amx_rows must be >= 0 and m_align >= 1, got " + std::to_string(t.lanes) +
+                   ", " + std::to_string(t.stream_rows) + ", " + std::to_string(t.amx_rows) + " and " +
+                   std::to_string(t.m_align));
   }
-  static const StreamGemm stream_gemm = StreamKernel();
-  static const bool have_amx = HaveAmx();
-  const bool stream = !w_tiles && stream_gemm != nullptr && !bf16 && transpose_w && m <= stream_rows;
-  const bool amx = w_tiles || (!stream && have_amx && !bf16 && transpose_w && amx_rows > 0 && m >= amx_rows);
-  const size_t elem = bf16 ? 2 : 4;
-  char* out_bytes = static_cast<char*>(out->untyped_data());
-  // Rows computed: m rounded up to m_align (within T); the extra ones are zeroed again below.
-  const int64_t mc = m == 0 || stream || amx ? m : std::min<int64_t>(T, (m + m_align - 1) / m_align * m_align);
-  if (mc > 0 && N > 0) {
-    // float32: straight into the result. bfloat16: into float scratch, rounded once per lane's block.
-    thread_local std::vector<float> scratch;  // reused across calls on this thread
-    if (bf16 && scratch.size() < static_cast<size_t>(mc * N)) scratch.resize(mc * N);
-    float* c = bf16 ? scratch.data() : reinterpret_cast<float*>(out_bytes);
+  return ffi::Error::Success();
+}
 
-    ThreadPool& pool = ThreadPool::Shared();
-    const int64_t lanes = lanes_attr == 0 ? pool.lanes() : std::min<int64_t>(lanes_attr, pool.lanes());
-    // AMX: x's bfloat16 tiles, 16 rows per block, packed by all lanes before any lane multiplies.
-    const float* x32 = static_cast<const float*>(x.untyped_data());   // (float32 paths)
-    struct alignas(64) Line {
-      uint8_t bytes[64];
-    };
-    thread_local std::vector<Line> packed_x;  // cache-line aligned: a tile row across two lines loads slower
-    const uint8_t* xb = nullptr;
-#ifdef XYJAX_HAVE_AMX_KERNEL
-    if (amx) {
-      packed_x.resize((AmxPackedBytes(mc, AmxPackedK(K, quant_block != 0)) + 63) / 64);
-      uint8_t* dst = reinterpret_cast<uint8_t*>(packed_x.data());
-      const int64_t row_blocks = (mc + 15) / 16, per_lane = (row_blocks + lanes - 1) / lanes;
-      pool.Run(static_cast<int>(std::min(lanes, row_blocks)), [&](int i) {
-        AmxPackX(mc, K, quant_block != 0, x32, K, i * per_lane, std::min(row_blocks, (i + 1) * per_lane), dst);
-      });
-      xb = dst;
-    }
-#endif
-    // The streaming kernel and the BLAS read x_ext for the split layout, built here on this thread: with AMX
-    // these are the small-m gemms, for which a pool pass costs more than the copy.
-    thread_local std::vector<float> x_ext;
-    if (quant_block && !amx) {
-      x_ext.resize(mc * KE);
-      ExtendRows(x32, mc, K, x_ext.data());
-      x32 = x_ext.data();
-    }
-    // Blocks of whole rows (split_rows; not with AMX, whose packed x is shared) or of kColumnAlign-aligned
-    // columns, one per lane.
-    const bool by_rows = split_rows && !amx;
-    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(lanes, by_rows ? mc : N / kColumnAlign));
-    const int64_t width = by_rows ? (mc + blocks - 1) / blocks
-                                     : ((N + blocks - 1) / blocks + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
-    const int trans_b = transpose_w ? kTrans : kNoTrans;
-    const int ldb = static_cast<int>(transpose_w ? KE : N);
-    auto lane = [&](int i) {
-      const int64_t r0 = by_rows ? i * width : 0, nr = by_rows ? std::min(mc, r0 + width) - r0 : mc;
-      const int64_t n0 = by_rows ? 0 : i * width, n = by_rows ? N : std::min(N, n0 + width) - n0;
-      if (n <= 0 || nr <= 0) return;
-      const int64_t w_offset = layer * KE * N + (transpose_w ? n0 * KE : n0);  // w[layer]'s column n0
-      float* c_block = c + r0 * N + n0;
-      if (w_tiles) {
-#ifdef XYJAX_HAVE_AMX_KERNEL
-        const uint8_t* tiles = static_cast<const uint8_t*>(w.untyped_data()) +   // TileWeights' row n0
-                               (layer * ((N + 15) / 16 * 16) + n0) * ((KE + 31) / 32 * 128);
-        AmxGemmTiles(nr, n, KE, xb, tiles, c_block, N);
-#endif
-      } else if (amx) {
-#ifdef XYJAX_HAVE_AMX_KERNEL
-        AmxGemm(nr, n, KE, quant_block ? 2 : 3, xb, static_cast<const float*>(w.untyped_data()) + w_offset, c_block,
-                N);
-#endif
-      } else if (stream) {
-        stream_gemm(nr, n, KE, x32 + r0 * KE, KE, static_cast<const float*>(w.untyped_data()) + w_offset, c_block, N);
-      } else if (bf16) {
-        bf16_gemm(kRowMajor, kNoTrans, trans_b, static_cast<int>(nr), static_cast<int>(n), static_cast<int>(K),
-                  1.0f, static_cast<const uint16_t*>(x.untyped_data()) + r0 * K, static_cast<int>(K),
-                  static_cast<const uint16_t*>(w.untyped_data()) + w_offset, ldb, 0.0f, c_block,
-                  static_cast<int>(N));
-        uint16_t* dst = reinterpret_cast<uint16_t*>(out_bytes);
+// The one choice of kernel. Tile weights: the AMX tile kernel. bfloat16: the BLAS's bf16 gemm. float32 with
+// transpose_w: the streaming kernel for m <= stream_rows, else the AMX kernel for m >= amx_rows > 0, where this
+// CPU runs them. Everything else: the BLAS's sgemm.
+GemmKernel ChooseKernel(const Problem& p, const Tunables& t) {
+  static const bool stream_runs = StreamKernelRuns(), amx_runs = AmxReady();
+  if (p.w_tiles) return GemmKernel::kAmxTiles;
+  if (p.bf16) return GemmKernel::kBf16Gemm;
+  if (p.transpose_w && stream_runs && p.m <= t.stream_rows) return GemmKernel::kStream;
+  if (p.transpose_w && amx_runs && t.amx_rows > 0 && p.m >= t.amx_rows) return GemmKernel::kAmx;
+  return GemmKernel::kSgemm;
+}
+
+// AMX: x's rows [0, mc) as bfloat16 tiles, 16 rows per block, packed by all lanes before any lane multiplies.
+const uint8_t* PackX(const Problem& p, int64_t mc, int64_t lanes) {
+  struct alignas(64) Line {
+    uint8_t bytes[64];
+  };
+  thread_local std::vector<Line> packed;  // cache-line aligned: a tile row across two lines loads slower
+  packed.resize((AmxPackedBytes(mc, AmxPackedK(p.K, p.quant)) + 63) / 64);
+  uint8_t* dst = reinterpret_cast<uint8_t*>(packed.data());
+  const int64_t row_blocks = (mc + 15) / 16, per_lane = (row_blocks + lanes - 1) / lanes;
+  ThreadPool::Shared().Run(static_cast<int>(std::min(lanes, row_blocks)), [&](int i) {
+    AmxPackX(mc, p.K, p.quant, static_cast<const float*>(p.x), p.K, i * per_lane,
+             std::min(row_blocks, (i + 1) * per_lane), dst);
+  });
+  return dst;
+}
+
+// float32 x as the streaming kernel and the BLAS read it: x_ext for the split layout, built on this thread (with
+// AMX these are the small-m gemms, for which a pool pass costs more than the copy), else x itself.
+const float* RowsOfX(const Problem& p, int64_t mc) {
+  if (!p.quant) return static_cast<const float*>(p.x);
+  thread_local std::vector<float> x_ext;
+  x_ext.resize(mc * p.KE);
+  ExtendRows(static_cast<const float*>(p.x), mc, p.K, x_ext.data());
+  return x_ext.data();
+}
+
+// Rows [0, mc) of the result, in blocks of whole rows (split_rows; not with AMX, whose packed x is shared) or of
+// kColumnAlign-aligned columns, one block per lane, each one single-threaded call of the kernel.
+void Compute(const Problem& p, const Tunables& t, GemmKernel kernel, int64_t mc) {
+  const int64_t N = p.N, KE = p.KE;
+  const bool amx = kernel == GemmKernel::kAmx || kernel == GemmKernel::kAmxTiles;
+  // float32: straight into the result. bfloat16: into float scratch, rounded once per lane's block.
+  thread_local std::vector<float> scratch;  // reused across calls on this thread
+  if (p.bf16 && scratch.size() < static_cast<size_t>(mc * N)) scratch.resize(mc * N);
+  float* c = p.bf16 ? scratch.data() : reinterpret_cast<float*>(p.out);
+  ThreadPool& pool = ThreadPool::Shared();
+  const int64_t lanes = t.lanes == 0 ? pool.lanes() : std::min<int64_t>(t.lanes, pool.lanes());
+  const uint8_t* xb = amx ? PackX(p, mc, lanes) : nullptr;
+  const float* x32 = amx || p.bf16 ? nullptr : RowsOfX(p, mc);
+  const bool by_rows = t.split_rows && !amx;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(lanes, by_rows ? mc : N / kColumnAlign));
+  const int64_t width = by_rows ? (mc + blocks - 1) / blocks
+                                : ((N + blocks - 1) / blocks + kColumnAlign - 1) / kColumnAlign * kColumnAlign;
+  const Sgemm sgemm = g_sgemm.load();
+  const Bf16Gemm bf16_gemm = g_bf16_gemm.load();
+  const int trans_b = p.transpose_w ? kTrans : kNoTrans;
+  const int ldb = static_cast<int>(p.transpose_w ? KE : N);
+  auto lane = [&](int i) {
+    const int64_t r0 = by_rows ? i * width : 0, nr = by_rows ? std::min(mc, r0 + width) - r0 : mc;
+    const int64_t n0 = by_rows ? 0 : i * width, n = by_rows ? N : std::min(N, n0 + width) - n0;
+    if (n <= 0 || nr <= 0) return;
+    const int64_t w_offset = p.layer * KE * N + (p.transpose_w ? n0 * KE : n0);  // w[layer]'s column n0
+    float* c_block = c + r0 * N + n0;
+    switch (kernel) {
+      case GemmKernel::kAmxTiles:   // TileWeights' row n0
+        AmxGemmTiles(nr, n, KE, xb,
+                     static_cast<const uint8_t*>(p.w) + (p.layer * ((N + 15) / 16 * 16) + n0) * ((KE + 31) / 32 * 128),
+                     c_block, N);
+        break;
+      case GemmKernel::kAmx:
+        AmxGemm(nr, n, KE, p.quant ? 2 : 3, xb, static_cast<const float*>(p.w) + w_offset, c_block, N);
+        break;
+      case GemmKernel::kStream:
+        StreamGemmAvx512(nr, n, KE, x32 + r0 * KE, KE, static_cast<const float*>(p.w) + w_offset, c_block, N);
+        break;
+      case GemmKernel::kBf16Gemm: {
+        bf16_gemm(kRowMajor, kNoTrans, trans_b, static_cast<int>(nr), static_cast<int>(n), static_cast<int>(p.K), 1.0f,
+                  static_cast<const uint16_t*>(p.x) + r0 * p.K, static_cast<int>(p.K),
+                  static_cast<const uint16_t*>(p.w) + w_offset, ldb, 0.0f, c_block, static_cast<int>(N));
+        uint16_t* dst = reinterpret_cast<uint16_t*>(p.out);
         for (int64_t r = r0; r < r0 + nr; ++r) {
           for (int64_t j = n0; j < n0 + n; ++j) dst[r * N + j] = FloatToBf16(c[r * N + j]);
         }
-      } else {
-        sgemm(kRowMajor, kNoTrans, trans_b, static_cast<int>(nr), static_cast<int>(n), static_cast<int>(KE), 1.0f,
-              x32 + r0 * KE, static_cast<int>(KE),
-              static_cast<const float*>(w.untyped_data()) + w_offset, ldb, 0.0f, c_block, static_cast<int>(N));
+        break;
       }
-    };
-    pool.Run(static_cast<int>(blocks), lane);
+      case GemmKernel::kSgemm:
+        sgemm(kRowMajor, kNoTrans, trans_b, static_cast<int>(nr), static_cast<int>(n), static_cast<int>(KE), 1.0f,
+              x32 + r0 * KE, static_cast<int>(KE), static_cast<const float*>(p.w) + w_offset, ldb, 0.0f, c_block,
+              static_cast<int>(N));
+        break;
+    }
+  };
+  pool.Run(static_cast<int>(blocks), lane);
+}
+
+ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, Scalar32 layer_buffer,
+                         bool transpose_w, int32_t lanes_attr, bool split_rows, int32_t m_align, int32_t stream_rows,
+                         int32_t amx_rows, int32_t quant_block, bool w_tiles, ffi::Result<ffi::AnyBuffer> out) {
+  Problem p;
+  const Tunables t{lanes_attr, m_align, stream_rows, amx_rows, split_rows};
+  if (ffi::Error e = Parse(x, w, m_buffer, layer_buffer, transpose_w, quant_block, w_tiles, out, &p); e.failure()) {
+    return e;
   }
-  std::memset(out_bytes + m * N * elem, 0, (T - m) * N * elem);
+  if (ffi::Error e = CheckBlasAndTunables(p, t); e.failure()) return e;
+  const GemmKernel kernel = ChooseKernel(p, t);
+  // Rows computed: m, rounded up to m_align (within T) for the BLAS, some of whose kernels are faster on
+  // aligned row counts; the extra rows are zeroed again below.
+  const bool blas = kernel == GemmKernel::kSgemm || kernel == GemmKernel::kBf16Gemm;
+  const int64_t mc = p.m == 0 || !blas ? p.m : std::min<int64_t>(p.T, (p.m + m_align - 1) / m_align * m_align);
+  if (mc > 0 && p.N > 0) Compute(p, t, kernel, mc);
+  const size_t elem = p.bf16 ? 2 : 4;
+  std::memset(p.out + p.m * p.N * elem, 0, (p.T - p.m) * p.N * elem);   // rows >= m
   return ffi::Error::Success();
 }
 
@@ -304,5 +328,5 @@ extern "C" __attribute__((visibility("default"))) void xyjax_gemm_set_blas(void*
 
 // 1 where the handler runs its AMX kernel (amx_rows > 0 has an effect), else 0.
 extern "C" __attribute__((visibility("default"))) int32_t xyjax_gemm_amx(void) {
-  return xyjax::gemm::HaveAmx() ? 1 : 0;
+  return xyjax::gemm::AmxReady() ? 1 : 0;
 }

@@ -13,7 +13,7 @@
 // minimums, see xyjax/ops/gemm.py) drop x0w2: five products and 12 tile loads per K step instead of 14.
 //
 // Layout: every tile is 1 KiB, 16 rows of 64 bytes. The weights are the A operand: 16 weight rows x 32
-// bf16 along K, converted from float32 as they are read (no transposes; AmxGemm says how many rows at a
+// bf16 along K, converted from float32 as they are read (no transposes; Gemm below says how many rows at a
 // time). x is the B operand, packed once per call by AmxPackX into the VNNI form the tile unit wants: tile
 // row r holds, for each of 16 x rows, the pair (x[., k0 + 2r], x[., k0 + 2r + 1]). A 2 x 2 block of
 // accumulator tiles (32 weight rows x 32 x rows) runs along K; its [n, m] result is transposed into c.

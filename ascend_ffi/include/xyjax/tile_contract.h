@@ -1,8 +1,8 @@
 /* xyjax tile contract: one attention task row, shared by every attention backend.
  *
  * The planner (host, numpy) writes a task table `int32[W][XYJAX_TASK_NUM_FIELDS]` plus the real
- * task count `num_tasks <= W`. Each backend (xla oracle, C++ custom calls, AscendC, Pallas) reads
- * the same table. The Python mirror is ascend_ffi/__init__.py; tests/test_ascend_ffi.py checks
+ * task count `num_tasks <= W`. Each backend (the xla oracle, the C++ custom calls, Pallas) reads
+ * the same table; an AscendC backend is planned, not present. The Python mirror is ascend_ffi/__init__.py; tests/test_ascend_ffi.py checks
  * the two agree through the compiled library. Change both sides and XYJAX_TILE_ABI_VERSION
  * together.
  *
@@ -11,7 +11,8 @@
  *   seq         sequence slot: row of block_tables (and of any per-sequence array).
  *   q_start     first row of the tile in the flat token array (token_ids[T], q[T, ...]).
  *   q_len       query rows in the tile, 1 <= q_len <= tile size. q_len == 0 marks a padding task:
- *               backends skip it, and tasks at index >= num_tasks are never read.
+ *               backends skip it. Rows at index >= num_tasks are padding too: a backend stops at
+ *               num_tasks, or (the C++ custom calls) gets them zeroed by the Python side.
  *   q_pos       absolute position (in its sequence) of the tile's first query row; row i
  *               (flat row q_start + i) has position q_pos + i.
  *   kv_start,   the KV positions [kv_start, kv_end) this task reads (positions index the

@@ -1,0 +1,48 @@
+// The optional kernels of smooth_gemm_cpu.cc, each in its own file built for its own instruction set, and
+// whether this build and CPU run them: the one place the gemm reads the build's XYJAX_HAVE_* switches. A
+// kernel not compiled in is an inline stub, never called (its availability function returns false).
+// Included by baseline files only, not by the kernel files: an inline function compiled with their flags
+// could be the copy the linker keeps.
+#ifndef XYJAX_SMOOTH_GEMM_KERNELS_H_
+#define XYJAX_SMOOTH_GEMM_KERNELS_H_
+
+#include <cstdint>
+
+namespace xyjax {
+namespace gemm {
+
+#ifdef XYJAX_HAVE_X86_KERNELS
+// smooth_gemm_kernel_avx512.cc: c [m, n] (row stride ldc) = x [m, K] (row stride ldx) @ w [n, K]^T, float32,
+// single-threaded, the weights read once in place.
+void StreamGemmAvx512(int64_t m, int64_t n, int64_t K, const float* x, int64_t ldx, const float* w, float* c,
+                      int64_t ldc);
+inline bool StreamKernelRuns() { return __builtin_cpu_supports("avx512f"); }
+#else
+inline void StreamGemmAvx512(int64_t, int64_t, int64_t, const float*, int64_t, const float*, float*, int64_t) {}
+inline bool StreamKernelRuns() { return false; }
+#endif
+
+#ifdef XYJAX_HAVE_AMX_KERNEL
+// smooth_gemm_kernel_amx.cc (see there): whether this CPU and OS run it; x packed into bfloat16 tiles; the
+// float32-accurate gemm of float32 weights (w_parts 3, or 2 for weights exact in two bfloat16 parts) and of
+// weights stored as tiles (xyjax.ops.gemm.TileWeights).
+bool AmxReady();
+int64_t AmxPackedK(int64_t K, bool sums);
+int64_t AmxPackedBytes(int64_t m, int64_t K);
+void AmxPackX(int64_t m, int64_t K, bool sums, const float* x, int64_t ldx, int64_t b0, int64_t b1, uint8_t* dst);
+void AmxGemm(int64_t m, int64_t n, int64_t K, int w_parts, const uint8_t* xb, const float* w, float* c,
+             int64_t ldc);
+void AmxGemmTiles(int64_t m, int64_t n, int64_t K, const uint8_t* xb, const uint8_t* tiles, float* c, int64_t ldc);
+#else
+inline bool AmxReady() { return false; }
+inline int64_t AmxPackedK(int64_t K, bool) { return K; }
+inline int64_t AmxPackedBytes(int64_t, int64_t) { return 0; }
+inline void AmxPackX(int64_t, int64_t, bool, const float*, int64_t, int64_t, int64_t, uint8_t*) {}
+inline void AmxGemm(int64_t, int64_t, int64_t, int, const uint8_t*, const float*, float*, int64_t) {}
+inline void AmxGemmTiles(int64_t, int64_t, int64_t, const uint8_t*, const uint8_t*, float*, int64_t) {}
+#endif
+
+}  // namespace gemm
+}  // namespace xyjax
+
+#endif  // XYJAX_SMOOTH_GEMM_KERNELS_H_
