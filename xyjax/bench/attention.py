@@ -10,8 +10,7 @@ split into one call per stage (prefill chunks, verify runs, decodes), each padde
 query and KV and run with ``jax.nn.dot_product_attention`` over KV gathered from the paged cache; and
 ``dense-padded``, the whole batch padded to one dense ``jax.nn.dot_product_attention`` call.
 Reports ms per call, GFLOP/s (4 * visible (query, key) pairs * H * D) and KV GB/s (KV bytes read once),
-next to the sgemm rate and copy bandwidth measured in the same run, the balance of symmetric round-robin
-lanes vs plain order, and writes JSON.
+next to the sgemm rate and copy bandwidth measured in the same run, and writes JSON.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from xyjax.ops.attention.contract import Field
 from xyjax.ops.attention import tiling
 from xyjax.bench.roofline import machine_limits
 from xyjax.engine.config import EngineConfig
@@ -123,13 +121,6 @@ def bench_case(name, seqs, backends, lanes: int, max_splits: int, tile: int, rng
     result["ms"]["stage-by-stage"] = 1e3 * timeit(dense_attention(q, kv, q_start, q_len, kv_len, tables, stages))
     result["ms"]["dense-padded"] = 1e3 * timeit(dense_attention(q, kv, q_start, q_len, kv_len, tables,
                                                                 [np.arange(len(seqs))]))
-    tasks = np.concatenate([g.tasks[:int(g.num_tasks)] for g in meta.groups])
-    cost = (tasks[:, Field.Q_LEN] * (tasks[:, Field.KV_END] - tasks[:, Field.KV_START])).astype(float)
-    ranked = np.sort(cost)[::-1]
-    plain = cost[np.lexsort((tasks[:, Field.KV_HEAD], tasks[:, Field.Q_START], tasks[:, Field.SEQ]))]
-    result["lane_balance"] = dict(   # max lane cost / mean; plain = tasks in sequence order dealt 1..n, 1..n
-        symmetric=tiling.lane_balance(ranked, tiling.symmetric_order(len(ranked), lanes), lanes),
-        plain=tiling.lane_balance(plain, np.arange(len(plain)) % lanes, lanes))
     return result
 
 
@@ -163,9 +154,8 @@ def main(argv=None) -> int:
     results = [bench_case(name, seqs, backends, args.lanes, args.max_splits, args.tile, rng) for name, seqs in tqdm(CASES.items(), desc="cases")]
     print(f"machine: sgemm {limits['sgemm_gflops']:.0f} GFLOP/s, copy {limits['copy_gbps']:.1f} GB/s, "
           f"{args.lanes} lanes")
-    print("| case | " + " | ".join(f"{b} ms" for b in results[0]["ms"]) + " | ffi GFLOP/s (of sgemm) | ffi KV GB/s (of copy) | "
-          "lane balance sym / plain |")
-    print("|---" * (len(results[0]["ms"]) + 4) + "|")
+    print("| case | " + " | ".join(f"{b} ms" for b in results[0]["ms"]) + " | ffi GFLOP/s (of sgemm) | ffi KV GB/s (of copy) |")
+    print("|---" * (len(results[0]["ms"]) + 3) + "|")
     for r in results:
         best = r["ms"].get("ffi", min(r["ms"].values())) / 1e3
         r["ffi_gflops"], r["ffi_kv_gbps"] = r["flops"] / best / 1e9, r["kv_bytes"] / best / 1e9
@@ -173,8 +163,7 @@ def main(argv=None) -> int:
         r["ffi_copy_fraction"] = r["ffi_kv_gbps"] / limits["copy_gbps"]
         print(f"| {r['case']} | " + " | ".join(f"{v:.2f}" for v in r["ms"].values()) +
               f" | {r['ffi_gflops']:.1f} ({100 * r['ffi_sgemm_fraction']:.0f}%) | {r['ffi_kv_gbps']:.1f} "
-              f"({100 * r['ffi_copy_fraction']:.0f}%) | {r['lane_balance']['symmetric']:.3f} / "
-              f"{r['lane_balance']['plain']:.3f} |")
+              f"({100 * r['ffi_copy_fraction']:.0f}%) |")
     sweep = tile_sweep([int(t) for t in args.tiles.split(",") if t], args.lanes, rng) if args.tiles else {}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"attention-{time.strftime('%Y%m%d-%H%M%S')}.json")

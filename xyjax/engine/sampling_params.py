@@ -55,10 +55,6 @@ class SamplingParams:
             if not ok:
                 raise ValueError(f"SamplingParams.{field} must be {expected}, got {getattr(self, field)!r}")
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)

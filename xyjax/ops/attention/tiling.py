@@ -13,10 +13,8 @@ fair share ``total / lanes`` is a straggler, so it is split along KV into ``ceil
 (at most ``max_splits``, each at least ``min_split_kv`` positions, block aligned) whose partial results
 the backend merges by log-sum-exp. Everything else stays unsplit (a split costs a merge).
 
-Reordering. Each table lists its tasks by cost, largest first. A backend with n static lanes (GPU grid
-programs) gives task i to lane ``symmetric_order(i, n)``: symmetric round-robin 1, 2, ..., n, n, ..., 2, 1,
-1, 2, ...; the CPU kernel's threads pull tasks in table order, which for sorted tasks is the greedy
-largest-first deal. ``lane_balance`` measures either against plain order.
+Order. The tables list tasks in sequence order; the order tasks run in belongs to the backend that runs them
+(the C++ kernel deals them out largest cost first to its threads; the Pallas grid runs one task per program).
 """
 
 from __future__ import annotations
@@ -37,18 +35,6 @@ def capacities(num_tokens: int, num_seqs: int, num_kv_heads: int, tile: int, lan
     decode = min(num_seqs, num_tokens) + extra
     chunk = num_tokens // tile + min(num_seqs, num_tokens // 2) + extra
     return decode * num_kv_heads, max(chunk, 1) * num_kv_heads
-
-
-def symmetric_order(num_tasks: int, lanes: int) -> np.ndarray:
-    """Lane of each of ``num_tasks`` cost-sorted tasks dealt 1..n, n..1, 1..n, ...: [num_tasks] int."""
-    i = np.arange(num_tasks) % (2 * lanes)
-    return np.where(i < lanes, i, 2 * lanes - 1 - i)
-
-
-def lane_balance(costs: np.ndarray, lanes: np.ndarray, num_lanes: int) -> float:
-    """max lane cost / mean lane cost (1.0 = perfect) of tasks with ``costs`` assigned to ``lanes``."""
-    load = np.bincount(lanes, weights=costs, minlength=num_lanes)
-    return float(load.max() / max(load.mean(), 1e-12))
 
 
 def _tiles(q_start, q_len, kv_len, seqs, size):
@@ -84,7 +70,7 @@ def build_tasks(q_start, q_len, kv_len, *, num_kv_heads: int, tile: int, capacit
     """Task tables for sequences s with ``q_len[s] > 0`` rows at flat rows ``q_start[s]:`` whose KV after
     this step is ``kv_len[s]`` (causal with offset, or TREE where ``tree[s]``: the sequence's rows are tree
     tokens whose first KV position, kv_len - q_len, is the mask base). Returns (decode_tasks [Wd, F],
-    num_decode, chunk_tasks [Wc, F], num_chunk), int32, padding rows zero, tasks largest first."""
+    num_decode, chunk_tasks [Wc, F], num_chunk), int32, padding rows zero, tasks in sequence order."""
     tree = np.zeros(len(q_len), bool) if tree is None else np.asarray(tree, bool)
     parts = [_tiles(q_start, q_len, kv_len, np.flatnonzero(q_len == 1), 1),
              _tiles(q_start, q_len, kv_len, np.flatnonzero(q_len > 1), tile)]
@@ -95,16 +81,14 @@ def build_tasks(q_start, q_len, kv_len, *, num_kv_heads: int, tile: int, capacit
         rows = _split(tiles, share, block_size=block_size, max_splits=max_splits, min_split_kv=min_split_kv)
         rows = np.repeat(rows, num_kv_heads, axis=0)
         heads = np.tile(np.arange(num_kv_heads), len(rows) // num_kv_heads)
-        cost = rows[:, 2] * (rows[:, 5] - rows[:, 4])
-        order = np.argsort(-cost, kind="stable")
         num = len(rows)
         if num > cap:
             raise ValueError(f"{num} {name} attention tasks exceed the capacity {cap}")
         table = np.zeros((cap, NUM_FIELDS), np.int32)
         cols = [Field.SEQ, Field.Q_START, Field.Q_LEN, Field.Q_POS, Field.KV_START, Field.KV_END, Field.SPLIT,
                 Field.NUM_SPLITS]
-        table[:num, cols] = rows[order]
-        table[:num, Field.KV_HEAD] = heads[order]
+        table[:num, cols] = rows
+        table[:num, Field.KV_HEAD] = heads
         seqs = table[:num, Field.SEQ]
         table[:num, Field.MASK_KIND] = np.where(tree[seqs], MaskKind.TREE, MaskKind.CAUSAL)
         table[:num, Field.MASK_BASE] = np.where(tree[seqs], (kv_len - q_len)[seqs], 0)
