@@ -13,7 +13,18 @@ import jax
 from models.llama import linear_shapes
 from models.loader import load
 from xyjax.engine.config import EngineConfig
+from xyjax.ops.gemm import format_name, prepare_weights
 from xyjax.ops.gemm.profile import default_path, profile
+
+
+PARAMS = {"qkv": "wqkv", "o": "wo", "gate_up": "w_gate_up", "down": "w_down"}   # linear_shapes name -> layer param
+
+
+def weight_formats(model, backend: str, layout: str) -> dict[str, str]:
+    """The format the engine holds each linear layer's weights in (``prepare_weights``), by linear_shapes name."""
+    params = prepare_weights(model.params, backend, layout)
+    head = params.get("lm_head", params["embed"])
+    return {name: format_name(params["layers"][p]) for name, p in PARAMS.items()} | {"lm_head": format_name(head)}
 
 
 def main(argv=None) -> int:
@@ -24,11 +35,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--stream-mib", type=int, default=512,
                         help="MiB of distinct weights each timing passes over (so they come from memory)")
+    parser.add_argument("--weight-layout", default="auto", help="as the engine option weight_layout (the formats timed)")
     parser.add_argument("--out", default=None, help="table path (default: the cache path the engine reads)")
     args = parser.parse_args(argv)
     buckets = [int(b) for b in args.buckets.split(",")] if args.buckets else list(EngineConfig().token_buckets)
-    cfg = load(args.model).config
-    result, timings = profile(linear_shapes(cfg), buckets, args.backend, repeat=args.repeat,
+    model = load(args.model)
+    result, timings = profile(linear_shapes(model.config), buckets, args.backend, repeat=args.repeat,
+                              weight_formats=weight_formats(model, args.backend, args.weight_layout),
                               stream_bytes=args.stream_mib << 20)
     path = args.out or default_path(result.device, args.backend)
     result.save(path, timings)

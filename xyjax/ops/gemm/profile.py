@@ -7,7 +7,7 @@ per (format, T, K, N, transpose_w): the winning ``params`` and the milliseconds 
 ``$XYJAX_CACHE_DIR/gemm-profiles/<device kind>-<backend>.json``. The engine loads it at start (no file:
 every call runs the backend's defaults for its format) and passes each GEMM the params of its format, shape
 and bucket (the entry with the smallest T >= the bucket, else the largest T; exact format, K, N, transpose_w).
-The sweep times plain float32 weights, so its entries are "plain" ones.
+``xyjax profile`` times each shape in the format the engine holds that weight in on this machine.
 
 Tunables (see ``xyjax.ops.gemm``): ``ffi`` lanes, row or column split, m alignment, the streaming kernel's
 row limit and whether the AMX kernel runs (where the CPU has it); ``pallas`` the ``GemmTiling`` fields (block
@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+import ascend_ffi
+from xyjax.ops.gemm import formats, smooth_gemm
 from xyjax.ops.paths import cache_dir
 
 Key = tuple[str, int, int, int, bool]   # (weight format, T, K, N, transpose_w)
@@ -90,13 +92,11 @@ def load_default(backend: str) -> GemmProfile | None:
 def candidates(backend: str) -> list[dict]:
     """The tunables swept for ``backend`` (the first is its default)."""
     if backend == "ffi":
-        import ascend_ffi
-
         lib = ascend_ffi.load()
         lanes = lib.xyjax_attention_threads()
         # The AMX kernel (where the CPU has it) cuts columns only and computes exactly m rows: lanes alone vary.
         amx = [dict(lanes=n, split_rows=False, m_align=1, stream_rows=stream, amx_rows=1)
-               for stream, n in itertools.product((24, 0, 64), range(lanes, 0, -1))] if lib.xyjax_gemm_amx() else []
+               for stream, n in itertools.product((24, 12, 0, 64), range(lanes, 0, -1))] if lib.xyjax_gemm_amx() else []
         return amx + [dict(lanes=n, split_rows=rows, m_align=align, stream_rows=stream, amx_rows=0)
                       for stream, n, rows, align in itertools.product((24, 0, 64), range(lanes, 0, -1), (False, True),
                                                                       (1, 16))
@@ -118,18 +118,27 @@ def time_call(fn, *args, repeat: int = 5) -> float:
     return best
 
 
-def profile(shapes: dict[str, tuple[int, int, bool]], buckets: list[int], backend: str, *, dtype=jnp.float32,
-            repeat: int = 5, seed: int = 0, stream_bytes: int = 512 << 20,
-            max_flops: float = 4e9) -> tuple[GemmProfile, dict]:
-    """Times every candidate on every (shape, bucket T) and keeps the fastest. A candidate's time is the sum
+def _weights(shape: tuple[int, ...], fmt: str, dtype, rng):
+    """Random weights of ``shape`` held in format ``fmt`` ("plain", or "split" / "tiles": 4-bit blocks)."""
+    w = rng.standard_normal(shape, np.float32)
+    if fmt == "plain":
+        return jnp.asarray(w, dtype)
+    split = formats.quantize_blocks(w)
+    return formats.pack_tiles(split) if fmt == "tiles" else jax.tree.map(jnp.asarray, split)
+
+
+def profile(shapes: dict[str, tuple[int, int, bool]], buckets: list[int], backend: str, *,
+            weight_formats: dict[str, str] | None = None, dtype=jnp.float32, repeat: int = 5, seed: int = 0,
+            stream_bytes: int = 512 << 20, max_flops: float = 4e9) -> tuple[GemmProfile, dict]:
+    """Times every candidate on every (shape, bucket T) and keeps the fastest, with each named shape's weights in
+    its format of ``weight_formats`` (default "plain"; "split" and "tiles" need transposed shapes whose K is a
+    multiple of 32): the format the engine will hold them in. A candidate's time is the sum
     over three real row counts the bucket serves: just past the previous bucket, the middle (odd), and T.
     Each time is one program's pass over a stack of distinct weights of about ``stream_bytes`` (per layer), so
     the weights come from memory as in a model's step: one matrix timed over and over stays in cache, where a
     BLAS's packing costs little and small-m gemms look compute-bound. The stack is cut to ``max_flops`` of work
     per pass (large buckets are compute-bound: where the weights come from matters little there).
     Returns the profile and {"name T": {candidate: ms}}."""
-    from xyjax.ops.gemm import smooth_gemm
-
     device = jax.devices()[0].device_kind
     if backend == "pallas" and jax.default_backend() == "cpu":
         raise ValueError("profiling the pallas gemm backend needs a GPU: on CPU it runs in interpret mode, "
@@ -139,6 +148,7 @@ def profile(shapes: dict[str, tuple[int, int, bool]], buckets: list[int], backen
     entries, timings = [], {}
     buckets = sorted(buckets)
     lower = dict(zip(buckets, [0] + buckets[:-1]))
+    weight_formats = weight_formats or {}
     work = [(name, shape, T) for name, shape in shapes.items() for T in buckets]
     stack = None   # (name, weights): one shape's stack at a time, drawn once for all its buckets
 
@@ -150,7 +160,7 @@ def profile(shapes: dict[str, tuple[int, int, bool]], buckets: list[int], backen
         if stack is None or stack[0] != name:   # sized for the smallest bucket, which passes over the most
             stack = None                          # the previous shape's stack freed before the next is drawn
             shape = (layers(buckets[0], K, N),) + ((N, K) if transpose_w else (K, N))
-            stack = (name, jnp.asarray(rng.standard_normal(shape, np.float32), dtype))
+            stack = (name, _weights(shape, weight_formats.get(name, "plain"), dtype, rng))
         w, used = stack[1], layers(T, K, N)
         x = jnp.asarray(rng.standard_normal((T, K)), dtype)
         ms = {}
@@ -164,6 +174,7 @@ def profile(shapes: dict[str, tuple[int, int, bool]], buckets: list[int], backen
             ms[json.dumps(params, sort_keys=True)] = 1e3 * sum(time_call(fn, x, w, jnp.int32(m), repeat=repeat)
                                                                for m in rows) / used
         best = min(ms, key=ms.get)
-        entries.append((("plain", T, K, N, transpose_w), tuple(sorted(json.loads(best).items()))))
+        fmt = weight_formats.get(name, "plain")
+        entries.append(((fmt, T, K, N, transpose_w), tuple(sorted(json.loads(best).items()))))
         timings[f"{name} T={T}"] = ms
     return GemmProfile(device=device, backend=backend, entries=tuple(entries)), timings
