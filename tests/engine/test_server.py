@@ -19,7 +19,7 @@ openai = pytest.importorskip("openai")
 
 from models.hf_export import export_hf  # noqa: E402
 
-from conftest import TINY  # noqa: E402
+from helpers import TINY  # noqa: E402
 
 # Small buckets keep start-up short; 32 sequences fit the concurrency test in one batch.
 ENGINE_FLAGS = ["--max-num-batched-tokens", "64", "--max-num-seqs", "32", "--kv-cache-memory", str(16 << 20)]

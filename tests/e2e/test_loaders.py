@@ -103,7 +103,7 @@ def test_real_q4_1_model_loads_its_blocks(gguf_path):
 def test_hf_directory_matches_transformers(arch, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from reference import reference_logits
+    from helpers import reference_logits
 
     common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=5000.0)
@@ -137,7 +137,7 @@ def test_resolve_names_gguf_paths_and_hf_dirs(gguf_path, tmp_path):
 def test_llm_serves_an_hf_directory(tmp_path, tokenizer):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from reference import reference_greedy
+    from helpers import reference_greedy
 
     from xyjax import LLM, SamplingParams
 
