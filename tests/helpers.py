@@ -5,12 +5,17 @@
   contiguous sequence, no engine, no paging);
 - THE float64 attention reference, ``reference_attention``, straight from the tile contract (CAUSAL and TREE
   masks, KV splits by task table, GQA), and the builders of attention cases that every attention test uses;
-- ``drive``: runs an Engine over requests arriving at given steps."""
+- ``drive``: runs an Engine over requests arriving at given steps; ``start_server``: a live `xyjax serve`."""
 
 import collections
 import dataclasses
 import functools
 import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -434,3 +439,56 @@ def drive(engine, arrivals, prompt_ids, sampling, drafts=None):
             out[delta.request_id] = (toks + delta.token_ids, delta.finish_reason)
         step += 1
     return [out[ids[i]] for i in range(len(prompt_ids))]
+
+
+# ---- a live server -----------------------------------------------------------------------------------------
+# Small buckets keep start-up short; 32 sequences fit the concurrency test in one batch.
+ENGINE_FLAGS = ["--max-num-batched-tokens", "64", "--max-num-seqs", "32", "--kv-cache-memory", str(16 << 20)]
+
+
+@dataclasses.dataclass
+class Server:
+    proc: subprocess.Popen
+    url: str
+    log: str
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def client(self, **kw):
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, **kw)
+
+    def metric(self, name: str) -> float:
+        import httpx
+
+        text = httpx.get(self.url + "/metrics").text
+        return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.M).group(1))
+
+
+def start_server(model: str, log_path: str, *flags: str, name: str = "tiny") -> Server:
+    """`xyjax serve` of ``model`` on a free local port (output to ``log_path``), once /health answers."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "xyjax.cli", "serve", "--model", model, "--served-model-name", name,
+           "--port", str(port), *ENGINE_FLAGS, *flags]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    server = Server(proc, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{open(log_path).read()}")
+        try:
+            if httpx.get(server.url + "/health", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server not ready after 300 s:\n{open(log_path).read()}")
