@@ -1,6 +1,8 @@
 """Prefix caching in the engine on the tiny model: caching on vs off gives the same tokens; hits, copies,
 evictions and preemptions as counted by the stats."""
 
+import jax
+import numpy as np
 import pytest
 
 from xyjax import LLM, SamplingParams

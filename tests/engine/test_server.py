@@ -218,7 +218,7 @@ def test_graceful_shutdown_finishes_then_aborts_in_flight_requests(model_dir, tm
 def test_load_test_script_reports_no_errors(server):
     import importlib.util
 
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "load_test.py")
+    path = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "examples", "load_test.py")
     spec = importlib.util.spec_from_file_location("load_test", path)
     load_test = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(load_test)

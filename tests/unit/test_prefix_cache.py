@@ -4,7 +4,6 @@ is in engine/test_prefix_cache_engine.py."""
 
 import collections
 
-import jax
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
