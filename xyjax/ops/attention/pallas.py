@@ -92,7 +92,7 @@ from jax.experimental.pallas import triton as pl_triton
 from xyjax.ops.attention.contract import NUM_FIELDS, Field, MaskKind
 from xyjax.ops.attention.metadata import TaskTable, live_tasks, merge_partials
 
-__all__ = ["attend_pallas", "attend_reference", "meta_attention_pallas"]
+__all__ = ["attend_pallas", "meta_attention_pallas"]
 
 TASK_COLS = 16                   # task rows padded to a power-of-two number of int32 columns
 MIN_ROWS = 16                    # Triton dots need M, N, K >= 16
@@ -301,43 +301,3 @@ def meta_attention_pallas(q, kv, layer, meta, *, scale=None, interpret: bool | N
         out = out + attend_pallas(q, kv.k, kv.v, layer, meta.block_tables, live_tasks(g), scale, tile=g.tile,
                                   interpret=interpret, tree_mask=tree_mask)
     return out
-
-
-def attend_reference(q, k_cache, v_cache, layer, block_tables, tasks, scale, *, tile: int, tree_mask=None):
-    """Pure-jnp reference of ``attend_pallas`` (no kernel, no online softmax): each task's whole reachable
-    KV (P * BS positions through its block-table row) is gathered densely, masked, softmaxed in float32,
-    and the per-task partials merged by log-sum-exp exactly as the kernel's are."""
-    num_tokens, num_heads, head_dim = q.shape
-    _, _, num_kv_heads, block_size, _ = k_cache.shape
-    group = num_heads // num_kv_heads
-    tasks = jnp.asarray(tasks, jnp.int32)
-    tables = jnp.asarray(block_tables, jnp.int32)
-    if tasks.shape[0] == 0:
-        return jnp.zeros(q.shape, jnp.float32)
-    rows = tile * group
-    token, head = _packed_rows(tasks, num_tokens, group, tile, rows)                   # [W, R]
-    qs = q.astype(jnp.float32).at[token, head].get(mode="fill", fill_value=0)          # [W, R, D]
-    seq, kv_head = tasks[:, Field.SEQ], tasks[:, Field.KV_HEAD]
-    pages = tables[seq]                                                                # [W, P]
-    keys = k_cache[layer, pages, kv_head[:, None]].astype(jnp.float32)                 # [W, P, BS, D]
-    values = v_cache[layer, pages, kv_head[:, None]].astype(jnp.float32)
-    keys, values = (x.reshape(x.shape[0], -1, head_dim) for x in (keys, values))       # [W, N, D]
-    pos = jnp.arange(keys.shape[1])
-    q_len = jnp.minimum(tasks[:, Field.Q_LEN], tile)
-    live = jnp.arange(rows)[None, :] < q_len[:, None] * group                          # [W, R]
-    row_pos = tasks[:, Field.Q_POS, None] + jnp.arange(rows)[None, :] // group          # [W, R]
-    in_range = (pos[None] >= tasks[:, Field.KV_START, None]) & (pos[None] < tasks[:, Field.KV_END, None])
-    seen = pos[None, None] <= row_pos[..., None]                                       # [W, R, N]
-    if tree_mask is not None:
-        tm = jnp.asarray(tree_mask).astype(bool)
-        col = pos[None, None] - tasks[:, Field.MASK_BASE, None, None]                  # [W, 1, N]
-        bit = tm.at[token[..., None], col].get(mode="fill", fill_value=False)
-        bit = jnp.where(col < 0, True, jnp.where(col >= tm.shape[1], False, bit))
-        seen = jnp.where((tasks[:, Field.MASK_KIND] == int(MaskKind.CAUSAL))[:, None, None], seen, bit)
-    visible = seen & in_range[:, None, :] & live[..., None]
-    s = jnp.einsum("wrd,wnd->wrn", qs, keys) * scale
-    s = jnp.where(visible, s, -jnp.inf)
-    lse = jax.nn.logsumexp(s, axis=-1)
-    p = jnp.where(visible, jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]), 0.0)
-    out_w = jnp.einsum("wrn,wnd->wrd", p, values)
-    return merge_partials(q.shape, [(token, head, out_w, lse)])[0]

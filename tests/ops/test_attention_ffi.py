@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from helpers import (HAND_ROWS, SHAPES, SPLIT_TOL, Shapes, attention, contract_case, contract_seq, empty_tree_case,
+                     hand_case, ragged_case, reference_attention)
 from xyjax.ops.attention.contract import NUM_FIELDS, Field, MaskKind
-from test_ops import (HAND_ROWS, SHAPES, SPLIT_TOL, Shapes, attention, contract_case, contract_seq, empty_tree_case,
-                      hand_case, ragged_case, task_reference)
 from xyjax.ops.kv_cache import KVCache
 from xyjax.ops import AttentionMetadata, TaskTable, meta_attention
 
@@ -85,7 +85,7 @@ def test_kernel_copies_bfloat16(monkeypatch, kernel):
     half_q, half_kv = q.astype(jnp.bfloat16), KVCache(k=kv.k.astype(jnp.bfloat16), v=kv.v.astype(jnp.bfloat16))
     out = attention(half_q, half_kv, 1, meta, backend="ffi")
     assert out.dtype == jnp.bfloat16
-    expected = task_reference(np.asarray(half_q.astype(jnp.float32)),
+    expected = reference_attention(np.asarray(half_q.astype(jnp.float32)),
                               KVCache(k=half_kv.k.astype(jnp.float32), v=half_kv.v.astype(jnp.float32)), 1, meta)
     np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), expected, rtol=2e-2, atol=2e-2)
 
@@ -129,7 +129,7 @@ def test_kv_window_inside_blocks_matches_task_reference():
     tasks[:4, Field.NUM_SPLITS] = 1
     meta = AttentionMetadata(block_tables=meta.block_tables, groups=(TaskTable(tasks, np.int32(4), 8),))
     out = np.asarray(jax.jit(functools.partial(meta_attention, scale=0.3, backend="ffi"))(q, kv, 1, meta))
-    expected = task_reference(q, kv, 1, meta, scale=0.3)
+    expected = reference_attention(q, kv, 1, meta, scale=0.3)
     np.testing.assert_allclose(out, expected, **TOL)
     assert not out[6, :2].any() and out[6, 2:].any()
     oracle = jax.jit(functools.partial(meta_attention, scale=0.3))(q, kv, 1, meta)
@@ -169,14 +169,14 @@ def test_tables_from_tiling_with_splits_and_a_tree():
                                      trees={2: [-1, 0, 0, 1, 1]}, max_tree=8)
     tasks = np.concatenate([np.asarray(g.tasks)[:int(g.num_tasks)] for g in meta.groups])
     assert (tasks[:, Field.NUM_SPLITS] > 1).any() and (tasks[:, Field.MASK_KIND] == MaskKind.TREE).any()
-    check(q, kv, meta, task_reference(q, kv, 1, meta), **SPLIT_TOL)
+    check(q, kv, meta, reference_attention(q, kv, 1, meta), **SPLIT_TOL)
 
 
 def test_hand_written_splits_windows_and_empty_rows():
     """Splits at block boundaries next to unsplit windows starting inside a block; a row that sees nothing in
     any split is zero (not NaN); splits of one tile in different groups; bfloat16 q."""
     q, kv, meta = hand_case(HAND_ROWS)
-    expected = task_reference(q, kv, 1, meta)
+    expected = reference_attention(q, kv, 1, meta)
     out = check(q, kv, meta, expected)
     assert not out[6].any() and out[7].all() and not out[8:].any()
     tasks = np.asarray(meta.groups[0].tasks)
@@ -184,14 +184,14 @@ def test_hand_written_splits_windows_and_empty_rows():
                                               TaskTable(tasks[[3, 6]], np.int32(2), 8)))
     np.testing.assert_allclose(np.asarray(attention(q, kv, 1, moved, backend="ffi")), out, **TOL)
     half = np.asarray(attention(q.astype(jnp.bfloat16), kv, 1, meta, backend="ffi").astype(jnp.float32))
-    np.testing.assert_allclose(half, task_reference(np.asarray(q.astype(jnp.bfloat16).astype(jnp.float32)), kv, 1,
+    np.testing.assert_allclose(half, reference_attention(np.asarray(q.astype(jnp.bfloat16).astype(jnp.float32)), kv, 1,
                                                     meta), rtol=2e-2, atol=2e-2)
     assert not half[6].any()
 
 
 def test_tree_rows_with_an_empty_mask_are_zero():
     q, kv, meta, mask = empty_tree_case()
-    out = check(q, kv, meta, task_reference(q, kv, 1, meta))
+    out = check(q, kv, meta, reference_attention(q, kv, 1, meta))
     assert out[:2].all() and out[2, :2].all() and not out[2, 2:].any()
     boolean = dataclasses.replace(meta, tree_mask=mask.astype(bool))
     np.testing.assert_array_equal(np.asarray(attention(q, kv, 1, boolean, backend="ffi")), out)
@@ -205,7 +205,7 @@ def test_bfloat16_q_and_cache():
                     (q.astype(jnp.bfloat16), KVCache(k=kv.k.astype(jnp.bfloat16), v=kv.v.astype(jnp.bfloat16)))]:
         out = attention(q_, kv_, 1, meta, backend="ffi")
         assert out.dtype == q_.dtype
-        expected = task_reference(np.asarray(q_.astype(jnp.float32)),
+        expected = reference_attention(np.asarray(q_.astype(jnp.float32)),
                                   KVCache(k=kv_.k.astype(jnp.float32), v=kv_.v.astype(jnp.float32)), 1, meta)
         np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), expected, rtol=2e-2, atol=2e-2)
 
@@ -236,7 +236,7 @@ def test_scan_over_layers_with_traced_layer_and_donated_cache():
     np.testing.assert_array_equal(np.asarray(kv_ffi.k), np.asarray(kv_xla.k))
     np.testing.assert_allclose(np.asarray(out_ffi), np.asarray(out_xla), **TOL)
     for layer in range(2):
-        expected = task_reference(np.asarray(q) * (layer + 1), kv_ffi, layer, meta)
+        expected = reference_attention(np.asarray(q) * (layer + 1), kv_ffi, layer, meta)
         np.testing.assert_allclose(np.asarray(out_ffi[layer]), expected, **TOL)
     assert np.asarray(out_ffi[:, :5]).any() and not np.asarray(out_ffi[:, 5:]).any()
 
@@ -304,7 +304,7 @@ def test_bad_split_groups_fail_with_clear_errors(second, message):
     q, kv, meta = _split_pair(**second)
     if message is None:   # the valid pair, for contrast
         np.testing.assert_allclose(np.asarray(attention(q, kv, 1, meta, backend="ffi")),
-                                   task_reference(q, kv, 1, meta), **TOL)
+                                   reference_attention(q, kv, 1, meta), **TOL)
         return
     with pytest.raises(Exception, match=message):
         np.asarray(attention(q, kv, 1, meta, backend="ffi"))
@@ -318,7 +318,7 @@ def test_split_boundary_off_the_block_grid_fails():
     meta = dataclasses.replace(meta, groups=(TaskTable(tasks, np.int32(2), 2),))
     with pytest.raises(Exception, match="starts at 3, not a multiple of block_size 4"):
         np.asarray(attention(q, kv, 1, meta, backend="ffi"))
-    np.testing.assert_allclose(np.asarray(attention(q, kv, 1, meta)), task_reference(q, kv, 1, meta), **TOL)
+    np.testing.assert_allclose(np.asarray(attention(q, kv, 1, meta)), reference_attention(q, kv, 1, meta), **TOL)
 
 
 def test_extra_split_and_overlapping_split_group_fail():
@@ -342,7 +342,7 @@ def test_tree_task_with_a_mask_reads_its_bits():
     mask = np.zeros((q.shape[0], 2), np.uint8)
     mask[1, 1] = 1
     meta = dataclasses.replace(meta, tree_mask=mask)
-    check(q, kv, meta, task_reference(q, kv, 1, meta))
+    check(q, kv, meta, reference_attention(q, kv, 1, meta))
 
 
 def test_block_table_entry_outside_the_cache_fails():

@@ -8,19 +8,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
-from test_ops import paged_batch
+from helpers import paged_batch, reference_attention, task_meta
 
 from xyjax.ops.attention.contract import NUM_FIELDS, Field, MaskKind
 from xyjax.ops.kv_cache import KVCache
 from xyjax.ops import TaskTable, meta_attention
-from xyjax.ops.attention.pallas import attend_pallas, attend_reference, meta_attention_pallas
+from xyjax.ops.attention.pallas import attend_pallas, meta_attention_pallas
 from xyjax.ops.attention.tiling import attention_metadata
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 pallas = jax.jit(meta_attention_pallas, static_argnames=("interpret",))
 xla = jax.jit(meta_attention, static_argnames="backend")
 attend = jax.jit(attend_pallas, static_argnames=("tile", "interpret", "return_lse", "block_kv"))
-reference = jax.jit(attend_reference, static_argnames="tile")
 
 
 def live_tasks(group: TaskTable) -> np.ndarray:
@@ -28,46 +27,6 @@ def live_tasks(group: TaskTable) -> np.ndarray:
     t = np.array(group.tasks)
     t[int(group.num_tasks):, Field.Q_LEN] = 0
     return t
-
-
-def task_reference(q, k, v, layer, tables, tasks, scale, tree_mask=None):
-    """float64 attention straight from the contract: each (row, head) attends to the union of the positions its
-    tasks (all KV splits of it) make visible, one softmax over them; rows no task covers stay zero."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    tables = np.asarray(tables)
-    _, num_heads, _ = q.shape
-    group, block_size = num_heads // k.shape[2], k.shape[3]
-    seen: dict[tuple[int, int], list[int]] = {}
-    for t in np.asarray(tasks):
-        for i in range(t[Field.Q_LEN]):
-            pos = np.arange(t[Field.KV_START], t[Field.KV_END])
-            if t[Field.MASK_KIND] == MaskKind.CAUSAL:
-                pos = pos[pos <= t[Field.Q_POS] + i]
-            else:
-                col = pos - t[Field.MASK_BASE]
-                row = np.asarray(tree_mask)[t[Field.Q_START] + i]
-                pos = pos[(col < 0) | ((col < row.shape[0]) & row[np.clip(col, 0, row.shape[0] - 1)].astype(bool))]
-            for h in range(t[Field.KV_HEAD] * group, (t[Field.KV_HEAD] + 1) * group):
-                seen.setdefault((t[Field.Q_START] + i, h), []).extend(pos.tolist())
-    out = np.zeros(q.shape)
-    for (row, h), pos in seen.items():
-        if not pos:
-            continue
-        pos = np.asarray(pos)
-        blocks, offsets = tables[np.asarray(tasks_seq_of(tasks, row)), pos // block_size], pos % block_size
-        keys, values = k[layer, blocks, h // group, offsets], v[layer, blocks, h // group, offsets]
-        s = keys @ q[row, h] * scale
-        p = np.exp(s - s.max())
-        out[row, h] = p @ values / p.sum()
-    return out
-
-
-def tasks_seq_of(tasks, row):
-    """The sequence slot of flat row ``row`` (from the first real task covering it)."""
-    for t in np.asarray(tasks):
-        if t[Field.Q_LEN] and t[Field.Q_START] <= row < t[Field.Q_START] + t[Field.Q_LEN]:
-            return t[Field.SEQ]
-    raise AssertionError(row)
 
 
 def make_case(rng, q_lens, histories, *, heads=4, kv_heads=2, dim=16, block_size=4, T=64, S=8, pages=16,
@@ -80,11 +39,9 @@ def make_case(rng, q_lens, histories, *, heads=4, kv_heads=2, dim=16, block_size
         S=S, pages=pages, num_blocks=num_blocks)
     meta = attention_metadata(q_start, q_len, kv_len, tables, num_kv_heads=kv_heads, tile=tile, num_tokens=T,
                               **tiling)
-    real = np.concatenate([live_tasks(g) for g in meta.groups])
-    mask = getattr(meta, "tree_mask", None)
-    expected = np.stack([task_reference(q, k, v, layer, tables, real, dim ** -0.5, tree_mask=mask)
-                         for layer in range(layers)])
-    return jnp.asarray(q), KVCache(k=jnp.asarray(k), v=jnp.asarray(v)), meta, expected
+    kv = KVCache(k=jnp.asarray(k), v=jnp.asarray(v))
+    expected = np.stack([reference_attention(q, kv, layer, meta) for layer in range(layers)])
+    return jnp.asarray(q), kv, meta, expected
 
 
 def uncovered_rows(meta, num_tokens):
@@ -113,10 +70,6 @@ def test_mixed_batch_matches_references(heads, kv_heads, dim, block_size, tile):
     np.testing.assert_allclose(out, expected[1], **TOL)
     np.testing.assert_allclose(out, np.asarray(xla(q, kv, 1, meta)), **TOL)
     assert not out[uncovered_rows(meta, q.shape[0])].any(), "rows no task covers must be exactly zero"
-    # the pure-jnp reference of the module agrees too
-    ref = sum(np.asarray(reference(q, kv.k, kv.v, 1, meta.block_tables, live_tasks(g), dim ** -0.5,
-                                          tile=g.tile)) for g in meta.groups)
-    np.testing.assert_allclose(ref, expected[1], **TOL)
 
 
 def test_lead_wiring_and_num_tasks_argument():
@@ -233,11 +186,11 @@ def test_kv_splits_merge_by_log_sum_exp():
         split = split_table(tasks, lambda end: sorted({max(1, end // 3), max(1, (2 * end) // 3 + 1)} - {end}))
         parts, lse_parts = run(q, kv.k, kv.v, 1, meta.block_tables, split, scale, tile=g.tile, interpret=True,
                                return_lse=True, block_kv=8)
-        ref = task_reference(q, kv.k, kv.v, 1, meta.block_tables, split, scale)
+        ref = reference_attention(q, kv, 1, task_meta(meta.block_tables, split), scale)
         np.testing.assert_allclose(np.asarray(parts), ref, **TOL)
         np.testing.assert_allclose(np.asarray(parts), np.asarray(whole), **TOL)
         np.testing.assert_allclose(np.asarray(lse_parts), np.asarray(lse_whole), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(ref, task_reference(q, kv.k, kv.v, 1, meta.block_tables, tasks, scale), **TOL)
+        np.testing.assert_allclose(ref, reference_attention(q, kv, 1, task_meta(meta.block_tables, tasks), scale), **TOL)
     # one split alone, a range the first rows of its tile see nothing of: zeros and lse -inf there
     chunks = live_tasks(meta.groups[1])
     prefill = chunks[(chunks[:, Field.SEQ] == 0) & (chunks[:, Field.Q_POS] == 0)][:1]   # rows 0..3 of the prefill
@@ -280,12 +233,10 @@ def test_tree_masks_and_split_tree_tasks():
     run = attend
     out = np.asarray(run(q, kv.k, kv.v, 1, meta.block_tables, tasks, scale, tile=8, interpret=True,
                          tree_mask=mask, block_kv=8))
-    expected = task_reference(q, kv.k, kv.v, 1, meta.block_tables, tasks, scale, tree_mask=mask)
+    expected = reference_attention(q, kv, 1, task_meta(meta.block_tables, tasks, tree_mask=mask), scale)
     np.testing.assert_allclose(out, expected, **TOL)
-    ref = reference(q, kv.k, kv.v, 1, meta.block_tables, tasks, scale, tile=8, tree_mask=mask)
-    np.testing.assert_allclose(np.asarray(ref), expected, **TOL)
     # the tree rows differ from plain causal ones (the mask matters)
-    causal = task_reference(q, kv.k, kv.v, 1, meta.block_tables, live_tasks(meta.groups[1]), scale)
+    causal = reference_attention(q, kv, 1, task_meta(meta.block_tables, live_tasks(meta.groups[1])), scale)
     assert np.abs(causal[:7] - expected[:7]).max() > 1e-3
     # split the tree tasks inside the tree, and the causal ones anywhere
     split = split_table(tasks, lambda end: [end - 4])

@@ -5,11 +5,7 @@ import asyncio
 import dataclasses
 import json
 import os
-import re
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -19,52 +15,7 @@ openai = pytest.importorskip("openai")
 
 from models.hf_export import export_hf  # noqa: E402
 
-from conftest import TINY  # noqa: E402
-
-# Small buckets keep start-up short; 32 sequences fit the concurrency test in one batch.
-ENGINE_FLAGS = ["--max-num-batched-tokens", "64", "--max-num-seqs", "32", "--kv-cache-memory", str(16 << 20)]
-
-
-@dataclasses.dataclass
-class Server:
-    proc: subprocess.Popen
-    url: str
-    log: str
-
-    def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
-
-    def client(self, **kw) -> "openai.OpenAI":
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, **kw)
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(self.url + "/metrics").text
-        return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.M).group(1))
-
-
-def start_server(model: str, log_path: str, *flags: str, name: str = "tiny") -> Server:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "xyjax.cli", "serve", "--model", model, "--served-model-name", name,
-           "--port", str(port), *ENGINE_FLAGS, *flags]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    server = Server(proc, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{open(log_path).read()}")
-        try:
-            if httpx.get(server.url + "/health", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"server not ready after 300 s:\n{open(log_path).read()}")
-
+from helpers import TINY, start_server  # noqa: E402
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_model, tmp_path_factory):
@@ -264,24 +215,10 @@ def test_graceful_shutdown_finishes_then_aborts_in_flight_requests(model_dir, tm
     assert server.proc.wait(60) == 0, open(server.log).read()
 
 
-def test_chat_with_the_default_model_matches_the_llm_api(default_llm, tmp_path):
-    from xyjax import SamplingParams
-
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
-    server = start_server("smollm2-135m-instruct", str(tmp_path / "log"), name="smollm2")
-    try:
-        reply = server.client().chat.completions.create(model="smollm2", messages=messages, max_tokens=24,
-                                                        temperature=0).choices[0].message.content
-    finally:
-        assert server.stop() == 0
-    assert "Paris" in reply
-    assert reply == default_llm.chat(messages, SamplingParams(max_tokens=24, temperature=0)).text
-
-
 def test_load_test_script_reports_no_errors(server):
     import importlib.util
 
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "load_test.py")
+    path = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "examples", "load_test.py")
     spec = importlib.util.spec_from_file_location("load_test", path)
     load_test = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(load_test)

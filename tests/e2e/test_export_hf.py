@@ -9,13 +9,13 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import TINY
+from helpers import TINY
 from models.hf_export import export_hf
 from models.llama import init_params
 from models.loader import LoadedModel, load
 from models.weights import DENSE
 from xyjax.ops.gemm.formats import quantize_blocks
-from reference import reference_logits
+from helpers import reference_logits
 
 
 @pytest.mark.parametrize("variant", ["tied", "untied-bias", "split-blocks"])

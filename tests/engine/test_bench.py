@@ -148,28 +148,6 @@ def test_roofline_counts_the_workload_by_hand(tiny_model):
     assert bound["tokens_per_s"] == pytest.approx(3.5)
 
 
-def test_xyjax_bench_runs_both_systems_and_writes_json(default_llm, tmp_path):
-    """`xyjax bench` on the real default model (a 3-request slice): both systems do the same work."""
-    import json
-
-    from xyjax.bench.runs import bench
-
-    result = bench("lognormal", num_requests=3, seed=5, naive_batch_sizes=(2,), out_dir=str(tmp_path), progress=False,
-                   llm=default_llm)
-    with open(result["path"]) as f:
-        saved = json.load(f)
-    ours, naive = saved["systems"]["xyjax"], saved["systems"]["naive (batch 2)"]
-    assert ours["num_requests"] == naive["num_requests"] == 3
-    assert ours["prompt_tokens"] == naive["prompt_tokens"] and ours["output_tokens"] == naive["output_tokens"]
-    assert ours["compiles_during_run"] == 0 and ours["total_tokens_per_s"] > 0 and naive["total_tokens_per_s"] > 0
-    assert ours["ttft_p50"] <= ours["ttft_p99"]
-    parts = ours["breakdown"]          # replayed recorded steps: each part timed on its own
-    assert parts["recorded_steps"] >= 1 and min(parts["gemm"], parts["attention"], parts["sampling"]) > 0
-    assert parts["step"] > 0 and ours["step_device"] > 0 and ours["step_host_plan"] > 0
-    assert saved["machine"]["sgemm_gflops"] > 0 and saved["machine"]["read_gbps"] > 0
-    assert 0 < ours["total_tokens_per_s"] < saved["roofline"]["tokens_per_s"]
-
-
 def test_peers_run_through_the_protocol_and_missing_ones_are_skipped(tiny_model, tmp_path, monkeypatch):
     """The hf peer (transformers, static batches) runs the identical workload in its own process from the
     exported HF directory; a vLLM peer that is not installed is skipped with how to install it."""

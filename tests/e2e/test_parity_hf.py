@@ -4,7 +4,7 @@ Tokenizer encodings and chat templates against transformers' are in test_tokeniz
 
 import numpy as np
 import pytest
-from reference import reference_logits
+from helpers import reference_logits
 
 from xyjax import SamplingParams
 

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
-from reference import reference_greedy, reference_logits
+from helpers import drive, random_prompts, reference_greedy, reference_logits
 
 from xyjax import LLM, SamplingParams
 
@@ -21,31 +21,6 @@ def llm(tiny_model):
     per_block = 4 * 2 * 2 * 2 * 16 * 4
     return LLM(tiny_model, block_size=4, kv_cache_memory=40 * per_block, max_num_batched_tokens=32, max_num_seqs=6,
                max_draft_tokens=3, attention_lanes=2, min_split_kv=8, progress=False)     # long KV gets split
-
-
-def random_prompts(rng, lengths):
-    return [rng.integers(3, 49000, n).tolist() for n in lengths]
-
-
-def drive(engine, arrivals, prompt_ids, sampling, drafts=None):
-    """Add request i at step arrivals[i]; run to the end. ``drafts(request) -> list[int]`` proposes
-    speculative tokens before every step. Returns {request id: (token ids, finish_reason)}."""
-    out, ids, step = {}, {}, 0
-    order = sorted(range(len(prompt_ids)), key=lambda i: arrivals[i])
-    while order or engine.has_unfinished():
-        while order and arrivals[order[0]] <= step:
-            i = order.pop(0)
-            ids[i] = engine.add_request(prompt_ids[i], sampling[i])
-        if drafts:
-            for req in engine.scheduler.running:
-                if req.num_pending == 1 and req.output_ids:
-                    room = engine.max_model_len - len(req.token_ids)
-                    req.draft_token_ids = drafts(req)[:min(engine.config.max_draft_tokens, room)]
-        for delta in engine.step():
-            toks, _ = out.get(delta.request_id, ([], None))
-            out[delta.request_id] = (toks + delta.token_ids, delta.finish_reason)
-        step += 1
-    return [out[ids[i]] for i in range(len(prompt_ids))]
 
 
 workloads = st.lists(st.tuples(st.integers(1, 70), st.integers(1, 10), st.integers(0, 8)), min_size=1, max_size=7)
@@ -158,7 +133,7 @@ def test_persistent_compilation_cache_makes_a_second_start_load_programs(tmp_pat
 import json, jax, jax.numpy as jnp
 from models.llama import init_params
 from models.loader import LoadedModel
-from conftest import TINY
+from helpers import TINY
 from models.tokenizer import Tokenizer
 hits = []
 jax.monitoring.register_event_listener(lambda e, **kw: hits.append(e) if e.endswith("cache_hits") else None)
@@ -169,7 +144,7 @@ engine = Engine(model, EngineConfig(max_num_batched_tokens=32, max_num_seqs=4,
                                     compilation_cache_dir={str(tmp_path)!r}), progress=False)
 print(json.dumps(dict(compiles=engine.runner.compiles, hits=len(hits))))
 """
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(__file__))
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))   # tests/, for helpers
     runs = [json.loads(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                                       check=True).stdout.strip().splitlines()[-1]) for _ in range(2)]
     assert runs[0] == {"compiles": 2, "hits": 0}           # buckets 16 and 32

@@ -8,10 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
-from reference import reference_greedy, reference_logits
-from conftest import TINY
-from test_hybrid import drive
-from test_ops import reference_attention
+from helpers import TINY, dense_meta, drive, reference_attention, reference_greedy, reference_logits
 
 from models.llama import init_params
 from models.loader import LoadedModel
@@ -108,23 +105,23 @@ def test_tree_verify_and_moved_kv_match_float64(backend):
     kv = KVCache(k=jnp.asarray(k), v=jnp.asarray(v))
     out = np.asarray(meta_attention(jnp.asarray(q), kv, 0, meta, backend=backend))
     slot = lambda p: int(table[0, p // bs]) * bs + p % bs                               # noqa: E731
-    seq_k = lambda c, pos: c[0, [slot(p) // bs for p in pos], :, [slot(p) % bs for p in pos]]  # noqa: E731
+    ancestors = np.zeros((n, n), bool)                    # row j: j and its ancestors
     for row in range(n):
-        ancestors, r = [], row
+        r = row
         while r >= 0:
-            ancestors.insert(0, r)
+            ancestors[row, r] = True
             r = parents[r]
-        pos = list(range(history)) + [history + a for a in ancestors]
-        ref = reference_attention(q[row:row + 1], seq_k(k, pos), seq_k(v, pos), 1, len(pos))
-        np.testing.assert_allclose(out[row], ref[0], atol=2e-5)
+    ref = reference_attention(q, kv, 0, dense_meta(table, [(0, 0, n, history, ancestors)], kv_heads, T=T))
+    for row in range(n):
+        np.testing.assert_allclose(out[row], ref[row], atol=2e-5)
     path = accepted_path(tree, [4, 0, 0, 8, 0, 0])           # root -> 4 (row 3) -> 8 (row 5)
     moved = kv.move(jnp.asarray(kv_moves(path, history, slot) + [(-1, -1)] * 3, jnp.int32))
     pos = list(range(history + len(path)))
     decode = jax.tree.map(jnp.asarray, attention_metadata([0], [1], [len(pos)], table, num_kv_heads=kv_heads,
                                                           num_tokens=T, block_size=bs))
     got = np.asarray(meta_attention(jnp.asarray(q), moved, 0, decode, backend=backend))[0]
-    src = list(range(history)) + [history + r for r in path]
-    ref = reference_attention(q[:1], seq_k(k, src), seq_k(v, src), 1, len(src))
+    on_path = np.isin(np.arange(n), path)[None]           # the decode row sees the history and the path's rows
+    ref = reference_attention(q, kv, 0, dense_meta(table, [(0, 0, 1, history, on_path)], kv_heads, T=T))
     np.testing.assert_allclose(got, ref[0], atol=2e-5)
 
 

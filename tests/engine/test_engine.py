@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from reference import reference_greedy
+from helpers import reference_greedy
 
 from xyjax import LLM, SamplingParams
 
