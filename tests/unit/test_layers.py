@@ -6,7 +6,7 @@ import pathlib
 import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 LAYERS = [("ascend_ffi",), ("xyjax.ops",), ("models",), ("xyjax.engine",), ("xyjax.llm",),
           ("xyjax.server", "xyjax.bench", "xyjax.cli", "xyjax")]
 
