@@ -163,7 +163,7 @@ class Engine:
         self.stats["preemptions"] += len(batch.preempted)
         if batch.seqs:
             start = time.perf_counter()
-            inputs, sampling, rows = self.planner.plan(batch, self._banned)
+            inputs, sampling = self.planner.plan(batch)
             planned = time.perf_counter()
             self.runner.copy_blocks(batch.copies)
             out = self.runner.run(inputs, sampling)
@@ -172,8 +172,8 @@ class Engine:
             self.stats["host_plan_seconds"] += planned - begin
             self.stats["device_seconds"] += now - planned
             offset, sampled, moves = 0, [], []
-            for seq, k in zip(batch.seqs, rows):
-                req = seq.request
+            for seq in batch.seqs:
+                req, k = seq.request, seq.num_samples
                 req.metrics.first_scheduled_time = req.metrics.first_scheduled_time or start
                 req.num_computed += seq.num_tokens
                 if seq.stage is Stage.PREFILL:
@@ -262,11 +262,6 @@ class Engine:
         if not params.ignore_eos:
             ids |= self.tokenizer.stop_token_ids
         return frozenset(ids)
-
-    @staticmethod
-    def _banned(req: Request, output_index: int) -> list[int]:
-        """Stop tokens are masked while fewer than min_tokens outputs exist."""
-        return sorted(req.stop_ids) if output_index < req.params.min_tokens else []
 
     # ---- outputs --------------------------------------------------------------------------------
     def _append(self, req: Request, token: int, now: float) -> None:

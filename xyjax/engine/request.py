@@ -64,6 +64,10 @@ class Request:
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
+    def banned_ids(self, output_index: int) -> list[int]:
+        """Token ids masked when sampling output token ``output_index``: the stop ids until min_tokens exist."""
+        return sorted(self.stop_ids) if output_index < self.params.min_tokens else []
+
     def draft_tree(self) -> DraftTree:
         """The drafts to verify as a DraftTree (a chain when ``draft_parents`` is None)."""
         if self.draft_parents is None:

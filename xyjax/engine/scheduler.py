@@ -31,19 +31,18 @@ class Stage(enum.Enum):
 
 @dataclasses.dataclass
 class ScheduledSeq:
-    """``request`` computes its next ``num_tokens`` tokens (for V: the pending token, then its drafts)."""
+    """``request`` computes its next ``num_tokens`` tokens (for V: the pending token, then its drafts).
+    ``num_samples``: rows sampled, fixed when scheduled: 1 + drafts for V, 0 for a prefill chunk that does not
+    reach the end of the tokens, else 1."""
 
     request: Request
     stage: Stage
     num_tokens: int
+    num_samples: int = dataclasses.field(init=False)
 
-    @property
-    def num_samples(self) -> int:
-        """Rows sampled: 0 for a prefill chunk that does not reach the end, 1 + drafts for V, else 1."""
-        req = self.request
-        if self.stage is Stage.VERIFY:
-            return self.num_tokens
-        return int(req.num_computed + self.num_tokens == len(req.token_ids))
+    def __post_init__(self):
+        req, n = self.request, self.num_tokens
+        self.num_samples = n if self.stage is Stage.VERIFY else int(req.num_computed + n == len(req.token_ids))
 
 
 @dataclasses.dataclass
