@@ -11,7 +11,6 @@ drafts (xyjax.engine.drafters) for every decoding request before scheduling.
 
 from __future__ import annotations
 
-import collections
 import itertools
 import time
 
@@ -33,8 +32,9 @@ from xyjax.engine.request import Request, Status
 from xyjax.engine.runner import Runner, enable_persistent_cache
 from xyjax.ops.sampler import SamplerOutput
 from xyjax.engine.sampling_params import SamplingParams
-from xyjax.engine.scheduler import ScheduledBatch, Scheduler, Stage
+from xyjax.engine.scheduler import Scheduler, Stage
 from xyjax.engine.speculative import AdaptiveControl, accepted_path, kv_moves
+from xyjax.engine.stats import EngineStats, StepTimer
 
 
 class Engine:
@@ -48,12 +48,13 @@ class Engine:
         if num_blocks < 2:
             raise ValueError(f"kv_cache_memory={config.kv_cache_memory} bytes holds {num_blocks} blocks of "
                              f"{per_block} bytes; at least 2 are needed")
+        self.stats = EngineStats()
         self.blocks = BlockManager(num_blocks, config.block_size)
         # One sequence of max_model_len tokens (plus drafts) always fits the pool, so a request alone progresses.
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings,
                                  num_blocks * config.block_size - config.max_draft_tokens)
         self.prefix_cache = PrefixCache(self.blocks) if config.enable_prefix_caching else None
-        self.scheduler = Scheduler(config, self.blocks, self.prefix_cache)
+        self.scheduler = Scheduler(config, self.blocks, self.prefix_cache, self.stats)
         self.planner = Planner(config, self.max_model_len, cfg.num_kv_heads)
         if config.compilation_cache_dir:
             enable_persistent_cache(config.compilation_cache_dir)
@@ -62,7 +63,7 @@ class Engine:
                                  else None)
         self.max_logprobs = min(config.max_logprobs, cfg.vocab_size)   # top-k over the vocabulary at most
         params = prepare_weights(model.params, config.gemm_backend, config.weight_layout)
-        self.runner = Runner(cfg, params, num_blocks, config.block_size, self.backends, model.dtype,
+        self.runner = Runner(cfg, params, num_blocks, config.block_size, self.backends, self.stats, model.dtype,
                              num_logprobs=self.max_logprobs,
                              max_moves=config.max_num_seqs * config.max_draft_tokens)
         self.requests: dict[str, Request] = {}
@@ -70,14 +71,6 @@ class Engine:
         self._ids = itertools.count()
         self._rng = np.random.default_rng(config.seed)
         self.drafter = config.speculative.drafter() if config.speculative else None
-        # step_seconds: plan + run; host_plan_seconds: schedule + plan; device_seconds: the jitted step (with
-        # transfers); host_output_seconds: applying sampled tokens, stop checks, detokenising, deltas.
-        self.stats = collections.Counter(steps=0, step_seconds=0.0, host_plan_seconds=0.0, device_seconds=0.0,
-                                         host_output_seconds=0.0, real_tokens=0, padded_tokens=0,
-                                         prefill_tokens=0, decode_tokens=0, verify_tokens=0, spec_verify_runs=0,
-                                         spec_drafted_tokens=0, spec_accepted_tokens=0, generated_tokens=0,
-                                         preemptions=0, finished=0, errors=0, aborted=0)
-        self.startup_seconds = 0.0
         if config.precompile:
             self.precompile(progress)
 
@@ -89,7 +82,7 @@ class Engine:
         self.runner.copy_blocks([(0, 0)])      # the copy-on-write program
         if self.planner.trees:
             self.runner.move_slots([])          # the tree KV move program
-        self.startup_seconds += time.perf_counter() - start
+        self.stats.startup_seconds += time.perf_counter() - start
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -156,21 +149,18 @@ class Engine:
         """Run one step. Returns a delta (new tokens and text) for every request that changed, finished ones
         included (then with metrics); a finished request's id is forgotten after it is reported."""
         changed = {}
-        begin = time.perf_counter()
+        timer = StepTimer(self.stats)
         if self.drafter:
             self._draft()
         batch = self.scheduler.schedule()
-        self.stats["preemptions"] += len(batch.preempted)
         if batch.seqs:
-            start = time.perf_counter()
+            timer.scheduled()
             inputs, sampling = self.planner.plan(batch)
-            planned = time.perf_counter()
+            timer.planned()
             self.runner.copy_blocks(batch.copies)
             out = self.runner.run(inputs, sampling)
-            now = time.perf_counter()
-            self._account(batch, inputs.token_ids.shape[0], now - start)
-            self.stats["host_plan_seconds"] += planned - begin
-            self.stats["device_seconds"] += now - planned
+            timer.ran(batch, bucket=inputs.token_ids.shape[0])
+            start, now = timer.start, timer.end_of_run
             offset, sampled, moves = 0, [], []
             for seq in batch.seqs:
                 req, k = seq.request, seq.num_samples
@@ -195,19 +185,8 @@ class Engine:
         for req in changed:
             if req.finished:
                 self.requests.pop(req.request_id, None)
-        if batch.seqs:
-            self.stats["host_output_seconds"] += time.perf_counter() - now
+        timer.done()
         return outputs
-
-    def _account(self, batch: ScheduledBatch, bucket: int, seconds: float) -> None:
-        s = self.stats
-        s["steps"] += 1
-        s["step_seconds"] += seconds
-        s["real_tokens"] += batch.num_tokens
-        s["padded_tokens"] += bucket - batch.num_tokens
-        for seq in batch.seqs:
-            s[{Stage.PREFILL: "prefill_tokens", Stage.DECODE: "decode_tokens",
-               Stage.VERIFY: "verify_tokens"}[seq.stage]] += seq.num_tokens
 
     def _draft(self) -> None:
         """Propose drafts for every running request that decodes next, within its adaptive budget, its
@@ -239,9 +218,10 @@ class Engine:
             req.spec.update(drafted, accepted)
         req.metrics.num_draft_tokens += drafted
         req.metrics.num_accepted_tokens += accepted
-        self.stats["spec_verify_runs"] += 1
-        self.stats["spec_drafted_tokens"] += drafted
-        self.stats["spec_accepted_tokens"] += accepted
+        s = self.stats
+        s.spec_verify_runs += 1
+        s.spec_drafted_tokens += drafted
+        s.spec_accepted_tokens += accepted
         return path
 
     def _apply(self, req: Request, out: SamplerOutput, offset: int, path: list[int], now: float) -> None:
@@ -268,7 +248,7 @@ class Engine:
         req.token_ids.append(token)
         req.metrics.num_output_tokens += 1
         req.metrics.first_token_time = req.metrics.first_token_time or now
-        self.stats["generated_tokens"] += 1
+        self.stats.generated_tokens += 1
         delta = req.detokenizer.add(token)
         req.text += delta
         p, n = req.params, len(req.output_ids)
@@ -293,7 +273,12 @@ class Engine:
         self.scheduler.remove(req)
         req.status = Status.FINISHED
         req.metrics.finished_time = time.perf_counter()
-        self.stats[{"error": "errors", "abort": "aborted"}.get(reason, "finished")] += 1
+        if reason == "error":
+            self.stats.errors += 1
+        elif reason == "abort":
+            self.stats.aborted += 1
+        else:
+            self.stats.finished += 1
         self._reported.append(req)
 
     def _delta(self, req: Request) -> RequestOutput:

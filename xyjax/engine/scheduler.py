@@ -21,6 +21,7 @@ from xyjax.engine.block_manager import BlockManager
 from xyjax.engine.config import EngineConfig
 from xyjax.engine.prefix_cache import PrefixCache
 from xyjax.engine.request import Request, Status
+from xyjax.engine.stats import EngineStats
 
 
 class Stage(enum.Enum):
@@ -59,20 +60,29 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    """Owns the waiting queue (arrival order) and the running list. ``cache``: the prefix cache (None: off).
-    ``stats``: prefix-cache counters (lookups, prompt tokens looked up, hit tokens, the part of them in full
-    blocks, copy-on-write copies, blocks evicted)."""
+    """Owns the waiting queue (arrival order), the running list, the KV ``blocks`` and the prefix ``cache``
+    (None: off). Records into ``stats`` (a fresh EngineStats if None) and gives it its gauges."""
 
-    def __init__(self, config: EngineConfig, blocks: BlockManager, cache: PrefixCache | None = None):
+    def __init__(self, config: EngineConfig, blocks: BlockManager, cache: PrefixCache | None = None,
+                 stats: EngineStats | None = None):
         self.config, self.blocks, self.cache = config, blocks, cache
+        self.stats = stats or EngineStats()
+        self.stats.gauges = self.gauges
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self._copies: list[tuple[int, int]] = []
-        self.stats = collections.Counter(prefix_lookups=0, prefix_lookup_tokens=0, prefix_hit_tokens=0,
-                                         prefix_block_hit_tokens=0, prefix_copies=0, prefix_evicted_blocks=0)
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
+
+    def gauges(self) -> dict:
+        """KV blocks: total, free (no request holds them: the free pool and blocks only the prefix cache holds,
+        which it gives back on demand) and cached (held by the prefix cache); running and waiting requests."""
+        cache = self.cache
+        return dict(kv_blocks_total=self.blocks.num_blocks,
+                    kv_blocks_free=self.blocks.num_free + (cache.num_idle_blocks if cache else 0),
+                    kv_blocks_cached=len(cache.cached) if cache else 0,
+                    running=len(self.running), waiting=len(self.waiting))
 
     def remove(self, req: Request) -> None:
         """Take a finished or aborted request out of the queues, cache its computed tokens and free its blocks."""
@@ -152,8 +162,12 @@ class Scheduler:
         req.num_computed = hit
         self.blocks.grow(req.block_table, hit + n)
         if self.cache:
-            self.stats.update(prefix_lookups=1, prefix_lookup_tokens=len(req.token_ids), prefix_hit_tokens=hit,
-                              prefix_block_hit_tokens=hit // bs * bs, prefix_copies=tail)
+            s = self.stats
+            s.prefix_lookups += 1
+            s.prefix_lookup_tokens += len(req.token_ids)
+            s.prefix_hit_tokens += hit
+            s.prefix_block_hit_tokens += hit // bs * bs
+            s.prefix_copies += tail
         return n
 
     def _chunk(self, req: Request, budget: int) -> int:
@@ -183,7 +197,7 @@ class Scheduler:
         """Evict idle cached prefixes (least recently used first) until ``num_blocks`` blocks are free, or all."""
         short = num_blocks - self.blocks.num_free
         if self.cache and short > 0:
-            self.stats["prefix_evicted_blocks"] += self.cache.evict(short)
+            self.stats.prefix_evicted_blocks += self.cache.evict(short)
 
     def _preempt(self, req: Request, preempted: list[Request]) -> None:
         """Back to waiting; its blocks are freed (the cache keeps what it cached of them)."""
@@ -191,6 +205,7 @@ class Scheduler:
         req.num_computed, req.status = 0, Status.WAITING
         req.clear_draft()
         req.metrics.num_preemptions += 1
+        self.stats.preemptions += 1
         self.running.remove(req)
         position = sum(1 for r in self.waiting if r.arrival < req.arrival)   # keep the queue in arrival order
         self.waiting.insert(position, req)
