@@ -20,7 +20,7 @@ import numpy as np
 from xyjax.ops.attention import tiling
 from xyjax.engine.config import EngineConfig
 from xyjax.ops.sampler import SamplingInputs
-from xyjax.engine.scheduler import ScheduledBatch, Stage
+from xyjax.engine.batch import ScheduledBatch, Stage
 from xyjax.ops.step_inputs import StepInputs
 
 
