@@ -39,29 +39,21 @@ class LLM:
 
     @property
     def stats(self) -> dict:
-        """Engine counters and derived figures: steps, mean_step_time (s), tokens_per_step, padding_ratio
-        (padding tokens / real tokens over all steps), prefill/decode/verify tokens, generated_tokens,
-        preemptions, finished/errors/aborted, compiles (step programs compiled or loaded from the
-        persistent cache; fixed after start-up), compile_seconds, startup_seconds, KV blocks: total, free (no
-        request holds them: the free pool and blocks only the prefix cache holds, which it gives back on demand)
-        and cached (held by the prefix cache); prefix caching: lookups (admissions), prompt tokens looked up, hit
-        tokens, prefix_cache_hit_rate (hit / looked-up tokens), block_hit_tokens (the hits rounded down to whole
-        blocks: what block-granular matching would reuse), copy-on-write copies, evicted blocks; speculation:
-        spec_verify_runs, spec_drafted_tokens, spec_accepted_tokens, spec_acceptance_rate (accepted / drafted)
-        and spec_mean_accepted_length (tokens a verify run appends: 1 + accepted drafts)."""
-        engine = self.engine
-        s, blocks, sched, cache = engine.stats, engine.blocks, engine.scheduler, engine.prefix_cache
-        steps, lookups = max(s["steps"], 1), max(sched.stats["prefix_lookup_tokens"], 1)
-        return dict(s, mean_step_time=s["step_seconds"] / steps, tokens_per_step=s["real_tokens"] / steps,
-                    spec_acceptance_rate=s["spec_accepted_tokens"] / max(s["spec_drafted_tokens"], 1),
-                    spec_mean_accepted_length=1 + s["spec_accepted_tokens"] / max(s["spec_verify_runs"], 1),
-                    padding_ratio=s["padded_tokens"] / max(s["real_tokens"], 1), compiles=engine.runner.compiles,
-                    compile_seconds=engine.runner.compile_seconds, startup_seconds=engine.startup_seconds,
-                    kv_blocks_total=blocks.num_blocks,
-                    kv_blocks_free=blocks.num_free + (cache.num_idle_blocks if cache else 0),
-                    kv_blocks_cached=len(cache.cached) if cache else 0, **sched.stats,
-                    prefix_cache_hit_rate=sched.stats["prefix_hit_tokens"] / lookups,
-                    running=len(sched.running), waiting=len(sched.waiting))
+        """A snapshot of the engine's counters (xyjax.engine.stats.EngineStats), derived figures and gauges.
+
+        Steps: steps, mean_step_time (s), tokens_per_step, real_tokens, padded_tokens, padding_ratio (padding
+        tokens / real tokens over all steps), prefill_tokens, decode_tokens, verify_tokens; times (s):
+        step_seconds, host_plan_seconds, device_seconds, host_output_seconds. Requests: generated_tokens,
+        preemptions, finished, errors, aborted, running, waiting. Start-up: compiles (step programs compiled or
+        loaded from the persistent cache; fixed after start-up), compile_seconds, startup_seconds. KV blocks:
+        kv_blocks_total, kv_blocks_free (no request holds them: the free pool and blocks only the prefix cache
+        holds, which it gives back on demand), kv_blocks_cached (held by the prefix cache). Prefix caching:
+        prefix_lookups (admissions), prefix_lookup_tokens (prompt tokens looked up), prefix_hit_tokens,
+        prefix_cache_hit_rate (hit / looked-up tokens), prefix_block_hit_tokens (the hits rounded down to whole
+        blocks: what block-granular matching would reuse), prefix_copies (copy-on-write), prefix_evicted_blocks.
+        Speculation: spec_verify_runs, spec_drafted_tokens, spec_accepted_tokens, spec_acceptance_rate (accepted
+        / drafted), spec_mean_accepted_length (tokens a verify run appends: 1 + accepted drafts)."""
+        return self.engine.stats.snapshot()
 
     def generate(self, prompts: str | list[int] | Sequence[str | list[int]],
                  sampling: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -1,9 +1,14 @@
-"""Engine behaviour on a tiny random-weight model: paging, chunked prefill, preemption, sampling, stops, errors."""
+"""Engine behaviour on a tiny random-weight model: paging, chunked prefill, preemption, sampling, stops, errors,
+and the stats snapshot."""
 
+import dataclasses
+
+import jax
 import numpy as np
 import pytest
 from helpers import reference_greedy
 
+from models.llama import init_params
 from xyjax import LLM, SamplingParams
 
 
@@ -139,3 +144,43 @@ def test_abort_frees_blocks_and_others_finish(tiny_llm):
         outs.update((o.request_id, o) for o in engine.step())
     assert outs[drop].finish_reason == "abort" and outs[keep].finish_reason == "length"
     assert tiny_llm.stats["kv_blocks_free"] == tiny_llm.stats["kv_blocks_total"]
+
+
+STATS_KEYS = {"steps", "mean_step_time", "tokens_per_step", "real_tokens", "padded_tokens", "padding_ratio",
+              "prefill_tokens", "decode_tokens", "verify_tokens", "step_seconds", "host_plan_seconds",
+              "device_seconds", "host_output_seconds", "generated_tokens", "preemptions", "finished", "errors",
+              "aborted", "running", "waiting", "compiles", "compile_seconds", "startup_seconds", "kv_blocks_total",
+              "kv_blocks_free", "kv_blocks_cached", "prefix_lookups", "prefix_lookup_tokens", "prefix_hit_tokens",
+              "prefix_cache_hit_rate", "prefix_block_hit_tokens", "prefix_copies", "prefix_evicted_blocks",
+              "spec_verify_runs", "spec_drafted_tokens", "spec_accepted_tokens", "spec_acceptance_rate",
+              "spec_mean_accepted_length"}
+
+
+def test_stats_snapshot_has_the_documented_keys_and_counters_add_up(tiny_model):
+    """LLM.stats (EngineStats.snapshot) has exactly the keys its docstring names, and after a generate with
+    speculation, a bad prompt and a prefix hit its counters agree with each other and with the outputs. The
+    model has 24 token ids, so its greedy text soon loops and prompt-lookup drafts get verified."""
+    cfg = dataclasses.replace(tiny_model.config, vocab_size=24)
+    loopy = dataclasses.replace(tiny_model, name="loopy", config=cfg,
+                                params=init_params(cfg, jax.random.key(1), scale=0.2))
+    llm = LLM(loopy, block_size=4, max_num_batched_tokens=32, max_num_seqs=4, progress=False,
+              speculative={"num_draft_tokens": 3, "min_n": 1, "max_n": 3, "adaptive": False})
+    rng = np.random.default_rng(7)
+    ps = [rng.integers(3, 24, n).tolist() for n in (5, 17, 40)] + [[5, 6, 7, 8] * 5]
+    ps.append(ps[2][:30] + [11, 12])                            # shares whole blocks with an earlier prompt
+    outs = llm.generate(ps + [[]], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    s = llm.stats
+    assert set(s) == STATS_KEYS and all(key in type(llm).stats.__doc__ for key in s)
+    assert s["prefill_tokens"] + s["decode_tokens"] + s["verify_tokens"] == s["real_tokens"] > 0
+    assert s["verify_tokens"] == s["spec_verify_runs"] + s["spec_drafted_tokens"] and s["spec_accepted_tokens"] > 0
+    # every request's first token ends its prompt; then one per decode, 1 + accepted drafts per verify run
+    assert s["generated_tokens"] == sum(len(o.token_ids) for o in outs) == len(ps) * 12
+    assert s["generated_tokens"] == len(ps) + s["decode_tokens"] + s["spec_verify_runs"] + s["spec_accepted_tokens"]
+    assert s["prefill_tokens"] == sum(map(len, ps)) - s["prefix_hit_tokens"] and s["prefix_hit_tokens"] > 0
+    assert s["prefix_lookups"] == len(ps) and s["prefix_lookup_tokens"] == sum(map(len, ps))
+    assert (s["finished"], s["errors"], s["aborted"], s["running"], s["waiting"], s["preemptions"]) == (
+        len(ps), 1, 0, 0, 0, 0)
+    assert s["kv_blocks_free"] == s["kv_blocks_total"] and s["compiles"] == len(llm.engine.config.token_buckets)
+    assert s["tokens_per_step"] == s["real_tokens"] / s["steps"]
+    assert s["padding_ratio"] == s["padded_tokens"] / s["real_tokens"]
+    assert s["step_seconds"] >= s["device_seconds"] > 0 and s["host_plan_seconds"] > 0 and s["host_output_seconds"] > 0

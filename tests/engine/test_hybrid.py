@@ -142,7 +142,7 @@ from xyjax.engine.engine import Engine
 from xyjax.engine.config import EngineConfig
 engine = Engine(model, EngineConfig(max_num_batched_tokens=32, max_num_seqs=4,
                                     compilation_cache_dir={str(tmp_path)!r}), progress=False)
-print(json.dumps(dict(compiles=engine.runner.compiles, hits=len(hits))))
+print(json.dumps(dict(compiles=engine.stats.compiles, hits=len(hits))))
 """
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))   # tests/, for helpers
     runs = [json.loads(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,

@@ -48,12 +48,12 @@ def repeat_edit_prompts(llm: LLM, count: int) -> list[list[int]]:
 def timed(llm: LLM, prompts: list[list[int]], sampling: list[SamplingParams]) -> dict:
     """Generate ``prompts`` together; wall time, output tokens and the speculation counters of the run."""
     keys = ("spec_drafted_tokens", "spec_accepted_tokens", "spec_verify_runs")
-    before = {k: llm.engine.stats[k] for k in keys}
+    before = llm.stats
     start = time.perf_counter()
     outs = llm.generate(prompts, sampling, progress=False)
-    seconds = time.perf_counter() - start
+    seconds, after = time.perf_counter() - start, llm.stats
     return dict(seconds=seconds, tokens=sum(len(o.token_ids) for o in outs), outputs=[o.token_ids for o in outs],
-                **{k: llm.engine.stats[k] - before[k] for k in keys})
+                **{k: after[k] - before[k] for k in keys})
 
 
 def compare(plain: LLM, spec: LLM, groups: list[tuple[list, list]]) -> dict:

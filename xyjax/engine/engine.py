@@ -1,17 +1,13 @@
 """Engine: requests in, one hybrid P/D/V step at a time, output deltas out.
 
-``add_request`` queues a request; ``step`` schedules (xyjax.engine.scheduler), plans the bucketed arrays
-(xyjax.engine.planner), runs the jitted step (xyjax.engine.runner), then applies sampled tokens: prefill chunks that
-reach the end of their tokens and decodes append one token; a verify run accepts its drafts while they
-equal the token sampled at their parent (a chain, or a path down a tree), then appends the sampled one
-(exact rejection sampling for deterministic drafts, xyjax.engine.speculative); stop conditions and detokenization
-follow, and each changed request yields a RequestOutput delta. With the ``speculative`` option the engine
-drafts (xyjax.engine.drafters) for every decoding request before scheduling.
+``add_request`` validates and queues a request; ``step`` drafts (with the ``speculative`` option,
+xyjax.engine.drafters), schedules (xyjax.engine.scheduler), plans the bucketed arrays (xyjax.engine.planner), runs
+the jitted step (xyjax.engine.runner), has the scheduler apply its results (xyjax.engine.postprocess) and hands
+each changed request's RequestOutput delta back. Counters live in one EngineStats (xyjax.engine.stats).
 """
 
 from __future__ import annotations
 
-import collections
 import itertools
 import time
 
@@ -29,16 +25,17 @@ from xyjax.ops.kv_cache import bytes_per_token
 from xyjax.engine.outputs import RequestMetrics, RequestOutput
 from xyjax.engine.planner import Planner
 from xyjax.engine.prefix_cache import PrefixCache
-from xyjax.engine.request import Request, Status
+from xyjax.engine.request import Request
 from xyjax.engine.runner import Runner, enable_persistent_cache
-from xyjax.ops.sampler import SamplerOutput
 from xyjax.engine.sampling_params import SamplingParams
-from xyjax.engine.scheduler import ScheduledBatch, Scheduler, Stage
-from xyjax.engine.speculative import AdaptiveControl, accepted_path, kv_moves
+from xyjax.engine.scheduler import Scheduler
+from xyjax.engine.speculative import AdaptiveControl
+from xyjax.engine.stats import EngineStats, StepTimer
 
 
 class Engine:
-    """Owns the scheduler, the planner, the runner and every live request."""
+    """Owns the scheduler, the planner, the runner, the stats and every live request (``requests``: id ->
+    Request, until its finish is reported)."""
 
     def __init__(self, model: LoadedModel, config: EngineConfig, progress: bool = True):
         self.model, self.config, self.tokenizer = model, config, model.tokenizer
@@ -48,12 +45,13 @@ class Engine:
         if num_blocks < 2:
             raise ValueError(f"kv_cache_memory={config.kv_cache_memory} bytes holds {num_blocks} blocks of "
                              f"{per_block} bytes; at least 2 are needed")
-        self.blocks = BlockManager(num_blocks, config.block_size)
         # One sequence of max_model_len tokens (plus drafts) always fits the pool, so a request alone progresses.
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings,
                                  num_blocks * config.block_size - config.max_draft_tokens)
-        self.prefix_cache = PrefixCache(self.blocks) if config.enable_prefix_caching else None
-        self.scheduler = Scheduler(config, self.blocks, self.prefix_cache)
+        self.stats = EngineStats()
+        blocks = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(config, blocks, PrefixCache(blocks) if config.enable_prefix_caching else None,
+                                   self.stats, self.max_model_len)
         self.planner = Planner(config, self.max_model_len, cfg.num_kv_heads)
         if config.compilation_cache_dir:
             enable_persistent_cache(config.compilation_cache_dir)
@@ -62,22 +60,13 @@ class Engine:
                                  else None)
         self.max_logprobs = min(config.max_logprobs, cfg.vocab_size)   # top-k over the vocabulary at most
         params = prepare_weights(model.params, config.gemm_backend, config.weight_layout)
-        self.runner = Runner(cfg, params, num_blocks, config.block_size, self.backends, model.dtype,
+        self.runner = Runner(cfg, params, num_blocks, config.block_size, self.backends, self.stats, model.dtype,
                              num_logprobs=self.max_logprobs,
                              max_moves=config.max_num_seqs * config.max_draft_tokens)
         self.requests: dict[str, Request] = {}
-        self._reported: list[Request] = []        # finished outside a step (bad prompt, abort): next step reports
         self._ids = itertools.count()
         self._rng = np.random.default_rng(config.seed)
         self.drafter = config.speculative.drafter() if config.speculative else None
-        # step_seconds: plan + run; host_plan_seconds: schedule + plan; device_seconds: the jitted step (with
-        # transfers); host_output_seconds: applying sampled tokens, stop checks, detokenising, deltas.
-        self.stats = collections.Counter(steps=0, step_seconds=0.0, host_plan_seconds=0.0, device_seconds=0.0,
-                                         host_output_seconds=0.0, real_tokens=0, padded_tokens=0,
-                                         prefill_tokens=0, decode_tokens=0, verify_tokens=0, spec_verify_runs=0,
-                                         spec_drafted_tokens=0, spec_accepted_tokens=0, generated_tokens=0,
-                                         preemptions=0, finished=0, errors=0, aborted=0)
-        self.startup_seconds = 0.0
         if config.precompile:
             self.precompile(progress)
 
@@ -89,7 +78,7 @@ class Engine:
         self.runner.copy_blocks([(0, 0)])      # the copy-on-write program
         if self.planner.trees:
             self.runner.move_slots([])          # the tree KV move program
-        self.startup_seconds += time.perf_counter() - start
+        self.stats.startup_seconds += time.perf_counter() - start
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -112,7 +101,7 @@ class Engine:
         req.logprobs = [] if params.logprobs is not None else None
         self.requests[request_id] = req
         if error:
-            self._finish(req, "error", error=error)
+            self.scheduler.finish(req, "error", error=error)
         else:
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
             self.scheduler.add(req)
@@ -133,7 +122,7 @@ class Engine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens; the context length is {self.max_model_len} "
                              f"(prompt + at least 1 generated token must fit; it is also capped by the KV pool, "
-                             f"{self.blocks.num_blocks} blocks of {self.blocks.block_size})")
+                             f"{self.scheduler.blocks.num_blocks} blocks of {self.config.block_size})")
         if params.logprobs is not None and params.logprobs > self.max_logprobs:
             raise ValueError(f"logprobs={params.logprobs} exceeds the engine's max_logprobs={self.max_logprobs} "
                              f"(max_logprobs={self.config.max_logprobs}, vocabulary {self.model.config.vocab_size})")
@@ -146,7 +135,7 @@ class Engine:
         """Stop a request and free its blocks; an unknown or finished id is a no-op."""
         req = self.requests.get(str(request_id))
         if req is not None and not req.finished:
-            self._finish(req, "abort")
+            self.scheduler.finish(req, "abort")
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -155,63 +144,30 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Run one step. Returns a delta (new tokens and text) for every request that changed, finished ones
         included (then with metrics); a finished request's id is forgotten after it is reported."""
-        changed = {}
-        begin = time.perf_counter()
-        if self.drafter:
-            self._draft()
+        timer = StepTimer(self.stats)
+        self._draft()
         batch = self.scheduler.schedule()
-        self.stats["preemptions"] += len(batch.preempted)
         if batch.seqs:
-            start = time.perf_counter()
-            inputs, sampling, rows = self.planner.plan(batch, self._banned)
-            planned = time.perf_counter()
+            timer.scheduled()
+            inputs, sampling = self.planner.plan(batch)
+            timer.planned()
             self.runner.copy_blocks(batch.copies)
             out = self.runner.run(inputs, sampling)
-            now = time.perf_counter()
-            self._account(batch, inputs.token_ids.shape[0], now - start)
-            self.stats["host_plan_seconds"] += planned - begin
-            self.stats["device_seconds"] += now - planned
-            offset, sampled, moves = 0, [], []
-            for seq, k in zip(batch.seqs, rows):
-                req = seq.request
-                req.metrics.first_scheduled_time = req.metrics.first_scheduled_time or start
-                req.num_computed += seq.num_tokens
-                if seq.stage is Stage.PREFILL:
-                    self.scheduler.cache_computed(req)
-                if k:
-                    path = self._verify(req, out.tokens[offset:offset + k], moves) if seq.stage is Stage.VERIFY else [0]
-                    sampled.append((req, offset, path))
-                offset += k
-            if moves:                         # before anything (a finish caching its prefix) reads that KV
+            timer.ran(batch, bucket=inputs.token_ids.shape[0])
+            moves = self.scheduler.postprocess(batch, out)
+            if moves:                         # before the next step reads that KV
                 self.runner.move_slots(moves)
-            for req, offset, path in sampled:
-                self._apply(req, out, offset, path, now)
-                changed[req] = None
         elif self.scheduler.has_unfinished():   # cannot happen while every prompt fits the pool: never spin
             raise RuntimeError(f"scheduler found no work for {len(self.scheduler.waiting)} waiting requests")
-        changed.update(dict.fromkeys(self._reported))
-        self._reported = []
-        outputs = [self._delta(req) for req in changed]
-        for req in changed:
-            if req.finished:
-                self.requests.pop(req.request_id, None)
-        if batch.seqs:
-            self.stats["host_output_seconds"] += time.perf_counter() - now
+        outputs = self._outputs([seq.request for seq in batch.seqs if seq.num_samples])
+        timer.done()
         return outputs
 
-    def _account(self, batch: ScheduledBatch, bucket: int, seconds: float) -> None:
-        s = self.stats
-        s["steps"] += 1
-        s["step_seconds"] += seconds
-        s["real_tokens"] += batch.num_tokens
-        s["padded_tokens"] += bucket - batch.num_tokens
-        for seq in batch.seqs:
-            s[{Stage.PREFILL: "prefill_tokens", Stage.DECODE: "decode_tokens",
-               Stage.VERIFY: "verify_tokens"}[seq.stage]] += seq.num_tokens
-
     def _draft(self) -> None:
-        """Propose drafts for every running request that decodes next, within its adaptive budget, its
-        remaining max_tokens and the context length."""
+        """Propose drafts (with the ``speculative`` option) for every running request that decodes next, within
+        its adaptive budget, its remaining max_tokens and the context length."""
+        if not self.drafter:
+            return
         k = self.config.speculative.num_draft_tokens
         for req in self.scheduler.running:
             if req.num_pending != 1 or not req.output_ids or not req.params.speculative:
@@ -223,39 +179,6 @@ class Engine:
                          self.max_model_len - len(req.token_ids))
             req.set_draft(self.drafter.propose(req.token_ids, budget))   # budget <= 0: an empty draft
 
-    def _verify(self, req: Request, sampled, moves: list[tuple[int, int]]) -> list[int]:
-        """Accept ``req``'s drafts against the tokens ``sampled`` at its verify rows: returns the accepted
-        path's rows, rolls ``num_computed`` back to it (rejected KV is dead, overwritten later) and adds the
-        slot moves that put a tree path's KV at its positions to ``moves``."""
-        tree = req.draft_tree()
-        path = accepted_path(tree, [int(t) for t in sampled])
-        drafted, accepted = len(tree.tokens), len(path) - 1
-        start = req.num_computed - len(sampled)                # position of the run's root
-        req.num_computed = start + len(path)
-        bs, table = self.blocks.block_size, req.block_table
-        moves += kv_moves(path, start, lambda pos: table[pos // bs] * bs + pos % bs)
-        req.clear_draft()
-        if req.spec is not None:
-            req.spec.update(drafted, accepted)
-        req.metrics.num_draft_tokens += drafted
-        req.metrics.num_accepted_tokens += accepted
-        self.stats["spec_verify_runs"] += 1
-        self.stats["spec_drafted_tokens"] += drafted
-        self.stats["spec_accepted_tokens"] += accepted
-        return path
-
-    def _apply(self, req: Request, out: SamplerOutput, offset: int, path: list[int], now: float) -> None:
-        """Append the tokens sampled at rows ``offset + path`` (a decode or prefill end: path [0])."""
-        sampled = [int(t) for t in out.tokens[offset:offset + max(path) + 1]]
-        for row in path:
-            if req.logprobs is not None:
-                top = dict(zip(out.top_ids[offset + row, :req.params.logprobs].tolist(),
-                               out.top_logprobs[offset + row, :req.params.logprobs].tolist()))
-                req.logprobs.append({sampled[row]: float(out.logprob[offset + row]), **top})
-            self._append(req, sampled[row], now)
-            if req.finished:
-                break
-
     def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
         """The token ids that end a request: its stop_token_ids, and EOS unless ignore_eos."""
         ids = set(params.stop_token_ids)
@@ -263,43 +186,17 @@ class Engine:
             ids |= self.tokenizer.stop_token_ids
         return frozenset(ids)
 
-    @staticmethod
-    def _banned(req: Request, output_index: int) -> list[int]:
-        """Stop tokens are masked while fewer than min_tokens outputs exist."""
-        return sorted(req.stop_ids) if output_index < req.params.min_tokens else []
-
     # ---- outputs --------------------------------------------------------------------------------
-    def _append(self, req: Request, token: int, now: float) -> None:
-        req.token_ids.append(token)
-        req.metrics.num_output_tokens += 1
-        req.metrics.first_token_time = req.metrics.first_token_time or now
-        self.stats["generated_tokens"] += 1
-        delta = req.detokenizer.add(token)
-        req.text += delta
-        p, n = req.params, len(req.output_ids)
-        reason = None
-        if n >= p.min_tokens and token in req.stop_ids:
-            req.text += req.detokenizer.flush()
-            reason = "stop"
-        elif n >= p.min_tokens:
-            for s in p.stop:  # only a match ending inside the new delta is new
-                at = req.text.find(s, max(0, len(req.text) - len(delta) - len(s) + 1))
-                if at >= 0:
-                    req.text, reason = req.text[:at], "stop"
-                    break
-        if reason is None and (n >= p.max_tokens or len(req.token_ids) >= self.max_model_len):
-            req.text += req.detokenizer.flush()
-            reason = "length"
-        if reason:
-            self._finish(req, reason)
-
-    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
-        req.finish_reason, req.error = reason, error
-        self.scheduler.remove(req)
-        req.status = Status.FINISHED
-        req.metrics.finished_time = time.perf_counter()
-        self.stats[{"error": "errors", "abort": "aborted"}.get(reason, "finished")] += 1
-        self._reported.append(req)
+    def _outputs(self, sampled: list[Request]) -> list[RequestOutput]:
+        """Deltas of the requests that sampled in this step and of those finished since the last one (an
+        abort or a bad prompt in between); finished requests are forgotten."""
+        changed = dict.fromkeys(sampled)
+        changed.update(dict.fromkeys(self.scheduler.take_finished()))
+        outputs = [self._delta(req) for req in changed]
+        for req in changed:
+            if req.finished:
+                self.requests.pop(req.request_id, None)
+        return outputs
 
     def _delta(self, req: Request) -> RequestOutput:
         """What ``req`` produced since its last delta. Text that may still become a stop string is held back

@@ -14,14 +14,13 @@ the counter of output index ``done + depth(j)``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 import numpy as np
 
 from xyjax.ops.attention import tiling
 from xyjax.engine.config import EngineConfig
 from xyjax.ops.sampler import SamplingInputs
-from xyjax.engine.scheduler import ScheduledBatch, Stage
+from xyjax.engine.batch import ScheduledBatch, Stage
 from xyjax.ops.step_inputs import StepInputs
 
 
@@ -47,10 +46,8 @@ class Planner:
         seqs = min(tokens, c.max_num_seqs)
         return Shapes(tokens, seqs, min(tokens, seqs * (1 + c.max_draft_tokens)))
 
-    def plan(self, batch: ScheduledBatch, banned_ids: Callable, bucket: int | None = None
-             ) -> tuple[StepInputs, SamplingInputs, list[int]]:
-        """Arrays for one step, and the number of sampled rows of each scheduled sequence (in order).
-        ``banned_ids(request, output_index)`` lists the token ids masked for that output token.
+    def plan(self, batch: ScheduledBatch, bucket: int | None = None) -> tuple[StepInputs, SamplingInputs]:
+        """Arrays for one step; each sequence samples ``num_samples`` rows, masking ``Request.banned_ids``.
         ``bucket``: force a (larger) bucket."""
         c, bs = self.config, self.config.block_size
         shape = self.shapes(max(batch.num_tokens, bucket or 0))
@@ -61,7 +58,7 @@ class Planner:
         sample_index = np.zeros(R, np.int32)
         sampling = _sampling_arrays(R, c.max_stop_ids)
         row = sample_row = 0
-        num_samples, trees = [], {}
+        trees = {}
         for i, seq in enumerate(batch.seqs):
             req, n = seq.request, seq.num_tokens
             start = req.num_computed
@@ -78,7 +75,6 @@ class Planner:
             q_start[i], q_len[i], kv_len[i] = row, n, start + n
             tables[i, :len(table)] = table
             k = seq.num_samples
-            num_samples.append(k)
             p, done = req.params, len(req.output_ids)
             outputs = done + depth[n - k:] - (depth[n - k] if k else 0)     # output index each sampled row draws
             for j in range(k):
@@ -87,7 +83,7 @@ class Planner:
                 sampling.temperature[r], sampling.top_k[r], sampling.top_p[r] = p.temperature, p.top_k, p.top_p
                 sampling.seed[r], sampling.counter[r] = req.seed, index
                 sampling.logprobs[r] = p.logprobs is not None
-                banned = banned_ids(req, index)
+                banned = req.banned_ids(index)
                 sampling.banned[r, :len(banned)] = banned
             sample_row += k
             row += n
@@ -97,12 +93,11 @@ class Planner:
                                               trees=trees, max_tree=(1 + c.max_draft_tokens) * self.trees)
         inputs = StepInputs(token_ids=tokens, positions=positions, slot_mapping=slots, num_tokens=np.int32(row),
                             attention=attention, sample_index=sample_index, num_samples=np.int32(sample_row))
-        return inputs, sampling, num_samples
+        return inputs, sampling
 
     def empty(self, bucket: int) -> tuple[StepInputs, SamplingInputs]:
         """An all-padding step of ``bucket`` tokens: running it compiles the bucket and changes nothing."""
-        inputs, sampling, _ = self.plan(ScheduledBatch([], []), lambda *_: [], bucket)
-        return inputs, sampling
+        return self.plan(ScheduledBatch([], []), bucket)
 
 
 def _sampling_arrays(rows: int, banned_width: int) -> SamplingInputs:

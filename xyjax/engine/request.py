@@ -64,6 +64,33 @@ class Request:
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
+    def banned_ids(self, output_index: int) -> list[int]:
+        """Token ids masked when sampling output token ``output_index``: the stop ids until min_tokens exist."""
+        return sorted(self.stop_ids) if output_index < self.params.min_tokens else []
+
+    def append(self, token: int, max_model_len: int) -> str | None:
+        """Append a sampled token and its text; returns the finish reason it brings: "stop" (a stop id, or a
+        stop string ending in the new text, which is cut there), "length" (max_tokens or ``max_model_len``
+        reached) or None."""
+        self.token_ids.append(token)
+        self.metrics.num_output_tokens += 1
+        delta = self.detokenizer.add(token)
+        self.text += delta
+        p, n = self.params, len(self.token_ids) - len(self.prompt_token_ids)
+        if n >= p.min_tokens and token in self.stop_ids:
+            self.text += self.detokenizer.flush()
+            return "stop"
+        if n >= p.min_tokens:
+            for s in p.stop:  # only a match ending inside the new delta is new
+                at = self.text.find(s, max(0, len(self.text) - len(delta) - len(s) + 1))
+                if at >= 0:
+                    self.text = self.text[:at]
+                    return "stop"
+        if n >= p.max_tokens or len(self.token_ids) >= max_model_len:
+            self.text += self.detokenizer.flush()
+            return "length"
+        return None
+
     def draft_tree(self) -> DraftTree:
         """The drafts to verify as a DraftTree (a chain when ``draft_parents`` is None)."""
         if self.draft_parents is None:

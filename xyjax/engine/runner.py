@@ -12,6 +12,7 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from models.config import ModelConfig
 from models.llama import forward
+from xyjax.engine.stats import EngineStats
 from xyjax.ops import Backends
 from xyjax.ops.kv_cache import KVCache
 from xyjax.ops.sampler import SamplerOutput, SamplingInputs, sample
@@ -31,16 +32,15 @@ def enable_persistent_cache(directory: str) -> None:
 class Runner:
     """``run(inputs, sampling)`` executes one step, updating the KV cache in place (donated).
 
-    ``compiles`` counts real XLA compilations of this runner's step program (a persistent-cache load
-    counts too), observed through ``jax.monitoring``; the jitted function carries a unique name so other
-    programs and other runners are not counted.
+    Records in ``stats.compiles`` / ``compile_seconds`` the real XLA compilations of this runner's step
+    program (a persistent-cache load counts too), observed through ``jax.monitoring``; the jitted function
+    carries a unique name so other programs and other runners are not counted.
     """
 
     def __init__(self, cfg: ModelConfig, params: dict, num_blocks: int, block_size: int, backends: Backends,
-                 dtype=jnp.float32, num_logprobs: int = 0, max_moves: int = 0):
-        self.params = params
+                 stats: EngineStats, dtype=jnp.float32, num_logprobs: int = 0, max_moves: int = 0):
+        self.params, self.stats = params, stats
         self.kv = KVCache.create(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype)
-        self.compiles, self.compile_seconds = 0, 0.0
 
         def step(params, kv, inputs: StepInputs, sampling: SamplingInputs):
             logits, kv = forward(params, kv, inputs, cfg=cfg, backends=backends)
@@ -56,8 +56,8 @@ class Runner:
         def on_event(event: str, seconds: float, **kwargs) -> None:
             runner = this()
             if runner is not None and event == _BACKEND_COMPILE and kwargs.get("fun_name") == f"jit({step.__name__})":
-                runner.compiles += 1
-                runner.compile_seconds += seconds
+                runner.stats.compiles += 1
+                runner.stats.compile_seconds += seconds
 
         jax.monitoring.register_event_duration_secs_listener(on_event)
 

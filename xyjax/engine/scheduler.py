@@ -9,71 +9,75 @@ prefix from the prefix cache (token-wise: full blocks shared, a partial last blo
 its uncached tokens count against the budget. When the pool runs short, idle cached prefixes are evicted (LRU)
 first; then, if a decode or verify still needs a block, the newest running request is preempted (its blocks
 freed, recomputed later from its tokens); prefill chunks never preempt, they take what is free.
+
+After the step runs, ``postprocess`` (xyjax.engine.postprocess) applies its results: the scheduler is the one
+owner of request state after scheduling (computed tokens, verify acceptance and rollback, prefix-cache
+insertion, appended tokens, stop checks, finishing and freeing).
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
-import enum
+import time
 
+from xyjax.engine import postprocess
+from xyjax.engine.batch import ScheduledBatch, ScheduledSeq, Stage
 from xyjax.engine.block_manager import BlockManager
 from xyjax.engine.config import EngineConfig
 from xyjax.engine.prefix_cache import PrefixCache
 from xyjax.engine.request import Request, Status
-
-
-class Stage(enum.Enum):
-    PREFILL = "P"
-    DECODE = "D"
-    VERIFY = "V"
-
-
-@dataclasses.dataclass
-class ScheduledSeq:
-    """``request`` computes its next ``num_tokens`` tokens (for V: the pending token, then its drafts)."""
-
-    request: Request
-    stage: Stage
-    num_tokens: int
-
-    @property
-    def num_samples(self) -> int:
-        """Rows sampled: 0 for a prefill chunk that does not reach the end, 1 + drafts for V, else 1."""
-        req = self.request
-        if self.stage is Stage.VERIFY:
-            return self.num_tokens
-        return int(req.num_computed + self.num_tokens == len(req.token_ids))
-
-
-@dataclasses.dataclass
-class ScheduledBatch:
-    """``copies``: (source, destination) KV blocks to copy, in order, before the step runs (copy-on-write)."""
-
-    seqs: list[ScheduledSeq]
-    preempted: list[Request]
-    copies: list[tuple[int, int]] = dataclasses.field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.seqs)
+from xyjax.engine.stats import EngineStats
+from xyjax.ops.sampler import SamplerOutput
 
 
 class Scheduler:
-    """Owns the waiting queue (arrival order) and the running list. ``cache``: the prefix cache (None: off).
-    ``stats``: prefix-cache counters (lookups, prompt tokens looked up, hit tokens, the part of them in full
-    blocks, copy-on-write copies, blocks evicted)."""
+    """Owns the waiting queue (arrival order), the running list, the KV ``blocks`` and the prefix ``cache``
+    (None: off), and the requests finished since the engine last took them (``take_finished``). Records into
+    ``stats`` (a fresh EngineStats if None) and gives it its gauges. ``max_model_len``: the context length
+    (default: the pool)."""
 
-    def __init__(self, config: EngineConfig, blocks: BlockManager, cache: PrefixCache | None = None):
+    def __init__(self, config: EngineConfig, blocks: BlockManager, cache: PrefixCache | None = None,
+                 stats: EngineStats | None = None, max_model_len: int | None = None):
         self.config, self.blocks, self.cache = config, blocks, cache
+        self.stats = stats or EngineStats()
+        self.stats.gauges = self.gauges
+        self.max_model_len = max_model_len or blocks.num_blocks * blocks.block_size
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self._copies: list[tuple[int, int]] = []
-        self.stats = collections.Counter(prefix_lookups=0, prefix_lookup_tokens=0, prefix_hit_tokens=0,
-                                         prefix_block_hit_tokens=0, prefix_copies=0, prefix_evicted_blocks=0)
+        self._finished: list[Request] = []
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
+
+    def gauges(self) -> dict:
+        """KV blocks: total, free (no request holds them: the free pool and blocks only the prefix cache holds,
+        which it gives back on demand) and cached (held by the prefix cache); running and waiting requests."""
+        cache = self.cache
+        return dict(kv_blocks_total=self.blocks.num_blocks,
+                    kv_blocks_free=self.blocks.num_free + (cache.num_idle_blocks if cache else 0),
+                    kv_blocks_cached=len(cache.cached) if cache else 0,
+                    running=len(self.running), waiting=len(self.waiting))
+
+    def finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        """End ``req`` with finish_reason ``reason`` (stop, length, abort, error): out of the queues, its
+        computed tokens cached, its blocks freed; ``take_finished`` hands it to the engine."""
+        req.finish_reason, req.error = reason, error
+        self.remove(req)
+        req.status = Status.FINISHED
+        req.metrics.finished_time = time.perf_counter()
+        if reason == "error":
+            self.stats.errors += 1
+        elif reason == "abort":
+            self.stats.aborted += 1
+        else:
+            self.stats.finished += 1
+        self._finished.append(req)
+
+    def take_finished(self) -> list[Request]:
+        """The requests finished since the last call."""
+        finished, self._finished = self._finished, []
+        return finished
 
     def remove(self, req: Request) -> None:
         """Take a finished or aborted request out of the queues, cache its computed tokens and free its blocks."""
@@ -99,7 +103,15 @@ class Scheduler:
             self._preempt(max(self.running, key=lambda r: r.arrival), preempted)
             seqs = self._fill(preempted)
         copies, self._copies = self._copies, []
+        now = time.perf_counter()
+        for seq in seqs:
+            seq.request.metrics.first_scheduled_time = seq.request.metrics.first_scheduled_time or now
         return ScheduledBatch(seqs, preempted, copies)
+
+    def postprocess(self, batch: ScheduledBatch, out: SamplerOutput) -> list[tuple[int, int]]:
+        """Apply the results of ``batch``'s step (xyjax.engine.postprocess); returns the KV slot moves for the
+        runner to apply before the next step."""
+        return postprocess.apply(self, batch, out)
 
     def _fill(self, preempted: list[Request]) -> list[ScheduledSeq]:
         budget, seqs = self.config.max_num_batched_tokens, []
@@ -153,8 +165,12 @@ class Scheduler:
         req.num_computed = hit
         self.blocks.grow(req.block_table, hit + n)
         if self.cache:
-            self.stats.update(prefix_lookups=1, prefix_lookup_tokens=len(req.token_ids), prefix_hit_tokens=hit,
-                              prefix_block_hit_tokens=hit // bs * bs, prefix_copies=tail)
+            s = self.stats
+            s.prefix_lookups += 1
+            s.prefix_lookup_tokens += len(req.token_ids)
+            s.prefix_hit_tokens += hit
+            s.prefix_block_hit_tokens += hit // bs * bs
+            s.prefix_copies += tail
         return n
 
     def _chunk(self, req: Request, budget: int) -> int:
@@ -184,7 +200,7 @@ class Scheduler:
         """Evict idle cached prefixes (least recently used first) until ``num_blocks`` blocks are free, or all."""
         short = num_blocks - self.blocks.num_free
         if self.cache and short > 0:
-            self.stats["prefix_evicted_blocks"] += self.cache.evict(short)
+            self.stats.prefix_evicted_blocks += self.cache.evict(short)
 
     def _preempt(self, req: Request, preempted: list[Request]) -> None:
         """Back to waiting; its blocks are freed (the cache keeps what it cached of them)."""
@@ -192,6 +208,7 @@ class Scheduler:
         req.num_computed, req.status = 0, Status.WAITING
         req.clear_draft()
         req.metrics.num_preemptions += 1
+        self.stats.preemptions += 1
         self.running.remove(req)
         position = sum(1 for r in self.waiting if r.arrival < req.arrival)   # keep the queue in arrival order
         self.waiting.insert(position, req)
