@@ -130,6 +130,18 @@ def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt):]
 
 
+def greedy_mismatches(model, prompt: list[int], tokens: list[int], tol: float = 1e-4) -> list[tuple]:
+    """Where ``tokens`` (a greedy continuation of ``prompt`` by the engine) is not an argmax of the reference
+    logits along its own path, up to ``tol``: ties within float32 noise (random weights make near-ties) may go
+    either way. [] when every token is a greedy choice."""
+    bad = []
+    for i, token in enumerate(tokens):
+        logits = reference_logits(model.config, model.params, list(prompt) + list(tokens[:i]))
+        if logits[token] < logits.max() - tol:
+            bad.append((i, token, int(logits.argmax()), float(logits.max() - logits[token])))
+    return bad
+
+
 # ---- the float64 attention reference ---------------------------------------------------------------------
 attention = jax.jit(meta_attention, static_argnames="backend")
 

@@ -9,8 +9,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-from helpers import drive, random_prompts, reference_greedy, reference_logits
+from hypothesis import HealthCheck, example, given, settings, strategies as st
+from helpers import drive, greedy_mismatches, random_prompts, reference_logits
 
 from xyjax import LLM, SamplingParams
 
@@ -28,16 +28,19 @@ workloads = st.lists(st.tuples(st.integers(1, 70), st.integers(1, 10), st.intege
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(workload=workloads, seed=st.integers(0, 2**16))
+@example(workload=[(52, 1, 0), (70, 1, 0), (9, 2, 8)], seed=5304)   # a near-tie (1.4e-6) on jax 0.12
 def test_batched_greedy_equals_sequential_reference_and_compiles_stay(llm, tiny_model, workload, seed):
-    """Mixed lengths arriving over time, chunked prefill, a short pool (preemption): every request's greedy
-    tokens equal the one-request-at-a-time reference, and no step program is compiled after start-up."""
+    """Mixed lengths arriving over time, chunked prefill, a short pool (preemption): every request's tokens are the
+    one-request-at-a-time reference's greedy choices (near-ties within float32 noise may go either way), and no
+    step program is compiled after start-up."""
     rng = np.random.default_rng(seed)
     prompts = random_prompts(rng, [w[0] for w in workload])
     sampling = [SamplingParams(max_tokens=w[1], temperature=0, ignore_eos=True) for w in workload]
     compiles = llm.stats["compiles"]
     results = drive(llm.engine, [w[2] for w in workload], prompts, sampling)
     for p, s, (tokens, reason) in zip(prompts, sampling, results):
-        assert reason == "length" and tokens == reference_greedy(tiny_model, p, s.max_tokens)
+        assert reason == "length" and len(tokens) == s.max_tokens
+        assert not greedy_mismatches(tiny_model, p, tokens)
     assert llm.stats["compiles"] == compiles == len(llm.engine.config.token_buckets)
     assert llm.stats["kv_blocks_free"] == llm.stats["kv_blocks_total"]
 
