@@ -73,12 +73,13 @@ $(REF_VENV)/bin/python:
 	@test -n "$(REF_PY)" || { echo "no Python 3.11 found (tried $(REF_PY_CANDIDATES)); set REF_PY=/path/to/python3.11" >&2; exit 1; }
 	$(REF_PY) -m venv $(REF_VENV)
 
-# build-system.requires, then what scikit-build-core asks for on this machine (cmake and ninja
-# from PyPI when the system has none).
+# build-system.requires (upgraded: the C++ compiles against the FFI headers of the newest jax allowed, the one
+# the install then keeps), then what scikit-build-core asks for on this machine (cmake and ninja from PyPI when
+# the system has none).
 build-deps: $(BIN)/python
 	@$(BIN)/python -c 'import sys; assert sys.version_info >= (3, 12)' || { echo "$(VENV) is not Python >= 3.12: rm -rf $(VENV) and rerun" >&2; exit 1; }
 	$(BIN)/python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))' > $(VENV)/build-requirements.txt
-	$(PIP) install -r $(VENV)/build-requirements.txt
+	$(PIP) install --upgrade -r $(VENV)/build-requirements.txt
 	$(BIN)/python -c 'from scikit_build_core.build import get_requires_for_build_editable as r; print("\n".join(r()))' > $(VENV)/build-requirements-extra.txt
 	$(PIP) install -r $(VENV)/build-requirements-extra.txt
 
