@@ -1,12 +1,31 @@
-# make run   installs the project into .venv and generates text with the default model
-# make test  installs it with the test extra and runs the test suite
-# make vllm-env  builds .venv-vllm, vLLM's CPU build for `xyjax bench --compare vllm`
+# make run      installs the project into .venv and generates text with the default model
+# make test     installs it with the test extra, builds .venv-ref, and runs the whole test suite
+# make ref-env  builds .venv-ref, the reference environment of the HF comparisons (see below)
+# make vllm-env builds .venv-vllm, vLLM's CPU build for `xyjax bench --compare vllm`
+#
+# .venv runs on Python 3.12 or newer (PY: the first of python3.12, python3.13, pyenv's 3.12/3.13, python3 that
+# is >= 3.12; or PY=/path/to/python) with the newest jax/jaxlib that pyproject.toml allows; torch never enters it.
+# The tests and the `hf` bench peer that compare against transformers run transformers and the CPU torch
+# (torch==2.13.0, a local cp311 wheel) in .venv-ref on Python 3.11 (REF_PY), in a subprocess
+# (tests/ref_venv.py, xyjax/bench/peers/hf_peer.py); without .venv-ref those tests skip, naming `make ref-env`.
 #
 # Installs are editable (pip install -e) and skip pip's build isolation: the build requirements
 # of pyproject.toml are installed into .venv first, so a reinstall (after C++ or pyproject
 # changes) takes seconds and CMake rebuilds incrementally in build/<wheel tag>/.
 
-PY ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+# The first interpreter that runs and is >= 3.12 (a pyenv shim that pyenv does not select fails the check).
+PY_CANDIDATES := python3.12 python3.13 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) \
+	$(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) python3
+ifndef PY
+PY := $(shell for p in $(PY_CANDIDATES); do \
+	"$$p" -c 'import sys; assert sys.version_info >= (3, 12)' >/dev/null 2>&1 && { command -v "$$p"; break; }; done)
+endif
+# .venv-ref's interpreter: Python 3.11, the version of the local CPU torch wheel.
+REF_PY_CANDIDATES := python3.11 $(wildcard $(HOME)/.pyenv/versions/3.11*/bin/python3.11) python3
+ifndef REF_PY
+REF_PY := $(shell for p in $(REF_PY_CANDIDATES); do \
+	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 11)' >/dev/null 2>&1 && { command -v "$$p"; break; }; done)
+endif
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
@@ -15,32 +34,52 @@ PROMPT ?= Write a haiku about the sea.
 MAX_TOKENS ?= 64
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-test build-deps vllm-env clean
+.PHONY: run test install install-test build-deps ref-env vllm-env clean
 
 run: install
 	$(BIN)/xyjax generate "$(PROMPT)" --max-tokens $(MAX_TOKENS) --chat
 
-test: install-test
+test: install-test ref-env
 	@rc=0; HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q tests $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then \
 		echo "make test: pytest collected no tests (exit 5); a run that tests nothing fails" >&2; exit 1; \
 	fi; \
 	exit $$rc
 
+# --upgrade-strategy eager: an existing .venv moves up to the newest jax/jaxlib pyproject.toml allows too.
 install: build-deps
-	$(PIP) install --no-build-isolation -e .
+	$(PIP) install --no-build-isolation --upgrade --upgrade-strategy eager -e .
 
-# torch, pinned to the local CPU build, goes in before the test extra, so nothing can pull a
-# CUDA torch.
 install-test: build-deps
-	$(PIP) install $(TORCH)
-	$(PIP) install --no-build-isolation -e '.[test]'
+	$(PIP) install --no-build-isolation --upgrade --upgrade-strategy eager -e '.[test]'
+	$(BIN)/python -c 'import jax, jaxlib; print("jax", jax.__version__, "jaxlib", jaxlib.__version__)'
 
-# build-system.requires, then what scikit-build-core asks for on this machine (cmake and ninja
-# from PyPI when the system has none).
+# The reference environment of the HF comparisons: the local CPU torch first, then transformers and what it
+# needs to read GGUF files and HF directories, with torch held to that build. Rebuilt when the Makefile changes
+# (a stamp file); pip leaves what is installed already.
+REF_VENV ?= .venv-ref
+REF_REQUIREMENTS := transformers>=4.45 accelerate>=1.0 numpy safetensors tokenizers gguf>=0.10 jinja2>=3.1
+
+ref-env: $(REF_VENV)/.stamp
+
+$(REF_VENV)/.stamp: Makefile | $(REF_VENV)/bin/python
+	$(REF_VENV)/bin/python -m pip install $(TORCH)
+	echo "$(TORCH)" > $(REF_VENV)/constraints.txt
+	$(REF_VENV)/bin/python -m pip install $(foreach r,$(REF_REQUIREMENTS),'$(r)') -c $(REF_VENV)/constraints.txt
+	$(REF_VENV)/bin/python -c 'import torch, transformers; print("ref-env: torch", torch.__version__, "transformers", transformers.__version__)'
+	touch $@
+
+$(REF_VENV)/bin/python:
+	@test -n "$(REF_PY)" || { echo "no Python 3.11 found (tried $(REF_PY_CANDIDATES)); set REF_PY=/path/to/python3.11" >&2; exit 1; }
+	$(REF_PY) -m venv $(REF_VENV)
+
+# build-system.requires (upgraded: the C++ compiles against the FFI headers of the newest jax allowed, the one
+# the install then keeps), then what scikit-build-core asks for on this machine (cmake and ninja from PyPI when
+# the system has none).
 build-deps: $(BIN)/python
+	@$(BIN)/python -c 'import sys; assert sys.version_info >= (3, 12)' || { echo "$(VENV) is not Python >= 3.12: rm -rf $(VENV) and rerun" >&2; exit 1; }
 	$(BIN)/python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))' > $(VENV)/build-requirements.txt
-	$(PIP) install -r $(VENV)/build-requirements.txt
+	$(PIP) install --upgrade -r $(VENV)/build-requirements.txt
 	$(BIN)/python -c 'from scikit_build_core.build import get_requires_for_build_editable as r; print("\n".join(r()))' > $(VENV)/build-requirements-extra.txt
 	$(PIP) install -r $(VENV)/build-requirements-extra.txt
 
@@ -67,11 +106,11 @@ vllm-env: $(VLLM_VENV)/bin/python
 		|| echo "vllm-env: no TCMalloc (apt-get install libtcmalloc-minimal4 failed); vLLM runs without it" >&2
 
 $(VLLM_VENV)/bin/python:
-	@test -n "$(PY)" || { echo "no python3.11 or python3 found; set PY=/path/to/python3.11" >&2; exit 1; }
-	$(PY) -m venv $(VLLM_VENV)
+	@test -n "$(REF_PY)" || { echo "no Python 3.11 found (tried $(REF_PY_CANDIDATES)); set REF_PY=/path/to/python3.11" >&2; exit 1; }
+	$(REF_PY) -m venv $(VLLM_VENV)
 
 $(BIN)/python:
-	@test -n "$(PY)" || { echo "no python3.11 or python3 found; set PY=/path/to/python3.11" >&2; exit 1; }
+	@test -n "$(PY)" || { echo "no Python >= 3.12 found (tried $(PY_CANDIDATES)); set PY=/path/to/python3.12" >&2; exit 1; }
 	$(PY) -m venv $(VENV)
 
 clean:

@@ -6,6 +6,7 @@ import os
 import pathlib
 
 import pytest
+import ref_venv
 
 from models import registry
 from models.tokenizer import Tokenizer
@@ -50,9 +51,10 @@ def default_llm():
 
 @pytest.fixture(scope="session")
 def hf_reference(gguf_path):
-    """transformers' model and tokenizer loaded from the same GGUF file (float32 on CPU)."""
-    pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    """transformers' model and tokenizer loaded from the same GGUF file (float32 on CPU), in the HF reference
+    environment (ref_venv.py)."""
+    ref_venv.importorskip("torch")
+    transformers = ref_venv.importorskip("transformers")
     directory, name = os.path.split(gguf_path)
     tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name)

@@ -8,6 +8,7 @@ import os
 import jax
 import numpy as np
 import pytest
+import ref_venv
 
 from helpers import TINY
 from models.hf_export import export_hf
@@ -44,8 +45,8 @@ def test_round_trip_and_transformers_logits(tmp_path, tiny_model, variant):
         np.testing.assert_array_equal(np.asarray(again[path]), np.asarray(value), err_msg=jax.tree_util.keystr(path))
     assert json.load(open(os.path.join(directory, "config.json")))["eos_token_id"] == model.tokenizer.eos_token_id
 
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = ref_venv.importorskip("torch")
+    transformers = ref_venv.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
     ids = [1, 9000, 421, 77, 30000, 5, 12]
     with torch.no_grad():

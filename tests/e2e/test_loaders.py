@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import jax
 import numpy as np
 import pytest
+import ref_venv
 
 from models.gguf_loader import dequantize, load_gguf, permute_qk, read_gguf, split_q4_1, unpermute_qk
 from models.weights import DENSE
@@ -41,8 +42,8 @@ def test_real_q4_1_model_loads_its_blocks(gguf_path):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_hf_directory_matches_transformers(arch, tmp_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = ref_venv.importorskip("torch")
+    transformers = ref_venv.importorskip("transformers")
     from helpers import reference_logits
 
     common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -75,8 +76,8 @@ def test_resolve_names_gguf_paths_and_hf_dirs(gguf_path, tmp_path):
 
 
 def test_llm_serves_an_hf_directory(tmp_path, tokenizer):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = ref_venv.importorskip("torch")
+    transformers = ref_venv.importorskip("transformers")
     from helpers import reference_greedy
 
     from xyjax import LLM, SamplingParams

@@ -4,6 +4,7 @@ Tokenizer encodings and chat templates against transformers' are in test_tokeniz
 
 import numpy as np
 import pytest
+import ref_venv
 from helpers import reference_logits
 
 from xyjax import SamplingParams
@@ -30,7 +31,7 @@ def parity_prompts(default_llm):
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     """n greedy tokens from transformers, ignoring EOS (a plain KV-cached loop)."""
-    import torch
+    torch = ref_venv.importorskip("torch")
 
     out, past, x = [], None, torch.tensor([ids])
     with torch.no_grad():
@@ -44,7 +45,7 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
 
 @pytest.mark.parametrize("name", ["short-chat", "medium", "long"])
 def test_last_position_logits_match(name, default_llm, hf_reference, parity_prompts):
-    import torch
+    torch = ref_venv.importorskip("torch")
 
     model, _ = hf_reference
     ids = parity_prompts[name]

@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import ref_venv
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -74,7 +75,7 @@ def tok(tokenizer) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def hf_tok(model_file):
-    transformers = pytest.importorskip("transformers")
+    transformers = ref_venv.importorskip("transformers")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return transformers.AutoTokenizer.from_pretrained(os.path.dirname(model_file),
                                                       gguf_file=os.path.basename(model_file))
@@ -275,7 +276,7 @@ def test_detokenizer_sentencepiece_prompt_context_keeps_space(sp_tok):
 
 # ---- save / from_dir -------------------------------------------------------------------------------------------
 def test_save_from_dir_round_trip(tok, hf_tok, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = ref_venv.importorskip("transformers")
     tok.save(str(tmp_path))
     again = Tokenizer.from_dir(str(tmp_path))
     hf_again = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
@@ -332,7 +333,7 @@ def _gpt2_variant_fields(meta: dict) -> dict:
 
 @pytest.mark.parametrize("variant", ["sentencepiece", "phi3", "gpt2-qwen2-bos"])
 def test_other_gguf_tokenizers_match_transformers(variant, meta, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = ref_venv.importorskip("transformers")
     if variant == "gpt2-qwen2-bos":
         fields = _gpt2_variant_fields(meta)
     else:

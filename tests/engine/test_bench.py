@@ -153,8 +153,9 @@ def test_peers_run_through_the_protocol_and_missing_ones_are_skipped(tiny_model,
     exported HF directory; a vLLM peer that is not installed is skipped with how to install it."""
     import json
 
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
+    import ref_venv
+
+    ref_venv.python()   # the hf peers run in the HF reference environment; skips without it
     from xyjax import LLM
     from xyjax.bench.peers import PEERS, Peer
     from xyjax.bench.runs import bench

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from abstract_gpu import abstract_cuda_device
 from hypothesis import given, settings, strategies as st
 
 from xyjax.ops.gemm.pallas import GemmTiling, smooth_gemm_pallas, smooth_gemm_reference
@@ -86,9 +87,10 @@ def test_lowers_to_triton_for_cuda(transpose_w):
                                   transpose_w=transpose_w)
 
     try:
-        exported = jax.export.export(
-            jax.jit(fn), platforms=["cuda"],
-            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(x, w, m)
+        with abstract_cuda_device():
+            exported = jax.export.export(
+                jax.jit(fn), platforms=["cuda"],
+                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(x, w, m)
     except (ImportError, NotImplementedError) as e:     # a jaxlib without the Triton dialect
         pytest.skip(f"no Triton lowering here: {e}")
     assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 1

@@ -2,9 +2,9 @@
 environment through the file protocol of ``protocol.py``; a peer that is not installed is skipped with a
 message saying how to install it.
 
-    hf     transformers (``hf_peer.py``) in this interpreter: needs torch (``pip install torch==2.13.0``) and
-           transformers (the ``test`` extra). Modes: static left-padded batches, transformers' own
-           continuous batching.
+    hf     transformers (``hf_peer.py``) in the HF reference environment: ``make ref-env`` creates ``.venv-ref``
+           (Python 3.11, the CPU torch, transformers); ``$XYJAX_REF_PYTHON`` names another interpreter.
+           Modes: static left-padded batches, transformers' own continuous batching.
     vllm   vLLM's CPU build (``vllm_peer.py``) in its own virtual environment: ``make vllm-env`` creates
            ``.venv-vllm``; ``$XYJAX_VLLM_PYTHON`` names another interpreter.
 """
@@ -12,11 +12,9 @@ message saying how to install it.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable
 
@@ -27,12 +25,20 @@ class PeerUnavailable(Exception):
     """The peer is not installed here; the message says how to install it."""
 
 
-def _transformers_python() -> str:
-    """This interpreter, when it has torch and transformers."""
-    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise PeerUnavailable(f"{', '.join(missing)} not installed here (pip install torch==2.13.0 transformers)")
-    return sys.executable
+def reference_python() -> str:
+    """The interpreter of the HF reference environment (torch and transformers, kept out of xyjax's own):
+    ``$XYJAX_REF_PYTHON``, else ``.venv-ref/bin/python`` of the repository this package runs from (an editable
+    install) or of the current directory (``make ref-env`` builds it)."""
+    if os.environ.get("XYJAX_REF_PYTHON"):
+        candidates = [os.environ["XYJAX_REF_PYTHON"]]
+    else:
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
+        candidates = list(dict.fromkeys(os.path.join(d, ".venv-ref", "bin", "python") for d in (repo, os.getcwd())))
+    for python in candidates:
+        if os.path.isfile(python):
+            return python
+    raise PeerUnavailable(f"no HF reference environment at {' or '.join(candidates)} (run `make ref-env` in the "
+                          "repository, or set XYJAX_REF_PYTHON to an interpreter that has torch and transformers)")
 
 
 def _vllm_python() -> str:
@@ -68,8 +74,8 @@ class Peer:
 
 
 PEERS = {
-    "hf": Peer("hf", "hf_peer.py", _transformers_python, ("--mode", "static", "--batch-size", "16")),
-    "hf-continuous": Peer("hf-continuous", "hf_peer.py", _transformers_python, ("--mode", "continuous")),
+    "hf": Peer("hf", "hf_peer.py", reference_python, ("--mode", "static", "--batch-size", "16")),
+    "hf-continuous": Peer("hf-continuous", "hf_peer.py", reference_python, ("--mode", "continuous")),
     "vllm": Peer("vllm", "vllm_peer.py", _vllm_python),
 }
 
