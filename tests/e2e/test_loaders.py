@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import ref_venv
 
-from models.gguf_loader import dequantize, load_gguf, permute_qk, read_gguf, split_q4_1, unpermute_qk
+from models.gguf_loader import dequantize, load_gguf, read_gguf
 from models.weights import DENSE
-from xyjax.ops.gemm.formats import SplitBlocks, quantize_blocks
+from xyjax.ops.gemm.formats import SplitBlocks
 from models.hf_loader import load_hf
 from models.loader import load
 

@@ -13,10 +13,10 @@ from helpers import TINY, dense_meta, drive, reference_attention, reference_gree
 from models.llama import init_params
 from models.loader import LoadedModel
 from xyjax import LLM, SamplingParams
-from xyjax.engine.drafters import DraftModelDrafter, DraftTree, NgramDrafter
+from xyjax.engine.drafters import DraftTree, NgramDrafter
 from xyjax.ops.kv_cache import KVCache
 from xyjax.ops import meta_attention
-from xyjax.engine.speculative import AdaptiveControl, SpecConfig, accepted_path, kv_moves, rejection_sample
+from xyjax.engine.speculative import AdaptiveControl, SpecConfig, accepted_path, kv_moves
 from xyjax.ops.attention.tiling import attention_metadata
 
 # Chi-square tests below reject at this significance level (fixed seeds: deterministic outcomes).
@@ -239,36 +239,6 @@ def chi_square_p(counts, probs):
     keep = exp > 0
     stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
     return chi2.sf(stat, keep.sum() - 1)
-
-
-def test_rejection_sample_with_a_draft_distribution_is_exact():
-    """Drafts drawn from q, accepted with min(1, p/q), else residual: the output is distributed as p."""
-    rng = np.random.default_rng(0)
-    V, N = 6, 20000
-    p = rng.dirichlet(np.ones(V)).astype(np.float32)
-    q = rng.dirichlet(np.ones(V)).astype(np.float32)
-    drafts = rng.choice(V, N, p=q / q.sum()).astype(np.int32)
-    keys = jax.random.split(jax.random.key(1), N)
-    tokens, accepted = rejection_sample(jnp.tile(p, (N, 1)), jnp.tile(q, (N, 1)), jnp.asarray(drafts), keys)
-    tokens, accepted = np.asarray(tokens), np.asarray(accepted)
-    assert chi_square_p(np.bincount(tokens, minlength=V), p) > ALPHA
-    assert abs(accepted.mean() - np.minimum(p, q).sum()) < 0.02     # acceptance rate 1 - TV(p, q)
-    bonus, _ = rejection_sample(jnp.tile(p, (N, 1)), jnp.tile(q, (N, 1)), jnp.full(N, -1, jnp.int32), keys)
-    assert chi_square_p(np.bincount(np.asarray(bonus), minlength=V), p) > ALPHA
-
-
-def test_draft_model_interface_with_a_test_double():
-    """The interface a draft-model drafter implements; the double's q feeds rejection_sample."""
-    class UniformDouble(DraftModelDrafter):
-        def propose(self, token_ids, max_nodes):
-            tree = DraftTree.chain([(token_ids[-1] + j) % 8 for j in range(max_nodes)])
-            tree.probs = np.full((max_nodes, 8), 1 / 8, np.float32)
-            return tree
-
-    tree = UniformDouble().propose([1, 2], 3)
-    assert tree.is_chain and tree.probs.shape == (3, 8)
-    with pytest.raises(NotImplementedError):
-        DraftModelDrafter().propose([1], 2)
 
 
 def test_logprobs_on_a_vocabulary_smaller_than_max_logprobs(tokenizer):

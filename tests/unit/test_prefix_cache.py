@@ -4,7 +4,6 @@ is in engine/test_prefix_cache_engine.py."""
 
 import collections
 
-import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from xyjax import SamplingParams
@@ -14,7 +13,8 @@ from xyjax.engine.outputs import RequestMetrics
 from xyjax.engine.planner import Planner
 from xyjax.engine.prefix_cache import PrefixCache
 from xyjax.engine.request import Request, Status
-from xyjax.engine.scheduler import Scheduler, Stage
+from xyjax.engine.batch import Stage
+from xyjax.engine.scheduler import Scheduler
 
 
 def kv_of(tokens, p):

@@ -10,7 +10,8 @@ from xyjax.engine.config import EngineConfig
 from xyjax.engine.outputs import RequestMetrics
 from xyjax.engine.request import Request, Status
 from xyjax.engine.sampling_params import SamplingParams
-from xyjax.engine.scheduler import Scheduler, Stage
+from xyjax.engine.batch import Stage
+from xyjax.engine.scheduler import Scheduler
 
 
 def make_request(i, prompt_len, max_tokens, drafts=0):

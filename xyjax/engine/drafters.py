@@ -9,8 +9,7 @@ Siblings carry distinct tokens, so the target's one sampled token picks at most 
 searched for earlier in its own tokens, and what followed the match is the draft. As a chain it takes the
 most recent match of the longest n; as a tree (``tree=True``) it merges the continuations of several
 matches (best first, each cut to ``max_nodes - 2 (matches - 1)`` tokens, so the best keeps most of the
-budget and the others branch off it) into one token trie of at most ``max_nodes`` nodes. ``DraftModelDrafter`` is the
-interface of a drafter with its own distribution q (a small model); the engine does not run one yet.
+budget and the others branch off it) into one token trie of at most ``max_nodes`` nodes.
 """
 
 from __future__ import annotations
@@ -23,12 +22,10 @@ import numpy as np
 
 @dataclasses.dataclass
 class DraftTree:
-    """tokens [n] and parents [n] (topological, -1 = root); probs: the drafter's distribution q at each
-    node's position [n, V] float32 (None: deterministic drafter, q is a point mass on the token)."""
+    """tokens [n] and parents [n] (topological, -1 = root), from a deterministic drafter (q a point mass)."""
 
     tokens: list[int]
     parents: list[int]
-    probs: np.ndarray | None = None
 
     @classmethod
     def chain(cls, tokens: list[int]) -> "DraftTree":
@@ -96,12 +93,3 @@ class NgramDrafter:
                     parents.append(parent)
                 parent = node
         return DraftTree(tokens, parents)
-
-
-class DraftModelDrafter:
-    """Interface of a drafter with its own model: ``propose`` returns a chain whose ``probs`` hold the draft
-    model's distribution q at each drafted position (so rejection sampling accepts with min(1, p/q)).
-    Subclasses implement ``propose``; only a test double exists."""
-
-    def propose(self, token_ids: list[int], max_nodes: int) -> DraftTree:
-        raise NotImplementedError

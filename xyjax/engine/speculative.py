@@ -13,8 +13,7 @@ sampled where no child matched: the correction or bonus token). For a determinis
 mass on the draft d) this *is* rejection sampling: the draft is kept with probability p(d) = min(1, p/q),
 and otherwise the sampled token is distributed as p without d, renormalised, which is the residual
 max(p - q, 0) / Z. Greedy (argmax) is the temperature-0 case. Because the draws use plain decoding's
-keys, a seeded request gives the same tokens with and without speculation. ``rejection_sample`` is the
-general form for drafters with a distribution q (jitted, vectorised over flat rows).
+keys, a seeded request gives the same tokens with and without speculation.
 
 Rollback: the KV of rejected nodes is dead; ``num_computed`` goes back to the accepted length so those
 slots are overwritten before anything reads them. A tree's accepted nodes may sit at slots past their
@@ -28,8 +27,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
-import jax.numpy as jnp
 
 from xyjax.engine.drafters import DraftTree, NgramDrafter
 
@@ -121,30 +118,3 @@ def kv_moves(path: list[int], start: int, slot) -> list[tuple[int, int]]:
     """(src, dst) slot copies that put the accepted path's KV at positions start + depth. ``slot(pos)``
     maps a position of the request to its KV slot; the tree wrote row r at position ``start + r``."""
     return [(slot(start + row), slot(start + depth)) for depth, row in enumerate(path) if row != depth]
-
-
-@jax.jit
-def rejection_sample(target_probs: jax.Array, draft_probs: jax.Array, draft_ids: jax.Array,
-                     keys: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Rejection sampling of drafts from a drafter with distribution q, row by row over a flat layout.
-
-    target_probs p, draft_probs q: [N, V] float32 (each row sums to 1); draft_ids [N] int32, the drafted
-    token of each row (-1: no draft, e.g. the bonus row after a chain); keys [N] PRNG keys.
-    Returns (tokens [N] int32, accepted [N] bool): a draft d is accepted with probability
-    min(1, p(d) / q(d)) (token d); otherwise the token is drawn from the residual max(p - q, 0) / Z (from p
-    where there is no draft, or where the residual is empty because p == q). A run's output is its rows'
-    tokens up to and including the first row that is not accepted.
-    """
-    n = target_probs.shape[0]
-    has = draft_ids >= 0
-    d = jnp.where(has, draft_ids, 0)
-    p_d = target_probs[jnp.arange(n), d]
-    q_d = draft_probs[jnp.arange(n), d]
-    split = jax.vmap(jax.random.split)(keys)
-    u = jax.vmap(jax.random.uniform)(split[:, 0])
-    accepted = has & (u * q_d < p_d)                               # u < min(1, p/q) without dividing by 0
-    residual = jnp.maximum(target_probs - jnp.where(has[:, None], draft_probs, 0.0), 0.0)
-    mass = residual.sum(-1, keepdims=True)
-    residual = jnp.where(mass > 0, residual / jnp.where(mass > 0, mass, 1.0), target_probs)
-    drawn = jax.vmap(jax.random.categorical)(split[:, 1], jnp.log(residual)).astype(jnp.int32)
-    return jnp.where(accepted, d, drawn).astype(jnp.int32), accepted
