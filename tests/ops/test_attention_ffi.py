@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,8 +27,8 @@ TOL = dict(rtol=2e-5, atol=2e-5)
 def check(q, kv, meta, expected, layer=1, **tol):
     out = np.asarray(attention(q, kv, layer, meta, backend="ffi"))
     oracle = np.asarray(attention(q, kv, layer, meta))
-    np.testing.assert_allclose(out, expected, **(tol or TOL))
-    np.testing.assert_allclose(out, oracle, **(tol or TOL))
+    chex.assert_trees_all_close(out, expected, **(tol or TOL))
+    chex.assert_trees_all_close(out, oracle, **(tol or TOL))
     return out
 
 

@@ -87,9 +87,11 @@ def _attend_group_xla(q, kv, layer, block_tables, tree_mask, group: TaskTable, s
 
 
 def attend_xla(q, kv, layer, meta: AttentionMetadata, scale) -> jax.Array:
-    """Every group's tasks, merged: [T, H, D] float32."""
+    """Every group's tasks, merged: [T, H, D] float32. Host (numpy) metadata is fine, eagerly or traced."""
+    tables = jnp.asarray(meta.block_tables)
+    tree_mask = None if meta.tree_mask is None else jnp.asarray(meta.tree_mask)
     parts = []
     for group in meta.groups:
-        token, heads, partial, lse = _attend_group_xla(q, kv, layer, meta.block_tables, meta.tree_mask, group, scale)
+        token, heads, partial, lse = _attend_group_xla(q, kv, layer, tables, tree_mask, group, scale)
         parts.append((token[:, :, None], heads[:, None, :], partial, lse))
     return merge_partials(q.shape, parts)[0]
