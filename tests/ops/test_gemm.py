@@ -2,7 +2,6 @@
 padding rows, fused and transposed weights, stacked weights read by layer, bfloat16, bad m and layer, no recompile
 across m, the split block layout of 4-bit weights, and the engine's greedy output with either backend."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +11,6 @@ from hypothesis import example, given, settings, strategies as st
 
 import ascend_ffi
 from ascend_ffi import blas
-from models.weights import DENSE
-from xyjax import LLM, SamplingParams
 from xyjax.ops.gemm import profile as gemm_profile
 from xyjax.engine.config import EngineConfig
 from xyjax.ops import smooth_gemm
@@ -288,38 +285,3 @@ def test_m_is_data_no_recompile():
     for m in range(17):
         check(fn(x, w, jnp.int32(m)), full, m)
     assert len(compiles) == before
-
-
-def test_engine_greedy_identical_with_ffi_and_xla_gemm(tiny_model):
-    """Chunked prefill and decodes of a batch, the whole model's dense layers and tied LM head on each backend."""
-    rng = np.random.default_rng(5)
-    prompts = [rng.integers(3, 49000, n).tolist() for n in (45, 3, 20, 9)]
-    sampling = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    tokens = {}
-    for backend in BACKENDS:
-        llm = LLM(tiny_model, block_size=4, max_num_batched_tokens=32, max_num_seqs=4, gemm_backend=backend,
-                  progress=False)
-        assert llm.engine.config.gemm_backend == backend
-        tokens[backend] = [out.token_ids for out in llm.generate(prompts, sampling)]
-    assert tokens["ffi"] == tokens["xla"]
-    assert all(len(t) == 8 for t in tokens["ffi"])
-
-
-def test_engine_greedy_identical_with_split_and_merged_weights(tiny_model):
-    """The tiny model's dense matrices block-quantized (SplitBlocks), held by the engine in the split layout on the
-    ffi backend, as TileWeights on ffi (AMX CPUs), plain on ffi and xla: the engine's greedy tokens are the same."""
-    layers = {name: quantize_blocks(np.asarray(w), 32) if name in DENSE else w
-              for name, w in tiny_model.params["layers"].items()}
-    model = dataclasses.replace(tiny_model, params=dict(tiny_model.params, layers=layers))
-    runs = {"split-ffi": ("split", "ffi"), "plain-xla": ("auto", "xla"), "merged": ("plain", "ffi")}
-    if ascend_ffi.load().xyjax_gemm_amx():
-        runs["tiles-ffi"] = ("tiles", "ffi")
-    rng = np.random.default_rng(6)
-    prompts = [rng.integers(3, 49000, n).tolist() for n in (45, 3, 20, 9)]
-    sampling = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    tokens = {}
-    for name, (layout, backend) in runs.items():
-        llm = LLM(model, block_size=4, max_num_batched_tokens=32, max_num_seqs=4, gemm_backend=backend,
-                  weight_layout=layout, progress=False)
-        tokens[name] = [out.token_ids for out in llm.generate(prompts, sampling)]
-    assert all(t == tokens["merged"] for t in tokens.values()), tokens

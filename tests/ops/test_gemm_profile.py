@@ -5,7 +5,6 @@ import json
 import jax
 import pytest
 
-from models.llama import linear_shapes
 from xyjax.ops.gemm import profile as gemm_profile
 from xyjax.ops.gemm.profile import GemmProfile
 
@@ -64,30 +63,3 @@ def test_pallas_profiling_is_refused_on_cpu():
         gemm_profile.profile({"a": (32, 48, False)}, [16], "pallas")
     with pytest.raises(ValueError, match="no tunables"):
         gemm_profile.candidates("xla")
-
-
-def test_engine_runs_the_profiled_tunables(monkeypatch, tmp_path, tiny_model):
-    """A saved profile for this device is loaded at start and its tunables reach every GEMM (here ones no
-    default uses: one lane, row split, m rounded up to 16, no streaming kernel): greedy output unchanged; no
-    profile: defaults."""
-    from xyjax import LLM, SamplingParams
-
-    monkeypatch.setenv("XYJAX_CACHE_DIR", str(tmp_path))
-    cfg = tiny_model.config
-    odd = (("lanes", 1), ("m_align", 16), ("split_rows", True), ("stream_rows", 0))
-    table = GemmProfile(device=jax.devices()[0].device_kind, backend="ffi", entries=tuple(
-        (("plain", T, K, N, tr), odd) for K, N, tr in linear_shapes(cfg).values() for T in (16, 32)))
-    prompts = [[5, 9, 200, 7, 11, 3, 90, 4, 8, 1000, 33], [17, 4]]
-    sampling = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    options = dict(block_size=4, max_num_batched_tokens=32, max_num_seqs=4, progress=False)
-    plain = LLM(tiny_model, gemm_backend="ffi", **options)
-    assert plain.engine.backends.gemm_profile is None
-    expected = [o.token_ids for o in plain.generate(prompts, sampling)]
-    table.save(gemm_profile.default_path(table.device, "ffi"))
-    tuned = LLM(tiny_model, gemm_backend="ffi", **options)
-    assert tuned.engine.backends.gemm_profile == table
-    K, N, _ = linear_shapes(cfg)["qkv"]
-    hlo = jax.jit(lambda x, w: tuned.engine.backends.smooth_gemm(x, w, 3, transpose_w=True)).lower(
-        jax.numpy.zeros((16, K)), jax.numpy.zeros((N, K))).as_text()
-    assert "m_align = 16" in hlo and "split_rows = true" in hlo and "stream_rows = 0" in hlo
-    assert [o.token_ids for o in tuned.generate(prompts, sampling)] == expected

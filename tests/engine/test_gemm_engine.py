@@ -1,0 +1,78 @@
+"""The engine over the gemm backends, weight layouts and a saved gemm profile: greedy output unchanged."""
+
+import dataclasses
+
+import jax
+import numpy as np
+
+import ascend_ffi
+from models.llama import linear_shapes
+from models.weights import DENSE
+from xyjax import LLM, SamplingParams
+from xyjax.ops.gemm import profile as gemm_profile
+from xyjax.ops.gemm.formats import quantize_blocks
+from xyjax.ops.gemm.profile import GemmProfile
+
+BACKENDS = ("ffi", "xla")
+
+
+def test_engine_greedy_identical_with_ffi_and_xla_gemm(tiny_model):
+    """Chunked prefill and decodes of a batch, the whole model's dense layers and tied LM head on each backend."""
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 49000, n).tolist() for n in (45, 3, 20, 9)]
+    sampling = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    tokens = {}
+    for backend in BACKENDS:
+        llm = LLM(tiny_model, block_size=4, max_num_batched_tokens=32, max_num_seqs=4, gemm_backend=backend,
+                  progress=False)
+        assert llm.engine.config.gemm_backend == backend
+        tokens[backend] = [out.token_ids for out in llm.generate(prompts, sampling)]
+    assert tokens["ffi"] == tokens["xla"]
+    assert all(len(t) == 8 for t in tokens["ffi"])
+
+
+def test_engine_greedy_identical_with_split_and_merged_weights(tiny_model):
+    """The tiny model's dense matrices block-quantized (SplitBlocks), held by the engine in the split layout on the
+    ffi backend, as TileWeights on ffi (AMX CPUs), plain on ffi and xla: the engine's greedy tokens are the same."""
+    layers = {name: quantize_blocks(np.asarray(w), 32) if name in DENSE else w
+              for name, w in tiny_model.params["layers"].items()}
+    model = dataclasses.replace(tiny_model, params=dict(tiny_model.params, layers=layers))
+    runs = {"split-ffi": ("split", "ffi"), "plain-xla": ("auto", "xla"), "merged": ("plain", "ffi")}
+    if ascend_ffi.load().xyjax_gemm_amx():
+        runs["tiles-ffi"] = ("tiles", "ffi")
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(3, 49000, n).tolist() for n in (45, 3, 20, 9)]
+    sampling = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    tokens = {}
+    for name, (layout, backend) in runs.items():
+        llm = LLM(model, block_size=4, max_num_batched_tokens=32, max_num_seqs=4, gemm_backend=backend,
+                  weight_layout=layout, progress=False)
+        tokens[name] = [out.token_ids for out in llm.generate(prompts, sampling)]
+    assert all(t == tokens["merged"] for t in tokens.values()), tokens
+
+
+def test_engine_runs_the_profiled_tunables(monkeypatch, tmp_path, tiny_model):
+    """A saved profile for this device is loaded at start and its tunables reach every GEMM (here ones no
+    default uses: one lane, row split, m rounded up to 16, no streaming kernel): greedy output unchanged; no
+    profile: defaults."""
+    from xyjax import LLM, SamplingParams
+
+    monkeypatch.setenv("XYJAX_CACHE_DIR", str(tmp_path))
+    cfg = tiny_model.config
+    odd = (("lanes", 1), ("m_align", 16), ("split_rows", True), ("stream_rows", 0))
+    table = GemmProfile(device=jax.devices()[0].device_kind, backend="ffi", entries=tuple(
+        (("plain", T, K, N, tr), odd) for K, N, tr in linear_shapes(cfg).values() for T in (16, 32)))
+    prompts = [[5, 9, 200, 7, 11, 3, 90, 4, 8, 1000, 33], [17, 4]]
+    sampling = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    options = dict(block_size=4, max_num_batched_tokens=32, max_num_seqs=4, progress=False)
+    plain = LLM(tiny_model, gemm_backend="ffi", **options)
+    assert plain.engine.backends.gemm_profile is None
+    expected = [o.token_ids for o in plain.generate(prompts, sampling)]
+    table.save(gemm_profile.default_path(table.device, "ffi"))
+    tuned = LLM(tiny_model, gemm_backend="ffi", **options)
+    assert tuned.engine.backends.gemm_profile == table
+    K, N, _ = linear_shapes(cfg)["qkv"]
+    hlo = jax.jit(lambda x, w: tuned.engine.backends.smooth_gemm(x, w, 3, transpose_w=True)).lower(
+        jax.numpy.zeros((16, K)), jax.numpy.zeros((N, K))).as_text()
+    assert "m_align = 16" in hlo and "split_rows = true" in hlo and "stream_rows = 0" in hlo
+    assert [o.token_ids for o in tuned.generate(prompts, sampling)] == expected
