@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from models.config import ModelConfig
 from models.llama import forward, init_params
 from models.loader import LoadedModel
-from models.tokenizer import Tokenizer, bytes_to_unicode
+from models.tokenizer import IncrementalDetokenizer, Tokenizer, bytes_to_unicode
 from xyjax.ops import AttentionMetadata, TaskTable, meta_attention
 from xyjax.ops.attention.contract import NUM_FIELDS, Field, MaskKind
 from xyjax.ops.attention.tiling import attention_metadata
@@ -504,3 +504,68 @@ def start_server(model: str, log_path: str, *flags: str, name: str = "tiny") -> 
         time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"server not ready after 300 s:\n{open(log_path).read()}")
+
+
+# ---- tokenizer test data (unit/test_tokenizer.py and e2e/test_tokenizer_hf.py) -----------------------------------
+def _long_text() -> str:
+    parts = ["The river bends twice before the old mill; ", "def add(a, b):\n    return a + b\n",
+             "Prices rose 3.7% to $1,234.56 in 2024. ", "東京と大阪 🚄 ", "  indented\tline\n"]
+    text = ""
+    while len(text) < 2000:
+        text += "".join(parts)
+    return text[:2000]
+
+
+TEXTS = [
+    "Hello, world!", "The quick brown fox jumps over the lazy dog.",
+    "def f(x):\n\treturn {'a': [1, 2, 3]}  # comment\n", "3.14159 1234567890 1,000,000 -42 0x1F",
+    "   leading and trailing   ", "a\n\nb\r\n\tc\n\n\n", "multiple     spaces", "don't I'm we'll they've",
+    "naïve café — “quotes” ‘single’ …", "日本語のテキスト 中文 한국어", "مرحبا بالعالم", "e\u0301 \u00a0nbsp \u200b",
+    "emoji 🎉👍🏽 👨‍👩‍👧 family", "<|im_start|>user\nhi<|im_end|>\n", "<|endoftext|><repo_name>x<file_sep>",
+    "<|im_start", "", " ", "\n", _long_text(),
+]
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
+    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+     {"role": "user", "content": "Another? 🎨 色"}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "1+1?"},
+     {"role": "assistant", "content": "2", "tool_calls": None}, {"role": "user", "content": "  and 2+2?\n"}],
+]
+
+# Exercises the environment: namespace, loop controls, tojson options, raise_exception, {% generation %},
+# trim/lstrip blocks, special-token variables, tools and extra template variables.
+CUSTOM_TEMPLATE = """{%- set ns = namespace(n=0) -%}
+{% for m in messages %}
+  {% if m.role == 'bad' %}{{ raise_exception('bad role: ' + m.role) }}{% endif %}
+  {% set ns.n = ns.n + 1 %}
+  {% if loop.index > 3 %}{% break %}{% endif %}
+  [{{ m.role }}] {{ m.content | tojson }} {{ m | tojson(sort_keys=True) }} {{ m.tool_calls is defined }}
+{% endfor %}
+{% generation %}{{ bos_token }}|{{ eos_token }}|{{ ns.n }}{% endgeneration %}
+{% if tools %}{{ tools | tojson(indent=2) }}{% endif %}
+{{ custom_var }} {{ strftime_now('%Y') }}{% if add_generation_prompt %}<go>{% endif %}
+"""
+
+
+def sentencepiece_fields(arch: str = "llama") -> dict:
+    """A small SentencePiece-style (``tokenizer.ggml.model == "llama"``) vocabulary with scores, no merges."""
+    pieces = ["▁", "▁t", "he", "▁the", "▁a", "in", "er", "▁w", "or", "ld", "▁wor", "▁world", "ll", "o", "▁he",
+              "▁hello", "hello", "▁is", "is", "at", *"abcdefghijklmnopqrstuvwxyz"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types, scores = [2, 3, 3] + [6] * 256, [0.0] * 259
+    for i, piece in enumerate(dict.fromkeys(pieces)):
+        tokens.append(piece), types.append(1), scores.append(-float(i))
+    tokens += ["<think>", "<|im_end|>"]
+    types += [4, 3]
+    scores += [0.0, 0.0]
+    return {"general.architecture": arch, "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.scores": scores,
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0,
+            "tokenizer.chat_template": "{% for m in messages %}{{ bos_token + m['content'] + eos_token }}{% endfor %}"}
+
+
+def stream(tokenizer, ids, prompt_ids=None, skip_special_tokens=False) -> list[str]:
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids=prompt_ids, skip_special_tokens=skip_special_tokens)
+    return [detok.add(i) for i in ids] + [detok.flush()]

@@ -1,6 +1,6 @@
 """The default model against HF transformers loading the same GGUF: last-position logits and greedy text.
 
-Tokenizer encodings and chat templates against transformers' are in test_tokenizer.py."""
+Tokenizer encodings and chat templates against transformers' are in test_tokenizer_hf.py."""
 
 import numpy as np
 import pytest
