@@ -8,7 +8,9 @@ import pathlib
 import pytest
 import ref_venv
 
+import helpers
 from models import registry
+from models.loader import LoadedModel
 from models.tokenizer import Tokenizer
 
 HERE = pathlib.Path(__file__).parent
@@ -59,3 +61,10 @@ def hf_reference(gguf_path):
     tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name)
     return model.eval(), tok
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tokenizer) -> LoadedModel:
+    """The tiny random model with the real tokenizer (a separate instance from the other tiers' tiny_model, whose
+    session-wide value must keep the synthetic tokenizer whichever tier asks first)."""
+    return helpers.tiny_model(tokenizer)
