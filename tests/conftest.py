@@ -1,10 +1,12 @@
 """Fixtures of every tier: the tiny random-weight model and its synthetic tokenizer (nothing downloaded).
 
-Tiers are folders, each marked by its conftest: unit/ (host logic), ops/ (op backends), engine/ (engine, LLM,
-server on the tiny model), e2e/ (the real default model, transformers references). ``pytest -m "not e2e"``
-fetches no model; the real model's fixtures live in e2e/conftest.py only."""
+Tiers are folders, each test marked with its folder's name (below): unit/ (host logic: scheduler, block manager,
+prefix cache, tiling, tokenizer, CLI, layering), ops/ (op backends: attention, gemm, sampler, the C++ contract),
+engine/ (engine, LLM, server on the tiny model), e2e/ (the real default model, transformers references).
+``pytest -m "not e2e"`` fetches no model; the real model's fixtures live in e2e/conftest.py only."""
 
 import os
+import pathlib
 
 import pytest
 
@@ -14,6 +16,15 @@ from models.tokenizer import Tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+TIERS = {"unit", "ops", "engine", "e2e"}   # the folders; each test is marked with its folder's name
+HERE = pathlib.Path(__file__).parent
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        tier = item.path.relative_to(HERE).parts[0]
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
 
 
 @pytest.fixture(scope="session")

@@ -254,43 +254,6 @@ def ragged_case(rng, q_lens, histories, heads=4, kv_heads=2, dim=16, block_size=
     return jnp.asarray(q), kv, meta, reference_attention(q, kv, 1, dense)
 
 
-def task_reference(q, kv, layer, meta, scale=None):
-    """float64 attention straight from the tile contract (rows >= num_tasks ignored): the positions a (row,
-    head) sees are the union over its tasks (its KV splits) of the positions in [kv_start, kv_end) its mask
-    shows it; softmax over that union, zeros where it is empty."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, kv.k, kv.v))
-    tables = np.asarray(meta.block_tables)
-    tree = None if meta.tree_mask is None else np.asarray(meta.tree_mask)
-    _, num_heads, dim = q.shape
-    group, block_size = num_heads // k.shape[2], k.shape[3]
-    scale = dim ** -0.5 if scale is None else scale
-    seen = {}   # (row, kv_head) -> (seq, set of positions)
-    for g in meta.groups:
-        for t in np.asarray(g.tasks)[:int(g.num_tasks)]:
-            for i in range(t[Field.Q_LEN]):
-                row, pos = t[Field.Q_START] + i, np.arange(t[Field.KV_START], t[Field.KV_END])
-                if t[Field.MASK_KIND] == MaskKind.CAUSAL:
-                    pos = pos[pos <= t[Field.Q_POS] + i]
-                else:
-                    col, width = pos - t[Field.MASK_BASE], 0 if tree is None else tree.shape[1]
-                    bit = (col >= 0) & (col < width) & (tree[row, np.clip(col, 0, max(width - 1, 0))] != 0
-                                                        if width else False)
-                    pos = pos[(col < 0) | bit]
-                seen.setdefault((row, t[Field.KV_HEAD]), (t[Field.SEQ], set()))[1].update(pos.tolist())
-    out = np.zeros(q.shape)
-    for (row, head), (seq, positions) in seen.items():
-        if not positions:
-            continue
-        pos = np.array(sorted(positions))
-        blocks, offsets = tables[seq, pos // block_size], pos % block_size
-        keys, values = k[layer, blocks, head, offsets], v[layer, blocks, head, offsets]
-        for h in range(head * group, (head + 1) * group):
-            s = keys @ q[row, h] * scale
-            p = np.exp(s - s.max())
-            out[row, h] = p @ values / p.sum()
-    return out
-
-
 @dataclasses.dataclass(frozen=True)
 class Shapes:
     """The static shapes of a family of cases (one compiled program each)."""

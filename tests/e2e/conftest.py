@@ -1,9 +1,8 @@
 """Tier `e2e`: the real default model (SmolLM2-135M-Instruct, fetched once from PyPI), transformers references
-and real-file parity. Every test under this folder is marked `e2e`; ``pytest -m "not e2e"`` skips them all and
-fetches nothing. The fixtures below exist only here, so no test of another tier can reach the real model."""
+and real-file parity (marked `e2e` by tests/conftest.py); ``pytest -m "not e2e"`` skips them all and fetches
+nothing. The fixtures below exist only here, so no test of another tier can reach the real model."""
 
 import os
-import pathlib
 
 import pytest
 import ref_venv
@@ -12,15 +11,6 @@ import helpers
 from models import registry
 from models.loader import LoadedModel
 from models.tokenizer import Tokenizer
-
-HERE = pathlib.Path(__file__).parent
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if HERE in item.path.parents:
-            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")
