@@ -1,5 +1,5 @@
 // The tile contract as the compiled library sees it. ascend_ffi/__init__.py reads these through
-// ctypes, and tests/test_ascend_ffi.py checks them against the Python mirror field by field.
+// ctypes, and tests/ops/test_ascend_ffi.py checks them against the Python mirror field by field.
 #include <cstddef>
 #include <cstdint>
 #include <cstring>

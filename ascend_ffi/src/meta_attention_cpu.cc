@@ -2,7 +2,7 @@
 // xyjax.ops.meta_attention, registered from Python under the name "xyjax_meta_attention_cpu" from
 // the exported handler symbol XyjaxMetaAttentionCpu.
 //
-// Operands (see xyjax/ops/attention.py and include/xyjax/tile_contract.h):
+// Operands (see xyjax/ops/attention/ and include/xyjax/tile_contract.h):
 //   q [T, H, D] f32|bf16, k and v [L, NB, Hkv, BS, D] f32|bf16 (the whole cache, read in place),
 //   layer s32[], block_tables s32[S, P], tasks s32[W, XYJAX_TASK_NUM_FIELDS] (q_len 0 = padding),
 //   tree_mask u8[T, MT] (row t, column j != 0: flat row t of a TREE task sees KV position

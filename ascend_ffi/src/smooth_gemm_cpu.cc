@@ -2,7 +2,7 @@
 // xyjax.ops.smooth_gemm, registered from Python under the name "xyjax_smooth_gemm_cpu" from the
 // exported handler symbol XyjaxSmoothGemmCpu.
 //
-// Operands (see xyjax/ops/gemm.py): x [T, K] f32|bf16; w of x's dtype, [K, N] ([N, K] with the
+// Operands (see xyjax/ops/gemm/): x [T, K] f32|bf16; w of x's dtype, [K, N] ([N, K] with the
 // attribute transpose_w), or a stack [L, K, N] ([L, N, K]) of which layer w[layer] is read in place;
 // m s32[] with 0 <= m <= T; layer s32[] (0 for an unstacked w). Result [T, N] in x's dtype: rows < m
 // are x @ w (x @ w^T), accumulated in float32; rows >= m are zero and never computed (virtual padding).
@@ -22,7 +22,7 @@
 // bfloat16 tiles, x packed once per call by all lanes, then each lane's columns as for the BLAS. The five
 // are the tunables `xyjax profile` sweeps per shape and bucket.
 //
-// quant_block = 32 (0: plain w): w is the split layout of a 4-bit block-quantized matrix (xyjax/ops/gemm.py),
+// quant_block = 32 (0: plain w): w is the split layout of a 4-bit block-quantized matrix (xyjax/ops/gemm/formats.py, SplitBlocks),
 // [N, K + K / 32] ([L, N, K + K / 32]) rows [d * q | m] with transpose_w, float32, K a multiple of 32: the
 // result is x_ext @ w^T for x_ext = [x | the sums of x's 32-column blocks]. w's values are exact in two
 // bfloat16 parts, which the AMX kernel relies on (five part products, not six); it sums x's blocks as it packs

@@ -10,7 +10,7 @@
 // as close to the exact one as a float32 gemm's. Six tile products per output cost 6/16 of what AVX-512
 // FMAs would (a TDPBF16PS does 16x16x32 multiply-adds in 16 cycles), hence ~2.7x a float32 core's peak.
 // Weights already exact in two parts (w_parts = 2: the split Q4_1 layout, d * q and the float16 block
-// minimums, see xyjax/ops/gemm.py) drop x0w2: five products and 12 tile loads per K step instead of 14.
+// minimums, see xyjax/ops/gemm/formats.py) drop x0w2: five products and 12 tile loads per K step instead of 14.
 //
 // Layout: every tile is 1 KiB, 16 rows of 64 bytes. The weights are the A operand: 16 weight rows x 32
 // bf16 along K, converted from float32 as they are read (no transposes; Gemm below says how many rows at a
@@ -232,7 +232,7 @@ int64_t AmxPackedBytes(int64_t m, int64_t K) {
 
 // x rows [16 * b0, 16 * b1) (rows past m zero) as B tiles into dst: dst[((b * KS + ks) * kParts + p) tiles]
 // over the AmxPackedK(K, sums) columns: with sums (K a multiple of 32), x's row is followed by the sums of
-// its 32-column blocks, the x_ext that multiplies the split weights [d * q | m] (xyjax/ops/gemm.py).
+// its 32-column blocks, the x_ext that multiplies the split weights [d * q | m] (xyjax/ops/gemm/formats.py).
 void AmxPackX(int64_t m, int64_t K, bool sums, const float* x, int64_t ldx, int64_t b0, int64_t b1, uint8_t* dst) {
   const int64_t KX = (K + kTileK - 1) / kTileK, KE = AmxPackedK(K, sums), KS = (KE + kTileK - 1) / kTileK;
   thread_local std::vector<float> block_sums;   // [16, KX]: each row's block sums, as its x steps are split
