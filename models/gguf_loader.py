@@ -13,6 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from models.config import ModelConfig
+from models.tokenizer import gguf_metadata
 from models.weights import DENSE, stack_layers
 from xyjax.ops.gemm.formats import SplitBlocks
 
@@ -77,8 +78,6 @@ def split_q4_1(tensor) -> np.ndarray:
 def load_gguf(path: str, progress: bool = True) -> tuple[ModelConfig, dict, dict]:
     """Returns ``(config, params, metadata)``: params float32 numpy arrays (and ``SplitBlocks``, see the module
     docstring) in ``models.llama``'s pytree layout."""
-    from models.tokenizer import gguf_metadata
-
     reader = read_gguf(path)
     meta = gguf_metadata(reader)
     tensors = {t.name: t for t in reader.tensors}

@@ -11,6 +11,8 @@ import numpy as np
 
 from models import registry
 from models.config import ModelConfig
+from models.gguf_loader import load_gguf
+from models.hf_loader import load_hf
 from models.tokenizer import Tokenizer
 from xyjax.ops.gemm import formats
 
@@ -41,9 +43,6 @@ def load(model: str | None = None, dtype="float32", progress: bool = True) -> Lo
     """Load ``model`` (see ``resolve``) with weights in ``dtype``, each in the file's format: a GGUF's 4-bit
     block-quantized matrices stay ``SplitBlocks`` in a float32 load (``models.gguf_loader``), everything else is
     a plain array. The engine's gemm backend picks their layout for this machine (``prepare_weights``)."""
-    from models.gguf_loader import load_gguf
-    from models.hf_loader import load_hf
-
     path = resolve(model)
     dtype = jnp.dtype(dtype)
     if os.path.isdir(path):

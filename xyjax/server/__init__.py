@@ -10,6 +10,7 @@ import signal
 
 import uvicorn
 
+from xyjax.llm import LLM
 from xyjax.server.app import build_app
 from xyjax.server.engine_loop import EngineLoop
 
@@ -34,8 +35,6 @@ def serve(model: str | None = None, host: str = "127.0.0.1", port: int = 8000, d
           **engine_options) -> int:
     """Load ``model``, compile every bucket, then serve until SIGINT/SIGTERM. In-flight requests get
     ``shutdown_timeout`` seconds to finish, then are aborted. Returns the exit status (0)."""
-    from xyjax.llm import LLM
-
     llm = LLM(model, dtype=dtype, **engine_options)     # compiles (or loads) every bucket before serving
     engine_loop = EngineLoop(llm)
     engine_loop.start()
