@@ -81,7 +81,19 @@ class TileWeights:
         return SplitBlocks(w, self.block).dense() if self.block else w
 
 
-# GGUF block formats GGUFBlocks holds: qtype -> (inputs per block, bytes per block), as ``gguf.GGML_QUANT_SIZES``
+# GGUF block formats GGUFBlocks holds: qtype -> (inputs per block, bytes per block), as ``gguf.GGML_QUANT_SIZES``.
+# A row is its K / block blocks back to back; float16 fields little-endian; w[j] is input j of the block:
+#   Q8_0 (34 B)  d f16 | q int8 x 32                          w[j] = q[j] * d
+#   Q4_0 (18 B)  d f16 | 16 B nibbles                         q[j] = byte[j % 16] low nibble (j < 16) or high
+#                                                              (j >= 16); w[j] = d * (q[j] - 8)
+#   Q4_1 (20 B)  d f16 | m f16 | 16 B nibbles (as Q4_0)       w[j] = d * q[j] + m
+#   Q4_K (144 B) d f16 | dmin f16 | 12 B scales | 128 B qs    8 sub-blocks s of 32 with 6-bit scale sc[s] and min
+#                mn[s]: bytes 0-3 low 6 bits: sc[0..3], bytes 4-7: mn[0..3]; sc[4+i] = byte[8+i] & 15 |
+#                (byte[i] >> 6) << 4, mn[4+i] = byte[8+i] >> 4 | (byte[4+i] >> 6) << 4; q of sub-block 2c / 2c+1:
+#                the low / high nibbles of qs[32c .. 32c+31]; w = (d * sc[s]) * q - (dmin * mn[s])
+#   Q6_K (210 B) ql 128 B | qh 64 B | scales int8 x 16 | d f16   for j in [0, 256): h = j // 128, r = j % 128:
+#                low 4 bits = ql[64h + r % 64] >> (4 (r >= 64)) & 15, high 2 bits = qh[32h + r % 32] >> 2 (r // 32)
+#                & 3; q = (low | high << 4) - 32; w = (d * scales[j // 16]) * q
 GGUF_QTYPES = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q4_K": (256, 144), "Q6_K": (256, 210)}
 
 
