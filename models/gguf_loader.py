@@ -1,8 +1,10 @@
 """Load a Llama-family GGUF file: config, params (HF layout) and GGUF metadata.
 
-Where every dense matrix of the file is Q4_1 (w = d * q + m per block of 32 inputs), the stacked dense matrices
-keep their blocks as ``SplitBlocks`` (``xyjax.ops.gemm.formats``): the same weights, whose parts are exact in
-bfloat16 pairs; every other tensor is dequantized.
+A dense matrix (q, k, v, o, gate, up, down) of a block type ``GGUFBlocks`` holds (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K;
+``xyjax.ops.gemm.formats``) keeps the file's blocks, row for row (the Q/K rows un-permuted, fused q/k/v and
+gate/up rows concatenated, layers stacked, where the joined parts share their type; else that matrix is
+dequantized); every other tensor (the embedding, the LM head, norms, biases, and matrices of other types) is
+dequantized to float32 by ``gguf``. The engine's gemm backend picks the layout (``prepare_weights``).
 """
 
 from __future__ import annotations
@@ -14,12 +16,10 @@ from tqdm import tqdm
 
 from models.config import ModelConfig
 from models.tokenizer import gguf_metadata
-from models.weights import DENSE, stack_layers
-from xyjax.ops.gemm.formats import SplitBlocks
+from models.weights import stack_layers
+from xyjax.ops.gemm.formats import GGUF_QTYPES, GGUFBlocks
 
 DENSE_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-Q4_1_BLOCK = 32    # inputs per Q4_1 block
-Q4_1_BYTES = 20    # bytes per block: d and m float16, 32 4-bit q (element j in byte j % 16, high nibble j >= 16)
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -51,7 +51,9 @@ def dequantize(tensor, dtype) -> np.ndarray:
     try:
         data = quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError as e:
-        raise ValueError(f"tensor {tensor.name!r} has unsupported GGUF type {tensor.tensor_type.name}") from e
+        raise ValueError(f"tensor {tensor.name!r} has unsupported GGUF type {tensor.tensor_type.name}: the gguf "
+                         f"package cannot dequantize it (dense matrices of {', '.join(GGUF_QTYPES)} load as their "
+                         f"blocks; any type gguf dequantizes loads as float32)") from e
     shape = tuple(int(n) for n in reversed(tensor.shape))
     if data.size != int(np.prod(shape)):
         raise ValueError(f"tensor {tensor.name!r} ({tensor.tensor_type.name}) holds {data.size} values, "
@@ -59,24 +61,19 @@ def dequantize(tensor, dtype) -> np.ndarray:
     return data.reshape(shape).astype(dtype)
 
 
-def split_q4_1(tensor) -> np.ndarray:
-    """A Q4_1 tensor [out, in] in the split block layout [out, in + in / 32] float32: ``[d * q | m]``. Checked
-    to give gguf's own dequantization exactly (d * q + m rounded once), so both layouts hold the same weights."""
-    raw = np.asarray(tensor.data, np.uint8)
-    rows = raw.shape[0]
-    blocks = raw.reshape(rows, -1, Q4_1_BYTES)
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)       # [out, in / 32]
-    mins = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    nibbles = blocks[..., 4:]
-    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).astype(np.float32)  # [out, in / 32, 32]
-    split = np.concatenate([(d[..., None] * q).reshape(rows, -1), mins], axis=-1)
-    if not np.array_equal(np.asarray(SplitBlocks(split, Q4_1_BLOCK).dense()), dequantize(tensor, np.float32)):
-        raise ValueError(f"tensor {tensor.name!r}: the split Q4_1 layout does not reproduce gguf's dequantization")
-    return split
+def gguf_blocks(tensor) -> GGUFBlocks:
+    """A 2-D GGUF tensor of a type in ``GGUF_QTYPES`` as ``GGUFBlocks`` [out, row_bytes]: the file's bytes."""
+    out, k = (int(n) for n in reversed(tensor.shape))
+    data = np.asarray(tensor.data, np.uint8)
+    try:
+        return GGUFBlocks(data.reshape(out, -1), tensor.tensor_type.name, k)
+    except ValueError as e:
+        raise ValueError(f"tensor {tensor.name!r} ({tensor.tensor_type.name}, shape {(out, k)}) holds "
+                         f"{data.size} bytes: the file is corrupt ({e})") from e
 
 
 def load_gguf(path: str, progress: bool = True) -> tuple[ModelConfig, dict, dict]:
-    """Returns ``(config, params, metadata)``: params float32 numpy arrays (and ``SplitBlocks``, see the module
+    """Returns ``(config, params, metadata)``: params float32 numpy arrays (and ``GGUFBlocks``, see the module
     docstring) in ``models.llama``'s pytree layout."""
     reader = read_gguf(path)
     meta = gguf_metadata(reader)
@@ -84,18 +81,17 @@ def load_gguf(path: str, progress: bool = True) -> tuple[ModelConfig, dict, dict
     cfg = ModelConfig.from_gguf(meta, has_output_tensor="output.weight" in tensors,
                                 has_qkv_bias="blk.0.attn_q.bias" in tensors)
     permuted = meta["general.architecture"] in ("llama", "mistral")
-    from gguf import GGMLQuantizationType
 
-    dense = [tensors.get(f"blk.{i}.{kind}.weight") for i in range(cfg.num_layers) for kind in DENSE_TENSORS]
-    split = all(t is not None and t.tensor_type == GGMLQuantizationType.Q4_1 for t in dense)
-
-    def get(name: str) -> np.ndarray:
+    def get(name: str) -> np.ndarray | GGUFBlocks:
         if name not in tensors:
             raise ValueError(f"GGUF file {path} lacks tensor {name!r}")
-        kind = name.split(".")[-2]
-        w = split_q4_1(tensors[name]) if split and kind in DENSE_TENSORS else dequantize(tensors[name], np.float32)
-        if permuted and kind in ("attn_q", "attn_k"):
-            w = unpermute_qk(w, cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads)
+        tensor, kind = tensors[name], name.split(".")[-2]
+        blocks = (kind in DENSE_TENSORS and name.endswith(".weight") and len(tensor.shape) == 2
+                  and tensor.tensor_type.name in GGUF_QTYPES)
+        w = gguf_blocks(tensor) if blocks else dequantize(tensor, np.float32)
+        if permuted and kind in ("attn_q", "attn_k"):   # a row permutation: block rows move whole
+            heads = cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads
+            w = GGUFBlocks(unpermute_qk(w.data, heads), w.qtype, w.k) if blocks else unpermute_qk(w, heads)
         return w
 
     layers = []
@@ -112,8 +108,6 @@ def load_gguf(path: str, progress: bool = True) -> tuple[ModelConfig, dict, dict
             layer.update(q_bias=get(b + "attn_q.bias"), k_bias=get(b + "attn_k.bias"), v_bias=get(b + "attn_v.bias"))
         layers.append(layer)
     stacked = stack_layers(layers)
-    if split:
-        stacked.update({name: SplitBlocks(stacked[name], Q4_1_BLOCK) for name in DENSE})
     params = {"embed": get("token_embd.weight"), "final_norm": get("output_norm.weight"), "layers": stacked}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = get("output.weight")

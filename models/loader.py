@@ -40,9 +40,10 @@ def resolve(model: str | None) -> str:
 
 
 def load(model: str | None = None, dtype="float32", progress: bool = True) -> LoadedModel:
-    """Load ``model`` (see ``resolve``) with weights in ``dtype``, each in the file's format: a GGUF's 4-bit
-    block-quantized matrices stay ``SplitBlocks`` in a float32 load (``models.gguf_loader``), everything else is
-    a plain array. The engine's gemm backend picks their layout for this machine (``prepare_weights``)."""
+    """Load ``model`` (see ``resolve``) with weights in ``dtype``, each in the file's format: a GGUF's
+    block-quantized dense matrices stay ``GGUFBlocks`` (uint8, the file's bytes) in a float32 load
+    (``models.gguf_loader``), everything else is a plain array. The engine's gemm backend picks their layout for
+    this machine (``prepare_weights``)."""
     path = resolve(model)
     dtype = jnp.dtype(dtype)
     if os.path.isdir(path):
@@ -53,6 +54,7 @@ def load(model: str | None = None, dtype="float32", progress: bool = True) -> Lo
         tokenizer = Tokenizer.from_gguf(meta)
     if dtype != jnp.float32:   # block formats are exact in float32 only
         params = formats.convert(params, "plain")
-    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+    # floating leaves in dtype; GGUFBlocks' bytes stay uint8
+    params = jax.tree.map(lambda a: jnp.asarray(a, dtype if np.issubdtype(a.dtype, np.floating) else None), params)
     return LoadedModel(name=model or registry.DEFAULT_MODEL, config=cfg, params=params, tokenizer=tokenizer,
                        dtype=dtype)

@@ -1,33 +1,48 @@
 """Turn per-layer HF-layout weights ([out, in] matrices) into ``models.llama``'s stacked, fused pytree (still
 ``[out, in]``: each output's weights are one contiguous row, which the ffi gemm streams in place), and back.
-The stacked dense matrices may be in any weight format of ``xyjax.ops.gemm.formats``."""
+The stacked dense matrices may be in any weight format of ``xyjax.ops.gemm.formats``; ``stack_layers`` keeps
+``GGUFBlocks`` (a GGUF's block rows) where the fused and stacked parts share their qtype."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from xyjax.ops.gemm.formats import dense
+from xyjax.ops.gemm.formats import GGUFBlocks, dense
 
 DENSE = ("wqkv", "wo", "w_gate_up", "w_down")   # the stacked dense matrices (the gemms' weights)
 
 
+def _join(parts: list, join) -> np.ndarray | GGUFBlocks:
+    """``join`` (np.concatenate: rows; np.stack: layers) of matrices; ``GGUFBlocks`` of one qtype and K join
+    their block rows (a row is independent of the others), any other mix joins their dense views."""
+    first = parts[0]
+    if isinstance(first, GGUFBlocks) and all(isinstance(p, GGUFBlocks) and (p.qtype, p.k) == (first.qtype, first.k)
+                                             for p in parts):
+        return GGUFBlocks(join([np.asarray(p.data) for p in parts]), first.qtype, first.k)
+    return join([np.asarray(dense(p), np.float32) if isinstance(p, GGUFBlocks) else p for p in parts])
+
+
 def stack_layers(layers: list[dict]) -> dict:
     """Per-layer dicts with keys attn_norm, q, k, v, o, mlp_norm, gate, up, down (+ q_bias, k_bias, v_bias),
-    matrices in HF ``[out, in]`` layout -> stacked ``[L, ...]`` arrays with fused ``[out, in]`` matrices."""
+    matrices in HF ``[out, in]`` layout (numpy, or ``GGUFBlocks``) -> stacked ``[L, ...]`` arrays with fused
+    ``[out, in]`` matrices (``GGUFBlocks`` where every part is blocks of one qtype, else float32)."""
 
     def stack(fn):
-        return np.stack([fn(layer) for layer in layers])
+        return _join([fn(layer) for layer in layers], np.stack)
+
+    def cat(*names):
+        return lambda p: _join([p[name] for name in names], np.concatenate)
 
     out = {
         "attn_norm": stack(lambda p: p["attn_norm"]),
-        "wqkv": stack(lambda p: np.concatenate([p["q"], p["k"], p["v"]])),
+        "wqkv": stack(cat("q", "k", "v")),
         "wo": stack(lambda p: p["o"]),
         "mlp_norm": stack(lambda p: p["mlp_norm"]),
-        "w_gate_up": stack(lambda p: np.concatenate([p["gate"], p["up"]])),
+        "w_gate_up": stack(cat("gate", "up")),
         "w_down": stack(lambda p: p["down"]),
     }
     if "q_bias" in layers[0]:
-        out["bqkv"] = stack(lambda p: np.concatenate([p["q_bias"], p["k_bias"], p["v_bias"]]))
+        out["bqkv"] = stack(cat("q_bias", "k_bias", "v_bias"))
     return out
 
 

@@ -532,3 +532,22 @@ def sentencepiece_fields(arch: str = "llama") -> dict:
 def stream(tokenizer, ids, prompt_ids=None, skip_special_tokens=False) -> list[str]:
     detok = IncrementalDetokenizer(tokenizer, prompt_ids=prompt_ids, skip_special_tokens=skip_special_tokens)
     return [detok.add(i) for i in ids] + [detok.flush()]
+
+
+def gguf_block_bytes(qtype: str, values: np.ndarray, rng) -> np.ndarray:
+    """``values`` [..., N, K] float32 as GGUF blocks of ``qtype`` [..., N, row_bytes] uint8: gguf's own quantizer
+    where it has one (Q8_0, Q4_0, Q4_1); Q4_K and Q6_K, which gguf cannot quantize, as random blocks (every byte
+    random, the float16 scales finite and small) of the same shape."""
+    import gguf
+
+    from xyjax.ops.gemm.formats import GGUF_QTYPES
+
+    qt = gguf.GGMLQuantizationType[qtype]
+    if qtype in ("Q8_0", "Q4_0", "Q4_1"):
+        return gguf.quants.quantize(np.asarray(values, np.float32), qt)
+    block, nbytes = GGUF_QTYPES[qtype]
+    *lead, k = values.shape
+    raw = rng.integers(0, 256, (*lead, k // block, nbytes), dtype=np.uint8)
+    scales = (0.01 * rng.standard_normal((*lead, k // block, 2 if qtype == "Q4_K" else 1))).astype(np.float16)
+    raw[..., slice(0, 4) if qtype == "Q4_K" else slice(208, 210)] = scales.view(np.uint8)
+    return raw.reshape(*lead, k // block * nbytes)

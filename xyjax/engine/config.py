@@ -48,9 +48,11 @@ class EngineConfig:
     gemm_backend: "ffi" (C++ custom call over MKL, the default on CPU where MKL is installed), "xla" (pure
         jnp, the default elsewhere) or "pallas" (Pallas kernel: Triton on GPU, interpret mode on CPU). The
         engine reads the backend's tunables from this device's `xyjax profile` table when there is one.
-    weight_layout: how the gemm backend holds 4-bit block-quantized weights (``xyjax.ops.gemm.prepare_weights``):
-        "auto" (the backend's choice for this CPU: the split layout where the ffi AMX kernel runs, else plain),
-        "plain" (dense float32), "split" (``SplitBlocks``) or "tiles" (``TileWeights``, ffi on AMX CPUs).
+    weight_layout: how the gemm backend holds a GGUF's block-quantized weights (``GGUFBlocks``,
+        ``xyjax.ops.gemm.prepare_weights``): "auto" (the backend's choice for this CPU: Q4_1 in the split layout
+        where the ffi AMX kernel runs, else plain), "plain" (dense float32), "split" (Q4_1 as ``SplitBlocks``,
+        other types plain), "tiles" (``TileWeights``, ffi on AMX CPUs) or "blocks" (the file's blocks, kept as
+        ``GGUFBlocks``: xla and pallas, which compute on their dense view; not ffi yet).
     enable_prefix_caching: token-wise automatic prefix caching (xyjax.engine.prefix_cache): a request reuses the KV of
         the longest prefix of its tokens that an earlier request computed, down to the token.
     seed: seeds requests that bring none.

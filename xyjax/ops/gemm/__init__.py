@@ -2,7 +2,7 @@
 
 Contract (every backend):
     x: [T, K] float, w: [K, N] float of x's dtype, or with ``transpose_w`` [N, K] in any weight format
-    (``formats``: a plain array, ``SplitBlocks``, ``TileWeights``): the op then computes ``x @ w.T`` without
+    (``formats``: a plain array, ``SplitBlocks``, ``TileWeights``, ``GGUFBlocks``): the op then computes ``x @ w.T`` without
     materialising the transpose (e.g. a tied LM head ``embed`` [V, D]).
     m: int32 scalar (data, not shape) with 0 <= m <= T.
     layer: None, or an int32 scalar and w a stack [L, K, N] ([L, N, K]) of which w[layer] is used: the ffi
@@ -23,7 +23,7 @@ import chex
 import jax
 
 from xyjax.ops.gemm import ffi, pallas, xla
-from xyjax.ops.gemm.formats import LAYOUTS, SplitBlocks, TileWeights, convert, is_format
+from xyjax.ops.gemm.formats import LAYOUTS, GGUFBlocks, SplitBlocks, TileWeights, convert, is_format
 
 __all__ = ["BACKENDS", "format_name", "prepare_weights", "smooth_gemm"]
 
@@ -32,7 +32,9 @@ BACKENDS = {"xla": xla, "ffi": ffi, "pallas": pallas}
 
 
 def format_name(w) -> str:
-    """The profile key of a weight's format: "plain", "split" or "tiles"."""
+    """The profile key of a weight's format: "plain", "split", "tiles" or "blocks" (``GGUFBlocks``)."""
+    if isinstance(w, GGUFBlocks):
+        return "blocks"
     return "split" if isinstance(w, SplitBlocks) else "tiles" if isinstance(w, TileWeights) else "plain"
 
 
@@ -52,8 +54,9 @@ def smooth_gemm(x: jax.Array, w, m: jax.Array | int, *, layer: jax.Array | int |
 
 
 def prepare_weights(params, backend: str, layout: str = "auto"):
-    """``params`` with their block-quantized matrices (``SplitBlocks``) in ``layout``, for ``backend`` on this
-    machine; "auto": the backend's choice (``<backend>.auto_layout()``)."""
+    """``params`` with their block-quantized matrices (``GGUFBlocks``, ``SplitBlocks``) in ``layout``
+    (``formats.convert``), for ``backend`` on this machine; "auto": the backend's choice
+    (``<backend>.auto_layout()``)."""
     if layout not in LAYOUTS:
         raise ValueError(f"weight layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     return convert(params, BACKENDS[backend].auto_layout() if layout == "auto" else layout)

@@ -17,7 +17,7 @@ import numpy as np
 
 import ascend_ffi
 from ascend_ffi import blas
-from xyjax.ops.gemm.formats import SplitBlocks, TileWeights
+from xyjax.ops.gemm.formats import GGUFBlocks, SplitBlocks, TileWeights
 
 TARGET = "xyjax_smooth_gemm_cpu"   # jax.ffi target of the C++ CPU handler
 DTYPES = (jnp.float32, jnp.bfloat16)
@@ -33,13 +33,16 @@ def has_amx() -> bool:
 
 
 def auto_layout() -> str:
-    """Block-quantized weights stay split where the AMX kernel's two-part path runs; elsewhere the layout would
-    only add columns, so they are made plain."""
+    """Block-quantized weights (Q4_1) stay split where the AMX kernel's two-part path runs; elsewhere the layout
+    would only add columns, so they are made plain. Never "blocks": the handler does not read ``GGUFBlocks``."""
     return "split" if has_amx() else "plain"
 
 
 def gemm(x, w, m, layer, transpose_w: bool, tuning: dict) -> jax.Array:
     """The custom call over exactly m rows, the BLAS loaded first (``ascend_ffi.blas``)."""
+    if isinstance(w, GGUFBlocks):
+        raise TypeError(f"ffi gemm backend: GGUFBlocks ({w.qtype}) are not read by the C++ handler yet; hold them "
+                        f"in weight layout 'plain' or 'split' (Q4_1), not 'blocks'")
     tiles = isinstance(w, TileWeights)
     block = w.block if isinstance(w, (SplitBlocks, TileWeights)) else 0
     data = w.tiles if tiles else w.data if block else w

@@ -8,8 +8,10 @@ Every format holds transposed weights ``[..., N, K]`` (outputs first, each outpu
                        split block layout, each row ``[d * q | m]``: the ffi backend's AMX kernel multiplies it
                        exactly with five bfloat16 part products where plain float32 needs six;
     ``TileWeights``    weights exact in two bfloat16 parts (a ``SplitBlocks``, or a plain matrix that is)
-                       stored as the AMX kernel's A tiles, read in place by the ffi backend (AMX-BF16 CPUs).
-The loader returns the file's format; ``prepare_weights`` picks the format for the gemm backend and CPU at
+                       stored as the AMX kernel's A tiles, read in place by the ffi backend (AMX-BF16 CPUs);
+    ``GGUFBlocks``     a GGUF block-quantized matrix (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) as the file's bytes, each
+                       row its blocks; ``dense()`` is gguf's own dequantization, float32 bit for bit.
+The loader returns the file's format (``GGUFBlocks``); ``prepare_weights`` picks the format for the gemm backend and CPU at
 engine start.
 """
 
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 TILE_ROWS, TILE_K = 16, 32   # an AMX A tile: 16 weight rows x 32 bfloat16 along K
-LAYOUTS = ("auto", "plain", "split", "tiles")
+LAYOUTS = ("auto", "plain", "split", "tiles", "blocks")
 
 
 def _in_features(width: int, block: int) -> int:
@@ -79,7 +81,129 @@ class TileWeights:
         return SplitBlocks(w, self.block).dense() if self.block else w
 
 
-FORMATS = (SplitBlocks, TileWeights)
+# GGUF block formats GGUFBlocks holds: qtype -> (inputs per block, bytes per block), as ``gguf.GGML_QUANT_SIZES``.
+# A row is its K / block blocks back to back; float16 fields little-endian; w[j] is input j of the block:
+#   Q8_0 (34 B)  d f16 | q int8 x 32                          w[j] = q[j] * d
+#   Q4_0 (18 B)  d f16 | 16 B nibbles                         q[j] = byte[j % 16] low nibble (j < 16) or high
+#                                                              (j >= 16); w[j] = d * (q[j] - 8)
+#   Q4_1 (20 B)  d f16 | m f16 | 16 B nibbles (as Q4_0)       w[j] = d * q[j] + m
+#   Q4_K (144 B) d f16 | dmin f16 | 12 B scales | 128 B qs    8 sub-blocks s of 32 with 6-bit scale sc[s] and min
+#                mn[s]: bytes 0-3 low 6 bits: sc[0..3], bytes 4-7: mn[0..3]; sc[4+i] = byte[8+i] & 15 |
+#                (byte[i] >> 6) << 4, mn[4+i] = byte[8+i] >> 4 | (byte[4+i] >> 6) << 4; q of sub-block 2c / 2c+1:
+#                the low / high nibbles of qs[32c .. 32c+31]; w = (d * sc[s]) * q - (dmin * mn[s])
+#   Q6_K (210 B) ql 128 B | qh 64 B | scales int8 x 16 | d f16   for j in [0, 256): h = j // 128, r = j % 128:
+#                low 4 bits = ql[64h + r % 64] >> (4 (r >= 64)) & 15, high 2 bits = qh[32h + r % 32] >> 2 (r // 32)
+#                & 3; q = (low | high << 4) - 32; w = (d * scales[j // 16]) * q
+GGUF_QTYPES = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q4_K": (256, 144), "Q6_K": (256, 210)}
+
+
+def _f16(b: jax.Array) -> jax.Array:
+    """Little-endian float16 bytes [..., 2] uint8 -> float32 [...]."""
+    bits = b[..., 0].astype(jnp.uint16) | (b[..., 1].astype(jnp.uint16) << 8)
+    return jax.lax.bitcast_convert_type(bits, jnp.float16).astype(jnp.float32)
+
+
+def _nibbles(qs: jax.Array) -> jax.Array:
+    """Bytes [..., n] -> [..., 2, n]: the low nibbles, then the high nibbles (uint8)."""
+    return jnp.stack([qs & 0x0F, qs >> 4], axis=-2)
+
+
+def _q8_0(b):
+    d, x = _f16(b[..., 0:2]), jax.lax.bitcast_convert_type(b[..., 2:], jnp.int8).astype(jnp.float32)
+    return x * d[..., None]
+
+
+def _q4_0(b):
+    d = _f16(b[..., 0:2])
+    q = _nibbles(b[..., 2:]).reshape(*b.shape[:-1], 32).astype(jnp.int8) - jnp.int8(8)
+    return d[..., None] * q.astype(jnp.float32)
+
+
+def _q4_1(b):
+    d, m = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+    q = _nibbles(b[..., 4:]).reshape(*b.shape[:-1], 32).astype(jnp.float32)
+    return d[..., None] * q + m[..., None]
+
+
+def _q4_k_scale_min(s):
+    """The 12 packed scale bytes [..., 12] -> (scales, mins) [..., 8] of the 8 sub-blocks (6 bits each)."""
+    d, m, m_d = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = jnp.concatenate([d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mn = jnp.concatenate([m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return sc, mn
+
+
+def _q4_k(b):
+    lead = b.shape[:-1]
+    d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+    sc, mn = _q4_k_scale_min(b[..., 4:16])
+    ds = (d[..., None] * sc.astype(jnp.float32))[..., None]          # [..., 8, 1]
+    dm = (dmin[..., None] * mn.astype(jnp.float32))[..., None]
+    q = _nibbles(b[..., 16:].reshape(*lead, 4, 32)).reshape(*lead, 8, 32).astype(jnp.float32)
+    return (ds * q - dm).reshape(*lead, 256)
+
+
+def _q6_k(b):
+    lead = b.shape[:-1]
+    ql, qh = b[..., :128].reshape(*lead, 2, 64), b[..., 128:192].reshape(*lead, 2, 1, 32)
+    scales = jax.lax.bitcast_convert_type(b[..., 192:208], jnp.int8).astype(jnp.float32)
+    d = (_f16(b[..., 208:210])[..., None] * scales)[..., None]         # [..., 16, 1]
+    lo = _nibbles(ql).reshape(*lead, 256)
+    hi = ((qh >> jnp.array([0, 2, 4, 6], jnp.uint8)[:, None]) & 0x03).reshape(*lead, 256)
+    q = (lo | (hi << 4)).astype(jnp.int8) - jnp.int8(32)
+    return (d * q.reshape(*lead, 16, 16).astype(jnp.float32)).reshape(*lead, 256)
+
+
+_DEQUANTIZE = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k, "Q6_K": _q6_k}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GGUFBlocks:
+    """A block-quantized matrix [..., N, K] exactly as a GGUF file stores it: ``data`` [..., N, row_bytes] uint8,
+    each output row its K / block blocks of ``qtype`` (``GGUF_QTYPES``) one after another, as in the file.
+    ``dense()`` computes gguf's own dequantization (``gguf.quants.dequantize``) in jnp, float32 bit for bit."""
+
+    data: jax.Array
+    qtype: str = dataclasses.field(metadata=dict(static=True))
+    k: int = dataclasses.field(metadata=dict(static=True))
+
+    def __post_init__(self):
+        if self.qtype not in GGUF_QTYPES:
+            raise ValueError(f"GGUFBlocks: unsupported GGUF type {self.qtype!r}; supported: {', '.join(GGUF_QTYPES)}")
+        block, nbytes = GGUF_QTYPES[self.qtype]
+        shape = getattr(self.data, "shape", None)
+        if shape is not None and (self.k % block or shape[-1] != self.k // block * nbytes):
+            raise ValueError(f"GGUFBlocks {self.qtype}: rows of {shape[-1]} bytes do not hold K = {self.k} inputs "
+                             f"in blocks of {block} ({nbytes} bytes each)")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.data.shape[:-1], self.k)
+
+    def blocks(self) -> jax.Array:
+        """``data`` as [..., N, K / block, block bytes] uint8."""
+        block, nbytes = GGUF_QTYPES[self.qtype]
+        return jnp.asarray(self.data, jnp.uint8).reshape(*self.data.shape[:-1], self.k // block, nbytes)
+
+    def dense(self) -> jax.Array:
+        """float32 [..., N, K], each weight the float32 value ``gguf.quants.dequantize`` gives (same operations
+        in the same order)."""
+        return _DEQUANTIZE[self.qtype](self.blocks()).reshape(self.shape)
+
+    def split(self) -> SplitBlocks:
+        """Q4_1 only: the same weights as ``SplitBlocks`` [d * q | m] (d * q is exact in float32, so
+        ``SplitBlocks.dense()`` = d * q + m rounded once, as ``dense()``)."""
+        if self.qtype != "Q4_1":
+            raise ValueError(f"GGUFBlocks.split: only Q4_1 blocks have a split layout, not {self.qtype}")
+        b = self.blocks()
+        d, m = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+        q = _nibbles(b[..., 4:]).reshape(*b.shape[:-1], 32).astype(jnp.float32)
+        dq = (d[..., None] * q).reshape(self.shape)
+        return SplitBlocks(jnp.concatenate([dq, m], axis=-1), 32)
+
+
+FORMATS = (SplitBlocks, TileWeights, GGUFBlocks)
 
 
 def is_format(w) -> bool:
@@ -126,10 +250,23 @@ def pack_tiles(w: SplitBlocks | np.ndarray) -> TileWeights:
 
 
 def convert(params, layout: str):
-    """``params`` with every ``SplitBlocks`` leaf held as ``layout``: "plain" (dense float32), "split" (as is)
-    or "tiles" (``pack_tiles``). Other leaves are left alone."""
+    """``params`` with every block-quantized leaf (``GGUFBlocks``, ``SplitBlocks``) held as ``layout``:
+    "plain" (dense float32), "split" (Q4_1 ``GGUFBlocks`` -> ``SplitBlocks``, other qtypes plain), "tiles" (as
+    "split", then ``pack_tiles``) or "blocks" (``GGUFBlocks`` kept as the file's blocks, ``SplitBlocks`` as
+    they are). Other leaves (plain arrays, ``TileWeights``) are left alone."""
     if layout not in LAYOUTS[1:]:
         raise ValueError(f"weight layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    to = {"plain": lambda w: w.dense(), "split": lambda w: w, "tiles": pack_tiles}[layout]
-    return jax.tree.map(lambda w: to(w) if isinstance(w, SplitBlocks) else w, params,
-                        is_leaf=lambda w: isinstance(w, SplitBlocks))
+
+    def to(w):
+        if layout == "blocks":
+            return w
+        if layout == "plain":
+            return w.dense()
+        if isinstance(w, GGUFBlocks):
+            if w.qtype != "Q4_1":
+                return w.dense()
+            w = w.split()
+        return pack_tiles(w) if layout == "tiles" else w
+
+    blocky = lambda w: isinstance(w, (SplitBlocks, GGUFBlocks))  # noqa: E731
+    return jax.tree.map(lambda w: to(w) if blocky(w) else w, params, is_leaf=blocky)
