@@ -71,7 +71,8 @@ def llamacpp_bin() -> str:
         if all(os.access(os.path.join(directory, b), os.X_OK) for b in LLAMACPP_BINARIES):
             return directory
     raise PeerUnavailable(f"no llama.cpp build (llama-server, llama-bench) in {' or '.join(candidates)} (run "
-                          "`make llamacpp-env` in the repository, or set XYJAX_LLAMACPP_BIN to a directory holding them)")
+                          "`make llamacpp-env` in the repository, or set XYJAX_LLAMACPP_BIN to a directory "
+                          "holding them)")
 
 
 def _llamacpp_python() -> str:
