@@ -6,7 +6,8 @@ decode steps, one token each, from an empty context. xyjax's, measured alike on 
 P / (first token - add_request); ``tg``: a one-token prompt and G + 1 output tokens, G / (finish - first token)
 (the first token comes from the prefill). The mean and standard deviation over ``--repetitions`` runs, as
 llama-bench reports them. llama-bench runs (when ``make llamacpp-env`` has built it) with every usable CPU as a
-thread, in the same invocation, after xyjax, on the file xyjax loaded.
+thread, in the same invocation, after xyjax, on the file xyjax loaded, with weight repacking off (``--repack 0``,
+as the llamacpp peer: the AMX buffer type segfaults on this machine).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def xyjax_single(llm, prompt_len: int = 512, gen_len: int = 128, repetitions: in
 def llama_bench_command(bin_dir: str, gguf: str, prompt_len: int, gen_len: int, threads: int,
                         repetitions: int) -> list[str]:
     return [os.path.join(bin_dir, "llama-bench"), "-m", gguf, "-p", str(prompt_len), "-n", str(gen_len),
-            "-t", str(threads), "-r", str(repetitions), "-o", "json"]
+            "-t", str(threads), "-r", str(repetitions), "--repack", "0", "-o", "json"]
 
 
 def parse_llama_bench(text: str) -> dict:

@@ -42,7 +42,7 @@ def context_size(requests: list[dict], slots: int) -> int:
 def server_command(bin_dir: str, gguf: str, port: int, slots: int, ctx: int, threads: int) -> list[str]:
     return [os.path.join(bin_dir, "llama-server"), "-m", gguf, "--host", "127.0.0.1", "--port", str(port),
             "--parallel", str(slots), "--cont-batching", "--ctx-size", str(ctx), "--threads", str(threads),
-            "--threads-batch", str(threads), "--no-webui"]
+            "--threads-batch", str(threads), "--no-webui", "--no-repack"]
 
 
 def sse_events(lines):
