@@ -4,8 +4,9 @@ interpreter), the server built by ``make llamacpp-env``.
 Starts ``llama-server`` on the GGUF file the engine loads (``--model-dir`` is that file here), one slot per
 request that can run at once (``--parallel`` = the number of requests, at most ``--max-parallel``), continuous
 batching on, a context of ``slots x`` the longest request (prompt + output) so no slot shifts or truncates, every
-CPU as a thread. Waits for ``/health``, runs two warm-up requests, then sends each request from its own thread at
-its arrival time to ``/completion`` with the exact prompt token ids (``n_predict`` = output_len, ``temperature`` 0,
+CPU as a thread, weight repacking off (``--no-repack``: its AMX buffer type segfaults in
+``ggml::cpu::amx::tensor_traits::compute_forward`` on this machine's Xeon, llama.cpp 0c1e570). Waits for
+``/health``, runs two warm-up requests, then sends each request from its own thread at its arrival time to ``/completion`` with the exact prompt token ids (``n_predict`` = output_len, ``temperature`` 0,
 ``ignore_eos``, ``cache_prompt`` off, streamed): the first streamed token gives the first-token time, the final
 event (``stop``) the finish; the server's own count of predicted tokens must equal output_len. The weights are the
 file's (llama.cpp computes in its kernels for the file's block formats; xyjax dequantises them to float32).
