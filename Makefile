@@ -2,6 +2,8 @@
 # make test     installs it with the test extra, builds .venv-ref, and runs the whole test suite
 # make ref-env  builds .venv-ref, the reference environment of the HF comparisons (see below)
 # make vllm-env builds .venv-vllm, vLLM's CPU build for `xyjax bench --compare vllm`
+# make llamacpp-env builds llama.cpp's llama-server and llama-bench into .llamacpp/bin (`xyjax bench --compare llamacpp`,
+#               `xyjax bench-single`)
 #
 # .venv runs on Python 3.12 or newer (PY: the first of python3.12, python3.13, pyenv's 3.12/3.13, python3 that
 # is >= 3.12; or PY=/path/to/python) with the newest jax/jaxlib that pyproject.toml allows; torch never enters it.
@@ -34,7 +36,7 @@ PROMPT ?= Write a haiku about the sea.
 MAX_TOKENS ?= 64
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-test build-deps ref-env vllm-env clean
+.PHONY: run test install install-test build-deps ref-env vllm-env llamacpp-env clean
 
 run: install
 	$(BIN)/xyjax generate "$(PROMPT)" --max-tokens $(MAX_TOKENS) --chat
@@ -108,6 +110,31 @@ vllm-env: $(VLLM_VENV)/bin/python
 $(VLLM_VENV)/bin/python:
 	@test -n "$(REF_PY)" || { echo "no Python 3.11 found (tried $(REF_PY_CANDIDATES)); set REF_PY=/path/to/python3.11" >&2; exit 1; }
 	$(REF_PY) -m venv $(VLLM_VENV)
+
+# llama.cpp, a benchmark peer (xyjax/bench/peers/llamacpp_peer.py, xyjax/bench/single.py): llama-server and
+# llama-bench built from the llama.cpp source vendored in the llama-cpp-python sdist (the only download: PyPI),
+# CMake Release, native CPU flags, no GPU backend, no curl, static libraries so the two binaries stand alone in
+# .llamacpp/bin. llama-cpp-python 0.3.36 is the newest release. The stamp names the version: a second run is a
+# no-op, a new LLAMACPP_PY rebuilds.
+LLAMACPP_DIR ?= .llamacpp
+LLAMACPP_PY := llama-cpp-python==0.3.36
+LLAMACPP_JOBS ?= 2
+LLAMACPP_CMAKE_FLAGS := -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF \
+	-DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF -DGGML_HIP=OFF -DGGML_SYCL=OFF -DGGML_OPENCL=OFF \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON
+
+llamacpp-env: $(LLAMACPP_DIR)/.stamp-$(subst ==,-,$(LLAMACPP_PY))
+
+$(LLAMACPP_DIR)/.stamp-$(subst ==,-,$(LLAMACPP_PY)): | $(BIN)/python
+	rm -rf $(LLAMACPP_DIR)/src $(LLAMACPP_DIR)/build $(LLAMACPP_DIR)/.stamp-*
+	mkdir -p $(LLAMACPP_DIR)/src $(LLAMACPP_DIR)/bin
+	$(PIP) download --no-deps --no-binary :all: '$(LLAMACPP_PY)' -d $(LLAMACPP_DIR)/src
+	tar xzf $(LLAMACPP_DIR)/src/llama_cpp_python-*.tar.gz -C $(LLAMACPP_DIR)/src --strip-components=1 --wildcards '*/vendor/llama.cpp/*'
+	cmake -S $(LLAMACPP_DIR)/src/vendor/llama.cpp -B $(LLAMACPP_DIR)/build $(LLAMACPP_CMAKE_FLAGS)
+	cmake --build $(LLAMACPP_DIR)/build --config Release --target llama-server llama-bench -j$(LLAMACPP_JOBS)
+	cp $(LLAMACPP_DIR)/build/bin/llama-server $(LLAMACPP_DIR)/build/bin/llama-bench $(LLAMACPP_DIR)/bin/
+	$(LLAMACPP_DIR)/bin/llama-server --version
+	echo "$(LLAMACPP_PY) $(LLAMACPP_CMAKE_FLAGS)" > $@
 
 $(BIN)/python:
 	@test -n "$(PY)" || { echo "no Python >= 3.12 found (tried $(PY_CANDIDATES)); set PY=/path/to/python3.12" >&2; exit 1; }

@@ -2,6 +2,8 @@
 
 import dataclasses
 import functools
+import json
+import os
 import sys
 
 import jax
@@ -204,3 +206,112 @@ def test_peer_protocol_records_and_failures(tmp_path):
     assert figures["ttft_p50"] == pytest.approx(1.0) and figures["tpot_p99"] == pytest.approx(0.1)
     with pytest.raises(RuntimeError, match="peer exploded"):
         peer.run(requests, "bad")
+
+
+def _llamacpp_peer_module():
+    import importlib.util
+
+    from xyjax.bench import peers
+
+    spec = importlib.util.spec_from_file_location("llamacpp_peer", f"{peers.HERE}/llamacpp_peer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_llamacpp_peer_is_skipped_when_not_built(tiny_model, tmp_path, monkeypatch):
+    """Without llama-server and llama-bench the llamacpp peer is left out with how to build them; a model that is
+    no GGUF file (the in-memory tiny model) has no path for llama.cpp."""
+    from xyjax import LLM
+    from xyjax.bench.peers import PEERS, PeerUnavailable, gguf_file, llamacpp_bin
+    from xyjax.bench.runs import run_systems
+
+    monkeypatch.setenv("XYJAX_LLAMACPP_BIN", str(tmp_path / "no-such-dir"))
+    with pytest.raises(PeerUnavailable, match="make llamacpp-env"):
+        llamacpp_bin()
+    with pytest.raises(PeerUnavailable, match="make llamacpp-env"):
+        PEERS["llamacpp"].python()
+    with pytest.raises(RuntimeError, match="GGUF"):
+        gguf_file(None, tiny_model)
+    llm = LLM(tiny_model, block_size=4, max_num_batched_tokens=64, max_num_seqs=4, progress=False)
+    requests = make_requests(Workload("tiny", num_requests=2, prompt_median=8, prompt_min=4, prompt_max=12,
+                                      output_median=3, output_min=2, output_max=4), VOCAB)
+    systems, skipped = run_systems(requests, llm, (), ("llamacpp",), None, progress=False)
+    assert set(systems) == {"xyjax"} and "make llamacpp-env" in skipped["llamacpp"]
+
+
+def test_llamacpp_peer_translates_requests_and_streams():
+    """The /completion body carries the exact token ids and greedy, ignore-EOS, uncached settings; a streamed
+    answer becomes a protocol record (first token at the first event with a token, finish at ``stop``)."""
+    peer = _llamacpp_peer_module()
+    request = dict(prompt_token_ids=[300, 301, 302], output_len=3, arrival=0.5)
+    body = peer.completion_payload(request)
+    assert body["prompt"] == [300, 301, 302] and body["n_predict"] == 3 and body["temperature"] == 0
+    assert body["ignore_eos"] is True and body["cache_prompt"] is False and body["stream"] is True
+    assert peer.context_size([request, dict(request, output_len=10)], slots=4) == 4 * (13 + 16)
+    cmd = peer.server_command("/bin", "m.gguf", 8123, 4, 116, 2)
+    assert cmd[0] == "/bin/llama-server" and cmd[cmd.index("--parallel") + 1] == "4"
+    assert cmd[cmd.index("--ctx-size") + 1] == "116" and "--cont-batching" in cmd
+    assert cmd[cmd.index("-m") + 1] == "m.gguf"
+
+    def event(**fields):
+        return ("data: " + json.dumps(fields) + "\n").encode()
+
+    stream = [(0.6, b": ping\n"), (0.7, event(content="", tokens=[], stop=False)),
+              (0.9, event(content="a", tokens=[7], stop=False, tokens_predicted=1)), (1.0, b"\n"),
+              (1.1, event(content="b", tokens=[8], stop=False, tokens_predicted=2)),
+              (1.3, event(content="c", tokens=[9], stop=False, tokens_predicted=3)),
+              (1.4, event(content="", tokens=[], stop=True, tokens_predicted=3, timings={})), (1.5, b"data: [DONE]\n")]
+    record = peer.record(request, peer.sse_events(stream))
+    assert record == dict(arrival=0.5, first_token=0.9, finish=1.4, prompt_len=3, output_len=3,
+                          output_token_ids=[7, 8, 9])
+    assert summarize([record], 2.0)["ttft_p50"] == pytest.approx(0.4)
+    with pytest.raises(RuntimeError, match="generated 2 tokens, 3 asked"):
+        peer.record(request, peer.sse_events(stream[:3] + [(1.2, event(content="", stop=True, tokens_predicted=2))]))
+    with pytest.raises(RuntimeError, match="without a token or a stop"):
+        peer.record(request, peer.sse_events(stream[:3]))
+    with pytest.raises(RuntimeError, match="llama-server: .*too long"):
+        peer.record(request, peer.sse_events([(0.6, event(error=dict(message="too long")))]))
+
+
+def test_bench_single_parses_llama_bench_and_times_xyjax(tiny_model, tmp_path, monkeypatch):
+    """llama-bench's JSON becomes pp/tg figures; xyjax's half runs on the tiny model and writes its JSON (llama.cpp
+    skipped with how to build it)."""
+    from xyjax import LLM
+    from xyjax.bench.single import bench_single, parse_llama_bench
+
+    sample = json.dumps([dict(n_prompt=512, n_gen=0, avg_ts=900.5, stddev_ts=3.0, build_commit="abc", n_threads=2),
+                         dict(n_prompt=0, n_gen=128, avg_ts=80.25, stddev_ts=0.5, build_commit="abc", n_threads=2)])
+    parsed = parse_llama_bench(sample)
+    assert parsed["tests"] == {"pp512": dict(n=512, mean=900.5, std=3.0), "tg128": dict(n=128, mean=80.25, std=0.5)}
+    assert parsed["info"]["build_commit"] == "abc"
+
+    monkeypatch.setenv("XYJAX_LLAMACPP_BIN", str(tmp_path / "no-such-dir"))
+    llm = LLM(tiny_model, block_size=4, max_num_batched_tokens=64, max_num_seqs=4, progress=False)
+    result = bench_single(prompt_len=24, gen_len=5, repetitions=2, out_dir=str(tmp_path), llm=llm)
+    saved = json.load(open(result["path"]))
+    tests = saved["systems"]["xyjax"]["tests"]
+    assert set(tests) == {"pp24", "tg5"} and set(saved["systems"]) == {"xyjax"}
+    assert all(len(t["runs"]) == 2 and t["mean"] > 0 for t in tests.values())
+    assert "make llamacpp-env" in saved["skipped"]["llama.cpp"]
+
+
+def test_llamacpp_peer_runs_the_default_gguf(tmp_path):
+    """With llama.cpp built and the default model fetched, llama-server runs a small workload to exact lengths."""
+    from models import registry
+    from xyjax.bench.peers import PEERS, PeerUnavailable, llamacpp_bin
+
+    try:
+        llamacpp_bin()
+    except PeerUnavailable as e:
+        pytest.skip(str(e))
+    gguf = f"{registry.cache_dir()}/{registry.KNOWN_MODELS[registry.DEFAULT_MODEL].filename}"
+    if not os.path.isfile(gguf):
+        pytest.skip(f"the default model is not fetched ({gguf})")
+    requests = make_requests(Workload("tiny", num_requests=3, prompt_median=20, prompt_min=4, prompt_max=40,
+                                      output_median=6, output_min=2, output_max=8, rate=20.0), VOCAB)
+    out = PEERS["llamacpp"].run(requests, gguf)
+    assert out["system"].startswith("llama.cpp") and out["settings"]["parallel"] == 3
+    for r, rec in zip(requests, out["records"]):
+        assert rec["output_len"] == r.output_len == len(rec["output_token_ids"])
+        assert r.arrival <= rec["arrival"] + 1e-9 and rec["arrival"] <= rec["first_token"] <= rec["finish"]

@@ -72,7 +72,7 @@ def run_systems(requests: list[BenchRequest], llm, naive_batch_sizes, peers, mod
     """``requests`` on xyjax, the naive baseline at each batch size and each available peer. Returns
     ({system: figures, stats and per-request records}, {peer left out: how to install it, or how it failed}). ``breakdown``:
     also split xyjax's device step time (``xyjax.bench.breakdown``) by replaying a sample of its steps."""
-    from xyjax.bench.peers import PEERS, PeerUnavailable, hf_directory
+    from xyjax.bench.peers import PEERS, PeerUnavailable
 
     def entry(records, stats, **extra):
         return dict(summarize(records, stats["wall_time"]), **stats, **extra, records=records)
@@ -93,7 +93,7 @@ def run_systems(requests: list[BenchRequest], llm, naive_batch_sizes, peers, mod
             print(f"xyjax bench: skipping peer {name}: {e}")
             continue
         try:
-            out = PEERS[name].run(requests, hf_directory(model, llm.model))
+            out = PEERS[name].run(requests, PEERS[name].model_path(model, llm.model))
         except RuntimeError as e:         # a crashed peer (e.g. killed for memory) costs its row, not the run
             skipped[name] = str(e)
             print(f"xyjax bench: peer {name} failed, left out: {e}")

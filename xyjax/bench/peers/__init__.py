@@ -7,6 +7,10 @@ message saying how to install it.
            Modes: static left-padded batches, transformers' own continuous batching.
     vllm   vLLM's CPU build (``vllm_peer.py``) in its own virtual environment: ``make vllm-env`` creates
            ``.venv-vllm``; ``$XYJAX_VLLM_PYTHON`` names another interpreter.
+    llamacpp
+           llama.cpp's ``llama-server`` (``llamacpp_peer.py``, plain Python driving it over HTTP) on the very GGUF
+           file the engine loads: ``make llamacpp-env`` builds it into ``.llamacpp/bin``; ``$XYJAX_LLAMACPP_BIN``
+           names another directory holding ``llama-server`` and ``llama-bench``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import dataclasses
 import json
 import os
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 
@@ -50,22 +55,68 @@ def _vllm_python() -> str:
     return python
 
 
+LLAMACPP_BINARIES = ("llama-server", "llama-bench")
+
+
+def llamacpp_bin() -> str:
+    """The directory of llama.cpp's ``llama-server`` and ``llama-bench``: ``$XYJAX_LLAMACPP_BIN``, else
+    ``.llamacpp/bin`` of the repository this package runs from (an editable install) or of the current directory
+    (``make llamacpp-env`` builds it)."""
+    if os.environ.get("XYJAX_LLAMACPP_BIN"):
+        candidates = [os.environ["XYJAX_LLAMACPP_BIN"]]
+    else:
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
+        candidates = list(dict.fromkeys(os.path.join(d, ".llamacpp", "bin") for d in (repo, os.getcwd())))
+    for directory in candidates:
+        if all(os.access(os.path.join(directory, b), os.X_OK) for b in LLAMACPP_BINARIES):
+            return directory
+    raise PeerUnavailable(f"no llama.cpp build (llama-server, llama-bench) in {' or '.join(candidates)} (run "
+                          "`make llamacpp-env` in the repository, or set XYJAX_LLAMACPP_BIN to a directory "
+                          "holding them)")
+
+
+def _llamacpp_python() -> str:
+    """The llamacpp peer script is plain Python: this interpreter, once the binaries are there."""
+    llamacpp_bin()
+    return sys.executable
+
+
+def gguf_file(model: str | None, loaded) -> str:
+    """The GGUF file the engine loaded ``loaded`` from (``models.loader.resolve``); RuntimeError if it came from
+    elsewhere (an HF directory, an in-memory model)."""
+    from models.loader import resolve
+
+    name = model if model is not None else loaded.name
+    try:
+        path = resolve(name) if isinstance(name, str) else None
+    except FileNotFoundError:
+        path = None
+    if not path or not os.path.isfile(path) or not path.endswith(".gguf"):
+        raise RuntimeError(f"llama.cpp runs GGUF files only; the model {name!r} is not one")
+    return path
+
+
 @dataclasses.dataclass(frozen=True)
 class Peer:
     name: str
     script: str
     python: Callable[[], str]   # the interpreter that runs the script; raises PeerUnavailable
-    args: tuple[str, ...] = ()
+    args: tuple[str, ...] | Callable[[], tuple[str, ...]] = ()   # a callable is called at each run
+    model: Callable = None      # (model argument, LoadedModel) -> what --model-dir gets; None: hf_directory
+
+    def model_path(self, model: str | None, loaded) -> str:
+        return (self.model or hf_directory)(model, loaded)
 
     def run(self, requests, model_dir: str) -> dict:
         """Runs the peer on ``requests`` (BenchRequest list); returns its OUT.json dict (protocol.py)."""
         python = self.python()
+        args = self.args() if callable(self.args) else self.args
         with tempfile.TemporaryDirectory() as tmp:
             src, out = os.path.join(tmp, "requests.json"), os.path.join(tmp, "out.json")
             with open(src, "w") as f:
                 json.dump({"requests": [dataclasses.asdict(r) for r in requests]}, f)
             cmd = [python, os.path.join(HERE, self.script), "--model-dir", model_dir, "--requests", src,
-                   "--out", out, *self.args]
+                   "--out", out, *args]
             done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"peer {self.name} failed (exit {done.returncode}):\n{done.stdout[-4000:]}")
@@ -77,6 +128,8 @@ PEERS = {
     "hf": Peer("hf", "hf_peer.py", reference_python, ("--mode", "static", "--batch-size", "16")),
     "hf-continuous": Peer("hf-continuous", "hf_peer.py", reference_python, ("--mode", "continuous")),
     "vllm": Peer("vllm", "vllm_peer.py", _vllm_python),
+    "llamacpp": Peer("llamacpp", "llamacpp_peer.py", _llamacpp_python, lambda: ("--bin-dir", llamacpp_bin()),
+                     gguf_file),
 }
 
 

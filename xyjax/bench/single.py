@@ -1,0 +1,149 @@
+"""``xyjax bench-single``: single-stream prefill and decode speed, xyjax beside ``llama-bench`` on the same GGUF.
+
+llama-bench's figures: ``pp<P>`` is the tok/s of one prefill of a P-token prompt, ``tg<G>`` the tok/s of G
+decode steps, one token each, from an empty context. xyjax's, measured alike on its engine with one request
+(greedy, ignore EOS, after a warm-up run of each): ``pp``: a P-token random prompt and one output token,
+P / (first token - add_request); ``tg``: a one-token prompt and G + 1 output tokens, G / (finish - first token)
+(the first token comes from the prefill). The mean and standard deviation over ``--repetitions`` runs, as
+llama-bench reports them. llama-bench runs (when ``make llamacpp-env`` has built it) with every usable CPU as a
+thread, in the same invocation, after xyjax, on the file xyjax loaded, with weight repacking off (``--repack 0``,
+as the llamacpp peer: the AMX buffer type segfaults on this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import time
+
+import numpy as np
+
+
+def _timed_request(engine, prompt: list[int], max_tokens: int) -> tuple[float, float, float]:
+    """(add time, first token time, finish time), perf_counter seconds, of one request run alone."""
+    from xyjax.engine.sampling_params import SamplingParams
+
+    if engine.has_unfinished():
+        raise RuntimeError("bench-single needs an idle engine")
+    start = time.perf_counter()
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+    first = finish = None
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.request_id != rid:
+                continue
+            if out.finished:
+                if out.finish_reason != "length":
+                    raise RuntimeError(f"bench-single request ended with {out.finish_reason}")
+                first, finish = out.metrics.first_token_time, out.metrics.finished_time
+    return start, first, finish
+
+
+def xyjax_single(llm, prompt_len: int = 512, gen_len: int = 128, repetitions: int = 5, seed: int = 0) -> dict:
+    """pp<prompt_len> and tg<gen_len> of ``llm``'s engine, one request at a time: {test: {n, mean, std, runs}}."""
+    rng = np.random.default_rng(seed)
+    vocab = llm.model.config.vocab_size
+    low = min(256, vocab // 2)
+    prompts = [rng.integers(low, vocab, prompt_len).tolist() for _ in range(repetitions + 1)]
+    one = [[int(t)] for t in rng.integers(low, vocab, repetitions + 1)]
+    pp, tg = [], []
+    for i in range(repetitions + 1):   # run 0 warms up
+        start, first, _ = _timed_request(llm.engine, prompts[i], 1)
+        _, first_tg, finish = _timed_request(llm.engine, one[i], gen_len + 1)
+        if i:
+            pp.append(prompt_len / (first - start))
+            tg.append(gen_len / (finish - first_tg))
+
+    def figures(n, runs):
+        return dict(n=n, mean=statistics.fmean(runs), std=statistics.stdev(runs) if len(runs) > 1 else 0.0, runs=runs)
+
+    return {f"pp{prompt_len}": figures(prompt_len, pp), f"tg{gen_len}": figures(gen_len, tg)}
+
+
+def llama_bench_command(bin_dir: str, gguf: str, prompt_len: int, gen_len: int, threads: int,
+                        repetitions: int) -> list[str]:
+    return [os.path.join(bin_dir, "llama-bench"), "-m", gguf, "-p", str(prompt_len), "-n", str(gen_len),
+            "-t", str(threads), "-r", str(repetitions), "--repack", "0", "-o", "json"]
+
+
+def parse_llama_bench(text: str) -> dict:
+    """llama-bench's ``-o json`` output as {test: {n, mean, std}} (``pp<n>``, ``tg<n>``), with its build and CPU."""
+    tests, info = {}, {}
+    for entry in json.loads(text):
+        prompt, gen = entry.get("n_prompt", 0), entry.get("n_gen", 0)
+        name = f"pp{prompt}" if prompt and not gen else f"tg{gen}" if gen and not prompt else f"pp{prompt}+tg{gen}"
+        tests[name] = dict(n=prompt or gen, mean=entry["avg_ts"], std=entry.get("stddev_ts", 0.0))
+        info = {k: entry[k] for k in ("build_commit", "build_number", "cpu_info", "model_type", "model_size",
+                                      "n_threads", "type_k", "n_batch", "n_ubatch") if k in entry}
+    return dict(tests=tests, info=info)
+
+
+def table(results: dict) -> str:
+    names = list(dict.fromkeys(t for r in results.values() for t in r["tests"]))
+    lines = ["| system | " + " | ".join(f"{t} tok/s" for t in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for system, r in results.items():
+        cells = [f"{r['tests'][t]['mean']:.1f} ± {r['tests'][t]['std']:.1f}" if t in r["tests"] else "-"
+                 for t in names]
+        lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bench_single(model: str | None = None, prompt_len: int = 512, gen_len: int = 128, repetitions: int = 5,
+                 out_dir: str = "bench-results", llm=None, llama_bench: bool = True) -> dict:
+    """xyjax's single-stream figures and, when built, llama-bench's on the same GGUF; prints a table, writes
+    ``<out_dir>/single-<time>.json`` and returns the result (``path`` added)."""
+    from xyjax import LLM
+    from xyjax.bench.peers import PeerUnavailable, gguf_file, llamacpp_bin
+
+    llm = llm or LLM(model, progress=False)
+    threads = len(os.sched_getaffinity(0))
+    results = {"xyjax": dict(tests=xyjax_single(llm, prompt_len, gen_len, repetitions), info=dict(
+        engine=dict(max_num_batched_tokens=llm.engine.config.max_num_batched_tokens,
+                    token_buckets=list(llm.engine.config.token_buckets))))}
+    skipped = {}
+    if llama_bench:
+        try:
+            bin_dir = llamacpp_bin()
+            gguf = gguf_file(model, llm.model)
+        except (PeerUnavailable, RuntimeError) as e:
+            skipped["llama.cpp"] = str(e)
+            print(f"xyjax bench-single: skipping llama.cpp: {e}")
+        else:
+            cmd = llama_bench_command(bin_dir, gguf, prompt_len, gen_len, threads, repetitions)
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+            results["llama.cpp"] = dict(parse_llama_bench(done.stdout), command=cmd)
+    print(table(results))
+    result = dict(model=str(llm.model.name), prompt_len=prompt_len, gen_len=gen_len, repetitions=repetitions,
+                  threads=threads, systems=results, skipped=skipped)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"single-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
+    result["path"] = path
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="xyjax bench-single", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="known name or .gguf path (default: smollm2-135m-instruct)")
+    parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens of the prefill test (pp)")
+    parser.add_argument("--gen-len", type=int, default=128, help="decode steps of the generation test (tg)")
+    parser.add_argument("--repetitions", type=int, default=5)
+    parser.add_argument("--no-llama-bench", action="store_true", help="xyjax only")
+    parser.add_argument("--out", default="bench-results", help="directory for the JSON result")
+    args = parser.parse_args(argv)
+    if args.prompt_len < 1 or args.gen_len < 1 or args.repetitions < 1:
+        parser.error("--prompt-len, --gen-len and --repetitions must be >= 1")
+    bench_single(args.model, args.prompt_len, args.gen_len, args.repetitions, args.out,
+                 llama_bench=not args.no_llama_bench)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
