@@ -28,17 +28,27 @@
 // bfloat16 parts, which the AMX kernel relies on (five part products, not six); it sums x's blocks as it packs
 // x, the other paths read x_ext built here.
 //
+// gguf_qtype (0: none): w is a GGUF block-quantized matrix as the file's bytes (xyjax/ops/gemm/formats.py,
+// GGUFBlocks), uint8 [N, row_bytes] ([L, N, row_bytes]) with transpose_w, float32 x, K a multiple of 32 and
+// gguf_qtype the ggml type id of Q8_0 (8), Q4_0 (2) or Q4_1 (3). The block kernels read it in place
+// (smooth_gemm_kernel_blocks_*.cc): for m <= stream_rows the streaming one (each weight row read once,
+// dequantized in registers, register-blocked over x's rows), else each lane dequantizes panels of its weight rows
+// into a cache-sized float32 buffer and runs the BLAS's sgemm on it. The AVX-512F copy where the CPU has it, else
+// the portable one; XYJAX_GEMM_BLOCKS_KERNEL=generic forces the portable copy (read on every call; tests).
+//
 // The handler: Parse (buffers -> Problem), CheckBlasAndTunables, ChooseKernel (the one choice among the five
 // kernels: BLAS sgemm, BLAS bf16 gemm, streaming, AMX, AMX tiles; smooth_gemm_kernels.h says which this build
 // has), Compute (x prepared once, then one block per lane) and the zeroing of rows >= m.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
 
 #include "ffi_util.h"
+#include "smooth_gemm_blocks_format.h"
 #include "smooth_gemm_kernels.h"
 #include "thread_pool.h"
 #include "xla/ffi/api/ffi.h"
@@ -95,6 +105,8 @@ struct Problem {
   char* out;
   int64_t T, K, KE, N, m, layer;  // KE: w's row length, x_ext's columns (K + K / 32 with quant_block)
   bool bf16, transpose_w, quant, w_tiles;
+  int qtype;           // GGUF blocks: the ggml type id (0: none)
+  int64_t row_bytes;   // GGUF blocks: bytes of one weight row
 };
 
 // The handler's tunables (attributes), as `xyjax profile` sweeps them.
@@ -104,11 +116,12 @@ struct Tunables {
 };
 
 // The five gemm kernels; ChooseKernel picks one per call.
-enum class GemmKernel { kSgemm, kBf16Gemm, kStream, kAmx, kAmxTiles };
+enum class GemmKernel { kSgemm, kBf16Gemm, kStream, kAmx, kAmxTiles, kBlocksStream, kBlocksPanel };
 
 // Buffers -> Problem, with the shape and dtype checks.
 ffi::Error Parse(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, Scalar32 layer_buffer, bool transpose_w,
-                 int32_t quant_block, bool w_tiles, ffi::Result<ffi::AnyBuffer>& out, Problem* p) {
+                 int32_t quant_block, bool w_tiles, int32_t gguf_qtype, ffi::Result<ffi::AnyBuffer>& out,
+                 Problem* p) {
   const ffi::DataType type = x.element_type();
   if (type != ffi::DataType::F32 && type != ffi::DataType::BF16) return Invalid("x must be float32 or bfloat16");
   const auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
@@ -122,8 +135,25 @@ ffi::Error Parse(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, Scalar32
                    "float32 and K = " + std::to_string(K) + " a multiple of 32");
   }
   const int64_t KE = quant_block ? K + K / kQuantBlock : K;
-  int64_t L = 1, N = od[1];
-  if (w_tiles) {   // [(L,) 16 ceil(N / 16), ceil(KE / 32), 2, 32] bfloat16: N is the result's
+  int64_t L = 1, N = od[1], row_bytes = 0;
+  if (gguf_qtype != 0) {   // GGUF blocks [(L,) N, row_bytes] uint8
+    const int64_t bytes = blocks::BlockBytes(gguf_qtype);
+    if (bytes == 0) {
+      return Invalid("gguf_qtype " + std::to_string(gguf_qtype) + " is not read here; supported: Q8_0 (8), Q4_0 (2), "
+                     "Q4_1 (3)");
+    }
+    if (type != ffi::DataType::F32 || out->element_type() != type || w.element_type() != ffi::DataType::U8 ||
+        !transpose_w || quant_block != 0 || w_tiles || K % blocks::kBlock) {
+      return Invalid("GGUF blocks need float32 x and result, uint8 w, transpose_w, no other weight format and K = " +
+                     std::to_string(K) + " a multiple of 32");
+    }
+    row_bytes = K / blocks::kBlock * bytes;
+    if ((wd.size() != 2 && wd.size() != 3) || wd[wd.size() - 2] != N || wd[wd.size() - 1] != row_bytes) {
+      return Invalid("GGUF blocks for N = " + std::to_string(N) + " rows of K = " + std::to_string(K) +
+                     " must be [(L,) " + std::to_string(N) + ", " + std::to_string(row_bytes) + "], got " + Dims(wd));
+    }
+    if (wd.size() == 3) L = wd[0];
+  } else if (w_tiles) {   // [(L,) 16 ceil(N / 16), ceil(KE / 32), 2, 32] bfloat16: N is the result's
     const size_t r = wd.size();
     if (type != ffi::DataType::F32 || out->element_type() != type || w.element_type() != ffi::DataType::BF16 ||
         !transpose_w) {
@@ -161,7 +191,7 @@ ffi::Error Parse(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, Scalar32
     return Invalid("layer " + std::to_string(layer) + " outside [0, " + std::to_string(L) + ")");
   }
   *p = Problem{x.untyped_data(), w.untyped_data(), static_cast<char*>(out->untyped_data()), T, K, KE, N, m, layer,
-               type == ffi::DataType::BF16, transpose_w, quant_block != 0, w_tiles};
+               type == ffi::DataType::BF16, transpose_w, quant_block != 0, w_tiles, gguf_qtype, row_bytes};
   return ffi::Error::Success();
 }
 
@@ -179,17 +209,29 @@ ffi::Error CheckBlasAndTunables(const Problem& p, const Tunables& t) {
   return ffi::Error::Success();
 }
 
-// The one choice of kernel. Tile weights: the AMX tile kernel. bfloat16: the BLAS's bf16 gemm. float32 with
+// The one choice of kernel. GGUF blocks: the block streaming kernel for m <= stream_rows, else the block panels.
+// Tile weights: the AMX tile kernel. bfloat16: the BLAS's bf16 gemm. float32 with
 // transpose_w: the streaming kernel for m <= stream_rows, else the AMX kernel for m >= amx_rows > 0, where this
 // CPU runs them. Everything else: the BLAS's sgemm.
 GemmKernel ChooseKernel(const Problem& p, const Tunables& t) {
   static const bool stream_runs = StreamKernelRuns(), amx_runs = AmxReady();
+  if (p.qtype != 0) return p.m <= t.stream_rows ? GemmKernel::kBlocksStream : GemmKernel::kBlocksPanel;
   if (p.w_tiles) return GemmKernel::kAmxTiles;
   if (p.bf16) return GemmKernel::kBf16Gemm;
   if (p.transpose_w && stream_runs && p.m <= t.stream_rows) return GemmKernel::kStream;
   if (p.transpose_w && amx_runs && t.amx_rows > 0 && p.m >= t.amx_rows) return GemmKernel::kAmx;
   return GemmKernel::kSgemm;
 }
+
+// The copy of the block kernels for this CPU: AVX-512F where it runs, unless XYJAX_GEMM_BLOCKS_KERNEL=generic.
+bool BlocksUseAvx512() {
+  static const bool runs = BlocksAvx512Runs();
+  const char* forced = std::getenv("XYJAX_GEMM_BLOCKS_KERNEL");
+  return runs && !(forced != nullptr && std::string(forced) == "generic");
+}
+
+// Weight rows per panel of the block panel kernel: about 256 KiB of float32 (L2), a multiple of 16.
+int64_t PanelRows(int64_t K) { return std::max<int64_t>(16, (256 * 1024 / 4 / std::max<int64_t>(K, 1)) / 16 * 16); }
 
 // AMX: x's rows [0, mc) as bfloat16 tiles, 16 rows per block, packed by all lanes before any lane multiplies.
 const uint8_t* PackX(const Problem& p, int64_t mc, int64_t lanes) {
@@ -222,6 +264,7 @@ const float* RowsOfX(const Problem& p, int64_t mc) {
 void Compute(const Problem& p, const Tunables& t, GemmKernel kernel, int64_t mc) {
   const int64_t N = p.N, KE = p.KE;
   const bool amx = kernel == GemmKernel::kAmx || kernel == GemmKernel::kAmxTiles;
+  const bool avx512_blocks = p.qtype != 0 && BlocksUseAvx512();
   // float32: straight into the result. bfloat16: into float scratch, rounded once per lane's block.
   thread_local std::vector<float> scratch;  // reused across calls on this thread
   if (p.bf16 && scratch.size() < static_cast<size_t>(mc * N)) scratch.resize(mc * N);
@@ -253,6 +296,26 @@ void Compute(const Problem& p, const Tunables& t, GemmKernel kernel, int64_t mc)
       case GemmKernel::kAmx:
         AmxGemm(nr, n, KE, p.quant ? 2 : 3, xb, static_cast<const float*>(p.w) + w_offset, c_block, N);
         break;
+      case GemmKernel::kBlocksStream: {
+        const uint8_t* wb = static_cast<const uint8_t*>(p.w) + (p.layer * N + n0) * p.row_bytes;
+        (avx512_blocks ? BlocksGemmAvx512 : BlocksGemmGeneric)(p.qtype, nr, n, p.K, x32 + r0 * p.K, p.K, wb, c_block, N);
+        break;
+      }
+      case GemmKernel::kBlocksPanel: {   // panels of dequantized weight rows, each one sgemm over the rows
+        const uint8_t* wb = static_cast<const uint8_t*>(p.w) + (p.layer * N + n0) * p.row_bytes;
+        const int64_t rows = std::min(n, PanelRows(p.K));
+        thread_local std::vector<float> panel;
+        panel.resize(rows * p.K);
+        for (int64_t j = 0; j < n; j += rows) {
+          const int64_t nj = std::min(rows, n - j);
+          (avx512_blocks ? BlocksDequantAvx512 : BlocksDequantGeneric)(p.qtype, nj, p.K, wb + j * p.row_bytes,
+                                                                      panel.data());
+          sgemm(kRowMajor, kNoTrans, kTrans, static_cast<int>(nr), static_cast<int>(nj), static_cast<int>(p.K), 1.0f,
+                x32 + r0 * p.K, static_cast<int>(p.K), panel.data(), static_cast<int>(p.K), 0.0f, c_block + j,
+                static_cast<int>(N));
+        }
+        break;
+      }
       case GemmKernel::kStream:
         StreamGemmAvx512(nr, n, KE, x32 + r0 * KE, KE, static_cast<const float*>(p.w) + w_offset, c_block, N);
         break;
@@ -278,10 +341,12 @@ void Compute(const Problem& p, const Tunables& t, GemmKernel kernel, int64_t mc)
 
 ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, Scalar32 layer_buffer,
                          bool transpose_w, int32_t lanes_attr, bool split_rows, int32_t m_align, int32_t stream_rows,
-                         int32_t amx_rows, int32_t quant_block, bool w_tiles, ffi::Result<ffi::AnyBuffer> out) {
+                         int32_t amx_rows, int32_t quant_block, bool w_tiles, int32_t gguf_qtype,
+                         ffi::Result<ffi::AnyBuffer> out) {
   Problem p;
   const Tunables t{lanes_attr, m_align, stream_rows, amx_rows, split_rows};
-  if (ffi::Error e = Parse(x, w, m_buffer, layer_buffer, transpose_w, quant_block, w_tiles, out, &p); e.failure()) {
+  if (ffi::Error e = Parse(x, w, m_buffer, layer_buffer, transpose_w, quant_block, w_tiles, gguf_qtype, out, &p);
+      e.failure()) {
     return e;
   }
   if (ffi::Error e = CheckBlasAndTunables(p, t); e.failure()) return e;
@@ -315,6 +380,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XyjaxSmoothGemmCpu, xyjax::gemm::SmoothGemmCpu,
                                   .Attr<int32_t>("amx_rows")
                                   .Attr<int32_t>("quant_block")
                                   .Attr<bool>("w_tiles")
+                                  .Attr<int32_t>("gguf_qtype")
                                   .Ret<ffi::AnyBuffer>());
 #pragma GCC visibility pop
 

@@ -11,6 +11,26 @@
 namespace xyjax {
 namespace gemm {
 
+// GGUF block weights (Q8_0, Q4_0, Q4_1 by ggml type id; smooth_gemm_blocks_format.h), w [n, row_bytes]:
+// BlocksGemm*: c [m, n] (row stride ldc) = x [m, K] (row stride ldx) @ dequant(w)^T, float32, single-threaded,
+// each weight row read once in place; BlocksDequant*: panel [n, K] = dequant(w), float32. The portable copy
+// (smooth_gemm_kernel_blocks_generic.cc) is always built; the AVX-512F copy where the build and CPU have it.
+void BlocksGemmGeneric(int qtype, int64_t m, int64_t n, int64_t K, const float* x, int64_t ldx, const uint8_t* w,
+                       float* c, int64_t ldc);
+void BlocksDequantGeneric(int qtype, int64_t n, int64_t K, const uint8_t* w, float* panel);
+
+#ifdef XYJAX_HAVE_X86_KERNELS
+// smooth_gemm_kernel_blocks_avx512.cc (see there).
+void BlocksGemmAvx512(int qtype, int64_t m, int64_t n, int64_t K, const float* x, int64_t ldx, const uint8_t* w,
+                      float* c, int64_t ldc);
+void BlocksDequantAvx512(int qtype, int64_t n, int64_t K, const uint8_t* w, float* panel);
+inline bool BlocksAvx512Runs() { return __builtin_cpu_supports("avx512f"); }
+#else
+inline void BlocksGemmAvx512(int, int64_t, int64_t, int64_t, const float*, int64_t, const uint8_t*, float*, int64_t) {}
+inline void BlocksDequantAvx512(int, int64_t, int64_t, const uint8_t*, float*) {}
+inline bool BlocksAvx512Runs() { return false; }
+#endif
+
 #ifdef XYJAX_HAVE_X86_KERNELS
 // smooth_gemm_kernel_avx512.cc: c [m, n] (row stride ldc) = x [m, K] (row stride ldx) @ w [n, K]^T, float32,
 // single-threaded, the weights read once in place.

@@ -6,11 +6,12 @@ import jax
 import numpy as np
 
 import ascend_ffi
+from helpers import gguf_block_bytes
 from models.llama import linear_shapes
 from models.weights import DENSE
 from xyjax import LLM, SamplingParams
 from xyjax.ops.gemm import profile as gemm_profile
-from xyjax.ops.gemm.formats import quantize_blocks
+from xyjax.ops.gemm.formats import GGUFBlocks, quantize_blocks
 from xyjax.ops.gemm.profile import GemmProfile
 
 BACKENDS = ("ffi", "xla")
@@ -49,6 +50,25 @@ def test_engine_greedy_identical_with_split_and_merged_weights(tiny_model):
                   weight_layout=layout, progress=False)
         tokens[name] = [out.token_ids for out in llm.generate(prompts, sampling)]
     assert all(t == tokens["merged"] for t in tokens.values()), tokens
+
+
+def test_engine_greedy_identical_with_gguf_blocks_read_in_place(tiny_model):
+    """The tiny model's dense matrices quantized to Q4_1 as GGUF blocks (gguf's quantizer), read in place by the ffi
+    handler's block kernels (weight_layout="blocks") and dequantized to plain float32 on ffi: the same greedy
+    tokens."""
+    rng = np.random.default_rng(7)
+    layers = {name: GGUFBlocks(gguf_block_bytes("Q4_1", np.asarray(w, np.float32), rng), "Q4_1", w.shape[-1])
+              if name in DENSE else w for name, w in tiny_model.params["layers"].items()}
+    model = dataclasses.replace(tiny_model, params=dict(tiny_model.params, layers=layers))
+    prompts = [rng.integers(3, 49000, n).tolist() for n in (45, 3, 20, 9)]
+    sampling = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    tokens = {}
+    for layout in ("blocks", "plain"):
+        llm = LLM(model, block_size=4, max_num_batched_tokens=32, max_num_seqs=4, gemm_backend="ffi",
+                  weight_layout=layout, progress=False)
+        tokens[layout] = [out.token_ids for out in llm.generate(prompts, sampling)]
+    assert tokens["blocks"] == tokens["plain"]
+    assert all(len(t) == 8 for t in tokens["blocks"])
 
 
 def test_engine_runs_the_profiled_tunables(monkeypatch, tmp_path, tiny_model):

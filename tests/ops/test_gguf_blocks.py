@@ -1,6 +1,7 @@
 """GGUFBlocks, a GGUF block-quantized matrix held as the file's bytes: its dense view is gguf's own
 dequantization bit for bit (every supported qtype, stacked, under jit), smooth_gemm on it (xla and pallas on the
-dense view; ffi names it), and its conversions to every weight layout."""
+dense view; ffi reads Q8_0, Q4_0 and Q4_1 in place with each copy of its block kernels and names the K-quants),
+and its conversions to every weight layout."""
 
 import gguf
 import jax
@@ -10,7 +11,7 @@ import pytest
 
 from helpers import gguf_block_bytes
 from xyjax.ops import smooth_gemm
-from xyjax.ops.gemm import format_name, prepare_weights
+from xyjax.ops.gemm import ffi as ffi_gemm, format_name, prepare_weights
 from xyjax.ops.gemm.formats import GGUF_QTYPES, GGUFBlocks, SplitBlocks, TileWeights, convert
 
 QTYPES = tuple(GGUF_QTYPES)
@@ -50,13 +51,77 @@ def test_smooth_gemm_reads_blocks_by_layer(qtype, backend):
         assert not out[m:].any()
 
 
-def test_ffi_names_blocks_and_never_picks_them():
-    w = blocks("Q8_0", (16, 64))
-    with pytest.raises(TypeError, match="ffi gemm backend: GGUFBlocks \\(Q8_0\\)"):
-        smooth_gemm(jnp.ones((4, 64)), w, 4, transpose_w=True, backend="ffi")
-    assert not isinstance(prepare_weights({"w": w}, "ffi")["w"], GGUFBlocks)
+def test_ffi_names_unread_blocks_and_never_picks_blocks():
+    """The ffi handler reads Q8_0, Q4_0 and Q4_1 blocks; K-quants are named with the supported types. Its automatic
+    layout is never "blocks" (opt-in: weight_layout="blocks")."""
+    w = blocks("Q4_K", (16, 256))
+    with pytest.raises(TypeError, match="ffi gemm backend: GGUFBlocks \\(Q4_K\\).*reads Q4_0, Q4_1, Q8_0"):
+        smooth_gemm(jnp.ones((4, 256)), w, 4, transpose_w=True, backend="ffi")
+    assert not isinstance(prepare_weights({"w": blocks("Q8_0", (16, 64))}, "ffi")["w"], GGUFBlocks)
     with pytest.raises(ValueError, match="transpose_w=True"):
         smooth_gemm(jnp.ones((4, 16)), w, 4)
+
+
+def _has_avx512f() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False
+
+
+FFI_QTYPES = tuple(ffi_gemm.GGUF_QTYPE_IDS)
+# the handler's copies of the block kernels: "native" is the AVX-512F copy where the CPU has it (the handler's own
+# choice), "generic" the portable copy every CPU runs (forced by XYJAX_GEMM_BLOCKS_KERNEL=generic)
+COPIES = ("generic", pytest.param("avx512", marks=pytest.mark.skipif(
+    not _has_avx512f(), reason="this CPU has no AVX-512F: the handler runs the portable copy only")))
+# stream_rows picks the block kernel: default (streaming for m <= 24, panels + sgemm above), always panels (0),
+# always streaming (128)
+TUNINGS = ({}, {"stream_rows": 0}, {"stream_rows": 128})
+_ffi_gemm = jax.jit(lambda x, w, m, layer, tuning: smooth_gemm(x, w, m, layer=layer, transpose_w=True, backend="ffi",
+                                                               tuning=dict(tuning)),
+                    static_argnames="tuning")
+
+
+@pytest.mark.parametrize("tuning", TUNINGS, ids=("default", "panels", "stream"))
+@pytest.mark.parametrize("K", (96, 576))
+@pytest.mark.parametrize("copy", COPIES)
+@pytest.mark.parametrize("qtype", FFI_QTYPES)
+def test_ffi_block_kernels_read_blocks_in_place(qtype, copy, K, tuning, monkeypatch):
+    """The handler's block kernels on a stack [2, 70, row_bytes] (N = 70: not a multiple of the register block) at
+    each layer: rows < m equal float64 x @ dense.T for every m (0, 1, the register block's edges, the streaming
+    limit's edges, a bucket), rows >= m exactly zero."""
+    if copy == "generic":
+        monkeypatch.setenv("XYJAX_GEMM_BLOCKS_KERNEL", "generic")
+    else:
+        monkeypatch.delenv("XYJAX_GEMM_BLOCKS_KERNEL", raising=False)
+    T = 96
+    w = jax.tree.map(jnp.asarray, blocks(qtype, (2, 70, K), seed=K))
+    x = np.random.default_rng(K + 1).standard_normal((T, K)).astype(np.float32)
+    dense = np.asarray(w.dense(), np.float64)
+    for m in (0, 1, 5, 6, 7, 24, 25, 64, T):
+        for layer in (0, 1):
+            out = np.asarray(_ffi_gemm(x, w, jnp.int32(m), jnp.int32(layer), tuple(tuning.items())))
+            np.testing.assert_allclose(out[:m], x[:m].astype(np.float64) @ dense[layer].T, rtol=1e-5, atol=1e-5,
+                                       err_msg=f"m={m} layer={layer}")
+            assert not out[m:].any(), f"padding rows must be zero (m={m})"
+
+
+def test_ffi_block_copies_agree():
+    """The portable and the AVX-512F copies of the streaming kernel give the same sums to float32 rounding (both
+    dequantize to dense()'s exact weights; only the order of the additions differs)."""
+    if not _has_avx512f():
+        pytest.skip("this CPU has no AVX-512F: the handler runs the portable copy only")
+    import os
+    w = jax.tree.map(jnp.asarray, blocks("Q4_1", (70, 576), seed=3))
+    x = np.random.default_rng(4).standard_normal((8, 576)).astype(np.float32)
+    native = np.asarray(smooth_gemm(x, w, 8, transpose_w=True, backend="ffi"))
+    os.environ["XYJAX_GEMM_BLOCKS_KERNEL"] = "generic"
+    try:
+        generic = np.asarray(smooth_gemm(x, w, 8, transpose_w=True, backend="ffi"))
+    finally:
+        del os.environ["XYJAX_GEMM_BLOCKS_KERNEL"]
+    np.testing.assert_allclose(native, generic, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("qtype", QTYPES)

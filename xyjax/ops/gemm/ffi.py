@@ -5,7 +5,8 @@ Tunables (``tuning``; missing keys: ``TUNING``, or ``TUNING_SPLIT`` for block-qu
 (0 = every lane of the thread pool), ``split_rows`` (cut rows, not columns, over the lanes), ``m_align`` (compute
 m rounded up to this, then zero the extra rows), ``stream_rows`` (float32 with ``transpose_w`` and m <= this: the
 handler's streaming kernel, which reads the weights once in place, instead of the BLAS, which packs them;
-AVX-512 CPUs), ``amx_rows`` (the float32 ``transpose_w`` gemms the streaming kernel does not take, with m >= this
+AVX-512 CPUs; for ``GGUFBlocks`` m <= this runs the block streaming kernel, larger m the block panels: dequantized
+weight rows, then the BLAS), ``amx_rows`` (the float32 ``transpose_w`` gemms the streaming kernel does not take, with m >= this
 > 0: the AMX kernel, float32-accurate sums of bfloat16 tile products; AMX-BF16 CPUs, elsewhere the BLAS).
 """
 
@@ -25,6 +26,8 @@ TUNING = dict(lanes=0, split_rows=False, m_align=1, stream_rows=24, amx_rows=1)
 # block-quantized weights: the two-part AMX kernel overtakes the streaming kernel from ~12 rows (BENCHMARKS.md)
 TUNING_SPLIT = dict(TUNING, stream_rows=12)
 QUANT_BLOCKS = (32,)   # the block sizes the handler's split path takes
+# GGUFBlocks qtypes the handler's block kernels read, by ggml type id (gguf.GGMLQuantizationType)
+GGUF_QTYPE_IDS = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
 
 
 def has_amx() -> bool:
@@ -34,20 +37,27 @@ def has_amx() -> bool:
 
 def auto_layout() -> str:
     """Block-quantized weights (Q4_1) stay split where the AMX kernel's two-part path runs; elsewhere the layout
-    would only add columns, so they are made plain. Never "blocks": the handler does not read ``GGUFBlocks``."""
+    would only add columns, so they are made plain. "blocks" (``GGUFBlocks`` of Q8_0, Q4_0, Q4_1 read in place by
+    the handler's block kernels) is opt-in: EngineConfig weight_layout="blocks"."""
     return "split" if has_amx() else "plain"
 
 
 def gemm(x, w, m, layer, transpose_w: bool, tuning: dict) -> jax.Array:
     """The custom call over exactly m rows, the BLAS loaded first (``ascend_ffi.blas``)."""
+    qtype = 0
     if isinstance(w, GGUFBlocks):
-        raise TypeError(f"ffi gemm backend: GGUFBlocks ({w.qtype}) are not read by the C++ handler yet; hold them "
-                        f"in weight layout 'plain' or 'split' (Q4_1), not 'blocks'")
+        if w.qtype not in GGUF_QTYPE_IDS:
+            raise TypeError(f"ffi gemm backend: GGUFBlocks ({w.qtype}) are not read by the C++ handler yet (it reads "
+                            f"{', '.join(GGUF_QTYPE_IDS)}); hold them in weight layout 'plain' or 'split', not 'blocks'")
+        if not transpose_w or x.dtype != jnp.float32 or x.shape[-1] != w.k:
+            raise ValueError(f"ffi gemm backend: GGUFBlocks need transpose_w, float32 x and x's K = w's K, got "
+                             f"transpose_w={transpose_w}, {x.dtype} x of K = {x.shape[-1]} and K = {w.k}")
+        qtype = GGUF_QTYPE_IDS[w.qtype]
     tiles = isinstance(w, TileWeights)
     block = w.block if isinstance(w, (SplitBlocks, TileWeights)) else 0
-    data = w.tiles if tiles else w.data if block else w
+    data = w.tiles if tiles else w.data if block or qtype else w
     if x.dtype not in DTYPES or (data.dtype != jnp.bfloat16 or x.dtype != jnp.float32 if tiles
-                                 else data.dtype != x.dtype):
+                                 else data.dtype != jnp.uint8 if qtype else data.dtype != x.dtype):
         raise TypeError(f"ffi gemm backend: x and w must be both float32 or both bfloat16 (TileWeights: x float32), "
                         f"got {x.dtype} and {'TileWeights' if tiles else data.dtype}")
     if block and (block not in QUANT_BLOCKS or x.dtype != jnp.float32):
@@ -66,4 +76,5 @@ def gemm(x, w, m, layer, transpose_w: bool, tuning: dict) -> jax.Array:
     return call(x, data, jnp.asarray(m, jnp.int32), jnp.asarray(0 if layer is None else layer, jnp.int32),
                 transpose_w=transpose_w, lanes=np.int32(params["lanes"]), split_rows=bool(params["split_rows"]),
                 m_align=np.int32(params["m_align"]), stream_rows=np.int32(params["stream_rows"]),
-                amx_rows=np.int32(params["amx_rows"]), quant_block=np.int32(block), w_tiles=tiles)
+                amx_rows=np.int32(params["amx_rows"]), quant_block=np.int32(block), w_tiles=tiles,
+                gguf_qtype=np.int32(qtype))

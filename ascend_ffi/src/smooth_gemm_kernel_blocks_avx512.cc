@@ -1,0 +1,163 @@
+// The block kernels of smooth_gemm for GGUF's 32-input formats (Q8_0, Q4_0, Q4_1), AVX-512F copy (CMake adds
+// -mavx512f -mavx2 -mfma to this file only; chosen at run time where the CPU has AVX-512F).
+//
+// The streaming kernel is smooth_gemm_kernel_avx512.cc's, with the weights read as blocks: a 6 x 4 register
+// block (24 accumulators of 16 floats) walks K 16 inputs (half a block) at a time, dequantizing each of its 4
+// weight rows' half block in a register, then 24 fused multiply-adds. The weights are exactly
+// GGUFBlocks.dense()'s: Q8_0 q * d, Q4_0 d * (q - 8), Q4_1 d * q + m (one _mm512_fmadd_ps), d and m the block's
+// float16 fields converted to float32 (_mm512_cvtph_ps, exact). d * q is exact in float32 (an 11-bit
+// significand times an integer of at most 8 bits), so the fused multiply-add rounds d * q + m once, as the
+// separate multiply and add of dense() do: the same float32 weight. Blocks of kColumns weight rows (11 KiB of
+// Q4_1 at K = 576) are multiplied against every block of up to 6 x rows, the first of which prefetches the
+// rows kPrefetchRows ahead: the lane's weights are one forward stream read once.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "smooth_gemm_blocks_format.h"
+
+namespace xyjax {
+namespace gemm {
+namespace {
+
+using namespace blocks;
+
+constexpr int64_t kColumns = 32;       // weight rows per block (kept in cache across the x row blocks)
+constexpr int64_t kPrefetchRows = 8;   // how far ahead of a block's rows the stream is prefetched
+
+// The block's float16 at p broadcast to 16 float32 lanes.
+inline __m512 Half16(const uint8_t* p) {
+  return _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(p[0] | (p[1] << 8))));
+}
+
+// The 16 weights h * 16 .. h * 16 + 15 of the block at blk (h = 0, 1), float32, exactly as dense().
+template <int Q>
+inline __m512 Weights(const uint8_t* blk, int h) {
+  const __m512 d = Half16(blk);
+  if constexpr (Q == kQ8_0) {
+    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2 + 16 * h));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), d);
+  } else {
+    constexpr int kNibbles = Q == kQ4_0 ? 2 : 4;
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + kNibbles)));
+    const __m512i q = h ? _mm512_srli_epi32(bytes, 4) : _mm512_and_si512(bytes, _mm512_set1_epi32(15));
+    if constexpr (Q == kQ4_0) {
+      return _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(8))));
+    } else {
+      return _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(q), Half16(blk + 2));
+    }
+  }
+}
+
+// c[i, j] for i < MR, j < NR: x rows at x + i * ldx, weight rows at w + j * row_bytes. pf: weight rows to
+// prefetch alongside (same shape), or null.
+template <int Q, int MR, int NR>
+inline void Block(const float* x, int64_t ldx, const uint8_t* w, int64_t K, float* c, int64_t ldc,
+                  const uint8_t* pf) {
+  constexpr int64_t kBytes = BlockBytes(Q);
+  const int64_t row_bytes = K / kBlock * kBytes;
+  __m512 acc[MR][NR];   // unrolled by pragma: see smooth_gemm_kernel_avx512.cc
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  }
+  for (int64_t b = 0; b < K / kBlock; ++b) {
+    if (pf != nullptr) {
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(pf + j * row_bytes + b * kBytes), _MM_HINT_T0);
+    }
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      __m512 wv[NR];
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) wv[j] = Weights<Q>(w + j * row_bytes + b * kBytes, h);
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) {
+        const __m512 xv = _mm512_loadu_ps(x + i * ldx + b * kBlock + 16 * h);
+#pragma GCC unroll 8
+        for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    if constexpr (NR == 4) {   // 4 sums at once: 512 -> 256 bits, then two rounds of horizontal adds
+      __m256 half[4];
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        half[j] = _mm256_add_ps(_mm512_castps512_ps256(acc[i][j]),
+                                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[i][j]), 1)));
+      }
+      const __m256 v = _mm256_hadd_ps(_mm256_hadd_ps(half[0], half[1]), _mm256_hadd_ps(half[2], half[3]));
+      _mm_storeu_ps(c + i * ldc, _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
+    } else {
+#pragma GCC unroll 8
+      for (int j = 0; j < NR; ++j) c[i * ldc + j] = _mm512_reduce_add_ps(acc[i][j]);
+    }
+  }
+}
+
+// MR x rows against n weight rows, 4 at a time, then singly.
+template <int Q, int MR>
+void Rows(const float* x, int64_t ldx, const uint8_t* w, int64_t n, int64_t K, float* c, int64_t ldc,
+          const uint8_t* pf) {
+  const int64_t row_bytes = K / kBlock * BlockBytes(Q);
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    Block<Q, MR, 4>(x, ldx, w + j * row_bytes, K, c + j, ldc, pf ? pf + j * row_bytes : nullptr);
+  }
+  for (; j < n; ++j) Block<Q, MR, 1>(x, ldx, w + j * row_bytes, K, c + j, ldc, pf ? pf + j * row_bytes : nullptr);
+}
+
+using RowsFn = void (*)(const float*, int64_t, const uint8_t*, int64_t, int64_t, float*, int64_t, const uint8_t*);
+template <int Q>
+constexpr RowsFn kRows[7] = {nullptr, Rows<Q, 1>, Rows<Q, 2>, Rows<Q, 3>, Rows<Q, 4>, Rows<Q, 5>, Rows<Q, 6>};
+
+template <int Q>
+void Gemm(int64_t m, int64_t n, int64_t K, const float* x, int64_t ldx, const uint8_t* w, float* c, int64_t ldc) {
+  const int64_t row_bytes = K / kBlock * BlockBytes(Q);
+  for (int64_t j0 = 0; j0 < n; j0 += kColumns) {
+    const int64_t columns = std::min(kColumns, n - j0);
+    const uint8_t* block = w + j0 * row_bytes;
+    for (int64_t i = 0; i < m; i += 6) {
+      const int rows = static_cast<int>(std::min<int64_t>(6, m - i));
+      kRows<Q>[rows](x + i * ldx, ldx, block, columns, K, c + i * ldc + j0, ldc,
+                     i == 0 ? block + kPrefetchRows * row_bytes : nullptr);
+    }
+  }
+}
+
+template <int Q>
+void Dequant(int64_t n, int64_t K, const uint8_t* w, float* panel) {
+  constexpr int64_t kBytes = BlockBytes(Q);
+  for (int64_t j = 0; j < n; ++j) {
+    const uint8_t* row = w + j * (K / kBlock * kBytes);
+    float* out = panel + j * K;
+    for (int64_t b = 0; b < K / kBlock; ++b) {
+      _mm512_storeu_ps(out + b * kBlock, Weights<Q>(row + b * kBytes, 0));
+      _mm512_storeu_ps(out + b * kBlock + 16, Weights<Q>(row + b * kBytes, 1));
+    }
+  }
+}
+
+}  // namespace
+
+// panel [n, K] (float32) = the dequantized weight rows w [n, row_bytes].
+void BlocksDequantAvx512(int qtype, int64_t n, int64_t K, const uint8_t* w, float* panel) {
+  if (qtype == kQ8_0) Dequant<kQ8_0>(n, K, w, panel);
+  if (qtype == kQ4_0) Dequant<kQ4_0>(n, K, w, panel);
+  if (qtype == kQ4_1) Dequant<kQ4_1>(n, K, w, panel);
+}
+
+// c [m, n] (row stride ldc) = x [m, K] (row stride ldx) @ dequant(w [n, row_bytes])^T, single-threaded.
+void BlocksGemmAvx512(int qtype, int64_t m, int64_t n, int64_t K, const float* x, int64_t ldx, const uint8_t* w,
+                      float* c, int64_t ldc) {
+  if (qtype == kQ8_0) Gemm<kQ8_0>(m, n, K, x, ldx, w, c, ldc);
+  if (qtype == kQ4_0) Gemm<kQ4_0>(m, n, K, x, ldx, w, c, ldc);
+  if (qtype == kQ4_1) Gemm<kQ4_1>(m, n, K, x, ldx, w, c, ldc);
+}
+
+}  // namespace gemm
+}  // namespace xyjax
