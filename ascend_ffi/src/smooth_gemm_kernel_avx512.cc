@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "avx512_sums.h"
+
 namespace xyjax {
 namespace gemm {
 namespace {
@@ -49,22 +51,7 @@ inline void Block(const float* x, int64_t ldx, const float* w, int64_t K, float*
       for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
     }
   }
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) {
-    if constexpr (NR == 4) {   // 4 sums at once: 512 -> 256 bits, then two rounds of horizontal adds
-      __m256 half[4];
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        half[j] = _mm256_add_ps(_mm512_castps512_ps256(acc[i][j]),
-                                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[i][j]), 1)));
-      }
-      const __m256 v = _mm256_hadd_ps(_mm256_hadd_ps(half[0], half[1]), _mm256_hadd_ps(half[2], half[3]));
-      _mm_storeu_ps(c + i * ldc, _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
-    } else {
-#pragma GCC unroll 8
-      for (int j = 0; j < NR; ++j) c[i * ldc + j] = _mm512_reduce_add_ps(acc[i][j]);
-    }
-  }
+  StoreSums<MR, NR>(acc, c, ldc);
 }
 
 // MR x rows against n weight rows, 4 at a time, then singly.
