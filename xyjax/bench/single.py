@@ -92,7 +92,8 @@ def table(results: dict) -> str:
 
 
 def bench_single(model: str | None = None, prompt_len: int = 512, gen_len: int = 128, repetitions: int = 5,
-                 out_dir: str = "bench-results", llm=None, llama_bench: bool = True, weight_layout: str = "auto") -> dict:
+                 out_dir: str = "bench-results", llm=None, llama_bench: bool = True,
+                 weight_layout: str = "auto") -> dict:
     """xyjax's single-stream figures and, when built, llama-bench's on the same GGUF; prints a table, writes
     ``<out_dir>/single-<time>.json`` and returns the result (``path`` added)."""
     from xyjax import LLM
