@@ -11,7 +11,7 @@ import ref_venv
 from models.gguf_loader import dequantize, load_gguf, read_gguf
 from models.weights import DENSE
 from xyjax.ops.gemm import ffi, prepare_weights
-from xyjax.ops.gemm.formats import GGUFBlocks, SplitBlocks
+from xyjax.ops.gemm.formats import ByRows, GGUFBlocks, SplitBlocks
 from models.hf_loader import load_hf
 from models.loader import load
 
@@ -38,8 +38,8 @@ def old_split_q4_1(tensor) -> np.ndarray:
 def test_real_q4_1_model_loads_its_blocks(gguf_path):
     """The default model (all dense matrices Q4_1) loads them as GGUFBlocks Q4_1 (the file's bytes), whose dense
     view is gguf's own dequantization; the embedding (Q8_0) and norms are plain. The ffi backend's auto layout
-    holds what the loader held before GGUFBlocks (SplitBlocks [d * q | m] where AMX runs, else the dense view),
-    bit for bit. A bfloat16 load holds every weight plain, the float32 weights rounded."""
+    holds what the loader held before GGUFBlocks (SplitBlocks [d * q | m] where AMX runs, there beside the blocks
+    themselves for gemms of few rows; else the dense view), bit for bit. A bfloat16 load holds every weight plain, the float32 weights rounded."""
     from models.gguf_loader import unpermute_qk
 
     model = load(gguf_path, progress=False)
@@ -58,8 +58,8 @@ def test_real_q4_1_model_loads_its_blocks(gguf_path):
            old_split_q4_1(tensors["blk.0.attn_v.weight"])]
     held = prepare_weights(model.params, "ffi")["layers"]["wqkv"]
     if ffi.has_amx():
-        assert isinstance(held, SplitBlocks)
-        np.testing.assert_array_equal(np.asarray(held.data[0]), np.concatenate(old))
+        assert isinstance(held, ByRows) and held.few is layers["wqkv"] and isinstance(held.many, SplitBlocks)
+        np.testing.assert_array_equal(np.asarray(held.many.data[0]), np.concatenate(old))
     else:
         np.testing.assert_array_equal(np.asarray(held[0]), np.asarray(SplitBlocks(np.concatenate(old), 32).dense()))
     half = load(gguf_path, dtype="bfloat16", progress=False)

@@ -12,7 +12,7 @@ import pytest
 from helpers import gguf_block_bytes
 from xyjax.ops import smooth_gemm
 from xyjax.ops.gemm import ffi as ffi_gemm, format_name, prepare_weights
-from xyjax.ops.gemm.formats import GGUF_QTYPES, GGUFBlocks, SplitBlocks, TileWeights, convert
+from xyjax.ops.gemm.formats import HYBRID_ROWS, GGUF_QTYPES, ByRows, GGUFBlocks, SplitBlocks, TileWeights, convert
 
 QTYPES = tuple(GGUF_QTYPES)
 
@@ -140,6 +140,27 @@ def test_convert_to_every_layout(qtype):
         assert isinstance(got, cls) if qtype == "Q4_1" else format_name(got) == "plain", layout
         np.testing.assert_array_equal(np.asarray(got.dense() if qtype == "Q4_1" else got), dense)
     assert format_name(prepare_weights(params, "xla", "blocks")["w"]) == "blocks"
+    hybrid = convert(params, "hybrid")["w"]
+    if qtype == "Q4_1":
+        assert isinstance(hybrid, ByRows) and hybrid.few is w and isinstance(hybrid.many, SplitBlocks)
+        assert format_name(hybrid) == "hybrid" and hybrid.shape == w.shape
+        np.testing.assert_array_equal(np.asarray(hybrid.dense()), dense)
+    else:
+        assert format_name(hybrid) == "plain"
+
+
+@pytest.mark.parametrize("backend", ["ffi", "xla"])
+def test_by_rows_takes_the_blocks_for_few_rows_and_the_split_layout_above(backend):
+    """A hybrid (ByRows) Q4_1 weight: for m <= HYBRID_ROWS the result is the blocks', above it the split layout's
+    (bit for bit on ffi, where each runs its own kernel), in one compiled program (m is data)."""
+    rng = np.random.default_rng(3)
+    w = blocks("Q4_1", (2, 70, 96))
+    hybrid = convert({"w": w}, "hybrid")["w"]
+    x = rng.standard_normal((32, 96)).astype(np.float32)
+    gemm = jax.jit(lambda x, w, m: smooth_gemm(x, w, m, layer=1, transpose_w=True, backend=backend))
+    for m in (0, 1, HYBRID_ROWS, HYBRID_ROWS + 1, 32):
+        expected = gemm(x, w if m <= HYBRID_ROWS else hybrid.many, jnp.int32(m))
+        np.testing.assert_array_equal(np.asarray(gemm(x, hybrid, jnp.int32(m))), np.asarray(expected))
 
 
 def test_bad_blocks_are_named():

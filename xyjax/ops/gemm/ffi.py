@@ -18,7 +18,7 @@ import numpy as np
 
 import ascend_ffi
 from ascend_ffi import blas
-from xyjax.ops.gemm.formats import GGUFBlocks, SplitBlocks, TileWeights
+from xyjax.ops.gemm.formats import ByRows, GGUFBlocks, SplitBlocks, TileWeights
 
 TARGET = "xyjax_smooth_gemm_cpu"   # jax.ffi target of the C++ CPU handler
 DTYPES = (jnp.float32, jnp.bfloat16)
@@ -36,14 +36,19 @@ def has_amx() -> bool:
 
 
 def auto_layout() -> str:
-    """Block-quantized weights (Q4_1) stay split where the AMX kernel's two-part path runs; elsewhere the layout
-    would only add columns, so they are made plain. "blocks" (``GGUFBlocks`` of Q8_0, Q4_0, Q4_1 read in place by
-    the handler's block kernels) is opt-in: EngineConfig weight_layout="blocks"."""
-    return "split" if has_amx() else "plain"
+    """Where the AMX kernel runs: "hybrid", Q4_1 blocks read in place by the block streaming kernel for gemms of
+    few rows (decode) and split for the AMX kernel's two-part path above (measured: BENCHMARKS.md). Elsewhere
+    "plain" (the split layout would only add columns; the block kernels are not yet measured on such a CPU, so
+    "blocks" stays opt-in there: EngineConfig weight_layout="blocks")."""
+    return "hybrid" if has_amx() else "plain"
 
 
 def gemm(x, w, m, layer, transpose_w: bool, tuning: dict) -> jax.Array:
-    """The custom call over exactly m rows, the BLAS loaded first (``ascend_ffi.blas``)."""
+    """The custom call over exactly m rows, the BLAS loaded first (``ascend_ffi.blas``); ``ByRows``: the call on
+    its ``few`` or ``many`` holding, chosen by m when the step runs."""
+    if isinstance(w, ByRows):
+        return jax.lax.cond(jnp.asarray(m) <= w.rows, lambda: gemm(x, w.few, m, layer, transpose_w, {}),
+                            lambda: gemm(x, w.many, m, layer, transpose_w, tuning))
     qtype = 0
     if isinstance(w, GGUFBlocks):
         if w.qtype not in GGUF_QTYPE_IDS:
