@@ -249,8 +249,8 @@ def ragged_case(rng, q_lens, histories, heads=4, kv_heads=2, dim=16, block_size=
         pages=pages, num_blocks=num_blocks)
     meta = attention_metadata(q_start, q_len, kv_len, tables, num_kv_heads=kv_heads, tile=tile, num_tokens=T)
     kv = KVCache(k=jnp.asarray(k), v=jnp.asarray(v))
-    dense = dense_meta(tables, [(i, q_start[i], n, total - n, None) for i, (n, total) in enumerate(zip(q_lens, kv_lens))],
-                       kv_heads)
+    seqs = [(i, q_start[i], n, total - n, None) for i, (n, total) in enumerate(zip(q_lens, kv_lens))]
+    dense = dense_meta(tables, seqs, kv_heads)
     return jnp.asarray(q), kv, meta, reference_attention(q, kv, 1, dense)
 
 

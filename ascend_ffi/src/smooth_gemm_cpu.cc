@@ -22,8 +22,9 @@
 // bfloat16 tiles, x packed once per call by all lanes, then each lane's columns as for the BLAS. The five
 // are the tunables `xyjax profile` sweeps per shape and bucket.
 //
-// quant_block = 32 (0: plain w): w is the split layout of a 4-bit block-quantized matrix (xyjax/ops/gemm/formats.py, SplitBlocks),
-// [N, K + K / 32] ([L, N, K + K / 32]) rows [d * q | m] with transpose_w, float32, K a multiple of 32: the
+// quant_block = 32 (0: plain w): w is the split layout of a 4-bit block-quantized matrix (SplitBlocks in
+// xyjax/ops/gemm/formats.py), [N, K + K / 32] ([L, N, K + K / 32]) rows [d * q | m] with transpose_w,
+// float32, K a multiple of 32: the
 // result is x_ext @ w^T for x_ext = [x | the sums of x's 32-column blocks]. w's values are exact in two
 // bfloat16 parts, which the AMX kernel relies on (five part products, not six); it sums x's blocks as it packs
 // x, the other paths read x_ext built here.
@@ -298,7 +299,8 @@ void Compute(const Problem& p, const Tunables& t, GemmKernel kernel, int64_t mc)
         break;
       case GemmKernel::kBlocksStream: {
         const uint8_t* wb = static_cast<const uint8_t*>(p.w) + (p.layer * N + n0) * p.row_bytes;
-        (avx512_blocks ? BlocksGemmAvx512 : BlocksGemmGeneric)(p.qtype, nr, n, p.K, x32 + r0 * p.K, p.K, wb, c_block, N);
+        const auto kernel = avx512_blocks ? BlocksGemmAvx512 : BlocksGemmGeneric;
+        kernel(p.qtype, nr, n, p.K, x32 + r0 * p.K, p.K, wb, c_block, N);
         break;
       }
       case GemmKernel::kBlocksPanel: {   // panels of dequantized weight rows, each one sgemm over the rows

@@ -68,7 +68,9 @@ inline void Block(const float* x, int64_t ldx, const uint8_t* w, int64_t K, floa
   for (int64_t b = 0; b < K / kBlock; ++b) {
     if (pf != nullptr) {
 #pragma GCC unroll 8
-      for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(pf + j * row_bytes + b * kBytes), _MM_HINT_T0);
+      for (int j = 0; j < NR; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(pf + j * row_bytes + b * kBytes), _MM_HINT_T0);
+      }
     }
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {

@@ -32,6 +32,15 @@ def check(q, kv, meta, expected, layer=1, **tol):
     return out
 
 
+def check_half(q, kv, meta):
+    """The ffi kernel on bfloat16 q and/or cache against the float64 reference over the same values widened."""
+    out = attention(q, kv, 1, meta, backend="ffi")
+    widened = KVCache(k=kv.k.astype(jnp.float32), v=kv.v.astype(jnp.float32))
+    expected = reference_attention(np.asarray(q.astype(jnp.float32)), widened, 1, meta)
+    np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), expected, rtol=2e-2, atol=2e-2)
+    return out
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 20), st.integers(0, 150)), min_size=1, max_size=5),
        st.sampled_from([1, 4, 16]), st.integers(0, 2**31))
@@ -84,11 +93,7 @@ def test_kernel_copies_bfloat16(monkeypatch, kernel):
     shapes = COPY_SHAPES[1]
     q, kv, meta, _ = contract_case(np.random.default_rng(6), COPY_SEQS, shapes)
     half_q, half_kv = q.astype(jnp.bfloat16), KVCache(k=kv.k.astype(jnp.bfloat16), v=kv.v.astype(jnp.bfloat16))
-    out = attention(half_q, half_kv, 1, meta, backend="ffi")
-    assert out.dtype == jnp.bfloat16
-    expected = reference_attention(np.asarray(half_q.astype(jnp.float32)),
-                              KVCache(k=half_kv.k.astype(jnp.float32), v=half_kv.v.astype(jnp.float32)), 1, meta)
-    np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), expected, rtol=2e-2, atol=2e-2)
+    assert check_half(half_q, half_kv, meta).dtype == jnp.bfloat16
 
 
 def test_many_tasks_and_long_histories():
@@ -204,11 +209,7 @@ def test_bfloat16_q_and_cache():
     for q_, kv_ in [(q.astype(jnp.bfloat16), kv),
                     (q, KVCache(k=kv.k.astype(jnp.bfloat16), v=kv.v.astype(jnp.bfloat16))),
                     (q.astype(jnp.bfloat16), KVCache(k=kv.k.astype(jnp.bfloat16), v=kv.v.astype(jnp.bfloat16)))]:
-        out = attention(q_, kv_, 1, meta, backend="ffi")
-        assert out.dtype == q_.dtype
-        expected = reference_attention(np.asarray(q_.astype(jnp.float32)),
-                                  KVCache(k=kv_.k.astype(jnp.float32), v=kv_.v.astype(jnp.float32)), 1, meta)
-        np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), expected, rtol=2e-2, atol=2e-2)
+        assert check_half(q_, kv_, meta).dtype == q_.dtype
 
 
 def test_scan_over_layers_with_traced_layer_and_donated_cache():

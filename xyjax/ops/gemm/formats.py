@@ -120,10 +120,16 @@ def _q4_0(b):
     return d[..., None] * q.astype(jnp.float32)
 
 
-def _q4_1(b):
+def _q4_1_parts(b):
+    """Q4_1 blocks [..., 20] -> (d [..., 1], q [..., 32], m [..., 1]) float32; w = d * q + m."""
     d, m = _f16(b[..., 0:2]), _f16(b[..., 2:4])
     q = _nibbles(b[..., 4:]).reshape(*b.shape[:-1], 32).astype(jnp.float32)
-    return d[..., None] * q + m[..., None]
+    return d[..., None], q, m[..., None]
+
+
+def _q4_1(b):
+    d, q, m = _q4_1_parts(b)
+    return d * q + m
 
 
 def _q4_k_scale_min(s):
@@ -197,11 +203,8 @@ class GGUFBlocks:
         ``SplitBlocks.dense()`` = d * q + m rounded once, as ``dense()``)."""
         if self.qtype != "Q4_1":
             raise ValueError(f"GGUFBlocks.split: only Q4_1 blocks have a split layout, not {self.qtype}")
-        b = self.blocks()
-        d, m = _f16(b[..., 0:2]), _f16(b[..., 2:4])
-        q = _nibbles(b[..., 4:]).reshape(*b.shape[:-1], 32).astype(jnp.float32)
-        dq = (d[..., None] * q).reshape(self.shape)
-        return SplitBlocks(jnp.concatenate([dq, m], axis=-1), 32)
+        d, q, m = _q4_1_parts(self.blocks())
+        return SplitBlocks(jnp.concatenate([(d * q).reshape(self.shape), m[..., 0]], axis=-1), 32)
 
 
 @jax.tree_util.register_dataclass
