@@ -1,10 +1,10 @@
 """Load a Llama-family GGUF file: config, params (HF layout) and GGUF metadata.
 
-A dense matrix (q, k, v, o, gate, up, down) of a block type ``GGUFBlocks`` holds (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K;
-``xyjax.ops.gemm.formats``) keeps the file's blocks, row for row (the Q/K rows un-permuted, fused q/k/v and
-gate/up rows concatenated, layers stacked, where the joined parts share their type; else that matrix is
-dequantized); every other tensor (the embedding, the LM head, norms, biases, and matrices of other types) is
-dequantized to float32 by ``gguf``. The engine's gemm backend picks the layout (``prepare_weights``).
+A matrix (q, k, v, o, gate, up, down, the embedding, the LM head) of a block type ``GGUFBlocks`` holds (Q8_0,
+Q4_0, Q4_1, Q4_K, Q6_K; ``xyjax.ops.gemm.formats``) keeps the file's blocks, row for row (the Q/K rows
+un-permuted, fused q/k/v and gate/up rows concatenated, layers stacked, where the joined parts share their type;
+else that matrix is dequantized); every other tensor (norms, biases, and matrices of other types) is dequantized
+to float32 by ``gguf``. The engine's gemm backend picks the layout (``prepare_weights``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from models.tokenizer import gguf_metadata
 from models.weights import stack_layers
 from xyjax.ops.gemm.formats import GGUF_QTYPES, GGUFBlocks
 
-DENSE_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+# the matrices held as GGUFBlocks where their type allows
+BLOCK_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "token_embd", "output")
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -86,7 +87,7 @@ def load_gguf(path: str, progress: bool = True) -> tuple[ModelConfig, dict, dict
         if name not in tensors:
             raise ValueError(f"GGUF file {path} lacks tensor {name!r}")
         tensor, kind = tensors[name], name.split(".")[-2]
-        blocks = (kind in DENSE_TENSORS and name.endswith(".weight") and len(tensor.shape) == 2
+        blocks = (kind in BLOCK_TENSORS and name.endswith(".weight") and len(tensor.shape) == 2
                   and tensor.tensor_type.name in GGUF_QTYPES)
         w = gguf_blocks(tensor) if blocks else dequantize(tensor, np.float32)
         if permuted and kind in ("attn_q", "attn_k"):   # a row permutation: block rows move whole

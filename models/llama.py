@@ -19,7 +19,7 @@ import numpy as np
 
 from models.config import ModelConfig
 from models.weights import DENSE
-from xyjax.ops import Backends, KVCache, StepInputs
+from xyjax.ops import Backends, KVCache, StepInputs, take_rows
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -56,7 +56,7 @@ def forward(params: dict, kv: KVCache, inputs: StepInputs, *, cfg: ModelConfig,
             backends: Backends = Backends()) -> tuple[jax.Array, KVCache]:
     """One step: writes this step's K/V into ``kv`` and returns float32 logits [R, V] for the sampled rows."""
     m = inputs.num_tokens
-    x = params["embed"][inputs.token_ids]                                   # [T, D]
+    x = take_rows(params["embed"], inputs.token_ids)                        # [T, D]
     angles = inputs.positions[:, None].astype(jnp.float32) * rope_frequencies(cfg)[None]
     cos, sin = jnp.cos(jnp.concatenate([angles] * 2, -1)), jnp.sin(jnp.concatenate([angles] * 2, -1))
     # The dense weights stay stacked [L, out, in] and are read by layer index (the ffi backend in place);

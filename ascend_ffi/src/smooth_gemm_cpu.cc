@@ -116,8 +116,8 @@ struct Tunables {
   bool split_rows;
 };
 
-// The five gemm kernels; ChooseKernel picks one per call.
-enum class GemmKernel { kSgemm, kBf16Gemm, kStream, kAmx, kAmxTiles, kBlocksStream, kBlocksPanel };
+// The gemm kernels; ChooseKernel picks one per call.
+enum class GemmKernel { kSgemm, kBf16Gemm, kStream, kAmx, kAmxTiles, kBlocksStream, kBlocksPanel, kBlocksAmx };
 
 // Buffers -> Problem, with the shape and dtype checks.
 ffi::Error Parse(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, Scalar32 layer_buffer, bool transpose_w,
@@ -210,13 +210,16 @@ ffi::Error CheckBlasAndTunables(const Problem& p, const Tunables& t) {
   return ffi::Error::Success();
 }
 
-// The one choice of kernel. GGUF blocks: the block streaming kernel for m <= stream_rows, else the block panels.
+// The one choice of kernel. GGUF blocks: the block streaming kernel for m <= stream_rows, else the block panels,
+// multiplied by the AMX kernel for m >= amx_rows > 0 where this CPU runs it, else by the BLAS.
 // Tile weights: the AMX tile kernel. bfloat16: the BLAS's bf16 gemm. float32 with
 // transpose_w: the streaming kernel for m <= stream_rows, else the AMX kernel for m >= amx_rows > 0, where this
 // CPU runs them. Everything else: the BLAS's sgemm.
 GemmKernel ChooseKernel(const Problem& p, const Tunables& t) {
   static const bool stream_runs = StreamKernelRuns(), amx_runs = AmxReady();
-  if (p.qtype != 0) return p.m <= t.stream_rows ? GemmKernel::kBlocksStream : GemmKernel::kBlocksPanel;
+  if (p.qtype != 0 && p.m <= t.stream_rows) return GemmKernel::kBlocksStream;
+  if (p.qtype != 0) return amx_runs && t.amx_rows > 0 && p.m >= t.amx_rows ? GemmKernel::kBlocksAmx
+                                                                          : GemmKernel::kBlocksPanel;
   if (p.w_tiles) return GemmKernel::kAmxTiles;
   if (p.bf16) return GemmKernel::kBf16Gemm;
   if (p.transpose_w && stream_runs && p.m <= t.stream_rows) return GemmKernel::kStream;
@@ -231,20 +234,22 @@ bool BlocksUseAvx512() {
   return runs && !(forced != nullptr && std::string(forced) == "generic");
 }
 
-// Weight rows per panel of the block panel kernel: about 256 KiB of float32 (L2), a multiple of 16.
-int64_t PanelRows(int64_t K) { return std::max<int64_t>(16, (256 * 1024 / 4 / std::max<int64_t>(K, 1)) / 16 * 16); }
+// Weight rows per panel of the block panel kernels: about 1 MiB of float32 rows of K (in L2), a multiple of 16:
+// enough rows that the passes over x (AMX; the BLAS packs x per call) cost little beside the multiply.
+int64_t PanelRows(int64_t K) { return std::max<int64_t>(16, ((1 << 20) / 4 / std::max<int64_t>(K, 1)) / 16 * 16); }
 
-// AMX: x's rows [0, mc) as bfloat16 tiles, 16 rows per block, packed by all lanes before any lane multiplies.
-const uint8_t* PackX(const Problem& p, int64_t mc, int64_t lanes) {
+// AMX: x's rows [0, mc) as bfloat16 tiles, 16 rows per block, packed by all lanes before any lane multiplies;
+// with sums each row followed by its 32-column block sums (the split layout's x_ext).
+const uint8_t* PackX(const Problem& p, int64_t mc, int64_t lanes, bool sums) {
   struct alignas(64) Line {
     uint8_t bytes[64];
   };
   thread_local std::vector<Line> packed;  // cache-line aligned: a tile row across two lines loads slower
-  packed.resize((AmxPackedBytes(mc, AmxPackedK(p.K, p.quant)) + 63) / 64);
+  packed.resize((AmxPackedBytes(mc, AmxPackedK(p.K, sums)) + 63) / 64);
   uint8_t* dst = reinterpret_cast<uint8_t*>(packed.data());
   const int64_t row_blocks = (mc + 15) / 16, per_lane = (row_blocks + lanes - 1) / lanes;
   ThreadPool::Shared().Run(static_cast<int>(std::min(lanes, row_blocks)), [&](int i) {
-    AmxPackX(mc, p.K, p.quant, static_cast<const float*>(p.x), p.K, i * per_lane,
+    AmxPackX(mc, p.K, sums, static_cast<const float*>(p.x), p.K, i * per_lane,
              std::min(row_blocks, (i + 1) * per_lane), dst);
   });
   return dst;
@@ -264,7 +269,7 @@ const float* RowsOfX(const Problem& p, int64_t mc) {
 // kColumnAlign-aligned columns, one block per lane, each one single-threaded call of the kernel.
 void Compute(const Problem& p, const Tunables& t, GemmKernel kernel, int64_t mc) {
   const int64_t N = p.N, KE = p.KE;
-  const bool amx = kernel == GemmKernel::kAmx || kernel == GemmKernel::kAmxTiles;
+  const bool amx = kernel == GemmKernel::kAmx || kernel == GemmKernel::kAmxTiles || kernel == GemmKernel::kBlocksAmx;
   const bool avx512_blocks = p.qtype != 0 && BlocksUseAvx512();
   // float32: straight into the result. bfloat16: into float scratch, rounded once per lane's block.
   thread_local std::vector<float> scratch;  // reused across calls on this thread
@@ -272,7 +277,8 @@ void Compute(const Problem& p, const Tunables& t, GemmKernel kernel, int64_t mc)
   float* c = p.bf16 ? scratch.data() : reinterpret_cast<float*>(p.out);
   ThreadPool& pool = ThreadPool::Shared();
   const int64_t lanes = t.lanes == 0 ? pool.lanes() : std::min<int64_t>(t.lanes, pool.lanes());
-  const uint8_t* xb = amx ? PackX(p, mc, lanes) : nullptr;
+  const bool split_panels = kernel == GemmKernel::kBlocksAmx && p.qtype == blocks::kQ4_1;
+  const uint8_t* xb = amx ? PackX(p, mc, lanes, p.quant || split_panels) : nullptr;
   const float* x32 = amx || p.bf16 ? nullptr : RowsOfX(p, mc);
   const bool by_rows = t.split_rows && !amx;
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(lanes, by_rows ? mc : N / kColumnAlign));
@@ -303,18 +309,28 @@ void Compute(const Problem& p, const Tunables& t, GemmKernel kernel, int64_t mc)
         kernel(p.qtype, nr, n, p.K, x32 + r0 * p.K, p.K, wb, c_block, N);
         break;
       }
-      case GemmKernel::kBlocksPanel: {   // panels of dequantized weight rows, each one sgemm over the rows
+      case GemmKernel::kBlocksPanel:   // panels of dequantized weight rows, each multiplied by the BLAS or AMX
+      case GemmKernel::kBlocksAmx: {   // (Q4_1: the split layout [d * q | m], two exact bfloat16 parts)
         const uint8_t* wb = static_cast<const uint8_t*>(p.w) + (p.layer * N + n0) * p.row_bytes;
-        const int64_t rows = std::min(n, PanelRows(p.K));
+        const int64_t width = split_panels ? p.K + p.K / blocks::kBlock : p.K;
+        const int64_t rows = std::min(n, PanelRows(width));
         thread_local std::vector<float> panel;
-        panel.resize(rows * p.K);
+        panel.resize(rows * width);
         for (int64_t j = 0; j < n; j += rows) {
           const int64_t nj = std::min(rows, n - j);
-          (avx512_blocks ? BlocksDequantAvx512 : BlocksDequantGeneric)(p.qtype, nj, p.K, wb + j * p.row_bytes,
-                                                                      panel.data());
-          sgemm(kRowMajor, kNoTrans, kTrans, static_cast<int>(nr), static_cast<int>(nj), static_cast<int>(p.K), 1.0f,
-                x32 + r0 * p.K, static_cast<int>(p.K), panel.data(), static_cast<int>(p.K), 0.0f, c_block + j,
-                static_cast<int>(N));
+          if (split_panels) {
+            BlocksSplitAvx512(nj, p.K, wb + j * p.row_bytes, panel.data());
+          } else {
+            (avx512_blocks ? BlocksDequantAvx512 : BlocksDequantGeneric)(p.qtype, nj, p.K, wb + j * p.row_bytes,
+                                                                        panel.data());
+          }
+          if (kernel == GemmKernel::kBlocksAmx) {
+            AmxGemm(nr, nj, width, split_panels ? 2 : 3, xb, panel.data(), c_block + j, N);
+          } else {
+            sgemm(kRowMajor, kNoTrans, kTrans, static_cast<int>(nr), static_cast<int>(nj), static_cast<int>(p.K), 1.0f,
+                  x32 + r0 * p.K, static_cast<int>(p.K), panel.data(), static_cast<int>(p.K), 0.0f, c_block + j,
+                  static_cast<int>(N));
+          }
         }
         break;
       }

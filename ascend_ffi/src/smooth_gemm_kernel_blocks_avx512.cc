@@ -133,6 +133,24 @@ void Dequant(int64_t n, int64_t K, const uint8_t* w, float* panel) {
 
 }  // namespace
 
+// Q4_1: panel [n, K + K / 32] = each row's d * q (exact in float32), then its K / 32 block minimums m.
+void BlocksSplitAvx512(int64_t n, int64_t K, const uint8_t* w, float* panel) {
+  constexpr int64_t kBytes = BlockBytes(kQ4_1);
+  const int64_t blocks = K / kBlock;
+  for (int64_t j = 0; j < n; ++j) {
+    const uint8_t* row = w + j * blocks * kBytes;
+    float* out = panel + j * (K + blocks);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* blk = row + b * kBytes;
+      const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4)));
+      const __m512 d = Half16(blk);
+      _mm512_storeu_ps(out + b * kBlock, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)))));
+      _mm512_storeu_ps(out + b * kBlock + 16, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4))));
+      out[K + b] = LoadHalf(blk + 2);
+    }
+  }
+}
+
 // panel [n, K] (float32) = the dequantized weight rows w [n, row_bytes].
 void BlocksDequantAvx512(int qtype, int64_t n, int64_t K, const uint8_t* w, float* panel) {
   if (qtype == kQ8_0) Dequant<kQ8_0>(n, K, w, panel);

@@ -24,10 +24,13 @@ void BlocksDequantGeneric(int qtype, int64_t n, int64_t K, const uint8_t* w, flo
 void BlocksGemmAvx512(int qtype, int64_t m, int64_t n, int64_t K, const float* x, int64_t ldx, const uint8_t* w,
                       float* c, int64_t ldc);
 void BlocksDequantAvx512(int qtype, int64_t n, int64_t K, const uint8_t* w, float* panel);
+// Q4_1 only: panel [n, K + K / 32] = the rows in the split layout (d * q, then the block minimums m), float32.
+void BlocksSplitAvx512(int64_t n, int64_t K, const uint8_t* w, float* panel);
 inline bool BlocksAvx512Runs() { return __builtin_cpu_supports("avx512f"); }
 #else
 inline void BlocksGemmAvx512(int, int64_t, int64_t, int64_t, const float*, int64_t, const uint8_t*, float*, int64_t) {}
 inline void BlocksDequantAvx512(int, int64_t, int64_t, const uint8_t*, float*) {}
+inline void BlocksSplitAvx512(int64_t, int64_t, const uint8_t*, float*) {}
 inline bool BlocksAvx512Runs() { return false; }
 #endif
 

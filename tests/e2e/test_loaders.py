@@ -10,8 +10,8 @@ import ref_venv
 
 from models.gguf_loader import dequantize, load_gguf, read_gguf
 from models.weights import DENSE
-from xyjax.ops.gemm import ffi, prepare_weights
-from xyjax.ops.gemm.formats import ByRows, GGUFBlocks, SplitBlocks
+from xyjax.ops.gemm import prepare_weights
+from xyjax.ops.gemm.formats import GGUFBlocks, SplitBlocks
 from models.hf_loader import load_hf
 from models.loader import load
 
@@ -36,67 +36,48 @@ def old_split_q4_1(tensor) -> np.ndarray:
 
 
 def test_real_q4_1_model_loads_its_blocks(gguf_path):
-    """The default model (all dense matrices Q4_1) loads them as GGUFBlocks Q4_1 (the file's bytes), whose dense
-    view is gguf's own dequantization; the embedding (Q8_0) and norms are plain. The ffi backend's auto layout
-    holds what the loader held before GGUFBlocks (SplitBlocks [d * q | m] where AMX runs, there beside the blocks
-    themselves for gemms of few rows; else the dense view), bit for bit. A bfloat16 load holds every weight plain, the float32 weights rounded."""
+    """The default model loads its dense matrices (Q4_1) and its embedding, the tied LM head (Q8_0), as GGUFBlocks
+    (the file's bytes), whose dense view is gguf's own dequantization; the norms are plain. The ffi backend's auto
+    layout keeps the blocks; the split layout holds what the loader held before GGUFBlocks (SplitBlocks
+    [d * q | m]), bit for bit. A bfloat16 load holds every weight plain, the float32 weights rounded."""
     from models.gguf_loader import unpermute_qk
 
     model = load(gguf_path, progress=False)
-    reader = read_gguf(gguf_path)
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = {t.name: t for t in read_gguf(gguf_path).tensors}
     layers = model.params["layers"]
     for name in DENSE:
         assert isinstance(layers[name], GGUFBlocks) and layers[name].qtype == "Q4_1", name
         assert layers[name].data.dtype == jnp.uint8, name
-    assert not isinstance(model.params["embed"], GGUFBlocks)
+    embed = model.params["embed"]
+    assert isinstance(embed, GGUFBlocks) and embed.qtype == "Q8_0" and "lm_head" not in model.params
+    np.testing.assert_array_equal(np.asarray(embed.dense()), dequantize(tensors["token_embd.weight"], np.float32))
     gate_up = np.asarray(layers["w_gate_up"].dense())[0]
     np.testing.assert_array_equal(gate_up[gate_up.shape[0] // 2:], dequantize(tensors["blk.0.ffn_up.weight"], np.float32))
+    assert prepare_weights(model.params, "ffi")["layers"]["wqkv"] is layers["wqkv"]
     cfg = model.config
     old = [unpermute_qk(old_split_q4_1(tensors["blk.0.attn_q.weight"]), cfg.num_heads),
            unpermute_qk(old_split_q4_1(tensors["blk.0.attn_k.weight"]), cfg.num_kv_heads),
            old_split_q4_1(tensors["blk.0.attn_v.weight"])]
-    held = prepare_weights(model.params, "ffi")["layers"]["wqkv"]
-    if ffi.has_amx():
-        assert isinstance(held, ByRows) and held.few is layers["wqkv"] and isinstance(held.many, SplitBlocks)
-        np.testing.assert_array_equal(np.asarray(held.many.data[0]), np.concatenate(old))
-    else:
-        np.testing.assert_array_equal(np.asarray(held[0]), np.asarray(SplitBlocks(np.concatenate(old), 32).dense()))
+    split = prepare_weights(model.params, "ffi", "split")["layers"]["wqkv"]
+    assert isinstance(split, SplitBlocks)
+    np.testing.assert_array_equal(np.asarray(split.data[0]), np.concatenate(old))
     half = load(gguf_path, dtype="bfloat16", progress=False)
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(half.params))
     np.testing.assert_array_equal(np.asarray(half.params["layers"]["w_gate_up"][0], np.float32),
                                   np.asarray(jnp.asarray(gate_up, jnp.bfloat16), np.float32))
 
 
-def test_real_model_greedy_output_is_unchanged(gguf_path):
-    """The engine on the default model with the default (auto) layout generates the same greedy tokens as on
-    the weights the loader held before GGUFBlocks (SplitBlocks built from the file's bytes)."""
-    import dataclasses
-
-    from models.gguf_loader import unpermute_qk
+def test_real_model_greedy_output_is_the_float32_models(gguf_path):
+    """The engine on the default model with its weights read in place as the file's blocks (the default layout)
+    generates the same greedy tokens as on the whole model dequantized to float32 ("plain")."""
     from xyjax import LLM, SamplingParams
 
     model = load(gguf_path, progress=False)
-    cfg, tensors = model.config, {t.name: t for t in read_gguf(gguf_path).tensors}
-
-    def split(i, kind, heads=None):
-        w = old_split_q4_1(tensors[f"blk.{i}.{kind}.weight"])
-        return w if heads is None else unpermute_qk(w, heads)
-
-    fused = {"wqkv": lambda i: [split(i, "attn_q", cfg.num_heads), split(i, "attn_k", cfg.num_kv_heads),
-                                split(i, "attn_v")],
-             "wo": lambda i: [split(i, "attn_output")], "w_gate_up": lambda i: [split(i, "ffn_gate"), split(i, "ffn_up")],
-             "w_down": lambda i: [split(i, "ffn_down")]}
-    old_layers = dict(model.params["layers"])
-    for name, parts in fused.items():
-        stacked = np.stack([np.concatenate(parts(i)) for i in range(cfg.num_layers)])
-        old_layers[name] = SplitBlocks(jnp.asarray(stacked), 32)
-    old = dataclasses.replace(model, params={**model.params, "layers": old_layers})
-    sampling = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    prompts = ["The capital of France is", "def fibonacci(n):"]
-    new_ids = [o.token_ids for o in LLM(model, progress=False).generate(prompts, sampling)]
-    old_ids = [o.token_ids for o in LLM(old, progress=False).generate(prompts, sampling)]
-    assert new_ids == old_ids
+    sampling = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    prompts = ["The capital of France is", "def fibonacci(n):", "List three colors:"]
+    tokens = {layout: [o.token_ids for o in LLM(model, weight_layout=layout, progress=False).generate(prompts, sampling)]
+              for layout in ("auto", "plain")}
+    assert tokens["auto"] == tokens["plain"]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

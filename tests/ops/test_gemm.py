@@ -175,7 +175,7 @@ def test_prepare_weights_layouts():
     np.testing.assert_array_equal(np.asarray(plain["w"]), np.asarray(split.dense()))
     assert prepare_weights(params, "ffi", "split")["w"] is split
     assert isinstance(prepare_weights(params, "ffi", "tiles")["w"], TileWeights)
-    with pytest.raises(ValueError, match="weight layout must be one of auto, plain, split, tiles, blocks, hybrid, got 'q4'"):
+    with pytest.raises(ValueError, match="weight layout must be one of auto, plain, split, tiles, blocks, got 'q4'"):
         prepare_weights(params, "ffi", "q4")
 
 

@@ -12,7 +12,7 @@ import pytest
 from helpers import gguf_block_bytes
 from xyjax.ops import smooth_gemm
 from xyjax.ops.gemm import ffi as ffi_gemm, format_name, prepare_weights
-from xyjax.ops.gemm.formats import HYBRID_ROWS, GGUF_QTYPES, ByRows, GGUFBlocks, SplitBlocks, TileWeights, convert
+from xyjax.ops.gemm.formats import GGUF_QTYPES, GGUFBlocks, SplitBlocks, TileWeights, convert, dense, take_rows
 
 QTYPES = tuple(GGUF_QTYPES)
 
@@ -51,15 +51,27 @@ def test_smooth_gemm_reads_blocks_by_layer(qtype, backend):
         assert not out[m:].any()
 
 
-def test_ffi_names_unread_blocks_and_never_picks_blocks():
+def test_ffi_names_unread_blocks_and_keeps_blocks():
     """The ffi handler reads Q8_0, Q4_0 and Q4_1 blocks; K-quants are named with the supported types. Its automatic
-    layout is never "blocks" (opt-in: weight_layout="blocks")."""
+    layout keeps the blocks."""
     w = blocks("Q4_K", (16, 256))
     with pytest.raises(TypeError, match="ffi gemm backend: GGUFBlocks \\(Q4_K\\).*reads Q4_0, Q4_1, Q8_0"):
         smooth_gemm(jnp.ones((4, 256)), w, 4, transpose_w=True, backend="ffi")
-    assert not isinstance(prepare_weights({"w": blocks("Q8_0", (16, 64))}, "ffi")["w"], GGUFBlocks)
+    kept = blocks("Q8_0", (16, 64))
+    assert prepare_weights({"w": kept}, "ffi")["w"] is kept
     with pytest.raises(ValueError, match="transpose_w=True"):
         smooth_gemm(jnp.ones((4, 16)), w, 4)
+
+
+@pytest.mark.parametrize("layout", ["blocks", "split", "plain"])
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_take_rows_is_the_dense_views_rows(qtype, layout):
+    """An embedding lookup on a weight in any layout (jitted, rows repeated and out of order) equals the same rows
+    of its dense view, bit for bit."""
+    w = convert({"w": jax.tree.map(jnp.asarray, blocks(qtype, (20, 256)))}, layout)["w"]
+    ids = jnp.asarray([3, 0, 19, 3], jnp.int32)
+    expected = np.asarray(GGUFBlocks(w.data, qtype, 256).dense() if layout == "blocks" else dense(w))[[3, 0, 19, 3]]
+    np.testing.assert_array_equal(np.asarray(jax.jit(take_rows)(w, ids)), expected)
 
 
 def _has_avx512f() -> bool:
@@ -75,15 +87,15 @@ FFI_QTYPES = tuple(ffi_gemm.GGUF_QTYPE_IDS)
 # choice), "generic" the portable copy every CPU runs (forced by XYJAX_GEMM_BLOCKS_KERNEL=generic)
 COPIES = ("generic", pytest.param("avx512", marks=pytest.mark.skipif(
     not _has_avx512f(), reason="this CPU has no AVX-512F: the handler runs the portable copy only")))
-# stream_rows picks the block kernel: default (streaming for m <= 24, panels + sgemm above), always panels (0),
-# always streaming (128)
-TUNINGS = ({}, {"stream_rows": 0}, {"stream_rows": 128})
+# stream_rows and amx_rows pick the block kernel: default (streaming for m <= 24, panels multiplied by AMX where it
+# runs, else the BLAS, above), always panels (0; with the BLAS: amx_rows 0), always streaming (128)
+TUNINGS = ({}, {"stream_rows": 0}, {"stream_rows": 0, "amx_rows": 0}, {"stream_rows": 128})
 _ffi_gemm = jax.jit(lambda x, w, m, layer, tuning: smooth_gemm(x, w, m, layer=layer, transpose_w=True, backend="ffi",
                                                                tuning=dict(tuning)),
                     static_argnames="tuning")
 
 
-@pytest.mark.parametrize("tuning", TUNINGS, ids=("default", "panels", "stream"))
+@pytest.mark.parametrize("tuning", TUNINGS, ids=("default", "panels", "blas-panels", "stream"))
 @pytest.mark.parametrize("K", (96, 576))
 @pytest.mark.parametrize("copy", COPIES)
 @pytest.mark.parametrize("qtype", FFI_QTYPES)
@@ -140,27 +152,6 @@ def test_convert_to_every_layout(qtype):
         assert isinstance(got, cls) if qtype == "Q4_1" else format_name(got) == "plain", layout
         np.testing.assert_array_equal(np.asarray(got.dense() if qtype == "Q4_1" else got), dense)
     assert format_name(prepare_weights(params, "xla", "blocks")["w"]) == "blocks"
-    hybrid = convert(params, "hybrid")["w"]
-    if qtype == "Q4_1":
-        assert isinstance(hybrid, ByRows) and hybrid.few is w and isinstance(hybrid.many, SplitBlocks)
-        assert format_name(hybrid) == "hybrid" and hybrid.shape == w.shape
-        np.testing.assert_array_equal(np.asarray(hybrid.dense()), dense)
-    else:
-        assert format_name(hybrid) == "plain"
-
-
-@pytest.mark.parametrize("backend", ["ffi", "xla"])
-def test_by_rows_takes_the_blocks_for_few_rows_and_the_split_layout_above(backend):
-    """A hybrid (ByRows) Q4_1 weight: for m <= HYBRID_ROWS the result is the blocks', above it the split layout's
-    (bit for bit on ffi, where each runs its own kernel), in one compiled program (m is data)."""
-    rng = np.random.default_rng(3)
-    w = blocks("Q4_1", (2, 70, 96))
-    hybrid = convert({"w": w}, "hybrid")["w"]
-    x = rng.standard_normal((32, 96)).astype(np.float32)
-    gemm = jax.jit(lambda x, w, m: smooth_gemm(x, w, m, layer=1, transpose_w=True, backend=backend))
-    for m in (0, 1, HYBRID_ROWS, HYBRID_ROWS + 1, 32):
-        expected = gemm(x, w if m <= HYBRID_ROWS else hybrid.many, jnp.int32(m))
-        np.testing.assert_array_equal(np.asarray(gemm(x, hybrid, jnp.int32(m))), np.asarray(expected))
 
 
 def test_bad_blocks_are_named():

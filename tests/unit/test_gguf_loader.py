@@ -116,7 +116,7 @@ def test_model_keeps_its_dense_matrices_as_blocks(tmp_path):
     for name, qtype in (("wqkv", "Q8_0"), ("wo", "Q4_K"), ("w_down", "Q6_K")):
         assert isinstance(layers[name], GGUFBlocks) and layers[name].qtype == qtype, name
     assert isinstance(layers["w_gate_up"], np.ndarray) and layers["w_gate_up"].dtype == np.float32
-    assert isinstance(params["embed"], np.ndarray) and cfg.tie_word_embeddings and "lm_head" not in params
+    assert isinstance(params["embed"], np.ndarray) and cfg.tie_word_embeddings and "lm_head" not in params   # float32 in the file
     for i in range(L):
         b = f"blk.{i}."
         expected = {"wqkv": np.concatenate([deq(b + "attn_q.weight", H), deq(b + "attn_k.weight", HKV),

@@ -49,11 +49,10 @@ class EngineConfig:
         jnp, the default elsewhere) or "pallas" (Pallas kernel: Triton on GPU, interpret mode on CPU). The
         engine reads the backend's tunables from this device's `xyjax profile` table when there is one.
     weight_layout: how the gemm backend holds a GGUF's block-quantized weights (``GGUFBlocks``,
-        ``xyjax.ops.gemm.prepare_weights``): "auto" (the backend's choice for this CPU: "hybrid" where the ffi AMX
-        kernel runs, else plain), "plain" (dense float32), "split" (Q4_1 as ``SplitBlocks``, other types plain),
-        "tiles" (``TileWeights``, ffi on AMX CPUs), "blocks" (the file's blocks, kept as ``GGUFBlocks``: the ffi
-        block kernels read Q8_0, Q4_0, Q4_1 in place; xla and pallas compute on their dense view) or "hybrid"
-        (Q4_1 held twice, ``ByRows``: the blocks for gemms of at most 16 rows, split above).
+        ``xyjax.ops.gemm.prepare_weights``): "auto" (the backend's choice: "blocks" for ffi, plain for xla and
+        pallas), "plain" (dense float32), "split" (Q4_1 as ``SplitBlocks``, other types plain), "tiles"
+        (``TileWeights``, ffi on AMX CPUs) or "blocks" (the file's blocks, kept as ``GGUFBlocks``: the ffi block
+        kernels read them in place; xla and pallas compute on their dense view).
     enable_prefix_caching: token-wise automatic prefix caching (xyjax.engine.prefix_cache): a request reuses the KV of
         the longest prefix of its tokens that an earlier request computed, down to the token.
     seed: seeds requests that bring none.

@@ -23,21 +23,18 @@ import chex
 import jax
 
 from xyjax.ops.gemm import ffi, pallas, xla
-from xyjax.ops.gemm.formats import LAYOUTS, ByRows, GGUFBlocks, SplitBlocks, TileWeights, convert, is_format
+from xyjax.ops.gemm.formats import LAYOUTS, GGUFBlocks, SplitBlocks, TileWeights, convert, is_format, take_rows
 
-__all__ = ["BACKENDS", "format_name", "prepare_weights", "smooth_gemm"]
+__all__ = ["BACKENDS", "format_name", "prepare_weights", "smooth_gemm", "take_rows"]
 
 # backend name -> module with gemm(x, w, m, layer, transpose_w, tuning) and the layout "auto" picks for it
 BACKENDS = {"xla": xla, "ffi": ffi, "pallas": pallas}
 
 
 def format_name(w) -> str:
-    """The profile key of a weight's format: "plain", "split", "tiles", "blocks" (``GGUFBlocks``) or "hybrid"
-    (``ByRows``)."""
+    """The profile key of a weight's format: "plain", "split", "tiles" or "blocks" (``GGUFBlocks``)."""
     if isinstance(w, GGUFBlocks):
         return "blocks"
-    if isinstance(w, ByRows):
-        return "hybrid"
     return "split" if isinstance(w, SplitBlocks) else "tiles" if isinstance(w, TileWeights) else "plain"
 
 

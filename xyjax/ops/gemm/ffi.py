@@ -6,8 +6,9 @@ Tunables (``tuning``; missing keys: ``TUNING``, or ``TUNING_SPLIT`` for block-qu
 m rounded up to this, then zero the extra rows), ``stream_rows`` (float32 with ``transpose_w`` and m <= this: the
 handler's streaming kernel, which reads the weights once in place, instead of the BLAS, which packs them;
 AVX-512 CPUs; for ``GGUFBlocks`` m <= this runs the block streaming kernel, larger m the block panels: dequantized
-weight rows, then the BLAS), ``amx_rows`` (the float32 ``transpose_w`` gemms the streaming kernel does not take, with m >= this
-> 0: the AMX kernel, float32-accurate sums of bfloat16 tile products; AMX-BF16 CPUs, elsewhere the BLAS).
+weight rows, then AMX or the BLAS), ``amx_rows`` (the float32 ``transpose_w`` gemms and block panels the streaming
+kernels do not take, with m >= this > 0: the AMX kernel, float32-accurate sums of bfloat16 tile products; AMX-BF16
+CPUs, elsewhere the BLAS).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 import ascend_ffi
 from ascend_ffi import blas
-from xyjax.ops.gemm.formats import ByRows, GGUFBlocks, SplitBlocks, TileWeights
+from xyjax.ops.gemm.formats import GGUFBlocks, SplitBlocks, TileWeights
 
 TARGET = "xyjax_smooth_gemm_cpu"   # jax.ffi target of the C++ CPU handler
 DTYPES = (jnp.float32, jnp.bfloat16)
@@ -30,25 +31,15 @@ QUANT_BLOCKS = (32,)   # the block sizes the handler's split path takes
 GGUF_QTYPE_IDS = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
 
 
-def has_amx() -> bool:
-    """Whether the handler's AMX kernel runs here (a CPU with AMX-BF16 and a kernel compiled for it)."""
-    return jax.default_backend() == "cpu" and bool(ascend_ffi.load().xyjax_gemm_amx())
-
-
 def auto_layout() -> str:
-    """Where the AMX kernel runs: "hybrid", Q4_1 blocks read in place by the block streaming kernel for gemms of
-    few rows (decode) and split for the AMX kernel's two-part path above (measured: BENCHMARKS.md). Elsewhere
-    "plain" (the split layout would only add columns; the block kernels are not yet measured on such a CPU, so
-    "blocks" stays opt-in there: EngineConfig weight_layout="blocks")."""
-    return "hybrid" if has_amx() else "plain"
+    """"blocks" on every CPU: the file's blocks read in place, by the block streaming kernel for gemms of few rows
+    (decode: a fifth of float32's bytes) and as dequantized panels multiplied by the AMX kernel (where it runs)
+    or the BLAS above (BENCHMARKS.md, "Blocks everywhere")."""
+    return "blocks"
 
 
 def gemm(x, w, m, layer, transpose_w: bool, tuning: dict) -> jax.Array:
-    """The custom call over exactly m rows, the BLAS loaded first (``ascend_ffi.blas``); ``ByRows``: the call on
-    its ``few`` or ``many`` holding, chosen by m when the step runs."""
-    if isinstance(w, ByRows):
-        return jax.lax.cond(jnp.asarray(m) <= w.rows, lambda: gemm(x, w.few, m, layer, transpose_w, {}),
-                            lambda: gemm(x, w.many, m, layer, transpose_w, tuning))
+    """The custom call over exactly m rows, the BLAS loaded first (``ascend_ffi.blas``)."""
     qtype = 0
     if isinstance(w, GGUFBlocks):
         if w.qtype not in GGUF_QTYPE_IDS:

@@ -24,8 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 TILE_ROWS, TILE_K = 16, 32   # an AMX A tile: 16 weight rows x 32 bfloat16 along K
-LAYOUTS = ("auto", "plain", "split", "tiles", "blocks", "hybrid")
-HYBRID_ROWS = 16   # "hybrid": the blocks serve gemms of at most this many rows (BENCHMARKS.md, GGUF blocks)
+LAYOUTS = ("auto", "plain", "split", "tiles", "blocks")
 
 
 def _in_features(width: int, block: int) -> int:
@@ -207,26 +206,7 @@ class GGUFBlocks:
         return SplitBlocks(jnp.concatenate([(d * q).reshape(self.shape), m[..., 0]], axis=-1), 32)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class ByRows:
-    """One matrix held twice, each for the gemms it serves best: ``few`` (e.g. ``GGUFBlocks``, streamed once per
-    call) when the real rows m <= ``rows``, ``many`` (e.g. ``SplitBlocks`` for the AMX kernel) above; m is data,
-    so the choice is made when the step runs."""
-
-    few: object
-    many: object
-    rows: int = dataclasses.field(metadata=dict(static=True))
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.many.shape
-
-    def dense(self) -> jax.Array:
-        return dense(self.many)
-
-
-FORMATS = (SplitBlocks, TileWeights, GGUFBlocks, ByRows)
+FORMATS = (SplitBlocks, TileWeights, GGUFBlocks)
 
 
 def is_format(w) -> bool:
@@ -236,6 +216,16 @@ def is_format(w) -> bool:
 def dense(w) -> jax.Array:
     """Any weight format's dense view (a plain array as it is)."""
     return w.dense() if is_format(w) else w
+
+
+def take_rows(w, ids: jax.Array) -> jax.Array:
+    """Rows ``ids`` [T] int32 of a weight [N, K] in any format as [T, K] (an embedding lookup): only those rows
+    are dequantized (float32; a plain array keeps its dtype)."""
+    if isinstance(w, GGUFBlocks):
+        return GGUFBlocks(jnp.asarray(w.data)[ids], w.qtype, w.k).dense()
+    if isinstance(w, SplitBlocks):
+        return SplitBlocks(jnp.asarray(w.data)[ids], w.block).dense()
+    return dense(w)[ids]
 
 
 def quantize_blocks(w, block: int = 32) -> SplitBlocks:
@@ -276,17 +266,13 @@ def convert(params, layout: str):
     """``params`` with every block-quantized leaf (``GGUFBlocks``, ``SplitBlocks``) held as ``layout``:
     "plain" (dense float32), "split" (Q4_1 ``GGUFBlocks`` -> ``SplitBlocks``, other qtypes plain), "tiles" (as
     "split", then ``pack_tiles``) or "blocks" (``GGUFBlocks`` kept as the file's blocks, ``SplitBlocks`` as
-    they are) or "hybrid" (Q4_1 ``GGUFBlocks`` as ``ByRows``: the blocks for gemms of at most ``HYBRID_ROWS``
-    rows, ``SplitBlocks`` above; everything else as "split"). Other leaves (plain arrays, ``TileWeights``) are left
-    alone."""
+    they are). Other leaves (plain arrays, ``TileWeights``) are left alone."""
     if layout not in LAYOUTS[1:]:
         raise ValueError(f"weight layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
 
     def to(w):
         if layout == "blocks":
             return w
-        if layout == "hybrid" and getattr(w, "qtype", None) == "Q4_1":
-            return ByRows(w, w.split(), HYBRID_ROWS)
         if layout == "plain":
             return w.dense()
         if isinstance(w, GGUFBlocks):
