@@ -12,6 +12,8 @@ weight rows, then the BLAS), ``amx_rows`` (the float32 ``transpose_w`` gemms the
 
 from __future__ import annotations
 
+import ctypes
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,12 +29,21 @@ TUNING = dict(lanes=0, split_rows=False, m_align=1, stream_rows=24, amx_rows=1)
 TUNING_SPLIT = dict(TUNING, stream_rows=12)
 QUANT_BLOCKS = (32,)   # the block sizes the handler's split path takes
 # GGUFBlocks qtypes the handler's block kernels read, by ggml type id (gguf.GGMLQuantizationType)
-GGUF_QTYPE_IDS = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
+GGUF_QTYPE_IDS = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
 
 
 def has_amx() -> bool:
     """Whether the handler's AMX kernel runs here (a CPU with AMX-BF16 and a kernel compiled for it)."""
     return jax.default_backend() == "cpu" and bool(ascend_ffi.load().xyjax_gemm_amx())
+
+
+def block_copies() -> tuple[str, ...]:
+    """The copies of the handler's GGUF block kernels this CPU and build run, best first ("avx512", "avx2",
+    "generic"): the handler runs the first, or the one the environment variable XYJAX_GEMM_BLOCKS_KERNEL names (read
+    on every call; naming another is an error)."""
+    fn = ascend_ffi.load().xyjax_gemm_blocks_copies
+    fn.restype = ctypes.c_char_p
+    return tuple(fn().decode().split(","))
 
 
 def auto_layout() -> str:
