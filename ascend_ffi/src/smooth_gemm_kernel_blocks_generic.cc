@@ -35,22 +35,23 @@ void DequantBlock(int qtype, const uint8_t* blk, float* out) {
       out[j] = d * static_cast<float>(blk[4 + j] & 15) + mn;
       out[16 + j] = d * static_cast<float>(blk[4 + j] >> 4) + mn;
     }
-  } else if (qtype == kQ4_K) {
+  } else if (qtype == kQ4_K) {   // per sub-block of 32: one scale, one min, 32 consecutive bytes at one shift
     const float dmin = LoadHalf(blk + 2);
     for (int s = 0; s < 8; ++s) {
       const float ds = d * static_cast<float>(Q4KScale(blk, s)), dm = dmin * static_cast<float>(Q4KMin(blk, s));
-      for (int j = 32 * s; j < 32 * s + 32; ++j) {
-        out[j] = ds * static_cast<float>((blk[Q4KByte(j)] >> Q4KShift(j)) & 15) - dm;
-      }
+      const uint8_t* qs = blk + Q4KByte(32 * s);
+      const int shift = Q4KShift(32 * s);
+      for (int j = 0; j < 32; ++j) out[32 * s + j] = ds * static_cast<float>((qs[j] >> shift) & 15) - dm;
     }
-  } else {   // kQ6_K
+  } else {   // kQ6_K, per 16 inputs: one scale, 16 consecutive low and high bytes at one shift each
     const float d6 = LoadHalf(blk + kQ6KD);
-    for (int g = 0; g < 16; ++g) {
-      const float ds = d6 * static_cast<float>(static_cast<int8_t>(blk[Q6KScaleByte(16 * g)]));
-      for (int j = 16 * g; j < 16 * g + 16; ++j) {
-        const int low = (blk[Q6KLowByte(j)] >> Q6KLowShift(j)) & 15;
-        const int high = (blk[Q6KHighByte(j)] >> Q6KHighShift(j)) & 3;
-        out[j] = ds * static_cast<float>((low | high << 4) - 32);
+    for (int g = 0; g < 256; g += 16) {
+      const float ds = d6 * static_cast<float>(static_cast<int8_t>(blk[Q6KScaleByte(g)]));
+      const uint8_t *low = blk + Q6KLowByte(g), *high = blk + Q6KHighByte(g);
+      const int low_shift = Q6KLowShift(g), high_shift = Q6KHighShift(g);
+      for (int j = 0; j < 16; ++j) {
+        const int q = (((low[j] >> low_shift) & 15) | (((high[j] >> high_shift) & 3) << 4)) - 32;
+        out[g + j] = ds * static_cast<float>(q);
       }
     }
   }
