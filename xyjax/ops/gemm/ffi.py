@@ -6,8 +6,15 @@ Tunables (``tuning``; missing keys: ``TUNING``, or ``TUNING_SPLIT`` for block-qu
 m rounded up to this, then zero the extra rows), ``stream_rows`` (float32 with ``transpose_w`` and m <= this: the
 handler's streaming kernel, which reads the weights once in place, instead of the BLAS, which packs them;
 AVX-512 CPUs; for ``GGUFBlocks`` m <= this runs the block streaming kernel, larger m the block panels: dequantized
-weight rows, then the BLAS), ``amx_rows`` (the float32 ``transpose_w`` gemms the streaming kernel does not take, with m >= this
-> 0: the AMX kernel, float32-accurate sums of bfloat16 tile products; AMX-BF16 CPUs, elsewhere the BLAS).
+weight rows, then the BLAS), ``amx_rows`` (the float32 ``transpose_w`` gemms the streaming kernel does not
+take, with m >= this > 0: the AMX kernel, float32-accurate sums of bfloat16 tile products; AMX-BF16 CPUs, elsewhere
+the BLAS).
+
+``GGUFBlocks`` of every qtype (``GGUF_QTYPE_IDS``: Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) are read in place by the handler's
+block kernels, each weight exactly ``dense()``'s float32, in the copy for the best instruction set this CPU runs
+(``block_copies()``: AVX-512F, AVX2 with FMA and F16C, portable); the environment variable
+``XYJAX_GEMM_BLOCKS_KERNEL`` (generic, avx2, avx512), read on every call, forces one (a copy this CPU does not run is
+an error).
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ TUNING = dict(lanes=0, split_rows=False, m_align=1, stream_rows=24, amx_rows=1)
 # block-quantized weights: the two-part AMX kernel overtakes the streaming kernel from ~12 rows (BENCHMARKS.md)
 TUNING_SPLIT = dict(TUNING, stream_rows=12)
 QUANT_BLOCKS = (32,)   # the block sizes the handler's split path takes
-# GGUFBlocks qtypes the handler's block kernels read, by ggml type id (gguf.GGMLQuantizationType)
+# GGUFBlocks qtypes the handler's block kernels read, by ggml type id (gguf.GGMLQuantizationType): every qtype of
+# formats.GGUF_QTYPES (one added there without an id here is a TypeError in gemm)
 GGUF_QTYPE_IDS = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
 
 
