@@ -30,12 +30,14 @@
 // x, the other paths read x_ext built here.
 //
 // gguf_qtype (0: none): w is a GGUF block-quantized matrix as the file's bytes (xyjax/ops/gemm/formats.py,
-// GGUFBlocks), uint8 [N, row_bytes] ([L, N, row_bytes]) with transpose_w, float32 x, K a multiple of 32 and
-// gguf_qtype the ggml type id of Q8_0 (8), Q4_0 (2) or Q4_1 (3). The block kernels read it in place
-// (smooth_gemm_kernel_blocks_*.cc): for m <= stream_rows the streaming one (each weight row read once,
-// dequantized in registers, register-blocked over x's rows), else each lane dequantizes panels of its weight rows
-// into a cache-sized float32 buffer and runs the BLAS's sgemm on it. The AVX-512F copy where the CPU has it, else
-// the portable one; XYJAX_GEMM_BLOCKS_KERNEL=generic forces the portable copy (read on every call; tests).
+// GGUFBlocks), uint8 [N, row_bytes] ([L, N, row_bytes]) with transpose_w, float32 x and gguf_qtype the ggml type
+// id of Q8_0 (8), Q4_0 (2), Q4_1 (3) (K a multiple of 32), Q4_K (12) or Q6_K (14) (K a multiple of 256). The block
+// kernels read it in place (smooth_gemm_kernel_blocks_*.cc), each weight exactly GGUFBlocks.dense()'s: for m <=
+// stream_rows the streaming one (each weight row read once, dequantized in registers, register-blocked over x's
+// rows), else each lane dequantizes panels of its weight rows into a cache-sized float32 buffer and runs the BLAS's
+// sgemm on it. The copy: the best this CPU runs (AVX-512F, else AVX2 with FMA and F16C, else the portable one), or
+// the one the environment variable XYJAX_GEMM_BLOCKS_KERNEL names (generic, avx2, avx512; read once per call, so
+// tests can switch; an unknown name or a copy this CPU or build does not run is an InvalidArgument error).
 //
 // The handler: Parse (buffers -> Problem), CheckBlasAndTunables, ChooseKernel (the one choice among the five
 // kernels: BLAS sgemm, BLAS bf16 gemm, streaming, AMX, AMX tiles; smooth_gemm_kernels.h says which this build
@@ -138,17 +140,23 @@ ffi::Error Parse(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, Scalar32
   const int64_t KE = quant_block ? K + K / kQuantBlock : K;
   int64_t L = 1, N = od[1], row_bytes = 0;
   if (gguf_qtype != 0) {   // GGUF blocks [(L,) N, row_bytes] uint8
-    const int64_t bytes = blocks::BlockBytes(gguf_qtype);
-    if (bytes == 0) {
-      return Invalid("gguf_qtype " + std::to_string(gguf_qtype) + " is not read here; supported: Q8_0 (8), Q4_0 (2), "
-                     "Q4_1 (3)");
+    const blocks::Format f = blocks::FormatOf(gguf_qtype);
+    if (f.bytes == 0) {
+      std::string supported;
+      for (const blocks::Format& g : blocks::kFormats) {
+        supported += (supported.empty() ? "" : ", ") + std::string(g.name) + " (" + std::to_string(g.qtype) + ")";
+      }
+      return Invalid("gguf_qtype " + std::to_string(gguf_qtype) + " is not read here; supported: " + supported);
     }
     if (type != ffi::DataType::F32 || out->element_type() != type || w.element_type() != ffi::DataType::U8 ||
-        !transpose_w || quant_block != 0 || w_tiles || K % blocks::kBlock) {
-      return Invalid("GGUF blocks need float32 x and result, uint8 w, transpose_w, no other weight format and K = " +
-                     std::to_string(K) + " a multiple of 32");
+        !transpose_w || quant_block != 0 || w_tiles) {
+      return Invalid("GGUF blocks need float32 x and result, uint8 w, transpose_w and no other weight format");
     }
-    row_bytes = K / blocks::kBlock * bytes;
+    if (K % f.inputs) {
+      return Invalid(std::string("GGUF blocks of ") + f.name + " need K a multiple of " + std::to_string(f.inputs) +
+                     ", got K = " + std::to_string(K));
+    }
+    row_bytes = K / f.inputs * f.bytes;
     if ((wd.size() != 2 && wd.size() != 3) || wd[wd.size() - 2] != N || wd[wd.size() - 1] != row_bytes) {
       return Invalid("GGUF blocks for N = " + std::to_string(N) + " rows of K = " + std::to_string(K) +
                      " must be [(L,) " + std::to_string(N) + ", " + std::to_string(row_bytes) + "], got " + Dims(wd));
@@ -227,11 +235,47 @@ GemmKernel ChooseKernel(const Problem& p, const Tunables& t) {
   return GemmKernel::kSgemm;
 }
 
-// The copy of the block kernels for this CPU: AVX-512F where it runs, unless XYJAX_GEMM_BLOCKS_KERNEL=generic.
-bool BlocksUseAvx512() {
-  static const bool runs = BlocksAvx512Runs();
-  const char* forced = std::getenv("XYJAX_GEMM_BLOCKS_KERNEL");
-  return runs && !(forced != nullptr && std::string(forced) == "generic");
+// A copy of the block kernels (smooth_gemm_kernels.h): its XYJAX_GEMM_BLOCKS_KERNEL name, whether this CPU and build
+// run it, its streaming gemm and its panel dequantization.
+struct BlocksCopy {
+  const char* name;
+  bool (*runs)();
+  void (*gemm)(int, int64_t, int64_t, int64_t, const float*, int64_t, const uint8_t*, float*, int64_t);
+  void (*dequant)(int, int64_t, int64_t, const uint8_t*, float*);
+};
+constexpr BlocksCopy kBlocksCopies[] = {   // best first
+    {"avx512", BlocksAvx512Runs, BlocksGemmAvx512, BlocksDequantAvx512},
+    {"avx2", BlocksAvx2Runs, BlocksGemmAvx2, BlocksDequantAvx2},
+    {"generic", BlocksGenericRuns, BlocksGemmGeneric, BlocksDequantGeneric},
+};
+
+// The names of the copies this CPU and build run, best first, comma-separated.
+std::string BlocksCopiesRun() {
+  std::string names;
+  for (const BlocksCopy& c : kBlocksCopies) {
+    if (c.runs()) names += (names.empty() ? "" : ",") + std::string(c.name);
+  }
+  return names;
+}
+
+// The copy of the block kernels this call runs: the one XYJAX_GEMM_BLOCKS_KERNEL names (read here, once per call),
+// else (unset or empty) the best this CPU runs. An unknown name, or a copy this CPU or build does not run, is an
+// error naming the copies that run.
+ffi::Error ChooseBlocksCopy(const BlocksCopy** chosen) {
+  const char* env = std::getenv("XYJAX_GEMM_BLOCKS_KERNEL");
+  const std::string forced = env == nullptr ? "" : env;
+  for (const BlocksCopy& c : kBlocksCopies) {
+    if (forced.empty() ? c.runs() : forced == c.name) {
+      if (!c.runs()) {
+        return Invalid("XYJAX_GEMM_BLOCKS_KERNEL=" + forced + ": this CPU or build does not run that copy of the " +
+                       "block kernels; it runs " + BlocksCopiesRun());
+      }
+      *chosen = &c;
+      return ffi::Error::Success();
+    }
+  }
+  return Invalid("XYJAX_GEMM_BLOCKS_KERNEL=" + forced + " names no copy of the block kernels (generic, avx2, " +
+                 "avx512; unset: the best this CPU runs, of " + BlocksCopiesRun() + ")");
 }
 
 // Weight rows per panel of the block panel kernels: about 1 MiB of float32 rows of K (in L2), a multiple of 16:
@@ -267,10 +311,11 @@ const float* RowsOfX(const Problem& p, int64_t mc) {
 
 // Rows [0, mc) of the result, in blocks of whole rows (split_rows; not with AMX, whose packed x is shared) or of
 // kColumnAlign-aligned columns, one block per lane, each one single-threaded call of the kernel.
-void Compute(const Problem& p, const Tunables& t, GemmKernel kernel, int64_t mc) {
+// copy: the copy of the block kernels (GGUF blocks only).
+void Compute(const Problem& p, const Tunables& t, GemmKernel kernel, const BlocksCopy* copy, int64_t mc) {
   const int64_t N = p.N, KE = p.KE;
-  const bool amx = kernel == GemmKernel::kAmx || kernel == GemmKernel::kAmxTiles || kernel == GemmKernel::kBlocksAmx;
-  const bool avx512_blocks = p.qtype != 0 && BlocksUseAvx512();
+  const bool amx =
+      kernel == GemmKernel::kAmx || kernel == GemmKernel::kAmxTiles || kernel == GemmKernel::kBlocksAmx;
   // float32: straight into the result. bfloat16: into float scratch, rounded once per lane's block.
   thread_local std::vector<float> scratch;  // reused across calls on this thread
   if (p.bf16 && scratch.size() < static_cast<size_t>(mc * N)) scratch.resize(mc * N);
@@ -305,14 +350,13 @@ void Compute(const Problem& p, const Tunables& t, GemmKernel kernel, int64_t mc)
         break;
       case GemmKernel::kBlocksStream: {
         const uint8_t* wb = static_cast<const uint8_t*>(p.w) + (p.layer * N + n0) * p.row_bytes;
-        const auto kernel = avx512_blocks ? BlocksGemmAvx512 : BlocksGemmGeneric;
-        kernel(p.qtype, nr, n, p.K, x32 + r0 * p.K, p.K, wb, c_block, N);
+        copy->gemm(p.qtype, nr, n, p.K, x32 + r0 * p.K, p.K, wb, c_block, N);
         break;
       }
       case GemmKernel::kBlocksPanel:   // panels of dequantized weight rows, each multiplied by the BLAS or AMX
       case GemmKernel::kBlocksAmx: {   // (Q4_1: the split layout [d * q | m], two exact bfloat16 parts)
         const uint8_t* wb = static_cast<const uint8_t*>(p.w) + (p.layer * N + n0) * p.row_bytes;
-        const int64_t width = split_panels ? p.K + p.K / blocks::kBlock : p.K;
+        const int64_t width = split_panels ? p.K + p.K / blocks::BlockInputs(blocks::kQ4_1) : p.K;
         const int64_t rows = std::min(n, PanelRows(width));
         thread_local std::vector<float> panel;
         panel.resize(rows * width);
@@ -321,8 +365,7 @@ void Compute(const Problem& p, const Tunables& t, GemmKernel kernel, int64_t mc)
           if (split_panels) {
             BlocksSplitAvx512(nj, p.K, wb + j * p.row_bytes, panel.data());
           } else {
-            (avx512_blocks ? BlocksDequantAvx512 : BlocksDequantGeneric)(p.qtype, nj, p.K, wb + j * p.row_bytes,
-                                                                        panel.data());
+            copy->dequant(p.qtype, nj, p.K, wb + j * p.row_bytes, panel.data());
           }
           if (kernel == GemmKernel::kBlocksAmx) {
             AmxGemm(nr, nj, width, split_panels ? 2 : 3, xb, panel.data(), c_block + j, N);
@@ -369,11 +412,15 @@ ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, 
   }
   if (ffi::Error e = CheckBlasAndTunables(p, t); e.failure()) return e;
   const GemmKernel kernel = ChooseKernel(p, t);
+  const BlocksCopy* copy = nullptr;
+  if (p.qtype != 0) {
+    if (ffi::Error e = ChooseBlocksCopy(&copy); e.failure()) return e;
+  }
   // Rows computed: m, rounded up to m_align (within T) for the BLAS, some of whose kernels are faster on
   // aligned row counts; the extra rows are zeroed again below.
   const bool blas = kernel == GemmKernel::kSgemm || kernel == GemmKernel::kBf16Gemm;
   const int64_t mc = p.m == 0 || !blas ? p.m : std::min<int64_t>(p.T, (p.m + m_align - 1) / m_align * m_align);
-  if (mc > 0 && p.N > 0) Compute(p, t, kernel, mc);
+  if (mc > 0 && p.N > 0) Compute(p, t, kernel, copy, mc);
   const size_t elem = p.bf16 ? 2 : 4;
   std::memset(p.out + p.m * p.N * elem, 0, (p.T - p.m) * p.N * elem);   // rows >= m
   return ffi::Error::Success();
@@ -408,6 +455,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XyjaxSmoothGemmCpu, xyjax::gemm::SmoothGemmCpu,
 extern "C" __attribute__((visibility("default"))) void xyjax_gemm_set_blas(void* sgemm, void* bf16_gemm) {
   xyjax::gemm::g_bf16_gemm.store(reinterpret_cast<xyjax::gemm::Bf16Gemm>(bf16_gemm));
   xyjax::gemm::g_sgemm.store(reinterpret_cast<xyjax::gemm::Sgemm>(sgemm));
+}
+
+// The copies of the block kernels this CPU and build run, best first, comma-separated ("avx512,avx2,generic"):
+// the values XYJAX_GEMM_BLOCKS_KERNEL takes here.
+extern "C" __attribute__((visibility("default"))) const char* xyjax_gemm_blocks_copies(void) {
+  static const std::string names = xyjax::gemm::BlocksCopiesRun();
+  return names.c_str();
 }
 
 // 1 where the handler runs its AMX kernel (amx_rows > 0 has an effect), else 0.

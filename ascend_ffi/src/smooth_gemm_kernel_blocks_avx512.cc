@@ -1,15 +1,15 @@
-// The block kernels of smooth_gemm for GGUF's 32-input formats (Q8_0, Q4_0, Q4_1), AVX-512F copy (CMake adds
+// The block kernels of smooth_gemm for GGUF's formats (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K), AVX-512F copy (CMake adds
 // -mavx512f -mavx2 -mfma to this file only; chosen at run time where the CPU has AVX-512F).
 //
 // The streaming kernel is smooth_gemm_kernel_avx512.cc's, with the weights read as blocks: a 6 x 4 register
-// block (24 accumulators of 16 floats) walks K 16 inputs (half a block) at a time, dequantizing each of its 4
-// weight rows' half block in a register, then 24 fused multiply-adds. The weights are exactly
-// GGUFBlocks.dense()'s: Q8_0 q * d, Q4_0 d * (q - 8), Q4_1 d * q + m (one _mm512_fmadd_ps), d and m the block's
-// float16 fields converted to float32 (_mm512_cvtph_ps, exact). d * q is exact in float32 (an 11-bit
-// significand times an integer of at most 8 bits), so the fused multiply-add rounds d * q + m once, as the
-// separate multiply and add of dense() do: the same float32 weight. Blocks of kColumns weight rows (11 KiB of
-// Q4_1 at K = 576) are multiplied against every block of up to 6 x rows, the first of which prefetches the
-// rows kPrefetchRows ahead: the lane's weights are one forward stream read once.
+// block (24 accumulators of 16 floats) walks K 16 inputs (a chunk: half a 32-input block, a sixteenth of a K-quant
+// super-block) at a time, dequantizing each of its 4 weight rows' chunk in a register, then 24 fused
+// multiply-adds. The weights are exactly GGUFBlocks.dense()'s, in gguf's order (smooth_gemm_blocks_format.h):
+// the float16 fields converted by _mm512_cvtph_ps (exact), the integer scales and q by _mm512_cvtepi32_ps
+// (exact); Q4_1's d * q + m and Q4_K's (d * sc) * q - (dmin * mn) are one fused multiply-add, which rounds the
+// exact product plus m once, as dense()'s separate multiply and add do: the same float32 weight. Blocks of
+// kColumns weight rows (11 KiB of Q4_1 at K = 576) are multiplied against every block of up to 6 x rows, the first
+// of which prefetches the rows kPrefetchRows ahead: the lane's weights are one forward stream read once.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -33,22 +33,37 @@ inline __m512 Half16(const uint8_t* p) {
   return _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(p[0] | (p[1] << 8))));
 }
 
-// The 16 weights h * 16 .. h * 16 + 15 of the block at blk (h = 0, 1), float32, exactly as dense().
+// The 16 bytes at p, each shifted right by shift and masked by mask, as 16 int32.
+inline __m512i Bits16(const uint8_t* p, int shift, int mask) {
+  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm512_and_si512(_mm512_srli_epi32(bytes, shift), _mm512_set1_epi32(mask));
+}
+
+// v (an integer) broadcast to 16 float32 lanes.
+inline __m512 Int16(int v) { return _mm512_set1_ps(static_cast<float>(v)); }
+
+// The 16 weights j .. j + 15 (j a multiple of 16 below BlockInputs(Q)) of the block at blk, float32, exactly as
+// dense().
 template <int Q>
-inline __m512 Weights(const uint8_t* blk, int h) {
-  const __m512 d = Half16(blk);
+inline __m512 Weights(const uint8_t* blk, int j) {
   if constexpr (Q == kQ8_0) {
-    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2 + 16 * h));
-    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), d);
-  } else {
-    constexpr int kNibbles = Q == kQ4_0 ? 2 : 4;
-    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + kNibbles)));
-    const __m512i q = h ? _mm512_srli_epi32(bytes, 4) : _mm512_and_si512(bytes, _mm512_set1_epi32(15));
-    if constexpr (Q == kQ4_0) {
-      return _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(8))));
-    } else {
-      return _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(q), Half16(blk + 2));
-    }
+    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2 + j));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), Half16(blk));
+  } else if constexpr (Q == kQ4_0) {
+    const __m512i q = _mm512_sub_epi32(Bits16(blk + 2 + NibbleByte(j), NibbleShift(j), 15), _mm512_set1_epi32(8));
+    return _mm512_mul_ps(Half16(blk), _mm512_cvtepi32_ps(q));
+  } else if constexpr (Q == kQ4_1) {
+    const __m512i q = Bits16(blk + 4 + NibbleByte(j), NibbleShift(j), 15);
+    return _mm512_fmadd_ps(Half16(blk), _mm512_cvtepi32_ps(q), Half16(blk + 2));
+  } else if constexpr (Q == kQ4_K) {
+    const __m512 ds = _mm512_mul_ps(Half16(blk), Int16(Q4KScale(blk, j / 32)));
+    const __m512 dm = _mm512_mul_ps(Half16(blk + 2), Int16(Q4KMin(blk, j / 32)));
+    return _mm512_fmsub_ps(ds, _mm512_cvtepi32_ps(Bits16(blk + Q4KByte(j), Q4KShift(j), 15)), dm);
+  } else {   // kQ6_K
+    const __m512i high = _mm512_slli_epi32(Bits16(blk + Q6KHighByte(j), Q6KHighShift(j), 3), 4);
+    const __m512i q = _mm512_or_si512(Bits16(blk + Q6KLowByte(j), Q6KLowShift(j), 15), high);
+    const __m512 ds = _mm512_mul_ps(Half16(blk + kQ6KD), Int16(static_cast<int8_t>(blk[Q6KScaleByte(j)])));
+    return _mm512_mul_ps(ds, _mm512_cvtepi32_ps(_mm512_sub_epi32(q, _mm512_set1_epi32(32))));
   }
 }
 
@@ -57,29 +72,32 @@ inline __m512 Weights(const uint8_t* blk, int h) {
 template <int Q, int MR, int NR>
 inline void Block(const float* x, int64_t ldx, const uint8_t* w, int64_t K, float* c, int64_t ldc,
                   const uint8_t* pf) {
-  constexpr int64_t kBytes = BlockBytes(Q);
-  const int64_t row_bytes = K / kBlock * kBytes;
+  constexpr int64_t kInputs = BlockInputs(Q), kBytes = BlockBytes(Q);
+  const int64_t row_bytes = K / kInputs * kBytes;
   __m512 acc[MR][NR];   // unrolled by pragma: see smooth_gemm_kernel_avx512.cc
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
   }
-  for (int64_t b = 0; b < K / kBlock; ++b) {
+  for (int64_t b = 0; b < K / kInputs; ++b) {
     if (pf != nullptr) {
 #pragma GCC unroll 8
       for (int j = 0; j < NR; ++j) {
-        _mm_prefetch(reinterpret_cast<const char*>(pf + j * row_bytes + b * kBytes), _MM_HINT_T0);
+#pragma GCC unroll 4
+        for (int64_t o = 0; o < kBytes; o += 64) {
+          _mm_prefetch(reinterpret_cast<const char*>(pf + j * row_bytes + b * kBytes + o), _MM_HINT_T0);
+        }
       }
     }
-#pragma GCC unroll 2
-    for (int h = 0; h < 2; ++h) {
+#pragma GCC unroll 16
+    for (int k = 0; k < kInputs; k += 16) {
       __m512 wv[NR];
 #pragma GCC unroll 8
-      for (int j = 0; j < NR; ++j) wv[j] = Weights<Q>(w + j * row_bytes + b * kBytes, h);
+      for (int j = 0; j < NR; ++j) wv[j] = Weights<Q>(w + j * row_bytes + b * kBytes, k);
 #pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) {
-        const __m512 xv = _mm512_loadu_ps(x + i * ldx + b * kBlock + 16 * h);
+        const __m512 xv = _mm512_loadu_ps(x + i * ldx + b * kInputs + k);
 #pragma GCC unroll 8
         for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
       }
@@ -92,7 +110,7 @@ inline void Block(const float* x, int64_t ldx, const uint8_t* w, int64_t K, floa
 template <int Q, int MR>
 void Rows(const float* x, int64_t ldx, const uint8_t* w, int64_t n, int64_t K, float* c, int64_t ldc,
           const uint8_t* pf) {
-  const int64_t row_bytes = K / kBlock * BlockBytes(Q);
+  const int64_t row_bytes = K / BlockInputs(Q) * BlockBytes(Q);
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
     Block<Q, MR, 4>(x, ldx, w + j * row_bytes, K, c + j, ldc, pf ? pf + j * row_bytes : nullptr);
@@ -106,7 +124,7 @@ constexpr RowsFn kRows[7] = {nullptr, Rows<Q, 1>, Rows<Q, 2>, Rows<Q, 3>, Rows<Q
 
 template <int Q>
 void Gemm(int64_t m, int64_t n, int64_t K, const float* x, int64_t ldx, const uint8_t* w, float* c, int64_t ldc) {
-  const int64_t row_bytes = K / kBlock * BlockBytes(Q);
+  const int64_t row_bytes = K / BlockInputs(Q) * BlockBytes(Q);
   for (int64_t j0 = 0; j0 < n; j0 += kColumns) {
     const int64_t columns = std::min(kColumns, n - j0);
     const uint8_t* block = w + j0 * row_bytes;
@@ -118,16 +136,13 @@ void Gemm(int64_t m, int64_t n, int64_t K, const float* x, int64_t ldx, const ui
   }
 }
 
+// The n rows' blocks one after another (n * K / BlockInputs(Q) of them) into panel [n, K].
 template <int Q>
 void Dequant(int64_t n, int64_t K, const uint8_t* w, float* panel) {
-  constexpr int64_t kBytes = BlockBytes(Q);
-  for (int64_t j = 0; j < n; ++j) {
-    const uint8_t* row = w + j * (K / kBlock * kBytes);
-    float* out = panel + j * K;
-    for (int64_t b = 0; b < K / kBlock; ++b) {
-      _mm512_storeu_ps(out + b * kBlock, Weights<Q>(row + b * kBytes, 0));
-      _mm512_storeu_ps(out + b * kBlock + 16, Weights<Q>(row + b * kBytes, 1));
-    }
+  constexpr int64_t kInputs = BlockInputs(Q), kBytes = BlockBytes(Q);
+  for (int64_t b = 0; b < n * (K / kInputs); ++b) {
+#pragma GCC unroll 16
+    for (int k = 0; k < kInputs; k += 16) _mm512_storeu_ps(panel + b * kInputs + k, Weights<Q>(w + b * kBytes, k));
   }
 }
 
@@ -135,8 +150,8 @@ void Dequant(int64_t n, int64_t K, const uint8_t* w, float* panel) {
 
 // Q4_1: panel [n, K + K / 32] = each row's d * q (exact in float32), then its K / 32 block minimums m.
 void BlocksSplitAvx512(int64_t n, int64_t K, const uint8_t* w, float* panel) {
-  constexpr int64_t kBytes = BlockBytes(kQ4_1);
-  const int64_t blocks = K / kBlock;
+  constexpr int64_t kInputs = BlockInputs(kQ4_1), kBytes = BlockBytes(kQ4_1);
+  const int64_t blocks = K / kInputs;
   for (int64_t j = 0; j < n; ++j) {
     const uint8_t* row = w + j * blocks * kBytes;
     float* out = panel + j * (K + blocks);
@@ -144,8 +159,9 @@ void BlocksSplitAvx512(int64_t n, int64_t K, const uint8_t* w, float* panel) {
       const uint8_t* blk = row + b * kBytes;
       const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4)));
       const __m512 d = Half16(blk);
-      _mm512_storeu_ps(out + b * kBlock, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)))));
-      _mm512_storeu_ps(out + b * kBlock + 16, _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4))));
+      const __m512i lo = _mm512_and_si512(bytes, _mm512_set1_epi32(15)), hi = _mm512_srli_epi32(bytes, 4);
+      _mm512_storeu_ps(out + b * kInputs, _mm512_mul_ps(d, _mm512_cvtepi32_ps(lo)));
+      _mm512_storeu_ps(out + b * kInputs + 16, _mm512_mul_ps(d, _mm512_cvtepi32_ps(hi)));
       out[K + b] = LoadHalf(blk + 2);
     }
   }
@@ -153,17 +169,25 @@ void BlocksSplitAvx512(int64_t n, int64_t K, const uint8_t* w, float* panel) {
 
 // panel [n, K] (float32) = the dequantized weight rows w [n, row_bytes].
 void BlocksDequantAvx512(int qtype, int64_t n, int64_t K, const uint8_t* w, float* panel) {
-  if (qtype == kQ8_0) Dequant<kQ8_0>(n, K, w, panel);
-  if (qtype == kQ4_0) Dequant<kQ4_0>(n, K, w, panel);
-  if (qtype == kQ4_1) Dequant<kQ4_1>(n, K, w, panel);
+  switch (qtype) {
+    case kQ8_0: return Dequant<kQ8_0>(n, K, w, panel);
+    case kQ4_0: return Dequant<kQ4_0>(n, K, w, panel);
+    case kQ4_1: return Dequant<kQ4_1>(n, K, w, panel);
+    case kQ4_K: return Dequant<kQ4_K>(n, K, w, panel);
+    case kQ6_K: return Dequant<kQ6_K>(n, K, w, panel);
+  }
 }
 
 // c [m, n] (row stride ldc) = x [m, K] (row stride ldx) @ dequant(w [n, row_bytes])^T, single-threaded.
 void BlocksGemmAvx512(int qtype, int64_t m, int64_t n, int64_t K, const float* x, int64_t ldx, const uint8_t* w,
                       float* c, int64_t ldc) {
-  if (qtype == kQ8_0) Gemm<kQ8_0>(m, n, K, x, ldx, w, c, ldc);
-  if (qtype == kQ4_0) Gemm<kQ4_0>(m, n, K, x, ldx, w, c, ldc);
-  if (qtype == kQ4_1) Gemm<kQ4_1>(m, n, K, x, ldx, w, c, ldc);
+  switch (qtype) {
+    case kQ8_0: return Gemm<kQ8_0>(m, n, K, x, ldx, w, c, ldc);
+    case kQ4_0: return Gemm<kQ4_0>(m, n, K, x, ldx, w, c, ldc);
+    case kQ4_1: return Gemm<kQ4_1>(m, n, K, x, ldx, w, c, ldc);
+    case kQ4_K: return Gemm<kQ4_K>(m, n, K, x, ldx, w, c, ldc);
+    case kQ6_K: return Gemm<kQ6_K>(m, n, K, x, ldx, w, c, ldc);
+  }
 }
 
 }  // namespace gemm

@@ -11,16 +11,24 @@
 namespace xyjax {
 namespace gemm {
 
-// GGUF block weights (Q8_0, Q4_0, Q4_1 by ggml type id; smooth_gemm_blocks_format.h), w [n, row_bytes]:
-// BlocksGemm*: c [m, n] (row stride ldc) = x [m, K] (row stride ldx) @ dequant(w)^T, float32, single-threaded,
-// each weight row read once in place; BlocksDequant*: panel [n, K] = dequant(w), float32. The portable copy
-// (smooth_gemm_kernel_blocks_generic.cc) is always built; the AVX-512F copy where the build and CPU have it.
+// GGUF block weights (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K by ggml type id; smooth_gemm_blocks_format.h), w [n, row_bytes]
+// with K a multiple of the format's block inputs (32, or 256 for the K-quants): BlocksGemm*: c [m, n] (row stride
+// ldc) = x [m, K] (row stride ldx) @ dequant(w)^T, float32, single-threaded, each weight row read once in place;
+// BlocksDequant*: panel [n, K] = dequant(w), float32; dequant(w) is GGUFBlocks.dense()'s weights exactly. Three
+// copies: the portable one (smooth_gemm_kernel_blocks_generic.cc) is always built; the AVX2 (+FMA, F16C) and
+// AVX-512F ones (smooth_gemm_kernel_blocks_{avx2,avx512}.cc) on x86-64, run where the CPU has those features.
 void BlocksGemmGeneric(int qtype, int64_t m, int64_t n, int64_t K, const float* x, int64_t ldx, const uint8_t* w,
                        float* c, int64_t ldc);
 void BlocksDequantGeneric(int qtype, int64_t n, int64_t K, const uint8_t* w, float* panel);
+inline bool BlocksGenericRuns() { return true; }
 
 #ifdef XYJAX_HAVE_X86_KERNELS
-// smooth_gemm_kernel_blocks_avx512.cc (see there).
+void BlocksGemmAvx2(int qtype, int64_t m, int64_t n, int64_t K, const float* x, int64_t ldx, const uint8_t* w,
+                    float* c, int64_t ldc);
+void BlocksDequantAvx2(int qtype, int64_t n, int64_t K, const uint8_t* w, float* panel);
+inline bool BlocksAvx2Runs() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
 void BlocksGemmAvx512(int qtype, int64_t m, int64_t n, int64_t K, const float* x, int64_t ldx, const uint8_t* w,
                       float* c, int64_t ldc);
 void BlocksDequantAvx512(int qtype, int64_t n, int64_t K, const uint8_t* w, float* panel);
@@ -28,6 +36,9 @@ void BlocksDequantAvx512(int qtype, int64_t n, int64_t K, const uint8_t* w, floa
 void BlocksSplitAvx512(int64_t n, int64_t K, const uint8_t* w, float* panel);
 inline bool BlocksAvx512Runs() { return __builtin_cpu_supports("avx512f"); }
 #else
+inline void BlocksGemmAvx2(int, int64_t, int64_t, int64_t, const float*, int64_t, const uint8_t*, float*, int64_t) {}
+inline void BlocksDequantAvx2(int, int64_t, int64_t, const uint8_t*, float*) {}
+inline bool BlocksAvx2Runs() { return false; }
 inline void BlocksGemmAvx512(int, int64_t, int64_t, int64_t, const float*, int64_t, const uint8_t*, float*, int64_t) {}
 inline void BlocksDequantAvx512(int, int64_t, int64_t, const uint8_t*, float*) {}
 inline void BlocksSplitAvx512(int64_t, int64_t, const uint8_t*, float*) {}

@@ -52,7 +52,8 @@ def test_real_q4_1_model_loads_its_blocks(gguf_path):
     assert isinstance(embed, GGUFBlocks) and embed.qtype == "Q8_0" and "lm_head" not in model.params
     np.testing.assert_array_equal(np.asarray(embed.dense()), dequantize(tensors["token_embd.weight"], np.float32))
     gate_up = np.asarray(layers["w_gate_up"].dense())[0]
-    np.testing.assert_array_equal(gate_up[gate_up.shape[0] // 2:], dequantize(tensors["blk.0.ffn_up.weight"], np.float32))
+    up = dequantize(tensors["blk.0.ffn_up.weight"], np.float32)
+    np.testing.assert_array_equal(gate_up[gate_up.shape[0] // 2:], up)
     assert prepare_weights(model.params, "ffi")["layers"]["wqkv"] is layers["wqkv"]
     cfg = model.config
     old = [unpermute_qk(old_split_q4_1(tensors["blk.0.attn_q.weight"]), cfg.num_heads),
@@ -75,8 +76,10 @@ def test_real_model_greedy_output_is_the_float32_models(gguf_path):
     model = load(gguf_path, progress=False)
     sampling = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     prompts = ["The capital of France is", "def fibonacci(n):", "List three colors:"]
-    tokens = {layout: [o.token_ids for o in LLM(model, weight_layout=layout, progress=False).generate(prompts, sampling)]
-              for layout in ("auto", "plain")}
+    tokens = {}
+    for layout in ("auto", "plain"):
+        llm = LLM(model, weight_layout=layout, progress=False)
+        tokens[layout] = [o.token_ids for o in llm.generate(prompts, sampling)]
     assert tokens["auto"] == tokens["plain"]
 
 

@@ -1,7 +1,7 @@
 """GGUFBlocks, a GGUF block-quantized matrix held as the file's bytes: its dense view is gguf's own
 dequantization bit for bit (every supported qtype, stacked, under jit), smooth_gemm on it (xla and pallas on the
-dense view; ffi reads Q8_0, Q4_0 and Q4_1 in place with each copy of its block kernels and names the K-quants),
-and its conversions to every weight layout."""
+dense view; ffi reads every qtype in place, with each copy of its block kernels this CPU runs and on both kernel
+paths, and names what it does not read), and its conversions to every weight layout."""
 
 import gguf
 import jax
@@ -15,6 +15,8 @@ from xyjax.ops.gemm import ffi as ffi_gemm, format_name, prepare_weights
 from xyjax.ops.gemm.formats import GGUF_QTYPES, GGUFBlocks, SplitBlocks, TileWeights, convert, dense, take_rows
 
 QTYPES = tuple(GGUF_QTYPES)
+# an InvalidArgument error of the handler: JaxRuntimeError, or ValueError where jax re-raises it from a cached call
+HANDLER_ERRORS = (jax.errors.JaxRuntimeError, ValueError)
 
 
 def blocks(qtype, shape, seed=0):
@@ -51,16 +53,14 @@ def test_smooth_gemm_reads_blocks_by_layer(qtype, backend):
         assert not out[m:].any()
 
 
-def test_ffi_names_unread_blocks_and_keeps_blocks():
-    """The ffi handler reads Q8_0, Q4_0 and Q4_1 blocks; K-quants are named with the supported types. Its automatic
-    layout keeps the blocks."""
-    w = blocks("Q4_K", (16, 256))
-    with pytest.raises(TypeError, match="ffi gemm backend: GGUFBlocks \\(Q4_K\\).*reads Q4_0, Q4_1, Q8_0"):
-        smooth_gemm(jnp.ones((4, 256)), w, 4, transpose_w=True, backend="ffi")
+def test_ffi_reads_every_qtype_and_keeps_blocks():
+    """The ffi backend sends every GGUFBlocks qtype to the handler by its ggml type id; its automatic layout keeps
+    the blocks."""
+    assert ffi_gemm.GGUF_QTYPE_IDS == {q: gguf.GGMLQuantizationType[q].value for q in QTYPES}
     kept = blocks("Q8_0", (16, 64))
     assert prepare_weights({"w": kept}, "ffi")["w"] is kept
     with pytest.raises(ValueError, match="transpose_w=True"):
-        smooth_gemm(jnp.ones((4, 16)), w, 4)
+        smooth_gemm(jnp.ones((4, 256)), blocks("Q4_K", (16, 256)), 4)
 
 
 @pytest.mark.parametrize("layout", ["blocks", "split", "plain"])
@@ -74,66 +74,90 @@ def test_take_rows_is_the_dense_views_rows(qtype, layout):
     np.testing.assert_array_equal(np.asarray(jax.jit(take_rows)(w, ids)), expected)
 
 
-def _has_avx512f() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " avx512f" in f.read()
-    except OSError:
-        return False
+def test_ffi_names_blocks_it_does_not_read(monkeypatch):
+    """A qtype the Python side has no id for is a TypeError naming it and the ids it has; a type id the handler does
+    not read (Q5_0's, 6, sent in Q4_K's place) or a K that is not a multiple of the qtype's block is the handler's
+    error, naming the type and what it reads."""
+    w = blocks("Q4_K", (16, 256))
+    x = jnp.ones((4, 256))
+    gemm = lambda: smooth_gemm(x, w, 4, transpose_w=True, backend="ffi")  # noqa: E731
+    monkeypatch.delitem(ffi_gemm.GGUF_QTYPE_IDS, "Q4_K")
+    with pytest.raises(TypeError, match="ffi gemm backend: GGUFBlocks \\(Q4_K\\).*reads Q4_0, Q4_1, Q8_0, Q6_K"):
+        gemm()
+    monkeypatch.setitem(ffi_gemm.GGUF_QTYPE_IDS, "Q4_K", gguf.GGMLQuantizationType.Q5_0.value)
+    with pytest.raises(HANDLER_ERRORS, match="gguf_qtype 6 is not read here; supported: Q8_0 \\(8\\), "
+                       "Q4_0 \\(2\\), Q4_1 \\(3\\), Q4_K \\(12\\), Q6_K \\(14\\)"):
+        gemm()
+    monkeypatch.setitem(ffi_gemm.GGUF_QTYPE_IDS, "Q8_0", ffi_gemm.GGUF_QTYPE_IDS["Q6_K"])   # 96 inputs of Q8_0
+    with pytest.raises(HANDLER_ERRORS, match="GGUF blocks of Q6_K need K a multiple of 256, got K = 96"):
+        smooth_gemm(jnp.ones((4, 96)), blocks("Q8_0", (16, 96)), 4, transpose_w=True, backend="ffi")
 
 
+COPY_NAMES = ("generic", "avx2", "avx512")   # the handler's copies of the block kernels
+RUNS = ffi_gemm.block_copies()               # those this CPU and build run, best first
 FFI_QTYPES = tuple(ffi_gemm.GGUF_QTYPE_IDS)
-# the handler's copies of the block kernels: "native" is the AVX-512F copy where the CPU has it (the handler's own
-# choice), "generic" the portable copy every CPU runs (forced by XYJAX_GEMM_BLOCKS_KERNEL=generic)
-COPIES = ("generic", pytest.param("avx512", marks=pytest.mark.skipif(
-    not _has_avx512f(), reason="this CPU has no AVX-512F: the handler runs the portable copy only")))
-# stream_rows and amx_rows pick the block kernel: default (streaming for m <= 24, panels multiplied by AMX where it
-# runs, else the BLAS, above), always panels (0; with the BLAS: amx_rows 0), always streaming (128)
-TUNINGS = ({}, {"stream_rows": 0}, {"stream_rows": 0, "amx_rows": 0}, {"stream_rows": 128})
+# K per qtype: multiples of the block (256: one K-quant super-block), and for the 32-input blocks one that is not a
+# multiple of 256
+FFI_CASES = [(q, K) for q in FFI_QTYPES for K in ((256, 512) if GGUF_QTYPES[q][0] == 256 else (96, 256, 512))]
+# stream_rows and amx_rows force the block kernel: always streaming (m <= 512), always panels multiplied by AMX where
+# it runs (else the BLAS), always panels multiplied by the BLAS
+PATHS = {"stream": {"stream_rows": 512}, "panels": {"stream_rows": 0}, "blas-panels": {"stream_rows": 0, "amx_rows": 0}}
 _ffi_gemm = jax.jit(lambda x, w, m, layer, tuning: smooth_gemm(x, w, m, layer=layer, transpose_w=True, backend="ffi",
                                                                tuning=dict(tuning)),
                     static_argnames="tuning")
 
 
-@pytest.mark.parametrize("tuning", TUNINGS, ids=("default", "panels", "blas-panels", "stream"))
-@pytest.mark.parametrize("K", (96, 576))
-@pytest.mark.parametrize("copy", COPIES)
-@pytest.mark.parametrize("qtype", FFI_QTYPES)
-def test_ffi_block_kernels_read_blocks_in_place(qtype, copy, K, tuning, monkeypatch):
-    """The handler's block kernels on a stack [2, 70, row_bytes] (N = 70: not a multiple of the register block) at
-    each layer: rows < m equal float64 x @ dense.T for every m (0, 1, the register block's edges, the streaming
-    limit's edges, a bucket), rows >= m exactly zero."""
-    if copy == "generic":
-        monkeypatch.setenv("XYJAX_GEMM_BLOCKS_KERNEL", "generic")
-    else:
-        monkeypatch.delenv("XYJAX_GEMM_BLOCKS_KERNEL", raising=False)
-    T = 96
-    w = jax.tree.map(jnp.asarray, blocks(qtype, (2, 70, K), seed=K))
-    x = np.random.default_rng(K + 1).standard_normal((T, K)).astype(np.float32)
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("copy", [c if c in RUNS else pytest.param(c, marks=pytest.mark.skip(
+    reason=f"this CPU or build does not run the {c} copy (it runs {', '.join(RUNS)})")) for c in COPY_NAMES])
+@pytest.mark.parametrize("qtype,K", FFI_CASES)
+def test_ffi_block_kernels_read_blocks_in_place(qtype, K, copy, path, monkeypatch):
+    """Each copy of the handler's block kernels, on each path, on a stack [2, 37, row_bytes] (N = 37: not a multiple
+    of any register block or lane width) at a traced layer: rows < m equal float64 x @ dense.T for m = 0, 1, values
+    off the register blocks' multiples and T, rows >= m exactly zero; and x = the identity gives dense.T bit for bit
+    (each product is 0 or a weight, each sum exact): the kernels' weights are dense()'s exactly."""
+    monkeypatch.setenv("XYJAX_GEMM_BLOCKS_KERNEL", copy)
+    tuning = tuple(PATHS[path].items())
+    w = jax.tree.map(jnp.asarray, blocks(qtype, (2, 37, K), seed=K))
     dense = np.asarray(w.dense(), np.float64)
-    for m in (0, 1, 5, 6, 7, 24, 25, 64, T):
-        for layer in (0, 1):
-            out = np.asarray(_ffi_gemm(x, w, jnp.int32(m), jnp.int32(layer), tuple(tuning.items())))
-            np.testing.assert_allclose(out[:m], x[:m].astype(np.float64) @ dense[layer].T, rtol=1e-5, atol=1e-5,
-                                       err_msg=f"m={m} layer={layer}")
-            assert not out[m:].any(), f"padding rows must be zero (m={m})"
+    x = np.random.default_rng(K + 1).standard_normal((40, K)).astype(np.float32)
+    for m, layer in ((0, 0), (1, 1), (5, 0), (7, 1), (13, 1), (40, 0)):
+        out = np.asarray(_ffi_gemm(x, w, jnp.int32(m), jnp.int32(layer), tuning))
+        # float32 sums: within a few ulps of sum |x| |w| (the random K-quant blocks cancel a lot)
+        bound = 4e-6 * (np.abs(x[:m]) @ np.abs(dense[layer]).T)
+        error = np.abs(out[:m] - x[:m].astype(np.float64) @ dense[layer].T)
+        assert (error <= bound).all(), f"m={m} layer={layer}: error {error.max()} (bound {bound.min()}..)"
+        assert not out[m:].any(), f"padding rows must be zero (m={m})"
+    if K == 256:
+        eye = np.eye(K, dtype=np.float32)
+        np.testing.assert_array_equal(np.asarray(_ffi_gemm(eye, w, jnp.int32(K), jnp.int32(1), tuning)), dense[1].T)
 
 
-def test_ffi_block_copies_agree():
-    """The portable and the AVX-512F copies of the streaming kernel give the same sums to float32 rounding (both
-    dequantize to dense()'s exact weights; only the order of the additions differs)."""
-    if not _has_avx512f():
-        pytest.skip("this CPU has no AVX-512F: the handler runs the portable copy only")
-    import os
-    w = jax.tree.map(jnp.asarray, blocks("Q4_1", (70, 576), seed=3))
-    x = np.random.default_rng(4).standard_normal((8, 576)).astype(np.float32)
-    native = np.asarray(smooth_gemm(x, w, 8, transpose_w=True, backend="ffi"))
-    os.environ["XYJAX_GEMM_BLOCKS_KERNEL"] = "generic"
-    try:
-        generic = np.asarray(smooth_gemm(x, w, 8, transpose_w=True, backend="ffi"))
-    finally:
-        del os.environ["XYJAX_GEMM_BLOCKS_KERNEL"]
-    np.testing.assert_allclose(native, generic, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("copy", [pytest.param(c, marks=pytest.mark.skipif(c in RUNS, reason=f"this CPU runs {c}"))
+                                  for c in COPY_NAMES])
+def test_ffi_block_kernel_copy_the_cpu_does_not_run_is_an_error(copy, monkeypatch):
+    monkeypatch.setenv("XYJAX_GEMM_BLOCKS_KERNEL", copy)
+    with pytest.raises(HANDLER_ERRORS, match=f"XYJAX_GEMM_BLOCKS_KERNEL={copy}: this CPU or build does "
+                       f"not run that copy of the block kernels; it runs {','.join(RUNS)}"):
+        smooth_gemm(jnp.ones((4, 32)), blocks("Q8_0", (16, 32)), 4, transpose_w=True, backend="ffi")
+
+
+def test_ffi_block_kernel_choice(monkeypatch):
+    """Unset or empty, XYJAX_GEMM_BLOCKS_KERNEL leaves the handler the best copy this CPU runs (generic last: every
+    CPU runs it); an unknown name is an error listing the copies."""
+    assert RUNS[-1] == "generic" and set(RUNS) <= set(COPY_NAMES)
+    w, x = blocks("Q4_K", (16, 256)), jnp.ones((4, 256))
+    gemm = lambda: np.asarray(smooth_gemm(x, w, 4, transpose_w=True, backend="ffi"))  # noqa: E731
+    monkeypatch.setenv("XYJAX_GEMM_BLOCKS_KERNEL", RUNS[0])
+    best = gemm()
+    monkeypatch.setenv("XYJAX_GEMM_BLOCKS_KERNEL", "")
+    np.testing.assert_array_equal(gemm(), best)
+    monkeypatch.delenv("XYJAX_GEMM_BLOCKS_KERNEL")
+    np.testing.assert_array_equal(gemm(), best)
+    monkeypatch.setenv("XYJAX_GEMM_BLOCKS_KERNEL", "avx1024")
+    with pytest.raises(HANDLER_ERRORS, match="XYJAX_GEMM_BLOCKS_KERNEL=avx1024 names no copy of the block "
+                       "kernels \\(generic, avx2, avx512; unset: the best this CPU runs, of " + ",".join(RUNS)):
+        gemm()
 
 
 @pytest.mark.parametrize("qtype", QTYPES)

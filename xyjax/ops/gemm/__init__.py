@@ -2,8 +2,8 @@
 
 Contract (every backend):
     x: [T, K] float, w: [K, N] float of x's dtype, or with ``transpose_w`` [N, K] in any weight format
-    (``formats``: a plain array, ``SplitBlocks``, ``TileWeights``, ``GGUFBlocks``): the op then computes ``x @ w.T`` without
-    materialising the transpose (e.g. a tied LM head ``embed`` [V, D]).
+    (``formats``: a plain array, ``SplitBlocks``, ``TileWeights``, ``GGUFBlocks``): the op then computes
+    ``x @ w.T`` without materialising the transpose (e.g. a tied LM head ``embed`` [V, D]).
     m: int32 scalar (data, not shape) with 0 <= m <= T.
     layer: None, or an int32 scalar and w a stack [L, K, N] ([L, N, K]) of which w[layer] is used: the ffi
     backend reads that layer in place, where slicing it out first (as ``lax.scan`` over the weights does)

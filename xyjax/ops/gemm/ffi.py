@@ -9,9 +9,17 @@ AVX-512 CPUs; for ``GGUFBlocks`` m <= this runs the block streaming kernel, larg
 weight rows, then AMX or the BLAS), ``amx_rows`` (the float32 ``transpose_w`` gemms and block panels the streaming
 kernels do not take, with m >= this > 0: the AMX kernel, float32-accurate sums of bfloat16 tile products; AMX-BF16
 CPUs, elsewhere the BLAS).
+
+``GGUFBlocks`` of every qtype (``GGUF_QTYPE_IDS``: Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) are read in place by the handler's
+block kernels, each weight exactly ``dense()``'s float32, in the copy for the best instruction set this CPU runs
+(``block_copies()``: AVX-512F, AVX2 with FMA and F16C, portable); the environment variable
+``XYJAX_GEMM_BLOCKS_KERNEL`` (generic, avx2, avx512), read on every call, forces one (a copy this CPU does not run is
+an error).
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +35,18 @@ TUNING = dict(lanes=0, split_rows=False, m_align=1, stream_rows=24, amx_rows=1)
 # block-quantized weights: the two-part AMX kernel overtakes the streaming kernel from ~12 rows (BENCHMARKS.md)
 TUNING_SPLIT = dict(TUNING, stream_rows=12)
 QUANT_BLOCKS = (32,)   # the block sizes the handler's split path takes
-# GGUFBlocks qtypes the handler's block kernels read, by ggml type id (gguf.GGMLQuantizationType)
-GGUF_QTYPE_IDS = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
+# GGUFBlocks qtypes the handler's block kernels read, by ggml type id (gguf.GGMLQuantizationType): every qtype of
+# formats.GGUF_QTYPES (one added there without an id here is a TypeError in gemm)
+GGUF_QTYPE_IDS = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
+
+
+def block_copies() -> tuple[str, ...]:
+    """The copies of the handler's GGUF block kernels this CPU and build run, best first ("avx512", "avx2",
+    "generic"): the handler runs the first, or the one the environment variable XYJAX_GEMM_BLOCKS_KERNEL names (read
+    on every call; naming another is an error)."""
+    fn = ascend_ffi.load().xyjax_gemm_blocks_copies
+    fn.restype = ctypes.c_char_p
+    return tuple(fn().decode().split(","))
 
 
 def auto_layout() -> str:
@@ -43,8 +61,8 @@ def gemm(x, w, m, layer, transpose_w: bool, tuning: dict) -> jax.Array:
     qtype = 0
     if isinstance(w, GGUFBlocks):
         if w.qtype not in GGUF_QTYPE_IDS:
-            raise TypeError(f"ffi gemm backend: GGUFBlocks ({w.qtype}) are not read by the C++ handler yet (it reads "
-                            f"{', '.join(GGUF_QTYPE_IDS)}); hold them in weight layout 'plain' or 'split', not 'blocks'")
+            raise TypeError(f"ffi gemm backend: GGUFBlocks ({w.qtype}) are not read by the C++ handler (it reads "
+                            f"{', '.join(GGUF_QTYPE_IDS)}); hold them in weight layout 'plain', not 'blocks'")
         if x.dtype != jnp.float32:   # transpose_w and K: checked by smooth_gemm for every format
             raise ValueError(f"ffi gemm backend: GGUFBlocks need float32 x, got {x.dtype}")
         qtype = GGUF_QTYPE_IDS[w.qtype]

@@ -10,9 +10,10 @@ Every format holds transposed weights ``[..., N, K]`` (outputs first, each outpu
     ``TileWeights``    weights exact in two bfloat16 parts (a ``SplitBlocks``, or a plain matrix that is)
                        stored as the AMX kernel's A tiles, read in place by the ffi backend (AMX-BF16 CPUs);
     ``GGUFBlocks``     a GGUF block-quantized matrix (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) as the file's bytes, each
-                       row its blocks; ``dense()`` is gguf's own dequantization, float32 bit for bit.
-The loader returns the file's format (``GGUFBlocks``); ``prepare_weights`` picks the format for the gemm backend and CPU at
-engine start.
+                       row its blocks; ``dense()`` is gguf's own dequantization, float32 bit for bit; the ffi
+                       backend's block kernels read every qtype in place, dequantizing to the same float32 weights.
+The loader returns the file's format (``GGUFBlocks``); ``prepare_weights`` picks the format for the gemm backend
+and CPU at engine start; ``take_rows`` looks rows up (an embedding) in any format.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ class TileWeights:
 
 
 # GGUF block formats GGUFBlocks holds: qtype -> (inputs per block, bytes per block), as ``gguf.GGML_QUANT_SIZES``.
-# A row is its K / block blocks back to back; float16 fields little-endian; w[j] is input j of the block:
+# A row is its K / block blocks back to back; float16 fields little-endian; w[j] is input j of the block (the ffi
+# handler's block kernels read these layouts in place: ascend_ffi/src/smooth_gemm_blocks_format.h):
 #   Q8_0 (34 B)  d f16 | q int8 x 32                          w[j] = q[j] * d
 #   Q4_0 (18 B)  d f16 | 16 B nibbles                         q[j] = byte[j % 16] low nibble (j < 16) or high
 #                                                              (j >= 16); w[j] = d * (q[j] - 8)
