@@ -275,8 +275,8 @@ def test_llamacpp_peer_translates_requests_and_streams():
 
 
 def test_bench_single_parses_llama_bench_and_times_xyjax(tiny_model, tmp_path, monkeypatch):
-    """llama-bench's JSON becomes pp/tg figures; xyjax's half runs on the tiny model and writes its JSON (llama.cpp
-    skipped with how to build it)."""
+    """llama-bench's JSON becomes pp/tg figures; xyjax's half runs on the tiny model and writes its JSON with its
+    memory figures (llama.cpp skipped with how to build it; no GGUF file to compare the weights with)."""
     from xyjax import LLM
     from xyjax.bench.single import bench_single, parse_llama_bench
 
@@ -294,6 +294,7 @@ def test_bench_single_parses_llama_bench_and_times_xyjax(tiny_model, tmp_path, m
     assert set(tests) == {"pp24", "tg5"} and set(saved["systems"]) == {"xyjax"}
     assert all(len(t["runs"]) == 2 and t["mean"] > 0 for t in tests.values())
     assert "make llamacpp-env" in saved["skipped"]["llama.cpp"]
+    assert set(saved["memory"]) == {"weight_bytes", "peak_rss_bytes"} and saved["memory"]["weight_bytes"] > 0
 
 
 def test_llamacpp_peer_runs_the_default_gguf(tmp_path):

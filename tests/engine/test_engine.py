@@ -153,7 +153,7 @@ STATS_KEYS = {"steps", "mean_step_time", "tokens_per_step", "real_tokens", "padd
               "kv_blocks_free", "kv_blocks_cached", "prefix_lookups", "prefix_lookup_tokens", "prefix_hit_tokens",
               "prefix_cache_hit_rate", "prefix_block_hit_tokens", "prefix_copies", "prefix_evicted_blocks",
               "spec_verify_runs", "spec_drafted_tokens", "spec_accepted_tokens", "spec_acceptance_rate",
-              "spec_mean_accepted_length"}
+              "spec_mean_accepted_length", "weight_bytes", "peak_rss_bytes"}
 
 
 def test_stats_snapshot_has_the_documented_keys_and_counters_add_up(tiny_model):
@@ -172,6 +172,8 @@ def test_stats_snapshot_has_the_documented_keys_and_counters_add_up(tiny_model):
     s = llm.stats
     assert set(s) == STATS_KEYS and all(key in type(llm).stats.__doc__ for key in s)
     assert s["prefill_tokens"] + s["decode_tokens"] + s["verify_tokens"] == s["real_tokens"] > 0
+    assert s["weight_bytes"] == sum(leaf.nbytes for leaf in jax.tree.leaves(llm.engine.runner.params))
+    assert s["peak_rss_bytes"] > s["weight_bytes"] > 0
     assert s["verify_tokens"] == s["spec_verify_runs"] + s["spec_drafted_tokens"] and s["spec_accepted_tokens"] > 0
     # every request's first token ends its prompt; then one per decode, 1 + accepted drafts per verify run
     assert s["generated_tokens"] == sum(len(o.token_ids) for o in outs) == len(ps) * 12

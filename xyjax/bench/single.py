@@ -81,6 +81,20 @@ def parse_llama_bench(text: str) -> dict:
     return dict(tests=tests, info=info)
 
 
+def memory_figures(llm, model: str | None) -> dict:
+    """The engine's resident weight bytes, the process's peak RSS and, for a GGUF, the file's size and the ratio
+    of the weights to it."""
+    from xyjax.bench.peers import gguf_file
+
+    stats = llm.stats
+    figures = dict(weight_bytes=stats["weight_bytes"], peak_rss_bytes=stats["peak_rss_bytes"])
+    try:
+        size = os.path.getsize(gguf_file(model, llm.model))
+    except RuntimeError:   # not a GGUF: no file to compare with
+        return figures
+    return dict(figures, gguf_file_bytes=size, weights_over_file=stats["weight_bytes"] / size)
+
+
 def table(results: dict) -> str:
     names = list(dict.fromkeys(t for r in results.values() for t in r["tests"]))
     lines = ["| system | " + " | ".join(f"{t} tok/s" for t in names) + " |", "|---" * (len(names) + 1) + "|"]
@@ -120,8 +134,10 @@ def bench_single(model: str | None = None, prompt_len: int = 512, gen_len: int =
                 raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
             results["llama.cpp"] = dict(parse_llama_bench(done.stdout), command=cmd)
     print(table(results))
+    memory = memory_figures(llm, model)
+    print(", ".join(f"{k} {v / 2**20:.1f} MiB" if k.endswith("bytes") else f"{k} {v:.2f}" for k, v in memory.items()))
     result = dict(model=str(llm.model.name), prompt_len=prompt_len, gen_len=gen_len, repetitions=repetitions,
-                  threads=threads, systems=results, skipped=skipped)
+                  threads=threads, systems=results, skipped=skipped, memory=memory)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"single-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as f:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -60,6 +61,7 @@ class Engine:
                                  else None)
         self.max_logprobs = min(config.max_logprobs, cfg.vocab_size)   # top-k over the vocabulary at most
         params = prepare_weights(model.params, config.gemm_backend, config.weight_layout)
+        self.stats.weight_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
         self.runner = Runner(cfg, params, num_blocks, config.block_size, self.backends, self.stats, model.dtype,
                              num_logprobs=self.max_logprobs,
                              max_moves=config.max_num_seqs * config.max_draft_tokens)

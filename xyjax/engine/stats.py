@@ -9,6 +9,7 @@ snapshot time; the scheduler provides them.
 from __future__ import annotations
 
 import dataclasses
+import resource
 import time
 from typing import Callable
 
@@ -40,6 +41,7 @@ class EngineStats:
     compiles: int = 0                    # step programs compiled or loaded from the persistent cache
     compile_seconds: float = 0.0
     startup_seconds: float = 0.0
+    weight_bytes: int = 0                # the params as the runner holds them (after prepare_weights)
     prefix_lookups: int = 0              # admissions that looked up the prefix cache
     prefix_lookup_tokens: int = 0
     prefix_hit_tokens: int = 0
@@ -57,7 +59,7 @@ class EngineStats:
                     spec_acceptance_rate=self.spec_accepted_tokens / max(self.spec_drafted_tokens, 1),
                     spec_mean_accepted_length=1 + self.spec_accepted_tokens / max(self.spec_verify_runs, 1),
                     prefix_cache_hit_rate=self.prefix_hit_tokens / max(self.prefix_lookup_tokens, 1),
-                    **self.gauges())
+                    peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **self.gauges())
 
 
 class StepTimer:
