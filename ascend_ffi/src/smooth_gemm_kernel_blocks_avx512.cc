@@ -2,13 +2,13 @@
 // -mavx512f -mavx2 -mfma to this file only; chosen at run time where the CPU has AVX-512F).
 //
 // The streaming kernel is smooth_gemm_kernel_avx512.cc's, with the weights read as blocks: a 6 x 4 register
-// block (24 accumulators of 16 floats) walks K 16 inputs (a chunk: half a 32-input block, a sixteenth of a K-quant
-// super-block) at a time, dequantizing each of its 4 weight rows' chunk in a register, then 24 fused
-// multiply-adds. The weights are exactly GGUFBlocks.dense()'s, in gguf's order (smooth_gemm_blocks_format.h):
+// block (24 accumulators of 16 floats; 8 x 2 for 7 or 8 x rows, so a verify run is one pass) walks K 16 inputs (a
+// chunk: half a 32-input block, a sixteenth of a K-quant super-block) at a time, dequantizing each of its weight
+// rows' chunk in a register, then a fused multiply-add per accumulator. The weights are exactly GGUFBlocks.dense()'s, in gguf's order (smooth_gemm_blocks_format.h):
 // the float16 fields converted by _mm512_cvtph_ps (exact), the integer scales and q by _mm512_cvtepi32_ps
 // (exact); Q4_1's d * q + m and Q4_K's (d * sc) * q - (dmin * mn) are one fused multiply-add, which rounds the
 // exact product plus m once, as dense()'s separate multiply and add do: the same float32 weight. Blocks of
-// kColumns weight rows (11 KiB of Q4_1 at K = 576) are multiplied against every block of up to 6 x rows, the first
+// kColumns weight rows (11 KiB of Q4_1 at K = 576) are multiplied against every block of up to 8 x rows, the first
 // of which prefetches the rows kPrefetchRows ahead: the lane's weights are one forward stream read once.
 #include <immintrin.h>
 
@@ -106,21 +106,26 @@ inline void Block(const float* x, int64_t ldx, const uint8_t* w, int64_t K, floa
   StoreSums<MR, NR>(acc, c, ldc);
 }
 
-// MR x rows against n weight rows, 4 at a time, then singly.
+// MR x rows against n weight rows, NR at a time (4 for up to 6 x rows, else 2: at most 24 accumulators), then
+// singly.
 template <int Q, int MR>
 void Rows(const float* x, int64_t ldx, const uint8_t* w, int64_t n, int64_t K, float* c, int64_t ldc,
           const uint8_t* pf) {
+  constexpr int NR = MR <= 6 ? 4 : 2;
   const int64_t row_bytes = K / BlockInputs(Q) * BlockBytes(Q);
   int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    Block<Q, MR, 4>(x, ldx, w + j * row_bytes, K, c + j, ldc, pf ? pf + j * row_bytes : nullptr);
+  for (; j + NR <= n; j += NR) {
+    Block<Q, MR, NR>(x, ldx, w + j * row_bytes, K, c + j, ldc, pf ? pf + j * row_bytes : nullptr);
   }
   for (; j < n; ++j) Block<Q, MR, 1>(x, ldx, w + j * row_bytes, K, c + j, ldc, pf ? pf + j * row_bytes : nullptr);
 }
 
 using RowsFn = void (*)(const float*, int64_t, const uint8_t*, int64_t, int64_t, float*, int64_t, const uint8_t*);
 template <int Q>
-constexpr RowsFn kRows[7] = {nullptr, Rows<Q, 1>, Rows<Q, 2>, Rows<Q, 3>, Rows<Q, 4>, Rows<Q, 5>, Rows<Q, 6>};
+constexpr RowsFn kRows[9] = {nullptr,    Rows<Q, 1>, Rows<Q, 2>, Rows<Q, 3>, Rows<Q, 4>,
+                             Rows<Q, 5>, Rows<Q, 6>, Rows<Q, 7>, Rows<Q, 8>};
+// x rows per pass over the weights: 8 (a verify run of 1 + 7 drafts in one pass; from 10 rows the compiler spills)
+constexpr int64_t kMaxRows = 8;
 
 template <int Q>
 void Gemm(int64_t m, int64_t n, int64_t K, const float* x, int64_t ldx, const uint8_t* w, float* c, int64_t ldc) {
@@ -128,8 +133,8 @@ void Gemm(int64_t m, int64_t n, int64_t K, const float* x, int64_t ldx, const ui
   for (int64_t j0 = 0; j0 < n; j0 += kColumns) {
     const int64_t columns = std::min(kColumns, n - j0);
     const uint8_t* block = w + j0 * row_bytes;
-    for (int64_t i = 0; i < m; i += 6) {
-      const int rows = static_cast<int>(std::min<int64_t>(6, m - i));
+    for (int64_t i = 0; i < m; i += kMaxRows) {
+      const int rows = static_cast<int>(std::min(kMaxRows, m - i));
       kRows<Q>[rows](x + i * ldx, ldx, block, columns, K, c + i * ldc + j0, ldc,
                      i == 0 ? block + kPrefetchRows * row_bytes : nullptr);
     }
