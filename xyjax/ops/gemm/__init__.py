@@ -32,9 +32,10 @@ BACKENDS = {"xla": xla, "ffi": ffi, "pallas": pallas}
 
 
 def format_name(w) -> str:
-    """The profile key of a weight's format: "plain", "split", "tiles" or "blocks" (``GGUFBlocks``)."""
+    """The profile key of a weight's format: "plain", "split", "tiles" or "blocks" (``GGUFBlocks``; "blocks-int8"
+    with int8 activations)."""
     if isinstance(w, GGUFBlocks):
-        return "blocks"
+        return "blocks" if w.act_quant == "none" else f"blocks-{w.act_quant}"
     return "split" if isinstance(w, SplitBlocks) else "tiles" if isinstance(w, TileWeights) else "plain"
 
 

@@ -66,6 +66,8 @@ def gemm(x, w, m, layer, transpose_w: bool, tuning: dict) -> jax.Array:
         if x.dtype != jnp.float32:   # transpose_w and K: checked by smooth_gemm for every format
             raise ValueError(f"ffi gemm backend: GGUFBlocks need float32 x, got {x.dtype}")
         qtype = GGUF_QTYPE_IDS[w.qtype]
+        if w.act_quant != "none":
+            raise NotImplementedError("ffi gemm backend: int8 activations are not in the C++ handler yet")
     tiles = isinstance(w, TileWeights)
     block = w.block if isinstance(w, (SplitBlocks, TileWeights)) else 0
     data = w.tiles if tiles else w.data if block or qtype else w

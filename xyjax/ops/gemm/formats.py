@@ -175,8 +175,11 @@ class GGUFBlocks:
     data: jax.Array
     qtype: str = dataclasses.field(metadata=dict(static=True))
     k: int = dataclasses.field(metadata=dict(static=True))
+    act_quant: str = dataclasses.field(default="none", metadata=dict(static=True))   # the gemm's x: "none", "int8"
 
     def __post_init__(self):
+        if self.act_quant not in ("none", "int8"):
+            raise ValueError(f"GGUFBlocks: act_quant must be 'none' or 'int8', got {self.act_quant!r}")
         if self.qtype not in GGUF_QTYPES:
             raise ValueError(f"GGUFBlocks: unsupported GGUF type {self.qtype!r}; supported: {', '.join(GGUF_QTYPES)}")
         block, nbytes = GGUF_QTYPES[self.qtype]
@@ -218,6 +221,20 @@ def is_format(w) -> bool:
 def dense(w) -> jax.Array:
     """Any weight format's dense view (a plain array as it is)."""
     return w.dense() if is_format(w) else w
+
+
+def with_activation_quant(params, mode: str):
+    """``params`` with every ``GGUFBlocks`` leaf's gemm input quantized as ``mode`` says ("none", "int8":
+    ``xyjax.ops.gemm.quant``); a plain or split weight cannot take int8 activations (a ValueError)."""
+    def to(w):
+        if isinstance(w, GGUFBlocks):
+            return dataclasses.replace(w, act_quant=mode)
+        if mode != "none" and is_format(w):
+            raise ValueError(f"int8 activations need the weights as GGUF blocks (weight layout 'blocks'), got "
+                             f"{type(w).__name__}")
+        return w
+
+    return jax.tree.map(to, params, is_leaf=is_format)
 
 
 def take_rows(w, ids: jax.Array) -> jax.Array:

@@ -37,7 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from xyjax.ops.gemm.formats import dense
-from xyjax.ops.gemm.xla import take_layer
+from xyjax.ops.gemm.xla import quantized_input, take_layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +130,7 @@ def smooth_gemm_pallas(x: jax.Array, w: jax.Array, m, *, tiling: GemmTiling = Ge
 
 def gemm(x, w, m, layer, transpose_w: bool, tuning: dict) -> jax.Array:
     """smooth_gemm's pallas backend: the kernel on the weights' dense view (interpret mode on CPU)."""
+    x = quantized_input(x, w)
     w = dense(take_layer(w, layer)).astype(x.dtype)
     return smooth_gemm_pallas(x, w, m, tiling=GemmTiling(**tuning), transpose_w=transpose_w,
                               interpret=jax.default_backend() == "cpu")
