@@ -114,7 +114,7 @@ _json.__name__ = "JSON"   # argparse's error: "invalid JSON value: ..."
 
 ENGINE_OPTIONS = (("max_num_batched_tokens", int), ("max_num_seqs", int), ("prefill_tile", int), ("block_size", int),
                   ("attention_backend", str), ("gemm_backend", str), ("weight_layout", str),
-                  ("enable_prefix_caching", bool), ("speculative", _json))
+                  ("activation_quant", str), ("enable_prefix_caching", bool), ("speculative", _json))
 SERVE_ENGINE_OPTIONS = (("max_model_len", int), ("kv_cache_memory", int), ("max_logprobs", int), ("seed", int))
 
 

@@ -46,7 +46,8 @@ class LLM:
         step_seconds, host_plan_seconds, device_seconds, host_output_seconds. Requests: generated_tokens,
         preemptions, finished, errors, aborted, running, waiting. Start-up: compiles (step programs compiled or
         loaded from the persistent cache; fixed after start-up), compile_seconds, startup_seconds. Memory:
-        weight_bytes (the params as the engine holds them), peak_rss_bytes (the process's peak RSS). KV blocks:
+        weight_bytes (the params as the engine holds them), peak_rss_bytes (the process's peak RSS). Numerics:
+        activation_quant (the engine option: "none" or "int8"). KV blocks:
         kv_blocks_total, kv_blocks_free (no request holds them: the free pool and blocks only the prefix cache
         holds, which it gives back on demand), kv_blocks_cached (held by the prefix cache). Prefix caching:
         prefix_lookups (admissions), prefix_lookup_tokens (prompt tokens looked up), prefix_hit_tokens,

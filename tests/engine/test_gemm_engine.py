@@ -4,6 +4,7 @@ import dataclasses
 
 import jax
 import numpy as np
+import pytest
 
 import ascend_ffi
 from helpers import gguf_block_bytes
@@ -69,6 +70,32 @@ def test_engine_greedy_identical_with_gguf_blocks_read_in_place(tiny_model):
         tokens[layout] = [out.token_ids for out in llm.generate(prompts, sampling)]
     assert tokens["blocks"] == tokens["plain"]
     assert all(len(t) == 8 for t in tokens["blocks"])
+
+
+def test_engine_with_int8_activations(tiny_model):
+    """activation_quant="int8" on GGUF blocks (xla: the reference): only the dense layers take int8 inputs, the
+    mode is in LLM.stats, every step program is compiled at start, and a prompt's greedy tokens do not depend on
+    its batch (the activations are quantized per token). A layout other than blocks, or an unknown mode, is
+    refused by name."""
+    rng = np.random.default_rng(8)
+    layers = {name: GGUFBlocks(gguf_block_bytes("Q8_0", np.asarray(w, np.float32), rng), "Q8_0", w.shape[-1])
+              if name in DENSE else w for name, w in tiny_model.params["layers"].items()}
+    model = dataclasses.replace(tiny_model, params=dict(tiny_model.params, layers=layers))
+    prompts = [rng.integers(3, 49000, n).tolist() for n in (45, 3, 20, 9)]
+    sampling = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    options = dict(block_size=4, max_num_batched_tokens=32, max_num_seqs=4, gemm_backend="xla", progress=False)
+    llm = LLM(model, activation_quant="int8", **options)
+    held = llm.engine.runner.params
+    assert all(held["layers"][name].act_quant == "int8" for name in DENSE)
+    assert not isinstance(held["embed"], GGUFBlocks) or held["embed"].act_quant == "none"
+    compiles = llm.stats["compiles"]
+    tokens = [o.token_ids for o in llm.generate(prompts, sampling)]
+    assert llm.stats["activation_quant"] == "int8" and llm.stats["compiles"] == compiles
+    assert tokens == [llm.generate([p], sampling)[0].token_ids for p in prompts]
+    with pytest.raises(ValueError, match="activation_quant='int8' needs weight_layout 'blocks'"):
+        LLM(model, activation_quant="int8", weight_layout="plain", **options)
+    with pytest.raises(ValueError, match="activation_quant must be one of none, int8, got 'int4'"):
+        LLM(model, activation_quant="int4", **options)
 
 
 def test_engine_runs_the_profiled_tunables(monkeypatch, tmp_path, tiny_model):

@@ -42,7 +42,7 @@ def complete(server, prompt, **kw):
 def test_health_models_and_metrics(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     models = server.client().models.list().data
-    assert [m.id for m in models] == ["tiny"]
+    assert [m.id for m in models] == ["tiny"] and models[0].model_extra["activation_quant"] == "none"
     assert server.metric("xyjax_compiles") == 3          # buckets 16, 32, 64, all compiled at start-up
     assert server.metric("xyjax_prefix_cache_hit_rate") >= 0
 

@@ -10,7 +10,7 @@ import jax
 from ascend_ffi import blas
 from xyjax.engine.speculative import SpecConfig
 from xyjax.ops import attention, gemm
-from xyjax.ops.gemm import formats
+from xyjax.ops.gemm import formats, quant
 from xyjax.ops.paths import cache_dir
 
 
@@ -53,6 +53,11 @@ class EngineConfig:
         pallas), "plain" (dense float32), "split" (Q4_1 as ``SplitBlocks``, other types plain), "tiles"
         (``TileWeights``, ffi on AMX CPUs) or "blocks" (the file's blocks, kept as ``GGUFBlocks``: the ffi block
         kernels read them in place; xla and pallas compute on their dense view).
+    activation_quant: "none" (the default: exact float32 activations) or "int8" (the dense layers' inputs
+        quantized per token and per group of 32 inputs to int8, multiplied as integers with the weight blocks:
+        ``xyjax.ops.gemm.quant``; faster where compute bounds, a different numerical contract: ``xyjax
+        eval-quant`` measures it). Needs the weights as GGUF blocks ("auto" then means "blocks" on every
+        backend); the embedding, the LM head and attention stay float32.
     enable_prefix_caching: token-wise automatic prefix caching (xyjax.engine.prefix_cache): a request reuses the KV of
         the longest prefix of its tokens that an earlier request computed, down to the token.
     seed: seeds requests that bring none.
@@ -77,6 +82,7 @@ class EngineConfig:
     attention_backend: str | None = None
     gemm_backend: str | None = None
     weight_layout: str = "auto"
+    activation_quant: str = "none"
     enable_prefix_caching: bool = True
     seed: int = 0
 
@@ -105,6 +111,10 @@ class EngineConfig:
             if getattr(self, name) not in backends:
                 raise ValueError(f"engine option {name} must be one of {', '.join(backends)}, "
                                  f"got {getattr(self, name)!r}")
+        quant.check_mode(self.activation_quant)
+        if self.activation_quant != "none" and self.weight_layout not in ("auto", "blocks"):
+            raise ValueError(f"engine option activation_quant={self.activation_quant!r} needs weight_layout 'blocks' "
+                             f"(or 'auto'), got {self.weight_layout!r}")
         if not isinstance(self.speculative, SpecConfig):
             self.speculative = SpecConfig.parse(self.speculative)
         if self.speculative:

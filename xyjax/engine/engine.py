@@ -21,6 +21,7 @@ from xyjax.engine.block_manager import BlockManager
 from xyjax.engine.config import EngineConfig
 from xyjax.ops import Backends
 from xyjax.ops.gemm import prepare_weights
+from xyjax.ops.gemm.formats import with_activation_quant
 from xyjax.ops.gemm.profile import load_default
 from xyjax.ops.kv_cache import bytes_per_token
 from xyjax.engine.outputs import RequestMetrics, RequestOutput
@@ -32,6 +33,14 @@ from xyjax.engine.sampling_params import SamplingParams
 from xyjax.engine.scheduler import Scheduler
 from xyjax.engine.speculative import AdaptiveControl
 from xyjax.engine.stats import EngineStats, StepTimer
+
+
+def held_weights(params: dict, config: EngineConfig) -> dict:
+    """The model's params as the engine holds them: in the gemm backend's weight layout, the dense layers'
+    (``params["layers"]``) inputs quantized as ``activation_quant`` says (the embedding and LM head stay exact)."""
+    layout = "blocks" if config.activation_quant != "none" and config.weight_layout == "auto" else config.weight_layout
+    params = prepare_weights(params, config.gemm_backend, layout)
+    return dict(params, layers=with_activation_quant(params["layers"], config.activation_quant))
 
 
 class Engine:
@@ -60,8 +69,9 @@ class Engine:
                                  gemm_profile=load_default(config.gemm_backend) if config.gemm_backend != "xla"
                                  else None)
         self.max_logprobs = min(config.max_logprobs, cfg.vocab_size)   # top-k over the vocabulary at most
-        params = prepare_weights(model.params, config.gemm_backend, config.weight_layout)
+        params = held_weights(model.params, config)
         self.stats.weight_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+        self.stats.activation_quant = config.activation_quant
         self.runner = Runner(cfg, params, num_blocks, config.block_size, self.backends, self.stats, model.dtype,
                              num_logprobs=self.max_logprobs,
                              max_moves=config.max_num_seqs * config.max_draft_tokens)

@@ -42,6 +42,7 @@ class EngineStats:
     compile_seconds: float = 0.0
     startup_seconds: float = 0.0
     weight_bytes: int = 0                # the params as the runner holds them (after prepare_weights)
+    activation_quant: str = "none"       # the engine's mode (EngineConfig.activation_quant)
     prefix_lookups: int = 0              # admissions that looked up the prefix cache
     prefix_lookup_tokens: int = 0
     prefix_hit_tokens: int = 0

@@ -59,7 +59,8 @@ def build_app(engine_loop: EngineLoop, model_name: str, max_body_bytes: int = 1 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "xyjax", "max_model_len": engine.max_model_len}]}
+                                            "owned_by": "xyjax", "max_model_len": engine.max_model_len,
+                                            "activation_quant": engine.config.activation_quant}]}
 
     async def parse(request: Request, model: type[SamplingRequest]) -> SamplingRequest:
         declared = request.headers.get("content-length", "")
