@@ -1,6 +1,6 @@
 """Command line: ``xyjax generate "prompt" [...]``, ``xyjax serve [...]``, ``xyjax bench [--workload W] [...]``,
-``xyjax bench-attention``, ``xyjax bench-gemm``, ``xyjax bench-prefix``, ``xyjax bench-spec``, ``xyjax bench-single`` and
-``xyjax profile``."""
+``xyjax bench-attention``, ``xyjax bench-gemm``, ``xyjax bench-prefix``, ``xyjax bench-spec``, ``xyjax bench-single``,
+``xyjax profile`` and ``xyjax eval-quant``."""
 
 from __future__ import annotations
 
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench-spec": ("xyjax.bench.spec", "output tokens/s with and without speculative decoding"),
         "bench-single": ("xyjax.bench.single", "single-stream prefill and decode tok/s beside llama.cpp's llama-bench"),
         "profile": ("xyjax.bench.profile", "profile the gemm backend's tunables per linear shape and bucket"),
+        "eval-quant": ("xyjax.bench.eval_quant", "int8 activations against the exact path: perplexity, KL, top-1"),
     }
     for name, (_, text) in passthrough.items():
         commands.add_parser(name, add_help=False, help=f"{text} (see --help of the command)")

@@ -10,8 +10,11 @@ import jax
 import numpy as np
 import pytest
 
+from helpers import gguf_block_bytes
 from models.llama import forward
+from models.weights import DENSE
 from xyjax.bench import WORKLOADS, NaiveGenerator, Workload, make_requests, summarize
+from xyjax.ops.gemm.formats import GGUFBlocks
 from xyjax.ops.kv_cache import KVCache
 from xyjax.ops.step_inputs import StepInputs
 from xyjax.ops.attention.tiling import attention_metadata
@@ -316,3 +319,21 @@ def test_llamacpp_peer_runs_the_default_gguf(tmp_path):
     for r, rec in zip(requests, out["records"]):
         assert rec["output_len"] == r.output_len == len(rec["output_token_ids"])
         assert r.arrival <= rec["arrival"] + 1e-9 and rec["arrival"] <= rec["first_token"] <= rec["finish"]
+
+
+def test_eval_quant_scores_windows_against_the_exact_path(tiny_model):
+    """eval-quant's windows are whole, BOS first; on the tiny model the exact mode agrees with itself (KL 0, top-1
+    100 %) and int8 activations give a KL >= 0, both over the second halves of the windows."""
+    from xyjax.bench.eval_quant import eval_quant, windows
+
+    cut = windows(list(range(10, 30)), 8, bos=1)
+    assert [w.tolist() for w in cut] == [[1, *range(11, 18)], [1, *range(19, 26)]]
+    rng = np.random.default_rng(9)
+    layers = {name: GGUFBlocks(gguf_block_bytes("Q8_0", np.asarray(w, np.float32), rng), "Q8_0", w.shape[-1])
+              if name in DENSE else w for name, w in tiny_model.params["layers"].items()}
+    model = dataclasses.replace(tiny_model, params=dict(tiny_model.params, layers=layers))
+    result = eval_quant(model, ctx=64, max_windows=2, gemm_backend="xla")
+    exact, int8 = result["modes"]["none"], result["modes"]["int8"]
+    assert result["windows"] == 2 and exact["tokens"] == int8["tokens"] == 2 * (64 - 32 - 1)
+    assert exact["kl_mean"] == exact["kl_max"] == 0 and exact["top1_agreement"] == 1
+    assert 0 < int8["kl_mean"] <= int8["kl_max"] and exact["perplexity"] > 1 and int8["perplexity"] > 1
