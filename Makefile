@@ -111,28 +111,30 @@ $(VLLM_VENV)/bin/python:
 	@test -n "$(REF_PY)" || { echo "no Python 3.11 found (tried $(REF_PY_CANDIDATES)); set REF_PY=/path/to/python3.11" >&2; exit 1; }
 	$(REF_PY) -m venv $(VLLM_VENV)
 
-# llama.cpp, a benchmark peer (xyjax/bench/peers/llamacpp_peer.py, xyjax/bench/single.py): llama-server and
-# llama-bench built from the llama.cpp source vendored in the llama-cpp-python sdist (the only download: PyPI),
+# llama.cpp, a benchmark peer (xyjax/bench/peers/llamacpp_peer.py, xyjax/bench/single.py, xyjax/bench/eval_quant.py):
+# llama-server, llama-bench and llama-perplexity built from the llama.cpp source vendored in the llama-cpp-python sdist (the only download: PyPI),
 # CMake Release, native CPU flags, no GPU backend, no curl, static libraries so the two binaries stand alone in
-# .llamacpp/bin. llama-cpp-python 0.3.36 is the newest release. The stamp names the version: a second run is a
-# no-op, a new LLAMACPP_PY rebuilds.
+# .llamacpp/bin. llama-cpp-python 0.3.36 is the newest release. The stamp names the version and the tools: a second
+# run is a no-op, a new LLAMACPP_PY or tool rebuilds.
 LLAMACPP_DIR ?= .llamacpp
 LLAMACPP_PY := llama-cpp-python==0.3.36
 LLAMACPP_JOBS ?= 2
+LLAMACPP_TOOLS := llama-server llama-bench llama-perplexity
+LLAMACPP_STAMP := $(LLAMACPP_DIR)/.stamp-$(subst ==,-,$(LLAMACPP_PY))-$(words $(LLAMACPP_TOOLS))tools
 LLAMACPP_CMAKE_FLAGS := -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF \
 	-DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF -DGGML_HIP=OFF -DGGML_SYCL=OFF -DGGML_OPENCL=OFF \
 	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON
 
-llamacpp-env: $(LLAMACPP_DIR)/.stamp-$(subst ==,-,$(LLAMACPP_PY))
+llamacpp-env: $(LLAMACPP_STAMP)
 
-$(LLAMACPP_DIR)/.stamp-$(subst ==,-,$(LLAMACPP_PY)): | $(BIN)/python
+$(LLAMACPP_STAMP): | $(BIN)/python
 	rm -rf $(LLAMACPP_DIR)/src $(LLAMACPP_DIR)/build $(LLAMACPP_DIR)/.stamp-*
 	mkdir -p $(LLAMACPP_DIR)/src $(LLAMACPP_DIR)/bin
 	$(PIP) download --no-deps --no-binary :all: '$(LLAMACPP_PY)' -d $(LLAMACPP_DIR)/src
 	tar xzf $(LLAMACPP_DIR)/src/llama_cpp_python-*.tar.gz -C $(LLAMACPP_DIR)/src --strip-components=1 --wildcards '*/vendor/llama.cpp/*'
 	cmake -S $(LLAMACPP_DIR)/src/vendor/llama.cpp -B $(LLAMACPP_DIR)/build $(LLAMACPP_CMAKE_FLAGS)
-	cmake --build $(LLAMACPP_DIR)/build --config Release --target llama-server llama-bench -j$(LLAMACPP_JOBS)
-	cp $(LLAMACPP_DIR)/build/bin/llama-server $(LLAMACPP_DIR)/build/bin/llama-bench $(LLAMACPP_DIR)/bin/
+	cmake --build $(LLAMACPP_DIR)/build --config Release --target $(LLAMACPP_TOOLS) -j$(LLAMACPP_JOBS)
+	cp $(addprefix $(LLAMACPP_DIR)/build/bin/,$(LLAMACPP_TOOLS)) $(LLAMACPP_DIR)/bin/
 	$(LLAMACPP_DIR)/bin/llama-server --version
 	echo "$(LLAMACPP_PY) $(LLAMACPP_CMAKE_FLAGS)" > $@
 

@@ -337,3 +337,29 @@ def test_eval_quant_scores_windows_against_the_exact_path(tiny_model):
     assert result["windows"] == 2 and exact["tokens"] == int8["tokens"] == 2 * (64 - 32 - 1)
     assert exact["kl_mean"] == exact["kl_max"] == 0 and exact["top1_agreement"] == 1
     assert 0 < int8["kl_mean"] <= int8["kl_max"] and exact["perplexity"] > 1 and int8["perplexity"] > 1
+
+
+LLAMA_PERPLEXITY_KLD = """0.02.342.153 I kl_divergence: computing over 3 chunks, n_ctx=512, batch_size=512, n_seq=1
+====== Perplexity statistics ======
+Mean PPL(Q)                   :  16.554627 ±   2.639347
+Mean PPL(base)                :  16.262807 ±   2.578772
+====== KL divergence statistics ======
+Mean    KLD:   0.003015 ±   0.000201
+Maximum KLD:   0.021074
+99.9%   KLD:   0.020931
+99.0%   KLD:   0.015752
+Median  KLD:   0.002177
+====== Token probability statistics ======
+Same top p: 95.686 ± 1.275 %
+"""
+
+
+def test_eval_quant_reads_llama_perplexitys_kl_report():
+    """llama-perplexity --kl-divergence's report (a real run's lines) -> eval-quant's figures; a report without
+    them is an error quoting it."""
+    from xyjax.bench.eval_quant import parse_kld
+
+    assert parse_kld(LLAMA_PERPLEXITY_KLD, 512) == dict(perplexity=16.554627, kl_mean=0.003015, kl_p99=0.015752,
+                                                       kl_max=0.021074, top1_agreement=0.95686, tokens=3 * 255)
+    with pytest.raises(RuntimeError, match="llama-perplexity printed no"):
+        parse_kld("main: error: failed to load model", 512)

@@ -145,3 +145,22 @@ def test_q4_1_blocks_convert_to_the_split_layout(tmp_path):
     hi = data.astype(jnp.bfloat16).astype(np.float32)
     np.testing.assert_array_equal(hi + (data - hi).astype(jnp.bfloat16).astype(np.float32), data)
     np.testing.assert_array_equal(quantize_blocks(values, 32).data, data)
+
+
+def test_f32_copy_of_a_gguf_for_llama_perplexity(tmp_path):
+    """eval-quant's F32 copy of a GGUF (llama.cpp's exact baseline): every tensor gguf's dequantization in F32, in
+    the same shape; the metadata kept, the file type all-F32."""
+    import gguf
+
+    from xyjax.bench.eval_quant import write_f32_gguf
+
+    values = (0.1 * np.random.default_rng(3).standard_normal((8, 256))).astype(np.float32)
+    write_gguf(tmp_path / "q.gguf", {"blk.0.ffn_up.weight": ("Q4_K", values), "blk.0.ffn_norm.weight": values[0],
+                                     "token_embd.weight": ("Q8_0", values)}, {"llama.block_count": 1})
+    write_f32_gguf(str(tmp_path / "q.gguf"), str(tmp_path / "f.gguf"))
+    source, copy = (read_gguf(str(tmp_path / name)) for name in ("q.gguf", "f.gguf"))
+    assert copy.fields["llama.block_count"].contents() == 1
+    assert copy.fields["general.file_type"].contents() == gguf.LlamaFileType.ALL_F32
+    for a, b in zip(source.tensors, copy.tensors, strict=True):
+        assert b.name == a.name and b.tensor_type == gguf.GGMLQuantizationType.F32
+        np.testing.assert_array_equal(np.asarray(b.data), dequantize(a, np.float32))

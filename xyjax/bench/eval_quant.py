@@ -7,9 +7,10 @@ system as /usr/share/common-licenses/GPL-3). Tokenized once, cut into windows of
 token is set to BOS; each window is one prefill, and the logits of its second half are scored (the first half is
 context): position j predicts token j + 1, as llama-perplexity does. Per mode: perplexity over the scored tokens;
 against the exact path: the mean, p99 and max of KL(exact || mode) of the next-token distributions and the top-1
-agreement (the same argmax). With ``make llamacpp-env``, llama.cpp's own figures on the same text and windows: its
-Q4_1 file (Q8 activations) against the same weights in float32 (an F32 GGUF written from the file), from
-``llama-perplexity``'s KL-divergence mode.
+agreement (the same argmax). With ``make llamacpp-env`` and a GGUF model, llama.cpp's own figures on the same text
+and window size: the file as llama.cpp runs it (Q8 activations against Q4/Q8 weights) against the same weights in
+float32 (an F32 GGUF written from the file with gguf's dequantization), from ``llama-perplexity``'s KL-divergence
+mode; its chunks start one token later (it prepends BOS to the whole text).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
+import tempfile
 import time
 
 import jax
@@ -112,6 +116,63 @@ def eval_quant(model=None, ctx: int = 512, max_windows: int | None = None, modes
                 gemm_backend=config.gemm_backend, modes={mode: summary(s) for mode, s in stats.items()})
 
 
+def write_f32_gguf(src: str, dst: str) -> None:
+    """``src`` with every tensor dequantized to float32 by gguf (the exact path's weights) and its metadata kept
+    (``general.file_type`` set to all-F32): a file llama.cpp runs with float32 activations."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(dst, arch=arch)
+    for field in reader.fields.values():
+        if field.name in ("general.architecture", "general.file_type") or field.name.startswith("GGUF."):
+            continue
+        kind = field.types[0]
+        writer.add_key_value(field.name, field.contents(), kind,
+                             sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for tensor in reader.tensors:
+        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        writer.add_tensor(tensor.name, data, raw_dtype=gguf.GGMLQuantizationType.F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def parse_kld(text: str, ctx: int) -> dict:
+    """llama-perplexity's KL-divergence report (over windows of ``ctx``) -> the figures of ``summary``."""
+    def number(pattern):
+        found = re.search(pattern, text)
+        if not found:
+            raise RuntimeError(f"llama-perplexity printed no {pattern!r}:\n{text[-3000:]}")
+        return float(found.group(1))
+
+    return dict(perplexity=number(r"Mean PPL\(Q\)\s*:\s*([\d.]+)"), kl_mean=number(r"Mean\s+KLD:\s*([-\d.]+)"),
+                kl_p99=number(r"99\.0%\s+KLD:\s*([-\d.]+)"), kl_max=number(r"Maximum KLD:\s*([-\d.]+)"),
+                top1_agreement=number(r"Same top p:\s*([\d.]+)") / 100,
+                tokens=int(number(r"over (\d+) chunks")) * (ctx - 1 - ctx // 2))
+
+
+def llamacpp_kld(bin_dir: str, gguf_path: str, ctx: int, threads: int, max_windows: int | None) -> dict:
+    """llama.cpp's figures (``parse_kld``) for ``gguf_path`` against its weights in float32, on TEXT."""
+    tool = os.path.join(bin_dir, "llama-perplexity")
+    if not os.path.isfile(tool):
+        raise FileNotFoundError(f"{tool} is missing: run make llamacpp-env")
+    with tempfile.TemporaryDirectory() as tmp:
+        f32, base = os.path.join(tmp, "f32.gguf"), os.path.join(tmp, "base.kld")
+        write_f32_gguf(gguf_path, f32)
+        # --no-repack: as the llamacpp peer (the AMX repacking segfaults on the AMX machine this was built on)
+        common = ["-f", TEXT, "-c", str(ctx), "-b", str(ctx), "-t", str(threads), "--no-repack"]
+        common += ["--chunks", str(max_windows)] if max_windows else []
+        for cmd in ([tool, "-m", f32, *common, "--kl-divergence-base", base],
+                    [tool, "-m", gguf_path, *common, "--kl-divergence-base", base, "--kl-divergence"]):
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        return dict(parse_kld(done.stdout + done.stderr, ctx), command=cmd)
+
+
 def table(results: dict) -> str:
     lines = ["| system | scored tokens | perplexity | mean KL | p99 KL | max KL | top-1 agreement |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -131,6 +192,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = eval_quant(args.model, args.ctx, args.max_windows, gemm_backend=args.gemm_backend)
     systems = {f"xyjax {mode}": r for mode, r in result["modes"].items()}
+    result["skipped"] = {}
+    try:
+        from xyjax.bench.peers import PeerUnavailable, gguf_file, llamacpp_bin
+        from models.loader import load
+
+        gguf_path = gguf_file(args.model, load(args.model, progress=False))
+        systems["llama.cpp"] = result["llama.cpp"] = llamacpp_kld(
+            llamacpp_bin(), gguf_path, args.ctx, len(os.sched_getaffinity(0)), args.max_windows)
+    except (PeerUnavailable, RuntimeError, FileNotFoundError) as e:
+        result["skipped"]["llama.cpp"] = str(e)
+        print(f"xyjax eval-quant: skipping llama.cpp: {e}")
     print(table(systems))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"eval-quant-{time.strftime('%Y%m%d-%H%M%S')}.json")
