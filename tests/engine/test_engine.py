@@ -153,7 +153,7 @@ STATS_KEYS = {"steps", "mean_step_time", "tokens_per_step", "real_tokens", "padd
               "kv_blocks_free", "kv_blocks_cached", "prefix_lookups", "prefix_lookup_tokens", "prefix_hit_tokens",
               "prefix_cache_hit_rate", "prefix_block_hit_tokens", "prefix_copies", "prefix_evicted_blocks",
               "spec_verify_runs", "spec_drafted_tokens", "spec_accepted_tokens", "spec_acceptance_rate",
-              "spec_mean_accepted_length", "weight_bytes", "peak_rss_bytes"}
+              "spec_mean_accepted_length", "weight_bytes", "peak_rss_bytes", "activation_quant"}
 
 
 def test_stats_snapshot_has_the_documented_keys_and_counters_add_up(tiny_model):

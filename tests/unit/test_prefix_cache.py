@@ -149,7 +149,7 @@ def test_admission_takes_the_cached_prefix_and_charges_only_the_rest():
     assert [(s.request, s.num_tokens) for s in batch.seqs] == [(second, 16)] and second.num_computed == 7
     assert second.block_table[0] == first.block_table[0] and batch.copies == [(first.block_table[1],
                                                                                second.block_table[1])]
-    inputs, _ = Planner(config, 128, 2).plan(batch)
+    inputs, _ = Planner(config, 128, 2, 1000).plan(batch)
     assert inputs.positions[:16].tolist() == list(range(7, 23))
     stats = sched.stats.snapshot()
     assert {k: v for k, v in stats.items() if k.startswith("prefix_") and k != "prefix_cache_hit_rate"} == dict(

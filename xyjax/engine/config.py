@@ -40,6 +40,7 @@ class EngineConfig:
         in the V stage; max_draft_tokens is raised to num_draft_tokens. Parsed into a SpecConfig.
     max_logprobs: the most top logprobs a request may ask for (SamplingParams.logprobs).
     max_stop_ids: the most token ids one request may mask before min_tokens (its stop ids and EOS).
+    max_logit_bias: the most entries of one request's logit_bias.
     compilation_cache_dir: JAX's persistent compilation cache ("" disables it); default
         $XYJAX_CACHE_DIR/jax-compilation-cache. It is process-wide (a jax config).
     precompile: compile every bucket at start (with a progress bar).
@@ -77,6 +78,7 @@ class EngineConfig:
     speculative: dict | None = None
     max_logprobs: int = 20
     max_stop_ids: int = 16
+    max_logit_bias: int = 300
     compilation_cache_dir: str | None = dataclasses.field(default_factory=default_compilation_cache_dir)
     precompile: bool = True
     attention_backend: str | None = None
@@ -90,7 +92,7 @@ class EngineConfig:
         if self.attention_lanes is None:
             self.attention_lanes = int(os.environ.get("XYJAX_ATTENTION_THREADS") or os.cpu_count() or 1)
         positive = ("block_size", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens", "prefill_tile",
-                    "max_logprobs", "max_stop_ids", "attention_lanes", "max_kv_splits", "min_split_kv")
+                    "max_logprobs", "max_stop_ids", "max_logit_bias", "attention_lanes", "max_kv_splits", "min_split_kv")
         for name in positive + ("max_model_len", "max_draft_tokens"):
             value = getattr(self, name)
             if name == "max_model_len" and value is None:

@@ -62,7 +62,7 @@ class Engine:
         blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(config, blocks, PrefixCache(blocks) if config.enable_prefix_caching else None,
                                    self.stats, self.max_model_len)
-        self.planner = Planner(config, self.max_model_len, cfg.num_kv_heads)
+        self.planner = Planner(config, self.max_model_len, cfg.num_kv_heads, cfg.vocab_size)
         if config.compilation_cache_dir:
             enable_persistent_cache(config.compilation_cache_dir)
         self.backends = Backends(attention=config.attention_backend, gemm=config.gemm_backend,
@@ -109,6 +109,7 @@ class Engine:
         seed = params.seed if params.seed is not None else int(self._rng.integers(2**32))
         req = Request(request_id=request_id, prompt=prompt if isinstance(prompt, str) else None,
                       prompt_token_ids=ids, params=params, seed=seed, arrival=next(self._ids), stop_ids=stop_ids,
+                      bad_word_ids=self._bad_word_ids(params) if not error else [],
                       metrics=RequestMetrics(arrival_time=time.perf_counter(), num_prompt_tokens=len(ids)))
         req.logprobs = [] if params.logprobs is not None else None
         self.requests[request_id] = req
@@ -118,6 +119,12 @@ class Engine:
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
             self.scheduler.add(req)
         return request_id
+
+    def _bad_word_ids(self, params: SamplingParams) -> list[list[int]]:
+        """Each bad word as token ids, alone and after a space (vLLM: the ways it can start in the output)."""
+        words = [self.tokenizer.encode(prefix + w, add_special_tokens=False) for w in params.bad_words or []
+                 for prefix in ("", " ")]
+        return [ids for ids in words if ids]
 
     def _validate(self, prompt, params: SamplingParams, stop_ids: frozenset[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -135,6 +142,15 @@ class Engine:
             raise ValueError(f"prompt has {len(ids)} tokens; the context length is {self.max_model_len} "
                              f"(prompt + at least 1 generated token must fit; it is also capped by the KV pool, "
                              f"{self.scheduler.blocks.num_blocks} blocks of {self.config.block_size})")
+        vocab = self.model.config.vocab_size
+        if params.logit_bias and len(params.logit_bias) > self.config.max_logit_bias:
+            raise ValueError(f"logit_bias has {len(params.logit_bias)} entries; the engine's max_logit_bias is "
+                             f"{self.config.max_logit_bias}")
+        for name, tokens in (("logit_bias", params.logit_bias or ()),
+                             ("allowed_token_ids", params.allowed_token_ids or ())):
+            bad = [t for t in tokens if t >= vocab]
+            if bad:
+                raise ValueError(f"{name} token id {bad[0]} is outside the vocabulary [0, {vocab})")
         if params.logprobs is not None and params.logprobs > self.max_logprobs:
             raise ValueError(f"logprobs={params.logprobs} exceeds the engine's max_logprobs={self.max_logprobs} "
                              f"(max_logprobs={self.config.max_logprobs}, vocabulary {self.model.config.vocab_size})")

@@ -3,7 +3,9 @@
 Shapes depend only on the token bucket T (the smallest configured bucket >= the step's tokens):
     tokens T; sequences S = min(T, max_num_seqs); sampled rows R = min(T, S * (1 + max_draft_tokens));
     block-table pages P = ceil((max_model_len + max_draft_tokens) / block_size); attention task tables
-    from ``tiling.capacities``; banned ids per row ``max_stop_ids``.
+    from ``tiling.capacities``; banned ids per row ``max_stop_ids``; per sampled row a token bitmask of
+    ceil(V / 32) words, ``max_logit_bias`` biases and a history of P * block_size tokens (penalties). The large
+    ones (bitmask, biases, history) are one shared empty array per bucket in a step where no row uses them.
 When the engine drafts token trees, every bucket also carries the tree mask [T, 1 + max_draft_tokens].
 So the jitted step has one program per bucket. Real sizes (num_tokens, num_tasks, num_samples) are data;
 padding tokens have slot -1 (write no KV) and no task covers them (zero attention output). A verify run
@@ -32,10 +34,11 @@ class Shapes:
 
 
 class Planner:
-    def __init__(self, config: EngineConfig, max_model_len: int, num_kv_heads: int):
-        self.config, self.num_kv_heads = config, num_kv_heads
+    def __init__(self, config: EngineConfig, max_model_len: int, num_kv_heads: int, vocab_size: int):
+        self.config, self.num_kv_heads, self.vocab_size = config, num_kv_heads, vocab_size
         self.pages = -(-(max_model_len + config.max_draft_tokens) // config.block_size)
         self.trees = bool(config.speculative and config.speculative.tree)
+        self._empty: dict[int, dict[str, np.ndarray]] = {}   # R -> the large sampling arrays, unused
 
     def shapes(self, num_tokens: int) -> Shapes:
         """The bucket for a step of ``num_tokens`` real tokens."""
@@ -56,7 +59,7 @@ class Planner:
         q_start, q_len, kv_len = np.zeros(S, np.int32), np.zeros(S, np.int32), np.zeros(S, np.int32)
         tables = np.zeros((S, self.pages), np.int32)
         sample_index = np.zeros(R, np.int32)
-        sampling = _sampling_arrays(R, c.max_stop_ids)
+        sampling = SamplingArrays(_sampling_arrays(R, c.max_stop_ids), self._empty_large(R))
         row = sample_row = 0
         trees = {}
         for i, seq in enumerate(batch.seqs):
@@ -80,11 +83,8 @@ class Planner:
             for j in range(k):
                 r, index = sample_row + j, int(outputs[j])
                 sample_index[r] = row + n - k + j
-                sampling.temperature[r], sampling.top_k[r], sampling.top_p[r] = p.temperature, p.top_k, p.top_p
-                sampling.seed[r], sampling.counter[r] = req.seed, index
-                sampling.logprobs[r] = p.logprobs is not None
-                banned = req.banned_ids(index)
-                sampling.banned[r, :len(banned)] = banned
+                path = _draft_path(req, trees.get(i), n - k + j) if seq.stage is Stage.VERIFY else []
+                sampling.fill(r, req, index, path, self.vocab_size)
             sample_row += k
             row += n
         attention = tiling.attention_metadata(q_start, q_len, kv_len, tables, num_kv_heads=self.num_kv_heads,
@@ -93,15 +93,90 @@ class Planner:
                                               trees=trees, max_tree=(1 + c.max_draft_tokens) * self.trees)
         inputs = StepInputs(token_ids=tokens, positions=positions, slot_mapping=slots, num_tokens=np.int32(row),
                             attention=attention, sample_index=sample_index, num_samples=np.int32(sample_row))
-        return inputs, sampling
+        return inputs, SamplingInputs(**sampling.arrays)
+
+    def _empty_large(self, rows: int) -> dict[str, np.ndarray]:
+        """The large sampling arrays of ``rows`` rows as no row uses them (shared: copied before any write)."""
+        if rows not in self._empty:
+            words, width = -(-self.vocab_size // 32), self.pages * self.config.block_size
+            self._empty[rows] = dict(allowed=np.full((rows, words), -1, np.int32),
+                                     bias_ids=np.full((rows, self.config.max_logit_bias), -1, np.int32),
+                                     bias=np.zeros((rows, self.config.max_logit_bias), np.float32),
+                                     history=np.full((rows, width), -1, np.int32))
+            for a in self._empty[rows].values():
+                a.flags.writeable = False
+        return self._empty[rows]
 
     def empty(self, bucket: int) -> tuple[StepInputs, SamplingInputs]:
         """An all-padding step of ``bucket`` tokens: running it compiles the bucket and changes nothing."""
         return self.plan(ScheduledBatch([], []), bucket)
 
 
-def _sampling_arrays(rows: int, banned_width: int) -> SamplingInputs:
-    return SamplingInputs(temperature=np.zeros(rows, np.float32), top_k=np.zeros(rows, np.int32),
-                          top_p=np.ones(rows, np.float32), seed=np.zeros(rows, np.uint32),
-                          counter=np.zeros(rows, np.int32), banned=np.full((rows, banned_width), -1, np.int32),
-                          logprobs=np.zeros(rows, bool))
+def _sampling_arrays(rows: int, banned_width: int) -> dict[str, np.ndarray]:
+    """The per-row sampling arrays, fresh, as no row uses them."""
+    return dict(temperature=np.zeros(rows, np.float32), top_k=np.zeros(rows, np.int32), top_p=np.ones(rows, np.float32),
+                min_p=np.zeros(rows, np.float32), seed=np.zeros(rows, np.uint32), counter=np.zeros(rows, np.int32),
+                banned=np.full((rows, banned_width), -1, np.int32), presence=np.zeros(rows, np.float32),
+                frequency=np.zeros(rows, np.float32), repetition=np.ones(rows, np.float32),
+                prompt_len=np.zeros(rows, np.int32), logprobs=np.zeros(rows, bool))
+
+
+def _draft_path(req, parents: list[int] | None, j: int) -> list[int]:
+    """The drafts a verify run's row j stands on: those from its first draft down to row j (row 0: the pending
+    token, none; ``parents``: the run's tree as [-1, parent row of each draft row], None for a chain)."""
+    if parents is None:
+        return req.draft_token_ids[:j]
+    path = []
+    while j > 0:
+        path.append(req.draft_token_ids[j - 1])
+        j = parents[j]
+    return path[::-1]
+
+
+@dataclasses.dataclass
+class SamplingArrays:
+    """A step's sampling arrays while the planner fills them: the per-row ones, and the large ones (bitmask, biases,
+    history), shared empty ones replaced by a fresh copy on their first write."""
+
+    arrays: dict[str, np.ndarray]
+    large: dict[str, np.ndarray]
+
+    def __post_init__(self):
+        self.arrays.update(self.large)
+
+    def writable(self, name: str) -> np.ndarray:
+        if self.arrays[name] is self.large[name]:
+            self.arrays[name] = self.large[name].copy()
+        return self.arrays[name]
+
+    def fill(self, r: int, req, index: int, path: list[int], vocab_size: int) -> None:
+        """Row r samples ``req``'s output token ``index`` after its tokens and the drafts ``path``."""
+        p, a = req.params, self.arrays
+        a["temperature"][r], a["top_k"][r], a["top_p"][r], a["min_p"][r] = p.temperature, p.top_k, p.top_p, p.min_p
+        a["seed"][r], a["counter"][r], a["logprobs"][r] = req.seed, index, p.logprobs is not None
+        banned = req.banned_ids(index)
+        a["banned"][r, :len(banned)] = banned
+        if p.logit_bias:
+            self.writable("bias_ids")[r, :len(p.logit_bias)] = list(p.logit_bias)
+            self.writable("bias")[r, :len(p.logit_bias)] = list(p.logit_bias.values())
+        masked = req.bad_word_tokens(path)
+        if p.allowed_token_ids is not None or masked:
+            self.writable("allowed")[r] = token_bitmask(vocab_size, p.allowed_token_ids, masked)
+        if p.penalized:
+            a["presence"][r], a["frequency"][r], a["repetition"][r] = (p.presence_penalty, p.frequency_penalty,
+                                                                       p.repetition_penalty)
+            a["prompt_len"][r] = len(req.prompt_token_ids)
+            before = req.token_ids + path
+            self.writable("history")[r, :len(before)] = before
+
+
+def token_bitmask(vocab_size: int, allowed: list[int] | None, masked: list[int]) -> np.ndarray:
+    """[ceil(V / 32)] int32: bit t % 32 of word t // 32 set for the tokens of ``allowed`` (None: every token of the
+    vocabulary), cleared for ``masked``."""
+    bits = np.zeros(-(-vocab_size // 32) * 32, bool)
+    if allowed is None:
+        bits[:vocab_size] = True
+    else:
+        bits[np.asarray(allowed, np.int64)] = True
+    bits[np.asarray(masked, np.int64)] = False
+    return np.packbits(bits.reshape(-1, 32), axis=-1, bitorder="little").view("<u4")[:, 0].view(np.int32)

@@ -33,6 +33,7 @@ class Request:
     arrival: int                                     # admission order (FCFS; preemption picks the largest)
     metrics: RequestMetrics
     stop_ids: frozenset[int] = frozenset()           # token ids that end it (stop_token_ids, EOS)
+    bad_word_ids: list[list[int]] = dataclasses.field(default_factory=list)   # params.bad_words as token ids
     token_ids: list[int] = dataclasses.field(default_factory=list)
     draft_token_ids: list[int] = dataclasses.field(default_factory=list)
     draft_parents: list[int] | None = None
@@ -67,6 +68,14 @@ class Request:
     def banned_ids(self, output_index: int) -> list[int]:
         """Token ids masked when sampling output token ``output_index``: the stop ids until min_tokens exist."""
         return sorted(self.stop_ids) if output_index < self.params.min_tokens else []
+
+    def bad_word_tokens(self, drafts: list[int]) -> list[int]:
+        """The last token of each bad word whose other tokens end the output (then ``drafts``): never sampled next."""
+        if not self.bad_word_ids:
+            return []
+        out = self.output_ids + drafts
+        return [w[-1] for w in self.bad_word_ids
+                if len(w) == 1 or (len(out) >= len(w) - 1 and out[len(out) - len(w) + 1:] == w[:-1])]
 
     def append(self, token: int, max_model_len: int) -> str | None:
         """Append a sampled token and its text; returns the finish reason it brings: "stop" (a stop id, or a

@@ -16,6 +16,12 @@ class SamplingParams:
     ``logprobs``: None, or N >= 0 to return each output token's logprob (of the model's distribution, before
     temperature/top-k/top-p) plus the N most likely tokens' (vLLM's convention).
     ``speculative``: False keeps the engine from drafting for this request (its ``speculative`` option).
+    Logits processing (vLLM's semantics, applied in this order before temperature): ``logit_bias`` {token id:
+    bias in [-100, 100]} added; ``allowed_token_ids`` the only tokens that may be sampled; ``bad_words`` (strings)
+    never generated (the last token of a word is masked where the output ends with the rest of it);
+    ``repetition_penalty`` (> 0, 1 off) divides positive and multiplies negative logits of every token in the
+    prompt or output; ``frequency_penalty`` and ``presence_penalty`` (in [-2, 2]) subtract per occurrence / once
+    for every token in the output. ``min_p`` (in [0, 1]) drops tokens less likely than min_p times the top one.
     """
 
     max_tokens: int = 16
@@ -30,6 +36,13 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: int | None = None
     speculative: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -38,6 +51,9 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if self.logit_bias is not None and isinstance(self.logit_bias, dict):   # JSON keys are strings
+            self.logit_bias = {int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k: v
+                               for k, v in self.logit_bias.items()}
         checks = [
             ("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
             ("temperature", _is_num(self.temperature) and 0 <= self.temperature < float("inf"), "a finite number >= 0"),
@@ -50,10 +66,30 @@ class SamplingParams:
              "None or an integer >= 0"),
             ("min_tokens", _is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
              f"an integer in [0, max_tokens={self.max_tokens}]"),
+            ("presence_penalty", _is_num(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
+            ("frequency_penalty", _is_num(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             "in [-2, 2]"),
+            ("repetition_penalty", _is_num(self.repetition_penalty) and 0 < self.repetition_penalty < float("inf"),
+             "a finite number > 0"),
+            ("min_p", _is_num(self.min_p) and 0 <= self.min_p <= 1, "in [0, 1]"),
+            ("logit_bias", self.logit_bias is None or (isinstance(self.logit_bias, dict) and all(
+                _is_int(k) and k >= 0 and _is_num(v) and -100 <= v <= 100 for k, v in self.logit_bias.items())),
+             "None or a map of token ids >= 0 to biases in [-100, 100]"),
+            ("allowed_token_ids", self.allowed_token_ids is None or (
+                isinstance(self.allowed_token_ids, (list, tuple)) and len(self.allowed_token_ids) > 0
+                and all(_is_int(t) and t >= 0 for t in self.allowed_token_ids)),
+             "None or a non-empty list of token ids >= 0"),
+            ("bad_words", self.bad_words is None or (isinstance(self.bad_words, (list, tuple)) and all(
+                isinstance(w, str) and w for w in self.bad_words)), "None or a list of non-empty strings"),
         ]
         for field, ok, expected in checks:
             if not ok:
                 raise ValueError(f"SamplingParams.{field} must be {expected}, got {getattr(self, field)!r}")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty is on (the sampler then needs the request's tokens)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
 def _is_int(x) -> bool:

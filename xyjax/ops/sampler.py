@@ -1,13 +1,21 @@
-"""Batch sampler (runs inside the jitted step): greedy, temperature, top-k, top-p, per-request seeds.
+"""Batch sampler (runs inside the jitted step): logits processing (logit bias, token masks, penalties), then
+greedy, temperature, min-p, top-k, top-p, per-request seeds (vLLM's order and semantics).
 
 Every array is per sampled row, R rows:
     logits [R, V] float32; temperature [R] float32 (0: greedy); top_k [R] int32 (0: off);
-    top_p [R] float32 (1: off); seed [R] uint32; counter [R] int32 (tokens the request has generated,
-    so a seeded request draws the same numbers whatever shares its batch); banned [R, B] int32 token
-    ids whose logits are masked (-1: none; used for min_tokens); logprobs [R] bool (return logprobs).
+    top_p [R] float32 (1: off); min_p [R] float32 (0: off; keep tokens of probability >= min_p * the top one's);
+    seed [R] uint32; counter [R] int32 (tokens the request has generated, so a seeded request draws the same
+    numbers whatever shares its batch); banned [R, B] int32 token ids whose logits are masked (-1: none; min_tokens,
+    bad words); allowed [R, ceil(V / 32)] int32 bitmask of the tokens a row may sample (bit t % 32 of word t // 32;
+    all ones: every token; allowed_token_ids, structured outputs); bias_ids / bias [R, LB] int32 / float32 added to
+    the logits (-1: none; logit_bias); presence / frequency [R] float32 subtracted once / per occurrence for each
+    token in the row's output, repetition [R] float32 (1: off) dividing positive and multiplying negative logits of
+    every token in its prompt or output; history [R, H] int32 the row's tokens so far (prompt, then output; -1
+    pad) with prompt_len [R] int32; logprobs [R] bool (return logprobs).
+Each processing step runs (a pass over [R, V]) only when some row of the batch uses it.
 Returns SamplerOutput: token ids [R] int32, and when any row asks, the sampled token's logprob [R] and the
 top ``num_logprobs`` (static) ids/logprobs [R, K] of the model's distribution (raw logits, before
-temperature and masks; vLLM's default); zeros otherwise.
+processing, temperature and masks; vLLM's default); zeros otherwise.
 """
 
 from __future__ import annotations
@@ -22,9 +30,18 @@ class SamplingInputs:
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
+    min_p: jax.Array
     seed: jax.Array
     counter: jax.Array
     banned: jax.Array
+    allowed: jax.Array
+    bias_ids: jax.Array
+    bias: jax.Array
+    presence: jax.Array
+    frequency: jax.Array
+    repetition: jax.Array
+    history: jax.Array
+    prompt_len: jax.Array
     logprobs: jax.Array
 
 
@@ -56,6 +73,52 @@ def mask_banned(logits: jax.Array, banned: jax.Array) -> jax.Array:
     return logits.at[rows, cols].set(-jnp.inf, mode="drop")
 
 
+def apply_bias(logits: jax.Array, ids: jax.Array, bias: jax.Array) -> jax.Array:
+    """``logits[r, ids[r, j]] += bias[r, j]`` for every ``ids >= 0``."""
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return logits.at[rows, jnp.where(ids < 0, logits.shape[1], ids)].add(bias, mode="drop")
+
+
+def mask_disallowed(logits: jax.Array, allowed: jax.Array) -> jax.Array:
+    """-inf where token t's bit (bit t % 32 of ``allowed[r, t // 32]``) is clear."""
+    vocab = logits.shape[1]
+    bits = (allowed[:, :, None] >> jnp.arange(32, dtype=allowed.dtype)) & 1          # [R, W, 32]
+    return jnp.where(bits.reshape(logits.shape[0], -1)[:, :vocab] == 1, logits, -jnp.inf)
+
+
+def apply_penalties(logits: jax.Array, s: "SamplingInputs") -> jax.Array:
+    """vLLM's penalties: repetition over the prompt and output tokens, then frequency and presence over the
+    output's token counts."""
+    rows, vocab = logits.shape
+    r = jnp.arange(rows)[:, None]
+    valid = s.history >= 0
+    output = valid & (jnp.arange(s.history.shape[1])[None] >= s.prompt_len[:, None])
+    seen = jnp.zeros((rows, vocab), bool).at[r, jnp.where(valid, s.history, vocab)].set(True, mode="drop")
+    counts = jnp.zeros((rows, vocab), jnp.int32).at[r, jnp.where(output, s.history, vocab)].add(1, mode="drop")
+    rep = s.repetition[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - s.frequency[:, None] * counts - s.presence[:, None] * (counts > 0)
+
+
+def process_logits(logits: jax.Array, s: "SamplingInputs") -> jax.Array:
+    """The logits sampling draws from: logit bias, allowed-token masks, banned ids, then penalties, each only
+    when some row uses it."""
+    steps = ((jnp.any(s.bias_ids >= 0), lambda x: apply_bias(x, s.bias_ids, s.bias)),
+             (jnp.any(s.allowed != -1), lambda x: mask_disallowed(x, s.allowed)),
+             (jnp.any(s.banned >= 0), lambda x: mask_banned(x, s.banned)),
+             (jnp.any((s.presence != 0) | (s.frequency != 0) | (s.repetition != 1)), lambda x: apply_penalties(x, s)))
+    for used, step in steps:
+        logits = jax.lax.cond(used, step, lambda x: x, logits)
+    return logits
+
+
+def min_p_mask(logits: jax.Array, min_p: jax.Array) -> jax.Array:
+    """-inf where a token's probability is below ``min_p`` times the row's most likely token's."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    floor = jnp.max(logp, axis=-1, keepdims=True) + jnp.log(jnp.maximum(min_p, 1e-38))[:, None]
+    return jnp.where((logp >= floor) | (min_p[:, None] <= 0), logits, -jnp.inf)
+
+
 def top_k_top_p_mask(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """Mask (-inf) tokens outside each row's top-k, then outside its top-p nucleus. logits [R, V]."""
     vocab = logits.shape[1]
@@ -75,10 +138,8 @@ def top_k_top_p_mask(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> j
 def sample(logits: jax.Array, s: SamplingInputs, num_logprobs: int = 0) -> SamplerOutput:
     """See the module docstring."""
     logits = logits.astype(jnp.float32)
-    # Masking writes a copy of all [R, V] logits (the log-probabilities read the raw ones), a few ms a step:
-    # only when some row bans tokens.
-    tokens = jax.lax.cond(jnp.any(s.banned >= 0), lambda x: _sample_tokens(mask_banned(x, s.banned), s),
-                          lambda x: _sample_tokens(x, s), logits)
+    # Processing writes a copy of all [R, V] logits (the log-probabilities read the raw ones), a few ms a step.
+    tokens = _sample_tokens(process_logits(logits, s), s)
     rows, k = logits.shape[0], num_logprobs
 
     def with_logprobs(_):
@@ -98,6 +159,7 @@ def _sample_tokens(logits: jax.Array, s: SamplingInputs) -> jax.Array:
 
     def stochastic(logits):
         scaled = logits / jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+        scaled = jax.lax.cond(jnp.any(s.min_p > 0), lambda x: min_p_mask(x, s.min_p), lambda x: x, scaled)
         needs_mask = jnp.any((s.top_k > 0) | (s.top_p < 1))
         scaled = jax.lax.cond(needs_mask, lambda x: top_k_top_p_mask(x, s.top_k, s.top_p), lambda x: x, scaled)
         keys = jax.vmap(lambda seed, c: jax.random.fold_in(jax.random.key(seed), c))(s.seed, s.counter)
