@@ -42,9 +42,11 @@
 // act_quant = 1 (0: none; GGUF blocks only): int8 activations (xyjax/ops/gemm/quant.py, the contract). x's m rows
 // are quantized once per call (QuantizeX: per row and 32-input group, d = amax / 127 and q = round_half_even(x / d)
 // as int8, bit for bit as quant.quantize_activations), then the int8 kernels (smooth_gemm_kernel_int8_*.cc) multiply
-// them with the blocks' integers in place, for every m (stream_rows and amx_rows do not apply), one block of weight
-// rows per lane. The copy: AVX-512 VNNI, else AVX2, else the portable one, or the one XYJAX_GEMM_INT8_KERNEL names
-// (avx512vnni, avx2, generic; as XYJAX_GEMM_BLOCKS_KERNEL).
+// them with the blocks' integers in place for m <= stream_rows, one block of weight rows per lane; larger m (prefill)
+// run the block panels (AMX or the BLAS, as above) on the fake-quantized rows d * q, float32 (faster there than the
+// int8 kernels, whose per-group scales cost a float multiply-add per 4 inputs and x row). The copy: AVX-512 VNNI,
+// else AVX2, else the portable one, or the one XYJAX_GEMM_INT8_KERNEL names (avx512vnni, avx2, generic; as
+// XYJAX_GEMM_BLOCKS_KERNEL).
 //
 // The handler: Parse (buffers -> Problem), CheckBlasAndTunables, ChooseKernel (the one choice among the five
 // kernels: BLAS sgemm, BLAS bf16 gemm, streaming, AMX, AMX tiles; smooth_gemm_kernels.h says which this build
@@ -234,14 +236,15 @@ ffi::Error CheckBlasAndTunables(const Problem& p, const Tunables& t) {
   return ffi::Error::Success();
 }
 
-// The one choice of kernel. GGUF blocks with int8 activations: the int8 kernel. GGUF blocks: the block streaming kernel for m <= stream_rows, else the block panels,
+// The one choice of kernel. GGUF blocks with int8 activations: the int8 kernel for m <= stream_rows, else (x
+// fake-quantized first) the block panels below. GGUF blocks: the block streaming kernel for m <= stream_rows, else the block panels,
 // multiplied by the AMX kernel for m >= amx_rows > 0 where this CPU runs it, else by the BLAS.
 // Tile weights: the AMX tile kernel. bfloat16: the BLAS's bf16 gemm. float32 with
 // transpose_w: the streaming kernel for m <= stream_rows, else the AMX kernel for m >= amx_rows > 0, where this
 // CPU runs them. Everything else: the BLAS's sgemm.
 GemmKernel ChooseKernel(const Problem& p, const Tunables& t) {
   static const bool stream_runs = StreamKernelRuns(), amx_runs = AmxReady();
-  if (p.int8) return GemmKernel::kInt8;
+  if (p.int8 && p.m <= t.stream_rows) return GemmKernel::kInt8;
   if (p.qtype != 0 && p.m <= t.stream_rows) return GemmKernel::kBlocksStream;
   if (p.qtype != 0) return amx_runs && t.amx_rows > 0 && p.m >= t.amx_rows ? GemmKernel::kBlocksAmx
                                                                           : GemmKernel::kBlocksPanel;
@@ -392,6 +395,16 @@ const float* RowsOfX(const Problem& p, int64_t mc) {
   return x_ext.data();
 }
 
+// Int8 activations on the block panels: x's rows [0, mc) as the int8 mode sees them, float32 d * q (exactly
+// quant.fake_quantize's values: one rounding), in this thread's buffer.
+const float* FakeQuantizeX(const Problem& p, int64_t mc, int64_t lanes) {
+  const QuantRows q = QuantizeX(p, mc, lanes);
+  thread_local std::vector<float> x;
+  x.resize(mc * p.K);
+  for (int64_t i = 0; i < mc * p.K; ++i) x[i] = static_cast<float>(q.q[i]) * q.d[i / kActGroup];
+  return x.data();
+}
+
 // Rows [0, mc) of the result, in blocks of whole rows (split_rows; not with AMX, whose packed x is shared) or of
 // kColumnAlign-aligned columns, one block per lane, each one single-threaded call of the kernel.
 // copy, int8: the copy of the block kernels (GGUF blocks), of the int8 kernels (int8 activations).
@@ -507,7 +520,7 @@ ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, 
   const GemmKernel kernel = ChooseKernel(p, t);
   const BlocksCopy* copy = nullptr;
   const Int8Copy* int8 = nullptr;
-  if (p.int8) {
+  if (kernel == GemmKernel::kInt8) {
     if (ffi::Error e = ChooseCopy("XYJAX_GEMM_INT8_KERNEL", "int8 kernels", kInt8Copies, &int8); e.failure()) return e;
   } else if (p.qtype != 0) {
     if (ffi::Error e = ChooseCopy("XYJAX_GEMM_BLOCKS_KERNEL", "block kernels", kBlocksCopies, &copy); e.failure()) {
@@ -518,7 +531,15 @@ ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, 
   // aligned row counts; the extra rows are zeroed again below.
   const bool blas = kernel == GemmKernel::kSgemm || kernel == GemmKernel::kBf16Gemm;
   const int64_t mc = p.m == 0 || !blas ? p.m : std::min<int64_t>(p.T, (p.m + m_align - 1) / m_align * m_align);
-  if (mc > 0 && p.N > 0) Compute(p, t, kernel, copy, int8, mc);
+  if (mc > 0 && p.N > 0 && p.int8 && kernel != GemmKernel::kInt8) {   // the block panels on fake-quantized x
+    Problem fq = p;
+    const int64_t pool_lanes = ThreadPool::Shared().lanes();
+    fq.x = FakeQuantizeX(p, mc, t.lanes == 0 ? pool_lanes : std::min<int64_t>(t.lanes, pool_lanes));
+    fq.int8 = false;
+    Compute(fq, t, kernel, copy, int8, mc);
+  } else if (mc > 0 && p.N > 0) {
+    Compute(p, t, kernel, copy, int8, mc);
+  }
   const size_t elem = p.bf16 ? 2 : 4;
   std::memset(p.out + p.m * p.N * elem, 0, (p.T - p.m) * p.N * elem);   // rows >= m
   return ffi::Error::Success();

@@ -64,19 +64,23 @@ inline Chunk Load(const uint8_t* row, int64_t c) {
     const uint8_t* b = row + c * kBytes;
     const __m128i n = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + (Q == kQ4_0 ? 2 : 4)));
     const __m256i u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(n, 4), n), _mm256_set1_epi8(15));
-    return {u, u, Half8(b), Q == kQ4_1 ? Lane0(LoadHalf(b + 2)) : _mm256_setzero_ps()};
+    return {u, u, Half8(b), Q == kQ4_1 ? _mm256_zextps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(b[2] | (b[3] << 8))))
+                                       : _mm256_setzero_ps()};
   } else if constexpr (Q == kQ4_K) {   // sub-block s: 32 bytes at one shift
     const uint8_t* blk = row + c / 8 * kBytes;
     const int s = static_cast<int>(c % 8);
     const __m256i u = Bits32(blk + Q4KByte(32 * s), Q4KShift(32 * s), 15);
-    return {u, u, _mm256_set1_ps(LoadHalf(blk) * static_cast<float>(Q4KScale(blk, s))),
-            Lane0(-(LoadHalf(blk + 2) * static_cast<float>(Q4KMin(blk, s))))};
+    // [d, dmin] * [sc, -mn] = [d * sc, -(dmin * mn)] (exact)
+    const __m128 f = _mm_mul_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(blk[0] | (blk[1] << 8) | (blk[2] << 16) | (blk[3] << 24))),
+                                _mm_cvtepi32_ps(_mm_setr_epi32(Q4KScale(blk, s), -Q4KMin(blk, s), 0, 0)));
+    return {u, u, _mm256_broadcastss_ps(f), _mm256_zextps128_ps256(_mm_and_ps(_mm_movehdup_ps(f),
+                                                                   _mm_castsi128_ps(_mm_setr_epi32(-1, 0, 0, 0))))};
   } else {   // kQ6_K: inputs j0 .. j0 + 31, 32 low and 32 high bytes at one shift each, 2 scales (lanes 0-3, 4-7)
     const uint8_t* blk = row + c / 8 * kBytes;
     const int j0 = 32 * static_cast<int>(c % 8);
     const __m256i high = Bits32(blk + Q6KHighByte(j0), Q6KHighShift(j0), 3);
     const __m256i u = _mm256_or_si256(Bits32(blk + Q6KLowByte(j0), Q6KLowShift(j0), 15), _mm256_slli_epi16(high, 4));
-    const float d = LoadHalf(blk + kQ6KD);
+    const float d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(blk[kQ6KD] | (blk[kQ6KD + 1] << 8))));
     const float s0 = d * static_cast<float>(static_cast<int8_t>(blk[Q6KScaleByte(j0)]));
     const float s1 = d * static_cast<float>(static_cast<int8_t>(blk[Q6KScaleByte(j0 + 16)]));
     return {u, u, _mm256_setr_ps(s0, s0, s0, s0, s1, s1, s1, s1), _mm256_setzero_ps()};
@@ -93,7 +97,8 @@ inline XChunk LoadX(const QuantRows& x, int64_t t, int64_t c) {
   const int64_t g = t * (x.K / kActGroup) + c;
   const __m256i sum4 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.sum4 + g * (kChunk / kActLane)));
   return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + g * kChunk)),
-          Zero<Q>() ? _mm256_mullo_epi32(sum4, _mm256_set1_epi32(-Zero<Q>())) : _mm256_setzero_si256(),
+          Zero<Q>() ? _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sum4, __builtin_ctz(Zero<Q>())))
+                    : _mm256_setzero_si256(),
           _mm256_set1_ps(x.d[g]), HasMin<Q>() ? Lane0(x.dsum[g]) : _mm256_setzero_ps()};
 }
 

@@ -49,17 +49,24 @@ struct Chunk {
   __m512 scale, min;
 };
 
-// Float16 h0 in lanes 0-7 and h1 in lanes 8-15, as float32.
-inline __m512 Halves(uint16_t h0, uint16_t h1) {
-  return _mm512_cvtph_ps(_mm256_set_m128i(_mm_set1_epi16(static_cast<short>(h1)), _mm_set1_epi16(static_cast<short>(h0))));
+// The 4 bytes at p (two float16, or the lane sums' bytes).
+inline int32_t Bytes4(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
 }
-inline uint16_t Bits16(const uint8_t* p) { return static_cast<uint16_t>(p[0] | (p[1] << 8)); }
-// f0 in lanes 0-7, f1 in lanes 8-15.
-inline __m512 Pair(float f0, float f1) {
-  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_set1_ps(f0)), _mm256_castps_pd(_mm256_set1_ps(f1)), 1));
+// The float16 pairs (a0, a1) at p0 and (b0, b1) at p1 (p1 null: zeros) as float32 [a0, a1, b0, b1] (exact).
+inline __m128 Halves4(const uint8_t* p0, const uint8_t* p1) {
+  return _mm_cvtph_ps(_mm_setr_epi32(Bytes4(p0), p1 ? Bytes4(p1) : 0, 0, 0));
 }
-// f0, f1 in lanes 0, 1; the other lanes 0.
-inline __m512 Low2(float f0, float f1) { return _mm512_zextps128_ps512(_mm_setr_ps(f0, f1, 0.0f, 0.0f)); }
+// Lane i of v in lanes 0-7 and lane j in lanes 8-15.
+inline __m512 Spread(__m128 v, int i, int j) {
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(i, i, i, i, i, i, i, i, j, j, j, j, j, j, j, j), _mm512_zextps128_ps512(v));
+}
+// Lanes i, j of v in lanes 0, 1; the other lanes 0.
+inline __m512 Low2(__m128 v, int i, int j) {
+  return _mm512_maskz_permutexvar_ps(0x3, _mm512_castsi128_si512(_mm_setr_epi32(i, j, 0, 0)), _mm512_zextps128_ps512(v));
+}
 // Each 64-bit lane of v shifted right by 0 (lanes 0-3) or shift (lanes 4-7 of each 256-bit half: bytes 32-63 of a
 // 256-bit pair, 16-31 / 48-63 of two 128-bit pairs as in Q4_0's nibbles), then each byte masked by mask.
 inline __m512i ShiftMask(__m512i v, __m512i shifts, int mask) {
@@ -77,7 +84,7 @@ inline Chunk Load(const uint8_t* row, int64_t c, bool two) {
     const __m256i q1 = two ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kBytes + 2)) : _mm256_setzero_si256();
     const __m512i q = _mm512_inserti64x4(_mm512_zextsi256_si512(q0), q1, 1);
     return {_mm512_xor_si512(q, _mm512_set1_epi8(static_cast<char>(0x80))),
-            Halves(Bits16(b), two ? Bits16(b + kBytes) : 0), _mm512_setzero_ps()};
+            Spread(Halves4(b, two ? b + kBytes : nullptr), 0, 2), _mm512_setzero_ps()};
   } else if constexpr (Q == kQ4_0 || Q == kQ4_1) {   // [lo(b0), hi(b0), lo(b1), hi(b1)]: inputs 0 .. 63 in order
     const uint8_t* b = row + 2 * c * kBytes;
     constexpr int kOff = Q == kQ4_0 ? 2 : 4;
@@ -86,18 +93,17 @@ inline Chunk Load(const uint8_t* row, int64_t c, bool two) {
     const __m512i v = _mm512_inserti64x4(_mm512_zextsi256_si512(_mm256_broadcastsi128_si256(n0)),
                                          _mm256_broadcastsi128_si256(n1), 1);
     const __m512i u = ShiftMask(v, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4), 15);
-    const __m512 scale = Halves(Bits16(b), two ? Bits16(b + kBytes) : 0);
-    if constexpr (Q == kQ4_0) return {u, scale, _mm512_setzero_ps()};
-    return {u, scale, Low2(LoadHalf(b + 2), two ? LoadHalf(b + kBytes + 2) : 0.0f)};
+    const __m128 header = Halves4(b, two ? b + kBytes : nullptr);   // [d0, m0, d1, m1] (Q4_0: m the nibbles)
+    return {u, Spread(header, 0, 2), Q == kQ4_1 ? Low2(header, 1, 3) : _mm512_setzero_ps()};
   } else if constexpr (Q == kQ4_K) {   // sub-blocks 2h, 2h + 1: one 32-byte run, low then high nibbles
     const uint8_t* blk = row + c / 4 * kBytes;
     const int h = static_cast<int>(c % 4), s = 2 * h;
     const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + Q4KByte(64 * h)));
     const __m512i u = ShiftMask(_mm512_broadcast_i64x4(bytes), _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4), 15);
-    const float d = LoadHalf(blk), dmin = LoadHalf(blk + 2);
-    return {u,
-            Pair(d * static_cast<float>(Q4KScale(blk, s)), d * static_cast<float>(Q4KScale(blk, s + 1))),
-            Low2(-(dmin * static_cast<float>(Q4KMin(blk, s))), -(dmin * static_cast<float>(Q4KMin(blk, s + 1))))};
+    // [d, dmin, d, dmin] * [sc, -mn, sc', -mn'] = [d * sc, -(dmin * mn), ...] of sub-blocks s, s + 1 (exact)
+    const __m128 f = _mm_mul_ps(Halves4(blk, blk), _mm_cvtepi32_ps(_mm_setr_epi32(Q4KScale(blk, s), -Q4KMin(blk, s),
+                                                                               Q4KScale(blk, s + 1), -Q4KMin(blk, s + 1))));
+    return {u, Spread(f, 0, 2), Low2(f, 1, 3)};
   } else {   // kQ6_K: inputs j0 .. j0 + 63, 64 low bytes at one shift, 32 high bytes at two shifts, 4 scales
     const uint8_t* blk = row + c / 4 * kBytes;
     const int j0 = 64 * static_cast<int>(c % 4);
@@ -107,9 +113,7 @@ inline Chunk Load(const uint8_t* row, int64_t c, bool two) {
     const __m512i lo = ShiftMask(low, _mm512_set1_epi64(Q6KLowShift(j0)), 15);
     const __m512i hi = ShiftMask(high, _mm512_setr_epi64(hs, hs, hs, hs, hs + 2, hs + 2, hs + 2, hs + 2), 3);
     const __m512i u = _mm512_or_si512(lo, _mm512_slli_epi16(hi, 4));   // hi <= 3: no carry into the next byte
-    int32_t scales;
-    std::memcpy(&scales, blk + Q6KScaleByte(j0), 4);
-    const __m128i sc4 = _mm_cvtsi32_si128(scales);
+    const __m128i sc4 = _mm_cvtsi32_si128(Bytes4(blk + Q6KScaleByte(j0)));
     const __m128i sc16 = _mm_shuffle_epi8(sc4, _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3));
     const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(LoadHalf(blk + kQ6KD)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc16)));
     return {u, scale, _mm512_setzero_ps()};
@@ -131,10 +135,18 @@ inline XChunk LoadX(const QuantRows& x, int64_t t, int64_t c, bool two) {
   const int64_t g = t * (x.K / kActGroup) + 2 * c;
   XChunk r;
   r.q = _mm512_maskz_loadu_epi8(bytes, q);
-  r.start = Zero<Q>() ? _mm512_mullo_epi32(_mm512_maskz_loadu_epi32(lanes, sum4), _mm512_set1_epi32(-Zero<Q>()))
+  // -Z * sum4: Z is a power of two
+  r.start = Zero<Q>() ? _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(_mm512_maskz_loadu_epi32(lanes, sum4),
+                                                                                   __builtin_ctz(Zero<Q>())))
                       : _mm512_setzero_si512();
-  r.d = Pair(x.d[g], two ? x.d[g + 1] : 0.0f);
-  r.dsum = HasMin<Q>() ? Low2(x.dsum[g], two ? x.dsum[g + 1] : 0.0f) : _mm512_setzero_ps();
+  const __m128 d = two ? _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(x.d + g))) : _mm_load_ss(x.d + g);
+  r.d = Spread(d, 0, 1);
+  if constexpr (HasMin<Q>()) {
+    r.dsum = _mm512_zextps128_ps512(two ? _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(x.dsum + g)))
+                                        : _mm_load_ss(x.dsum + g));
+  } else {
+    r.dsum = _mm512_setzero_ps();
+  }
   return r;
 }
 

@@ -22,15 +22,19 @@ COPIES = [c if c in RUNS else pytest.param(c, marks=pytest.mark.skip(
     reason=f"this CPU or build does not run the {c} copy (it runs {', '.join(RUNS)})")) for c in COPY_NAMES]
 ONE = np.array([1.0], np.float16).view(np.uint8)             # a block scale d = 1.0 as its two bytes
 
-_gemm = {backend: jax.jit(lambda x, w, m, layer, backend=backend: smooth_gemm(
-    x, w, m, layer=layer, transpose_w=True, backend=backend)) for backend in ("ffi", "xla")}
+# the handler's int8 kernels for every m (stream_rows: the int8 kernels up to this m, the block panels on fake-quantized
+# x above), or always the panels
+KERNEL, PANELS = (("stream_rows", 512),), (("stream_rows", 0),)
+_gemm = jax.jit(lambda x, w, m, layer, backend, tuning: smooth_gemm(x, w, m, layer=layer, transpose_w=True,
+                                                                    backend=backend, tuning=dict(tuning)),
+                static_argnames=("backend", "tuning"))
 
 
-def gemm(x, w, m, layer=None, backend="ffi"):
+def gemm(x, w, m, layer=None, backend="ffi", tuning=KERNEL):
     layer = None if layer is None else jnp.int32(layer)
     if layer is None:
-        return np.asarray(smooth_gemm(x, w, jnp.int32(m), transpose_w=True, backend=backend))
-    return np.asarray(_gemm[backend](x, w, jnp.int32(m), layer))
+        return np.asarray(smooth_gemm(x, w, jnp.int32(m), transpose_w=True, backend=backend, tuning=dict(tuning)))
+    return np.asarray(_gemm(x, w, jnp.int32(m), layer, backend, tuning if backend == "ffi" else ()))
 
 
 def integer_blocks(qtype, n, K, rng):
@@ -97,6 +101,16 @@ def test_random_inputs_match_the_xla_backend(qtype, K, copy, monkeypatch):
     """Random x and blocks, a stack [2, 37, row_bytes] at a traced layer, m = 0, 1, 5, 9, T: rows < m within a few
     float32 ulps of sum |d q| |w| of the xla backend's result (fake-quantized x times the dense weights), rows >= m
     exactly zero."""
+    check_random_inputs(qtype, K, KERNEL, monkeypatch, copy)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_prefill_panels_match_the_xla_backend(qtype, monkeypatch):
+    """m > stream_rows: the block panels on the fake-quantized rows, as the int8 kernels."""
+    check_random_inputs(qtype, 256, PANELS, monkeypatch)
+
+
+def check_random_inputs(qtype, K, tuning, monkeypatch, copy=""):
     monkeypatch.setenv("XYJAX_GEMM_INT8_KERNEL", copy)
     rng = np.random.default_rng(K)
     values = (0.1 * rng.standard_normal((2, 37, K))).astype(np.float32)
@@ -105,7 +119,7 @@ def test_random_inputs_match_the_xla_backend(qtype, K, copy, monkeypatch):
     x = (rng.standard_normal((40, K)) * rng.uniform(0.01, 10, (40, 1))).astype(np.float32)
     xq = np.asarray(fake_quantize(x), np.float64)
     for m, layer in ((0, 0), (1, 1), (5, 0), (9, 1), (40, 0)):
-        out, ref = gemm(x, w, m, layer), gemm(x, w, m, layer, backend="xla")
+        out, ref = gemm(x, w, m, layer, tuning=tuning), gemm(x, w, m, layer, backend="xla")
         bound = 8e-6 * (np.abs(xq[:m]) @ np.abs(dense[layer]).T)
         error = np.abs(out[:m] - ref[:m])
         assert (error <= bound).all(), f"m={m} layer={layer}: error {error.max()}"

@@ -17,11 +17,11 @@ block kernels, each weight exactly ``dense()``'s float32, in the copy for the be
 an error).
 
 ``GGUFBlocks`` with ``act_quant="int8"`` (``xyjax.ops.gemm.quant``): the handler quantizes x's m rows once per call,
-bit for bit as ``quant.quantize_activations``, and its int8 kernels multiply them with the blocks' integers in place
-(integer sums per 32-input group, Q6_K's per 16, exact in int32; float32 scales and accumulation; the tunables other
-than ``lanes`` and ``split_rows`` do not apply), in the copy for the best instruction set this CPU runs
-(``int8_copies()``: AVX-512 VNNI, AVX2, portable) or the one ``XYJAX_GEMM_INT8_KERNEL`` (generic, avx2, avx512vnni)
-names. Their results are within float32 rounding of the xla backend's (fake-quantized x times the dense weights).
+bit for bit as ``quant.quantize_activations``; for m <= ``stream_rows`` its int8 kernels multiply them with the
+blocks' integers in place (exact int32 sums per 4 inputs, float32 scales and accumulation), in the copy for the best
+instruction set this CPU runs (``int8_copies()``: AVX-512 VNNI, AVX2, portable) or the one ``XYJAX_GEMM_INT8_KERNEL``
+(generic, avx2, avx512vnni) names; larger m run the block panels on the fake-quantized rows d * q (float32). Both are
+within float32 rounding of the xla backend's result (fake-quantized x times the dense weights).
 """
 
 from __future__ import annotations
