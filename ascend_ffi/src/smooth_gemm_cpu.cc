@@ -39,11 +39,21 @@
 // the one the environment variable XYJAX_GEMM_BLOCKS_KERNEL names (generic, avx2, avx512; read once per call, so
 // tests can switch; an unknown name or a copy this CPU or build does not run is an InvalidArgument error).
 //
+// act_quant = 1 (0: none; GGUF blocks only): int8 activations (xyjax/ops/gemm/quant.py, the contract). x's m rows
+// are quantized once per call (QuantizeX: per row and 32-input group, d = amax / 127 and q = round_half_even(x / d)
+// as int8, bit for bit as quant.quantize_activations), then the int8 kernels (smooth_gemm_kernel_int8_*.cc) multiply
+// them with the blocks' integers in place for m <= stream_rows, one block of weight rows per lane; larger m (prefill)
+// run the block panels (AMX or the BLAS, as above) on the fake-quantized rows d * q, float32 (faster there than the
+// int8 kernels, whose per-group scales cost a float multiply-add per 4 inputs and x row). The copy: AVX-512 VNNI,
+// else AVX2, else the portable one, or the one XYJAX_GEMM_INT8_KERNEL names (avx512vnni, avx2, generic; as
+// XYJAX_GEMM_BLOCKS_KERNEL).
+//
 // The handler: Parse (buffers -> Problem), CheckBlasAndTunables, ChooseKernel (the one choice among the five
 // kernels: BLAS sgemm, BLAS bf16 gemm, streaming, AMX, AMX tiles; smooth_gemm_kernels.h says which this build
 // has), Compute (x prepared once, then one block per lane) and the zeroing of rows >= m.
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -110,6 +120,7 @@ struct Problem {
   bool bf16, transpose_w, quant, w_tiles;
   int qtype;           // GGUF blocks: the ggml type id (0: none)
   int64_t row_bytes;   // GGUF blocks: bytes of one weight row
+  bool int8;           // GGUF blocks: int8 activations (act_quant = 1)
 };
 
 // The handler's tunables (attributes), as `xyjax profile` sweeps them.
@@ -119,12 +130,14 @@ struct Tunables {
 };
 
 // The gemm kernels; ChooseKernel picks one per call.
-enum class GemmKernel { kSgemm, kBf16Gemm, kStream, kAmx, kAmxTiles, kBlocksStream, kBlocksPanel, kBlocksAmx };
+enum class GemmKernel {
+  kSgemm, kBf16Gemm, kStream, kAmx, kAmxTiles, kBlocksStream, kBlocksPanel, kBlocksAmx, kInt8
+};
 
 // Buffers -> Problem, with the shape and dtype checks.
 ffi::Error Parse(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, Scalar32 layer_buffer, bool transpose_w,
-                 int32_t quant_block, bool w_tiles, int32_t gguf_qtype, ffi::Result<ffi::AnyBuffer>& out,
-                 Problem* p) {
+                 int32_t quant_block, bool w_tiles, int32_t gguf_qtype, int32_t act_quant,
+                 ffi::Result<ffi::AnyBuffer>& out, Problem* p) {
   const ffi::DataType type = x.element_type();
   if (type != ffi::DataType::F32 && type != ffi::DataType::BF16) return Invalid("x must be float32 or bfloat16");
   const auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
@@ -132,6 +145,10 @@ ffi::Error Parse(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, Scalar32
     return Invalid("x must be [T, K] and the result [T, N], got x " + Dims(xd) + " and " + Dims(od));
   }
   const int64_t T = xd[0], K = xd[1];
+  if (act_quant != 0 && (act_quant != 1 || gguf_qtype == 0)) {
+    return Invalid("act_quant = " + std::to_string(act_quant) + ": 1 (int8 activations) takes GGUF blocks only, " +
+                   "0 none");
+  }
   if (quant_block != 0 &&
       (quant_block != kQuantBlock || !transpose_w || type != ffi::DataType::F32 || K % kQuantBlock)) {
     return Invalid("quant_block = " + std::to_string(quant_block) + " needs quant_block = 32, transpose_w, " +
@@ -200,7 +217,8 @@ ffi::Error Parse(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, Scalar32
     return Invalid("layer " + std::to_string(layer) + " outside [0, " + std::to_string(L) + ")");
   }
   *p = Problem{x.untyped_data(), w.untyped_data(), static_cast<char*>(out->untyped_data()), T, K, KE, N, m, layer,
-               type == ffi::DataType::BF16, transpose_w, quant_block != 0, w_tiles, gguf_qtype, row_bytes};
+               type == ffi::DataType::BF16, transpose_w, quant_block != 0, w_tiles, gguf_qtype, row_bytes,
+               act_quant == 1};
   return ffi::Error::Success();
 }
 
@@ -218,13 +236,15 @@ ffi::Error CheckBlasAndTunables(const Problem& p, const Tunables& t) {
   return ffi::Error::Success();
 }
 
-// The one choice of kernel. GGUF blocks: the block streaming kernel for m <= stream_rows, else the block panels,
+// The one choice of kernel. GGUF blocks with int8 activations: the int8 kernel for m <= stream_rows, else (x
+// fake-quantized first) the block panels below. GGUF blocks: the block streaming kernel for m <= stream_rows, else the block panels,
 // multiplied by the AMX kernel for m >= amx_rows > 0 where this CPU runs it, else by the BLAS.
 // Tile weights: the AMX tile kernel. bfloat16: the BLAS's bf16 gemm. float32 with
 // transpose_w: the streaming kernel for m <= stream_rows, else the AMX kernel for m >= amx_rows > 0, where this
 // CPU runs them. Everything else: the BLAS's sgemm.
 GemmKernel ChooseKernel(const Problem& p, const Tunables& t) {
   static const bool stream_runs = StreamKernelRuns(), amx_runs = AmxReady();
+  if (p.int8 && p.m <= t.stream_rows) return GemmKernel::kInt8;
   if (p.qtype != 0 && p.m <= t.stream_rows) return GemmKernel::kBlocksStream;
   if (p.qtype != 0) return amx_runs && t.amx_rows > 0 && p.m >= t.amx_rows ? GemmKernel::kBlocksAmx
                                                                           : GemmKernel::kBlocksPanel;
@@ -249,33 +269,99 @@ constexpr BlocksCopy kBlocksCopies[] = {   // best first
     {"generic", BlocksGenericRuns, BlocksGemmGeneric, BlocksDequantGeneric},
 };
 
-// The names of the copies this CPU and build run, best first, comma-separated.
-std::string BlocksCopiesRun() {
+// A copy of the int8 kernels (smooth_gemm_kernels.h): its XYJAX_GEMM_INT8_KERNEL name, whether this CPU and build
+// run it, its gemm.
+struct Int8Copy {
+  const char* name;
+  bool (*runs)();
+  void (*gemm)(int, int64_t, int64_t, const QuantRows&, const uint8_t*, float*, int64_t);
+};
+constexpr Int8Copy kInt8Copies[] = {   // best first
+    {"avx512vnni", Int8Avx512VnniRuns, Int8GemmAvx512Vnni},
+    {"avx2", Int8Avx2Runs, Int8GemmAvx2},
+    {"generic", Int8GenericRuns, Int8GemmGeneric},
+};
+
+// The names of the copies (of a table, best first) this CPU and build run, best first, comma-separated.
+template <typename Copy, size_t kCount>
+std::string CopiesRun(const Copy (&copies)[kCount]) {
   std::string names;
-  for (const BlocksCopy& c : kBlocksCopies) {
+  for (const Copy& c : copies) {
     if (c.runs()) names += (names.empty() ? "" : ",") + std::string(c.name);
   }
   return names;
 }
 
-// The copy of the block kernels this call runs: the one XYJAX_GEMM_BLOCKS_KERNEL names (read here, once per call),
-// else (unset or empty) the best this CPU runs. An unknown name, or a copy this CPU or build does not run, is an
-// error naming the copies that run.
-ffi::Error ChooseBlocksCopy(const BlocksCopy** chosen) {
-  const char* env = std::getenv("XYJAX_GEMM_BLOCKS_KERNEL");
-  const std::string forced = env == nullptr ? "" : env;
-  for (const BlocksCopy& c : kBlocksCopies) {
+// The copy of a kernel family (what: "block kernels", "int8 kernels") this call runs: the one the environment
+// variable env names (read here, once per call), else (unset or empty) the best this CPU runs. An unknown name, or a
+// copy this CPU or build does not run, is an error naming the copies that run.
+template <typename Copy, size_t kCount>
+ffi::Error ChooseCopy(const char* env, const char* what, const Copy (&copies)[kCount], const Copy** chosen) {
+  const char* value = std::getenv(env);
+  const std::string forced = value == nullptr ? "" : value;
+  for (const Copy& c : copies) {
     if (forced.empty() ? c.runs() : forced == c.name) {
       if (!c.runs()) {
-        return Invalid("XYJAX_GEMM_BLOCKS_KERNEL=" + forced + ": this CPU or build does not run that copy of the " +
-                       "block kernels; it runs " + BlocksCopiesRun());
+        return Invalid(std::string(env) + "=" + forced + ": this CPU or build does not run that copy of the " + what +
+                       "; it runs " + CopiesRun(copies));
       }
       *chosen = &c;
       return ffi::Error::Success();
     }
   }
-  return Invalid("XYJAX_GEMM_BLOCKS_KERNEL=" + forced + " names no copy of the block kernels (generic, avx2, " +
-                 "avx512; unset: the best this CPU runs, of " + BlocksCopiesRun() + ")");
+  std::string all;   // worst first
+  for (size_t i = kCount; i-- > 0;) all += std::string(all.empty() ? "" : ", ") + copies[i].name;
+  return Invalid(std::string(env) + "=" + forced + " names no copy of the " + what + " (" + all +
+                 "; unset: the best this CPU runs, of " + CopiesRun(copies) + ")");
+}
+
+// Rounds v (|v| < 2^22) to the nearest integer, ties to even, as jnp.round: the sum with 1.5 * 2^23 is rounded to
+// an integer by the IEEE default rounding (the compiler keeps the two adds: no -ffast-math), the difference exact.
+inline float RoundHalfEven(float v) { return (v + 12582912.0f) - 12582912.0f; }
+
+// One row x [K] quantized (quant.py's contract, bit for bit, for finite x; smooth_gemm_int8.h): per group, amax,
+// d = amax / 127 and id = 1 / d by float32 division, q [K] = RoundHalfEven(x * id); d and dsum [K / 32], sum4 [K / 4].
+void QuantizeRow(const float* x, int64_t K, int8_t* q, float* d, float* dsum, int32_t* sum4) {
+  for (int64_t g = 0; g < K / kActGroup; ++g) {
+    const float* xg = x + g * kActGroup;
+    int8_t* qg = q + g * kActGroup;
+    float amax = 0.0f;
+    for (int k = 0; k < kActGroup; ++k) amax = std::max(amax, std::fabs(xg[k]));
+    const float dg = amax / 127.0f, id = dg != 0.0f ? 1.0f / dg : 0.0f;
+    for (int k = 0; k < kActGroup; ++k) qg[k] = static_cast<int8_t>(RoundHalfEven(xg[k] * id));
+    int32_t sum = 0;
+    for (int l = 0; l < kActGroup / kActLane; ++l) {
+      const int8_t* ql = qg + kActLane * l;
+      sum4[g * kActGroup / kActLane + l] = ql[0] + ql[1] + ql[2] + ql[3];
+      sum += ql[0] + ql[1] + ql[2] + ql[3];
+    }
+    d[g] = dg;
+    dsum[g] = dg * static_cast<float>(sum);
+  }
+}
+
+// Rows [0, mc) of x quantized (smooth_gemm_int8.h) into this thread's buffers, the rows cut over the lanes from 16
+// rows (below, one lane: a pool pass costs more than the work).
+QuantRows QuantizeX(const Problem& p, int64_t mc, int64_t lanes) {
+  const int64_t K = p.K, groups = K / kActGroup;
+  thread_local std::vector<int8_t> q;
+  thread_local std::vector<float> scales;   // d [mc, groups] then dsum [mc, groups]
+  thread_local std::vector<int32_t> sum4;
+  q.resize(mc * K);
+  scales.resize(2 * mc * groups);
+  sum4.resize(mc * (K / kActLane));
+  // this thread's buffers by pointer: a thread_local named in the lambda would be each lane's own
+  int8_t* qx = q.data();
+  float *d = scales.data(), *dsum = d + mc * groups;
+  int32_t* s4 = sum4.data();
+  const float* x = static_cast<const float*>(p.x);
+  const int64_t parts = mc >= 16 ? lanes : 1, per_part = (mc + parts - 1) / parts;
+  ThreadPool::Shared().Run(static_cast<int>(parts), [&](int i) {
+    for (int64_t t = i * per_part; t < std::min(mc, (i + 1) * per_part); ++t) {
+      QuantizeRow(x + t * K, K, qx + t * K, d + t * groups, dsum + t * groups, s4 + t * (K / kActLane));
+    }
+  });
+  return QuantRows{qx, d, dsum, s4, K};
 }
 
 // Weight rows per panel of the block panel kernels: about 1 MiB of float32 rows of K (in L2), a multiple of 16:
@@ -309,10 +395,21 @@ const float* RowsOfX(const Problem& p, int64_t mc) {
   return x_ext.data();
 }
 
+// Int8 activations on the block panels: x's rows [0, mc) as the int8 mode sees them, float32 d * q (exactly
+// quant.fake_quantize's values: one rounding), in this thread's buffer.
+const float* FakeQuantizeX(const Problem& p, int64_t mc, int64_t lanes) {
+  const QuantRows q = QuantizeX(p, mc, lanes);
+  thread_local std::vector<float> x;
+  x.resize(mc * p.K);
+  for (int64_t i = 0; i < mc * p.K; ++i) x[i] = static_cast<float>(q.q[i]) * q.d[i / kActGroup];
+  return x.data();
+}
+
 // Rows [0, mc) of the result, in blocks of whole rows (split_rows; not with AMX, whose packed x is shared) or of
 // kColumnAlign-aligned columns, one block per lane, each one single-threaded call of the kernel.
-// copy: the copy of the block kernels (GGUF blocks only).
-void Compute(const Problem& p, const Tunables& t, GemmKernel kernel, const BlocksCopy* copy, int64_t mc) {
+// copy, int8: the copy of the block kernels (GGUF blocks), of the int8 kernels (int8 activations).
+void Compute(const Problem& p, const Tunables& t, GemmKernel kernel, const BlocksCopy* copy, const Int8Copy* int8,
+             int64_t mc) {
   const int64_t N = p.N, KE = p.KE;
   const bool amx =
       kernel == GemmKernel::kAmx || kernel == GemmKernel::kAmxTiles || kernel == GemmKernel::kBlocksAmx;
@@ -324,7 +421,8 @@ void Compute(const Problem& p, const Tunables& t, GemmKernel kernel, const Block
   const int64_t lanes = t.lanes == 0 ? pool.lanes() : std::min<int64_t>(t.lanes, pool.lanes());
   const bool split_panels = kernel == GemmKernel::kBlocksAmx && p.qtype == blocks::kQ4_1;
   const uint8_t* xb = amx ? PackX(p, mc, lanes, p.quant || split_panels) : nullptr;
-  const float* x32 = amx || p.bf16 ? nullptr : RowsOfX(p, mc);
+  const float* x32 = amx || p.bf16 || p.int8 ? nullptr : RowsOfX(p, mc);
+  const QuantRows xq = p.int8 ? QuantizeX(p, mc, lanes) : QuantRows{};
   const bool by_rows = t.split_rows && !amx;
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(lanes, by_rows ? mc : N / kColumnAlign));
   const int64_t width = by_rows ? (mc + blocks - 1) / blocks
@@ -351,6 +449,13 @@ void Compute(const Problem& p, const Tunables& t, GemmKernel kernel, const Block
       case GemmKernel::kBlocksStream: {
         const uint8_t* wb = static_cast<const uint8_t*>(p.w) + (p.layer * N + n0) * p.row_bytes;
         copy->gemm(p.qtype, nr, n, p.K, x32 + r0 * p.K, p.K, wb, c_block, N);
+        break;
+      }
+      case GemmKernel::kInt8: {
+        const uint8_t* wb = static_cast<const uint8_t*>(p.w) + (p.layer * N + n0) * p.row_bytes;
+        const int64_t g = p.K / kActGroup;
+        const QuantRows rows{xq.q + r0 * p.K, xq.d + r0 * g, xq.dsum + r0 * g, xq.sum4 + r0 * (p.K / kActLane), p.K};
+        int8->gemm(p.qtype, nr, n, rows, wb, c_block, N);
         break;
       }
       case GemmKernel::kBlocksPanel:   // panels of dequantized weight rows, each multiplied by the BLAS or AMX
@@ -403,24 +508,38 @@ void Compute(const Problem& p, const Tunables& t, GemmKernel kernel, const Block
 ffi::Error SmoothGemmCpu(ffi::AnyBuffer x, ffi::AnyBuffer w, Scalar32 m_buffer, Scalar32 layer_buffer,
                          bool transpose_w, int32_t lanes_attr, bool split_rows, int32_t m_align, int32_t stream_rows,
                          int32_t amx_rows, int32_t quant_block, bool w_tiles, int32_t gguf_qtype,
-                         ffi::Result<ffi::AnyBuffer> out) {
+                         int32_t act_quant, ffi::Result<ffi::AnyBuffer> out) {
   Problem p;
   const Tunables t{lanes_attr, m_align, stream_rows, amx_rows, split_rows};
-  if (ffi::Error e = Parse(x, w, m_buffer, layer_buffer, transpose_w, quant_block, w_tiles, gguf_qtype, out, &p);
+  if (ffi::Error e =
+          Parse(x, w, m_buffer, layer_buffer, transpose_w, quant_block, w_tiles, gguf_qtype, act_quant, out, &p);
       e.failure()) {
     return e;
   }
   if (ffi::Error e = CheckBlasAndTunables(p, t); e.failure()) return e;
   const GemmKernel kernel = ChooseKernel(p, t);
   const BlocksCopy* copy = nullptr;
-  if (p.qtype != 0) {
-    if (ffi::Error e = ChooseBlocksCopy(&copy); e.failure()) return e;
+  const Int8Copy* int8 = nullptr;
+  if (kernel == GemmKernel::kInt8) {
+    if (ffi::Error e = ChooseCopy("XYJAX_GEMM_INT8_KERNEL", "int8 kernels", kInt8Copies, &int8); e.failure()) return e;
+  } else if (p.qtype != 0) {
+    if (ffi::Error e = ChooseCopy("XYJAX_GEMM_BLOCKS_KERNEL", "block kernels", kBlocksCopies, &copy); e.failure()) {
+      return e;
+    }
   }
   // Rows computed: m, rounded up to m_align (within T) for the BLAS, some of whose kernels are faster on
   // aligned row counts; the extra rows are zeroed again below.
   const bool blas = kernel == GemmKernel::kSgemm || kernel == GemmKernel::kBf16Gemm;
   const int64_t mc = p.m == 0 || !blas ? p.m : std::min<int64_t>(p.T, (p.m + m_align - 1) / m_align * m_align);
-  if (mc > 0 && p.N > 0) Compute(p, t, kernel, copy, mc);
+  if (mc > 0 && p.N > 0 && p.int8 && kernel != GemmKernel::kInt8) {   // the block panels on fake-quantized x
+    Problem fq = p;
+    const int64_t pool_lanes = ThreadPool::Shared().lanes();
+    fq.x = FakeQuantizeX(p, mc, t.lanes == 0 ? pool_lanes : std::min<int64_t>(t.lanes, pool_lanes));
+    fq.int8 = false;
+    Compute(fq, t, kernel, copy, int8, mc);
+  } else if (mc > 0 && p.N > 0) {
+    Compute(p, t, kernel, copy, int8, mc);
+  }
   const size_t elem = p.bf16 ? 2 : 4;
   std::memset(p.out + p.m * p.N * elem, 0, (p.T - p.m) * p.N * elem);   // rows >= m
   return ffi::Error::Success();
@@ -446,6 +565,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(XyjaxSmoothGemmCpu, xyjax::gemm::SmoothGemmCpu,
                                   .Attr<int32_t>("quant_block")
                                   .Attr<bool>("w_tiles")
                                   .Attr<int32_t>("gguf_qtype")
+                                  .Attr<int32_t>("act_quant")
                                   .Ret<ffi::AnyBuffer>());
 #pragma GCC visibility pop
 
@@ -460,7 +580,14 @@ extern "C" __attribute__((visibility("default"))) void xyjax_gemm_set_blas(void*
 // The copies of the block kernels this CPU and build run, best first, comma-separated ("avx512,avx2,generic"):
 // the values XYJAX_GEMM_BLOCKS_KERNEL takes here.
 extern "C" __attribute__((visibility("default"))) const char* xyjax_gemm_blocks_copies(void) {
-  static const std::string names = xyjax::gemm::BlocksCopiesRun();
+  static const std::string names = xyjax::gemm::CopiesRun(xyjax::gemm::kBlocksCopies);
+  return names.c_str();
+}
+
+// The copies of the int8 kernels this CPU and build run, best first, comma-separated ("avx512vnni,avx2,generic"):
+// the values XYJAX_GEMM_INT8_KERNEL takes here.
+extern "C" __attribute__((visibility("default"))) const char* xyjax_gemm_int8_copies(void) {
+  static const std::string names = xyjax::gemm::CopiesRun(xyjax::gemm::kInt8Copies);
   return names.c_str();
 }
 

@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "smooth_gemm_int8.h"
+
 namespace xyjax {
 namespace gemm {
 
@@ -43,6 +45,33 @@ inline void BlocksGemmAvx512(int, int64_t, int64_t, int64_t, const float*, int64
 inline void BlocksDequantAvx512(int, int64_t, int64_t, const uint8_t*, float*) {}
 inline void BlocksSplitAvx512(int64_t, int64_t, const uint8_t*, float*) {}
 inline bool BlocksAvx512Runs() { return false; }
+#endif
+
+// Int8 activations: c [m, n] (row stride ldc) = x (m rows of x.K inputs quantized, smooth_gemm_int8.h) @
+// dequant(w [n, row_bytes])^T for GGUF blocks (the qtypes above), single-threaded, each weight row read once in place:
+// integer dot products per 32-input group (per 16 inputs for Q6_K) against the blocks' integers, float32 scales.
+// Three copies: the portable one (smooth_gemm_kernel_int8_generic.cc, the reference) is always built; the AVX2 one
+// (pmaddubsw) and the AVX-512 VNNI one (vpdpbusd on zmm; smooth_gemm_kernel_int8_{avx2,avx512}.cc) on x86-64, run
+// where the CPU has those features.
+void Int8GemmGeneric(int qtype, int64_t m, int64_t n, const QuantRows& x, const uint8_t* w, float* c, int64_t ldc);
+inline bool Int8GenericRuns() { return true; }
+#ifdef XYJAX_HAVE_X86_KERNELS
+void Int8GemmAvx2(int qtype, int64_t m, int64_t n, const QuantRows& x, const uint8_t* w, float* c, int64_t ldc);
+inline bool Int8Avx2Runs() { return BlocksAvx2Runs(); }
+#else
+inline void Int8GemmAvx2(int, int64_t, int64_t, const QuantRows&, const uint8_t*, float*, int64_t) {}
+inline bool Int8Avx2Runs() { return false; }
+#endif
+#ifdef XYJAX_HAVE_VNNI_KERNEL
+void Int8GemmAvx512Vnni(int qtype, int64_t m, int64_t n, const QuantRows& x, const uint8_t* w, float* c,
+                        int64_t ldc);
+inline bool Int8Avx512VnniRuns() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("f16c");
+}
+#else
+inline void Int8GemmAvx512Vnni(int, int64_t, int64_t, const QuantRows&, const uint8_t*, float*, int64_t) {}
+inline bool Int8Avx512VnniRuns() { return false; }
 #endif
 
 #ifdef XYJAX_HAVE_X86_KERNELS

@@ -15,6 +15,13 @@ block kernels, each weight exactly ``dense()``'s float32, in the copy for the be
 (``block_copies()``: AVX-512F, AVX2 with FMA and F16C, portable); the environment variable
 ``XYJAX_GEMM_BLOCKS_KERNEL`` (generic, avx2, avx512), read on every call, forces one (a copy this CPU does not run is
 an error).
+
+``GGUFBlocks`` with ``act_quant="int8"`` (``xyjax.ops.gemm.quant``): the handler quantizes x's m rows once per call,
+bit for bit as ``quant.quantize_activations``; for m <= ``stream_rows`` its int8 kernels multiply them with the
+blocks' integers in place (exact int32 sums per 4 inputs, float32 scales and accumulation), in the copy for the best
+instruction set this CPU runs (``int8_copies()``: AVX-512 VNNI, AVX2, portable) or the one ``XYJAX_GEMM_INT8_KERNEL``
+(generic, avx2, avx512vnni) names; larger m run the block panels on the fake-quantized rows d * q (float32). Both are
+within float32 rounding of the xla backend's result (fake-quantized x times the dense weights).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ QUANT_BLOCKS = (32,)   # the block sizes the handler's split path takes
 # GGUFBlocks qtypes the handler's block kernels read, by ggml type id (gguf.GGMLQuantizationType): every qtype of
 # formats.GGUF_QTYPES (one added there without an id here is a TypeError in gemm)
 GGUF_QTYPE_IDS = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
+ACT_QUANT_IDS = {"none": 0, "int8": 1}   # GGUFBlocks.act_quant -> the handler's act_quant attribute
 
 
 def block_copies() -> tuple[str, ...]:
@@ -45,6 +53,14 @@ def block_copies() -> tuple[str, ...]:
     "generic"): the handler runs the first, or the one the environment variable XYJAX_GEMM_BLOCKS_KERNEL names (read
     on every call; naming another is an error)."""
     fn = ascend_ffi.load().xyjax_gemm_blocks_copies
+    fn.restype = ctypes.c_char_p
+    return tuple(fn().decode().split(","))
+
+
+def int8_copies() -> tuple[str, ...]:
+    """The copies of the handler's int8 kernels (``act_quant="int8"``) this CPU and build run, best first
+    ("avx512vnni", "avx2", "generic"), as ``block_copies`` for XYJAX_GEMM_INT8_KERNEL."""
+    fn = ascend_ffi.load().xyjax_gemm_int8_copies
     fn.restype = ctypes.c_char_p
     return tuple(fn().decode().split(","))
 
@@ -66,8 +82,6 @@ def gemm(x, w, m, layer, transpose_w: bool, tuning: dict) -> jax.Array:
         if x.dtype != jnp.float32:   # transpose_w and K: checked by smooth_gemm for every format
             raise ValueError(f"ffi gemm backend: GGUFBlocks need float32 x, got {x.dtype}")
         qtype = GGUF_QTYPE_IDS[w.qtype]
-        if w.act_quant != "none":
-            raise NotImplementedError("ffi gemm backend: int8 activations are not in the C++ handler yet")
     tiles = isinstance(w, TileWeights)
     block = w.block if isinstance(w, (SplitBlocks, TileWeights)) else 0
     data = w.tiles if tiles else w.data if block or qtype else w
@@ -92,4 +106,4 @@ def gemm(x, w, m, layer, transpose_w: bool, tuning: dict) -> jax.Array:
                 transpose_w=transpose_w, lanes=np.int32(params["lanes"]), split_rows=bool(params["split_rows"]),
                 m_align=np.int32(params["m_align"]), stream_rows=np.int32(params["stream_rows"]),
                 amx_rows=np.int32(params["amx_rows"]), quant_block=np.int32(block), w_tiles=tiles,
-                gguf_qtype=np.int32(qtype))
+                gguf_qtype=np.int32(qtype), act_quant=np.int32(ACT_QUANT_IDS[w.act_quant] if qtype else 0))
