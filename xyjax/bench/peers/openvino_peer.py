@@ -65,7 +65,6 @@ def run(pipe, requests: list[dict], sequential: bool = False) -> tuple[list[dict
     figures of the run."""
     import openvino_genai
 
-    running = openvino_genai.GenerationStatus.RUNNING
     pending = list(range(len(requests))) if sequential else sorted(range(len(requests)),
                                                                    key=lambda i: requests[i]["arrival"])
     handles, added, first, finish, tokens = {}, {}, {}, {}, {i: [] for i in range(len(requests))}
@@ -88,11 +87,13 @@ def run(pipe, requests: list[dict], sequential: bool = False) -> tuple[list[dict
             tokens[i] += read_tokens(handle)
             if tokens[i] and i not in first:
                 first[i] = now
-            if handle.get_status() != running:
-                if handle.get_status() != openvino_genai.GenerationStatus.FINISHED:
-                    raise RuntimeError(f"request {i} ended {handle.get_status()}")
-                finish[i] = now
-                del handles[i]
+            status = handle.get_status()
+            if status == openvino_genai.GenerationStatus.RUNNING:
+                continue
+            if status != openvino_genai.GenerationStatus.FINISHED:
+                raise RuntimeError(f"request {i} ended {status}")
+            finish[i] = now
+            del handles[i]
     wall = time.perf_counter() - t0
     for i, r in enumerate(requests):
         if len(tokens[i]) != r["output_len"]:
