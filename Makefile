@@ -4,6 +4,7 @@
 # make vllm-env builds .venv-vllm, vLLM's CPU build for `xyjax bench --compare vllm`
 # make llamacpp-env builds llama.cpp's llama-server and llama-bench into .llamacpp/bin (`xyjax bench --compare llamacpp`,
 #               `xyjax bench-single`)
+# make openvino-env builds .venv-openvino, OpenVINO GenAI for `xyjax bench --compare openvino` and `xyjax bench-single`
 #
 # .venv runs on Python 3.12 or newer (PY: the first of python3.12, python3.13, pyenv's 3.12/3.13, python3 that
 # is >= 3.12; or PY=/path/to/python) with the newest jax/jaxlib that pyproject.toml allows; torch never enters it.
@@ -36,7 +37,7 @@ PROMPT ?= Write a haiku about the sea.
 MAX_TOKENS ?= 64
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-test build-deps ref-env vllm-env llamacpp-env clean
+.PHONY: run test install install-test build-deps ref-env vllm-env llamacpp-env openvino-env clean
 
 run: install
 	$(BIN)/xyjax generate "$(PROMPT)" --max-tokens $(MAX_TOKENS) --chat
@@ -137,6 +138,25 @@ $(LLAMACPP_STAMP): | $(BIN)/python
 	cp $(addprefix $(LLAMACPP_DIR)/build/bin/,$(LLAMACPP_TOOLS)) $(LLAMACPP_DIR)/bin/
 	$(LLAMACPP_DIR)/bin/llama-server --version
 	echo "$(LLAMACPP_PY) $(LLAMACPP_CMAKE_FLAGS)" > $@
+
+# OpenVINO GenAI, a benchmark peer (xyjax/bench/peers/openvino_peer.py, xyjax/bench/single.py), in its own venv on
+# the interpreter of .venv (PY): openvino-genai from PyPI, which brings openvino and openvino-tokenizers of its
+# release (the GGUF reader converts the file's tokenizer with them). 2026.4.1.0 is the newest release. The stamp
+# names the version: a second run is a no-op, a new OPENVINO_GENAI reinstalls.
+OPENVINO_VENV ?= .venv-openvino
+OPENVINO_GENAI := openvino-genai==2026.4.1.0
+
+openvino-env: $(OPENVINO_VENV)/.stamp-$(subst ==,-,$(OPENVINO_GENAI))
+
+$(OPENVINO_VENV)/.stamp-$(subst ==,-,$(OPENVINO_GENAI)): | $(OPENVINO_VENV)/bin/python
+	rm -f $(OPENVINO_VENV)/.stamp-*
+	$(OPENVINO_VENV)/bin/python -m pip install '$(OPENVINO_GENAI)'
+	$(OPENVINO_VENV)/bin/python -c 'import openvino_genai, openvino; print("openvino-genai", openvino_genai.__version__, "openvino", openvino.__version__)'
+	touch $@
+
+$(OPENVINO_VENV)/bin/python:
+	@test -n "$(PY)" || { echo "no Python >= 3.12 found (tried $(PY_CANDIDATES)); set PY=/path/to/python3.12" >&2; exit 1; }
+	$(PY) -m venv $(OPENVINO_VENV)
 
 $(BIN)/python:
 	@test -n "$(PY)" || { echo "no Python >= 3.12 found (tried $(PY_CANDIDATES)); set PY=/path/to/python3.12" >&2; exit 1; }

@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second (default: all at once)")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--compare", default="naive",
-                       help="systems to run beside xyjax, comma-separated: naive, hf, hf-continuous, vllm, llamacpp "
-                            "(peers not installed are skipped with a message)")
+                       help="systems to run beside xyjax, comma-separated: naive, hf, hf-continuous, vllm, llamacpp, "
+                            "openvino (peers not installed are skipped with a message)")
     bench.add_argument("--rates", default="",
                        help="also sweep these Poisson request rates (req/s, comma-separated) on xyjax and the peers")
     bench.add_argument("--naive-batch-size", default="16",
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench-gemm": ("xyjax.bench.gemm", "time SmoothGEMM against padded and exact-m XLA dots"),
         "bench-prefix": ("xyjax.bench.prefix", "prefix caching on vs off: shared system prompts, multi-turn chats"),
         "bench-spec": ("xyjax.bench.spec", "output tokens/s with and without speculative decoding"),
-        "bench-single": ("xyjax.bench.single", "single-stream prefill and decode tok/s beside llama.cpp's llama-bench"),
+        "bench-single": ("xyjax.bench.single", "single-stream prefill, decode tok/s beside llama-bench and OpenVINO"),
         "profile": ("xyjax.bench.profile", "profile the gemm backend's tunables per linear shape and bucket"),
         "eval-quant": ("xyjax.bench.eval_quant", "int8 activations against the exact path: perplexity, KL, top-1"),
     }

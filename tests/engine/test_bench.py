@@ -279,7 +279,7 @@ def test_llamacpp_peer_translates_requests_and_streams():
 
 def test_bench_single_parses_llama_bench_and_times_xyjax(tiny_model, tmp_path, monkeypatch):
     """llama-bench's JSON becomes pp/tg figures; xyjax's half runs on the tiny model and writes its JSON with its
-    memory figures (llama.cpp skipped with how to build it; no GGUF file to compare the weights with)."""
+    memory figures (llama.cpp and OpenVINO skipped with how to build them; no GGUF file to compare the weights with)."""
     from xyjax import LLM
     from xyjax.bench.single import bench_single, parse_llama_bench
 
@@ -290,6 +290,7 @@ def test_bench_single_parses_llama_bench_and_times_xyjax(tiny_model, tmp_path, m
     assert parsed["info"]["build_commit"] == "abc"
 
     monkeypatch.setenv("XYJAX_LLAMACPP_BIN", str(tmp_path / "no-such-dir"))
+    monkeypatch.setenv("XYJAX_OPENVINO_PYTHON", str(tmp_path / "no-such-python"))
     llm = LLM(tiny_model, block_size=4, max_num_batched_tokens=64, max_num_seqs=4, progress=False)
     result = bench_single(prompt_len=24, gen_len=5, repetitions=2, out_dir=str(tmp_path), llm=llm)
     saved = json.load(open(result["path"]))
@@ -297,21 +298,28 @@ def test_bench_single_parses_llama_bench_and_times_xyjax(tiny_model, tmp_path, m
     assert set(tests) == {"pp24", "tg5"} and set(saved["systems"]) == {"xyjax"}
     assert all(len(t["runs"]) == 2 and t["mean"] > 0 for t in tests.values())
     assert "make llamacpp-env" in saved["skipped"]["llama.cpp"]
+    assert "make openvino-env" in saved["skipped"]["openvino"]
     assert set(saved["memory"]) == {"weight_bytes", "peak_rss_bytes"} and saved["memory"]["weight_bytes"] > 0
+
+
+def _default_gguf() -> str:
+    from models import registry
+
+    gguf = f"{registry.cache_dir()}/{registry.KNOWN_MODELS[registry.DEFAULT_MODEL].filename}"
+    if not os.path.isfile(gguf):
+        pytest.skip(f"the default model is not fetched ({gguf})")
+    return gguf
 
 
 def test_llamacpp_peer_runs_the_default_gguf(tmp_path):
     """With llama.cpp built and the default model fetched, llama-server runs a small workload to exact lengths."""
-    from models import registry
     from xyjax.bench.peers import PEERS, PeerUnavailable, llamacpp_bin
 
     try:
         llamacpp_bin()
     except PeerUnavailable as e:
         pytest.skip(str(e))
-    gguf = f"{registry.cache_dir()}/{registry.KNOWN_MODELS[registry.DEFAULT_MODEL].filename}"
-    if not os.path.isfile(gguf):
-        pytest.skip(f"the default model is not fetched ({gguf})")
+    gguf = _default_gguf()
     requests = make_requests(Workload("tiny", num_requests=3, prompt_median=20, prompt_min=4, prompt_max=40,
                                       output_median=6, output_min=2, output_max=8, rate=20.0), VOCAB)
     out = PEERS["llamacpp"].run(requests, gguf)
@@ -363,3 +371,44 @@ def test_eval_quant_reads_llama_perplexitys_kl_report():
                                                        kl_max=0.021074, top1_agreement=0.95686, tokens=3 * 255)
     with pytest.raises(RuntimeError, match="llama-perplexity printed no"):
         parse_kld("main: error: failed to load model", 512)
+
+
+def test_openvino_peer_is_skipped_when_not_installed(tiny_model, tmp_path, monkeypatch):
+    """Without .venv-openvino the openvino peer is left out with how to build it."""
+    from xyjax import LLM
+    from xyjax.bench.peers import PEERS, PeerUnavailable
+    from xyjax.bench.runs import run_systems
+
+    monkeypatch.setenv("XYJAX_OPENVINO_PYTHON", str(tmp_path / "no-such-python"))
+    with pytest.raises(PeerUnavailable, match="make openvino-env"):
+        PEERS["openvino"].python()
+    llm = LLM(tiny_model, block_size=4, max_num_batched_tokens=64, max_num_seqs=4, progress=False)
+    requests = make_requests(Workload("tiny", num_requests=2, prompt_median=8, prompt_min=4, prompt_max=12,
+                                      output_median=3, output_min=2, output_max=4), VOCAB)
+    systems, skipped = run_systems(requests, llm, (), ("openvino",), None, progress=False)
+    assert set(systems) == {"xyjax"} and "make openvino-env" in skipped["openvino"]
+
+
+def test_openvino_peer_runs_the_default_gguf():
+    """With .venv-openvino built and the default model fetched, OpenVINO GenAI's continuous batching pipeline runs
+    a small workload to exact lengths from the token ids; in its sequential mode each request starts once the one
+    before has finished."""
+    from xyjax.bench.peers import PEERS, PeerUnavailable
+
+    try:
+        PEERS["openvino"].python()
+    except PeerUnavailable as e:
+        pytest.skip(str(e))
+    gguf = _default_gguf()
+    requests = make_requests(Workload("tiny", num_requests=3, prompt_median=20, prompt_min=4, prompt_max=40,
+                                      output_median=6, output_min=2, output_max=8, rate=20.0), VOCAB)
+    out = PEERS["openvino"].run(requests, gguf)
+    assert out["system"].startswith("OpenVINO GenAI") and out["settings"]["gguf"] == gguf
+    assert out["settings"]["scheduler"]["dynamic_split_fuse"] and "INFERENCE_PRECISION_HINT" in out["settings"]["cpu"]
+    for r, rec in zip(requests, out["records"]):
+        assert rec["output_len"] == r.output_len == len(rec["output_token_ids"])
+        assert rec["prompt_len"] == len(r.prompt_token_ids)
+        assert r.arrival <= rec["added"] + 1e-9 and rec["added"] <= rec["first_token"] <= rec["finish"]
+    sequential = PEERS["openvino"].run(requests, gguf, ("--sequential",))["records"]
+    assert [len(rec["output_token_ids"]) for rec in sequential] == [r.output_len for r in requests]
+    assert all(a["finish"] <= b["added"] for a, b in zip(sequential, sequential[1:]))

