@@ -163,7 +163,13 @@ BAD_REQUESTS = [  # (path, body: raw bytes or JSON, status, words the message mu
     ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 99}, 400, "max_logprobs"),
     ("/v1/completions", {"prompt": "hi", "frobnicate": True}, 400, "unsupported field 'frobnicate'"),
-    ("/v1/completions", {"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty is not supported"),
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty must be in [-2, 2]"),
+    ("/v1/completions", {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty must be"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias must be"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 101}}, 400, "biases in [-100, 100]"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {str(i): 1 for i in range(301)}}, 400, "max_logit_bias is 300"),
+    ("/v1/completions", {"prompt": "hi", "allowed_token_ids": [10**9]}, 400, "outside the vocabulary"),
+    ("/v1/completions", b"[" * 100000 + b"]" * 100000, 400, "nests too deeply"),
     ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream=true"),
     ("/v1/completions", {"prompt": "word " * 3000}, 400, "context length"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 5000}, 400, "context length"),
@@ -188,6 +194,22 @@ def test_bad_input_is_refused_and_the_server_keeps_serving(server, path, body, s
     error = response.json()["error"]
     assert words in error["message"] and set(error) == {"message", "type", "param", "code"}
     assert complete(server, "Still there?", max_tokens=2).choices[0].finish_reason == "length"
+
+
+def test_logits_processing_fields_reach_the_sampler(server, tokenizer):
+    """OpenAI's penalties and logit_bias, vLLM's repetition_penalty, min_p, allowed_token_ids and bad_words, through
+    the openai client: a +100 bias makes greedy repeat the token; an allow list confines the output."""
+    client = server.client()
+    token = tokenizer.encode("fox", add_special_tokens=False)[-1]
+    out = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=4, temperature=0,
+                                    logit_bias={str(token): 100}, presence_penalty=0.5, frequency_penalty=0.5,
+                                    extra_body={"repetition_penalty": 1.1, "min_p": 0.05, "ignore_eos": True})
+    assert out.choices[0].text == tokenizer.decode([token] * 4)
+    allowed = tokenizer.encode(" a b c", add_special_tokens=False)
+    out = client.completions.create(model="tiny", prompt="Say", max_tokens=6, temperature=0.8, seed=3,
+                                    extra_body={"allowed_token_ids": allowed, "bad_words": ["zebra"],
+                                                "ignore_eos": True})
+    assert set(tokenizer.encode(out.choices[0].text, add_special_tokens=False)) <= set(allowed)
 
 
 def test_null_fields_take_their_defaults(server):

@@ -76,6 +76,8 @@ def build_app(engine_loop: EngineLoop, model_name: str, max_body_bytes: int = 1 
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(f"malformed JSON body: {e}") from None
+        except RecursionError:
+            raise APIError("the JSON body nests too deeply") from None
         if not isinstance(data, dict):
             raise APIError("the request body must be a JSON object")
         try:

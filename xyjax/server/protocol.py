@@ -1,8 +1,8 @@
 """The OpenAI wire format: request models (validated with pydantic) and the response objects (plain dicts).
 
 Requests are strict: an unknown field is refused ("unsupported field"), types are not coerced, and the
-fields the engine cannot honour (penalties, logit_bias, echo, best_of...) are accepted only at their
-no-op values. Sampling values are range-checked once, by ``SamplingParams``.
+fields the engine cannot honour (echo, best_of, suffix...) are accepted only at their no-op values. Sampling
+values are range-checked once, by ``SamplingParams``.
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ class StreamOptions(_Strict):
 
 
 class SamplingRequest(_Strict):
-    """The fields completions and chat share; top_k, min_tokens, ignore_eos, stop_token_ids and
-    skip_special_tokens are vLLM's extensions."""
+    """The fields completions and chat share; top_k, min_p, min_tokens, ignore_eos, stop_token_ids,
+    skip_special_tokens, repetition_penalty, allowed_token_ids and bad_words are vLLM's extensions. logit_bias maps
+    token ids (as JSON object keys: strings) to biases; at most the engine's max_logit_bias entries."""
 
     model: str | None = None
     n: int = 1
@@ -75,11 +76,15 @@ class SamplingRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # OpenAI fields the engine does not implement: accepted at their no-op values (NO_OPS) only.
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
     logit_bias: dict[str, float] | None = None
-    NO_OPS: ClassVar[dict] = dict(presence_penalty=(None, 0), frequency_penalty=(None, 0), logit_bias=(None, {}))
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    # OpenAI fields the engine does not implement: accepted at their no-op values (NO_OPS) only.
+    NO_OPS: ClassVar[dict] = {}
 
     MAX_N: ClassVar[int] = 64
 
@@ -103,7 +108,11 @@ class SamplingRequest(_Strict):
                                   top_k=self.top_k, seed=seed, stop=self.stop or [],
                                   stop_token_ids=self.stop_token_ids or [], min_tokens=self.min_tokens,
                                   ignore_eos=self.ignore_eos, skip_special_tokens=self.skip_special_tokens,
-                                  logprobs=logprobs)
+                                  logprobs=logprobs, presence_penalty=self.presence_penalty,
+                                  frequency_penalty=self.frequency_penalty,
+                                  repetition_penalty=self.repetition_penalty, min_p=self.min_p,
+                                  logit_bias=self.logit_bias, allowed_token_ids=self.allowed_token_ids,
+                                  bad_words=self.bad_words)
         except ValueError as e:   # "SamplingParams.top_p must be ...": the field is the wire name
             field = str(e).split(" ", 1)[0].removeprefix("SamplingParams.")
             raise APIError(str(e).removeprefix("SamplingParams."), param=field) from None
