@@ -212,6 +212,24 @@ def test_logits_processing_fields_reach_the_sampler(server, tokenizer):
     assert set(tokenizer.encode(out.choices[0].text, add_special_tokens=False)) <= set(allowed)
 
 
+def test_tokenize_detokenize_and_version(server, tokenizer):
+    """vLLM's /tokenize (a prompt, or chat messages through the template) and /detokenize, and /version."""
+    body = httpx.post(server.url + "/tokenize", json={"prompt": "Hello world", "return_token_strs": True}).json()
+    assert body["tokens"] == tokenizer.encode("Hello world") and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] > 0 and "".join(body["token_strs"]) == tokenizer.decode(body["tokens"])
+    messages = [{"role": "user", "content": "hi"}]
+    chat = httpx.post(server.url + "/tokenize", json={"messages": messages}).json()
+    assert chat["tokens"] == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert httpx.post(server.url + "/detokenize", json={"tokens": body["tokens"]}).json() == {
+        "prompt": tokenizer.decode(body["tokens"])}
+    for path, payload, words in (("/tokenize", {"prompt": "a", "messages": messages}, "exactly one"),
+                                 ("/detokenize", {"tokens": [10**9]}, "outside the vocabulary"),
+                                 ("/detokenize", {"tokens": "abc"}, "tokens")):
+        response = httpx.post(server.url + path, json=payload)
+        assert response.status_code == 400 and words in response.json()["error"]["message"]
+    assert httpx.get(server.url + "/version").json()["version"]
+
+
 def test_null_fields_take_their_defaults(server):
     body = {"prompt": "hi", "max_tokens": 3, "temperature": None, "n": None, "stop": None, "user": None}
     response = httpx.post(server.url + "/v1/completions", json=body)

@@ -9,6 +9,7 @@ so that no bad input turns into FastAPI's 422.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import time
 
@@ -21,9 +22,9 @@ from starlette.exceptions import HTTPException
 
 from xyjax.engine.outputs import RequestOutput, merge_delta
 from xyjax.server.engine_loop import EngineLoop, Generation
-from xyjax.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, SamplingRequest,
-                                   chat_logprobs, completion_logprobs, envelope, response_id, usage,
-                                   validation_error)
+from xyjax.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                   SamplingRequest, TokenizeRequest, chat_logprobs, completion_logprobs, envelope,
+                                   response_id, usage, validation_error)
 
 
 def build_app(engine_loop: EngineLoop, model_name: str, max_body_bytes: int = 1 << 20) -> FastAPI:
@@ -117,6 +118,36 @@ def build_app(engine_loop: EngineLoop, model_name: str, max_body_bytes: int = 1 
             raise APIError(f"messages: {e}", param="messages") from None
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         return await respond(request, req, "chatcmpl", [prompt], [max_tokens(requested, prompt)], req.num_logprobs)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        req = await parse(request, TokenizeRequest)
+        try:
+            if req.messages is not None:
+                tokens = await asyncio.to_thread(tokenizer.apply_chat_template, ChatCompletionRequest(
+                    messages=req.messages).conversation(), add_generation_prompt=req.add_generation_prompt,
+                    tokenize=True)
+            else:
+                tokens = await asyncio.to_thread(tokenizer.encode, req.prompt, req.add_special_tokens)
+        except (ValueError, jinja2.TemplateError) as e:
+            raise APIError(f"messages: {e}", param="messages") from None
+        body = {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}
+        if req.return_token_strs:
+            body["token_strs"] = [tokenizer.decode([t], skip_special_tokens=False) for t in tokens]
+        return body
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        req = await parse(request, DetokenizeRequest)
+        vocab = engine.model.config.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens")
+        return {"prompt": await asyncio.to_thread(tokenizer.decode, req.tokens)}
+
+    @app.get("/version")
+    async def version():
+        return {"version": importlib.metadata.version("xyjax")}
 
     async def respond(request: Request, req: SamplingRequest, kind: str, prompts: list[list[int]], limits: list[int],
                       logprobs: int | None) -> Response:

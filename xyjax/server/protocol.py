@@ -185,6 +185,30 @@ class ChatCompletionRequest(SamplingRequest):
 
 # ---- responses --------------------------------------------------------------------------------------
 
+class TokenizeRequest(_Strict):
+    """POST /tokenize (vLLM's shape): a prompt, or chat messages rendered with the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError("give exactly one of prompt and messages", param="prompt")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    """POST /detokenize (vLLM's shape)."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
 def response_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
