@@ -32,9 +32,10 @@ BACKENDS = {"xla": xla, "ffi": ffi, "pallas": pallas}
 
 
 def format_name(w) -> str:
-    """The profile key of a weight's format: "plain", "split", "tiles" or "blocks" (``GGUFBlocks``)."""
+    """The profile key of a weight's format: "plain", "split", "tiles" or "blocks:<qtype>" (``GGUFBlocks``, e.g.
+    "blocks:Q4_1": each qtype its own kernels and bytes per weight, so its own tunables)."""
     if isinstance(w, GGUFBlocks):
-        return "blocks"
+        return f"blocks:{w.qtype}"
     return "split" if isinstance(w, SplitBlocks) else "tiles" if isinstance(w, TileWeights) else "plain"
 
 
