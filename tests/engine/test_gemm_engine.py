@@ -11,6 +11,8 @@ from helpers import gguf_block_bytes
 from models.llama import linear_shapes
 from models.weights import DENSE
 from xyjax import LLM, SamplingParams
+from xyjax.bench.profile import sample_weights
+from xyjax.ops.gemm import format_name
 from xyjax.ops.gemm import profile as gemm_profile
 from xyjax.ops.gemm.formats import GGUFBlocks, quantize_blocks
 from xyjax.ops.gemm.profile import GemmProfile
@@ -53,14 +55,19 @@ def test_engine_greedy_identical_with_split_and_merged_weights(tiny_model):
     assert all(t == tokens["merged"] for t in tokens.values()), tokens
 
 
+def q4_1_model(tiny_model, rng):
+    """The tiny model with its dense matrices quantized to Q4_1 GGUF blocks (gguf's quantizer)."""
+    layers = {name: GGUFBlocks(gguf_block_bytes("Q4_1", np.asarray(w, np.float32), rng), "Q4_1", w.shape[-1])
+              if name in DENSE else w for name, w in tiny_model.params["layers"].items()}
+    return dataclasses.replace(tiny_model, params=dict(tiny_model.params, layers=layers))
+
+
 def test_engine_greedy_identical_with_gguf_blocks_read_in_place(tiny_model):
     """The tiny model's dense matrices quantized to Q4_1 as GGUF blocks (gguf's quantizer), read in place by the ffi
     handler's block kernels (weight_layout="blocks") and dequantized to plain float32 on ffi: the same greedy
     tokens."""
     rng = np.random.default_rng(7)
-    layers = {name: GGUFBlocks(gguf_block_bytes("Q4_1", np.asarray(w, np.float32), rng), "Q4_1", w.shape[-1])
-              if name in DENSE else w for name, w in tiny_model.params["layers"].items()}
-    model = dataclasses.replace(tiny_model, params=dict(tiny_model.params, layers=layers))
+    model = q4_1_model(tiny_model, rng)
     prompts = [rng.integers(3, 49000, n).tolist() for n in (45, 3, 20, 9)]
     sampling = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     tokens = {}
@@ -99,27 +106,28 @@ def test_engine_with_int8_activations(tiny_model):
 
 
 def test_engine_runs_the_profiled_tunables(monkeypatch, tmp_path, tiny_model):
-    """A saved profile for this device is loaded at start and its tunables reach every GEMM (here ones no
-    default uses: one lane, row split, m rounded up to 16, no streaming kernel): greedy output unchanged; no
+    """A saved profile for this device, keyed by the formats the engine holds (``xyjax profile``'s samples: Q4_1
+    blocks in the layers, the plain tied head), is loaded at start and its tunables reach every GEMM (here ones no
+    default uses: one lane, row split, m rounded up to 16, no streaming or AMX kernel): greedy output unchanged; no
     profile: defaults."""
-    from xyjax import LLM, SamplingParams
-
     monkeypatch.setenv("XYJAX_CACHE_DIR", str(tmp_path))
-    cfg = tiny_model.config
-    odd = (("lanes", 1), ("m_align", 16), ("split_rows", True), ("stream_rows", 0))
+    model = q4_1_model(tiny_model, np.random.default_rng(8))
+    shapes, samples = linear_shapes(model.config), sample_weights(model, "ffi", "auto")
+    assert format_name(samples["qkv"]) == "blocks:Q4_1" and format_name(samples["lm_head"]) == "plain"
+    odd = (("amx_rows", 0), ("lanes", 1), ("m_align", 16), ("split_rows", True), ("stream_rows", 0))
     table = GemmProfile(device=jax.devices()[0].device_kind, backend="ffi", entries=tuple(
-        (("plain", T, K, N, tr), odd) for K, N, tr in linear_shapes(cfg).values() for T in (16, 32)))
+        ((format_name(samples[name]), T, K, N, tr), odd) for name, (K, N, tr) in shapes.items() for T in (16, 32)))
     prompts = [[5, 9, 200, 7, 11, 3, 90, 4, 8, 1000, 33], [17, 4]]
     sampling = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     options = dict(block_size=4, max_num_batched_tokens=32, max_num_seqs=4, progress=False)
-    plain = LLM(tiny_model, gemm_backend="ffi", **options)
+    plain = LLM(model, gemm_backend="ffi", **options)
     assert plain.engine.backends.gemm_profile is None
     expected = [o.token_ids for o in plain.generate(prompts, sampling)]
     table.save(gemm_profile.default_path(table.device, "ffi"))
-    tuned = LLM(tiny_model, gemm_backend="ffi", **options)
+    tuned = LLM(model, gemm_backend="ffi", **options)
     assert tuned.engine.backends.gemm_profile == table
-    K, N, _ = linear_shapes(cfg)["qkv"]
-    hlo = jax.jit(lambda x, w: tuned.engine.backends.smooth_gemm(x, w, 3, transpose_w=True)).lower(
-        jax.numpy.zeros((16, K)), jax.numpy.zeros((N, K))).as_text()
-    assert "m_align = 16" in hlo and "split_rows = true" in hlo and "stream_rows = 0" in hlo
+    for name in ("qkv", "lm_head"):
+        hlo = jax.jit(lambda x, w: tuned.engine.backends.smooth_gemm(x, w, 3, transpose_w=True)).lower(
+            jax.numpy.zeros((16, shapes[name][0])), samples[name]).as_text()
+        assert all(f"{key} = {str(value).lower()}" in hlo for key, value in odd), name
     assert [o.token_ids for o in tuned.generate(prompts, sampling)] == expected

@@ -3,9 +3,12 @@
 import json
 
 import jax
+import numpy as np
 import pytest
 
+from helpers import gguf_block_bytes
 from xyjax.ops.gemm import profile as gemm_profile
+from xyjax.ops.gemm.formats import GGUFBlocks
 from xyjax.ops.gemm.profile import GemmProfile
 
 TABLE = GemmProfile(device="cpu", backend="ffi", entries=(
@@ -56,6 +59,28 @@ def test_profile_sweeps_every_candidate_and_keeps_the_fastest():
         ms = timings[f"{name} T={T}"]
         assert len(ms) == len(gemm_profile.candidates("ffi"))
         assert json.dumps(dict(params), sort_keys=True) == min(ms, key=ms.get)
+
+
+def test_profile_of_gguf_blocks_keys_each_qtype_and_round_trips(tmp_path):
+    """Sample weights as GGUF blocks (Q4_1 dense, Q8_0 head, as the default model's): each shape swept over the
+    block candidates and keyed "blocks:<qtype>", the table saved and loaded, the engine's lookups finding them."""
+    rng = np.random.default_rng(3)
+    weights = {name: GGUFBlocks(gguf_block_bytes(qtype, rng.standard_normal((n, 64), np.float32), rng), qtype, 64)
+               for name, qtype, n in (("a", "Q4_1", 48), ("head", "Q8_0", 80))}
+    shapes = {"a": (64, 48, True), "head": (64, 80, True)}
+    table, timings = gemm_profile.profile(shapes, [16], "ffi", weights=weights, repeat=1, stream_bytes=1 << 16)
+    options = gemm_profile.candidates("ffi", "blocks:Q4_1", (1, 9, 16))   # bucket 16's rows
+    assert {p["stream_rows"] for p in options} == {24, 8, 0} and {p["m_align"] for p in options} == {1}
+    assert all(len(ms) == len(options) for ms in timings.values())
+    path = str(tmp_path / "blocks.json")
+    table.save(path, timings)
+    loaded = GemmProfile.load(path)
+    assert loaded == table and {key[0] for key, _ in loaded.entries} == {"blocks:Q4_1", "blocks:Q8_0"}
+    for (fmt, T, K, N, tr), params in table.entries:
+        ms = timings[f"{'a' if N == 48 else 'head'} T={T}"]
+        assert json.dumps(dict(params), sort_keys=True) == min(ms, key=ms.get)
+        assert loaded.params(fmt, 9, K, N, tr) == dict(params)
+    assert loaded.params("blocks:Q4_0", 16, 64, 48, True) == {}   # another qtype: its defaults
 
 
 def test_pallas_profiling_is_refused_on_cpu():

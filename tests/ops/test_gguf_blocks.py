@@ -170,12 +170,12 @@ def test_convert_to_every_layout(qtype):
     plain = convert(params, "plain")
     assert plain["norm"] is params["norm"] and format_name(plain["w"]) == "plain"
     np.testing.assert_array_equal(np.asarray(plain["w"]), dense)
-    assert convert(params, "blocks")["w"] is w and format_name(w) == "blocks"
+    assert convert(params, "blocks")["w"] is w and format_name(w) == f"blocks:{qtype}"
     for layout, cls in (("split", SplitBlocks), ("tiles", TileWeights)):
         got = convert(params, layout)["w"]
         assert isinstance(got, cls) if qtype == "Q4_1" else format_name(got) == "plain", layout
         np.testing.assert_array_equal(np.asarray(got.dense() if qtype == "Q4_1" else got), dense)
-    assert format_name(prepare_weights(params, "xla", "blocks")["w"]) == "blocks"
+    assert format_name(prepare_weights(params, "xla", "blocks")["w"]) == f"blocks:{qtype}"
 
 
 def test_bad_blocks_are_named():

@@ -13,18 +13,19 @@ import jax
 from models.llama import linear_shapes
 from models.loader import load
 from xyjax.engine.config import EngineConfig
-from xyjax.ops.gemm import format_name, prepare_weights
+from xyjax.ops.gemm import prepare_weights
 from xyjax.ops.gemm.profile import default_path, profile
 
 
 PARAMS = {"qkv": "wqkv", "o": "wo", "gate_up": "w_gate_up", "down": "w_down"}   # linear_shapes name -> layer param
 
 
-def weight_formats(model, backend: str, layout: str) -> dict[str, str]:
-    """The format the engine holds each linear layer's weights in (``prepare_weights``), by linear_shapes name."""
+def sample_weights(model, backend: str, layout: str) -> dict:
+    """One layer of each linear layer's weights as the engine holds them (``prepare_weights``: their format, e.g.
+    ``GGUFBlocks`` of the file's qtype), by linear_shapes name: what ``profile`` times."""
     params = prepare_weights(model.params, backend, layout)
-    head = params.get("lm_head", params["embed"])
-    return {name: format_name(params["layers"][p]) for name, p in PARAMS.items()} | {"lm_head": format_name(head)}
+    first = {name: jax.tree.map(lambda a: a[0], params["layers"][p]) for name, p in PARAMS.items()}
+    return first | {"lm_head": params.get("lm_head", params["embed"])}
 
 
 def main(argv=None) -> int:
@@ -34,14 +35,14 @@ def main(argv=None) -> int:
     parser.add_argument("--buckets", default=None, help="token buckets, comma-separated (default: the engine's)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--stream-mib", type=int, default=512,
-                        help="MiB of distinct weights each timing passes over (so they come from memory)")
+                        help="MiB of distinct weights (as stored) each timing passes over (so they come from memory)")
     parser.add_argument("--weight-layout", default="auto", help="as the engine option weight_layout (the formats timed)")
     parser.add_argument("--out", default=None, help="table path (default: the cache path the engine reads)")
     args = parser.parse_args(argv)
     buckets = [int(b) for b in args.buckets.split(",")] if args.buckets else list(EngineConfig().token_buckets)
     model = load(args.model)
     result, timings = profile(linear_shapes(model.config), buckets, args.backend, repeat=args.repeat,
-                              weight_formats=weight_formats(model, args.backend, args.weight_layout),
+                              weights=sample_weights(model, args.backend, args.weight_layout),
                               stream_bytes=args.stream_mib << 20)
     path = args.out or default_path(result.device, args.backend)
     result.save(path, timings)

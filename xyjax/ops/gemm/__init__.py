@@ -32,10 +32,11 @@ BACKENDS = {"xla": xla, "ffi": ffi, "pallas": pallas}
 
 
 def format_name(w) -> str:
-    """The profile key of a weight's format: "plain", "split", "tiles" or "blocks" (``GGUFBlocks``; "blocks-int8"
-    with int8 activations)."""
+    """The profile key of a weight's format: "plain", "split", "tiles" or "blocks:<qtype>" (``GGUFBlocks``, e.g.
+    "blocks:Q4_1": each qtype its own kernels and bytes per weight, so its own tunables; "-int8" appended with
+    int8 activations, which run other kernels)."""
     if isinstance(w, GGUFBlocks):
-        return "blocks" if w.act_quant == "none" else f"blocks-{w.act_quant}"
+        return f"blocks:{w.qtype}" + ("" if w.act_quant == "none" else f"-{w.act_quant}")
     return "split" if isinstance(w, SplitBlocks) else "tiles" if isinstance(w, TileWeights) else "plain"
 
 
