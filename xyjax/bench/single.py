@@ -133,17 +133,18 @@ def table(results: dict) -> str:
 
 def bench_single(model: str | None = None, prompt_len: int = 512, gen_len: int = 128, repetitions: int = 5,
                  out_dir: str = "bench-results", llm=None, llama_bench: bool = True, openvino: bool = True,
-                 weight_layout: str = "auto") -> dict:
+                 weight_layout: str = "auto", activation_quant: str = "none") -> dict:
     """xyjax's single-stream figures and, when installed, llama-bench's and OpenVINO GenAI's on the same GGUF;
     prints a table, writes ``<out_dir>/single-<time>.json`` and returns the result (``path`` added)."""
     from xyjax import LLM
     from xyjax.bench.peers import PeerUnavailable, gguf_file, llamacpp_bin, openvino_python
 
-    llm = llm or LLM(model, progress=False, weight_layout=weight_layout)
+    llm = llm or LLM(model, progress=False, weight_layout=weight_layout, activation_quant=activation_quant)
     threads = len(os.sched_getaffinity(0))
     results = {"xyjax": dict(tests=xyjax_single(llm, prompt_len, gen_len, repetitions), info=dict(
         engine=dict(max_num_batched_tokens=llm.engine.config.max_num_batched_tokens,
                     weight_layout=llm.engine.config.weight_layout,
+                    activation_quant=llm.engine.config.activation_quant,
                     token_buckets=list(llm.engine.config.token_buckets))))}
     skipped = {}
 
@@ -188,12 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-llama-bench", action="store_true", help="leave llama.cpp's llama-bench out")
     parser.add_argument("--no-openvino", action="store_true", help="leave OpenVINO GenAI out")
     parser.add_argument("--weight-layout", default="auto", help="the engine option weight_layout (e.g. blocks)")
+    parser.add_argument("--activation-quant", default="none", help="the engine option activation_quant (none, int8)")
     parser.add_argument("--out", default="bench-results", help="directory for the JSON result")
     args = parser.parse_args(argv)
     if args.prompt_len < 1 or args.gen_len < 1 or args.repetitions < 1:
         parser.error("--prompt-len, --gen-len and --repetitions must be >= 1")
     bench_single(args.model, args.prompt_len, args.gen_len, args.repetitions, args.out,
-                 llama_bench=not args.no_llama_bench, openvino=not args.no_openvino, weight_layout=args.weight_layout)
+                 llama_bench=not args.no_llama_bench, openvino=not args.no_openvino, weight_layout=args.weight_layout,
+                 activation_quant=args.activation_quant)
     return 0
 
 
