@@ -70,7 +70,3 @@ class Grammar:
     def complete(self) -> bool:
         """Whether the output is a full match that nothing may extend."""
         return self.matcher.is_stopped() and not self.matcher.is_error()
-
-    @property
-    def error(self) -> str:
-        return self.matcher.get_error()
