@@ -5,7 +5,8 @@ The public names load lazily, so ``models`` can import ``xyjax.ops`` without pul
 
 import importlib
 
-_PUBLIC = {"LLM": "xyjax.llm", "RequestOutput": "xyjax.engine.outputs", "SamplingParams": "xyjax.engine.sampling_params"}
+_PUBLIC = {"LLM": "xyjax.llm", "RequestOutput": "xyjax.engine.outputs", "SamplingParams": "xyjax.engine.sampling_params",
+           "StructuredOutputs": "xyjax.engine.sampling_params"}
 __all__ = list(_PUBLIC)
 
 

@@ -5,6 +5,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import re
 import signal
 import time
 
@@ -183,6 +184,13 @@ BAD_REQUESTS = [  # (path, body: raw bytes or JSON, status, words the message mu
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "text content"),
     ("/v1/completions", {"prompt": "x" * (2 << 20)}, 413, "exceeds"),
+    ("/v1/completions", {"prompt": "hi", "guided_regex": "[0-9"}, 400, "structured_outputs.regex: at 1(8): invalid"),
+    ("/v1/completions", {"prompt": "hi", "guided_json": "{no"}, 400, "guided_json is not valid JSON"),
+    ("/v1/completions", {"prompt": "hi", "guided_regex": "a", "structured_outputs": {"choice": ["a"]}}, 400,
+     "at most one of structured_outputs, guided_regex"),
+    ("/v1/completions", {"prompt": "hi", "structured_outputs": {}}, 400, "exactly one of json, regex"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_schema"}}, 400, "json_schema is required"),
 ]
 
 
@@ -228,6 +236,32 @@ def test_tokenize_detokenize_and_version(server, tokenizer):
         response = httpx.post(server.url + path, json=payload)
         assert response.status_code == 400 and words in response.json()["error"]["message"]
     assert httpx.get(server.url + "/version").json()["version"]
+
+
+def test_structured_outputs_through_the_client(server):
+    """response_format (json_schema, json_object), vLLM's structured_outputs and guided_regex: outputs follow them;
+    a bad schema is a 400 naming the problem, and the next request succeeds."""
+    client = server.client()
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
+                                                                                  "maximum": 99}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    messages = [{"role": "user", "content": "Answer in JSON."}]
+    reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=32, seed=1, response_format={
+        "type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}})
+    assert reply.choices[0].finish_reason == "stop"
+    answer = json.loads(reply.choices[0].message.content)
+    assert set(answer) == {"ok", "n"} and isinstance(answer["ok"], bool) and 0 <= answer["n"] <= 99
+    out = complete(server, "JSON:", max_tokens=8, extra_body={"response_format": {"type": "json_object"}})
+    assert out.choices[0].text.startswith("{")
+    out = complete(server, "Code:", temperature=1, n=4, extra_body={"guided_regex": "[A-Z]{2}-[0-9]{2}"})
+    assert all(re.fullmatch("[A-Z]{2}-[0-9]{2}", c.text) and c.finish_reason == "stop" for c in out.choices)
+    out = complete(server, "Pick:", temperature=1, n=4,
+                   extra_body={"structured_outputs": {"choice": ["left", "right"]}})
+    assert all(c.text in ("left", "right") for c in out.choices)
+    with pytest.raises(openai.BadRequestError, match="structured_outputs.json: Invalid type: thing"):
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, response_format={
+            "type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "thing"}}})
+    assert complete(server, "Still there?", max_tokens=2).choices[0].finish_reason == "length"
 
 
 def test_null_fields_take_their_defaults(server):

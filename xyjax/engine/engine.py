@@ -8,6 +8,7 @@ each changed request's RequestOutput delta back. Counters live in one EngineStat
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 
@@ -19,6 +20,7 @@ from models.loader import LoadedModel
 from models.tokenizer import IncrementalDetokenizer
 from xyjax.engine.block_manager import BlockManager
 from xyjax.engine.config import EngineConfig
+from xyjax.engine.drafters import DraftTree
 from xyjax.ops import Backends
 from xyjax.ops.gemm import prepare_weights
 from xyjax.ops.gemm.formats import with_activation_quant
@@ -33,6 +35,7 @@ from xyjax.engine.sampling_params import SamplingParams
 from xyjax.engine.scheduler import Scheduler
 from xyjax.engine.speculative import AdaptiveControl
 from xyjax.engine.stats import EngineStats, StepTimer
+from xyjax.engine.structured import Grammar, grammar_tokenizer
 
 
 def held_weights(params: dict, config: EngineConfig) -> dict:
@@ -104,12 +107,13 @@ class Engine:
         stop_ids = self._stop_ids(params)
         try:
             ids, error = self._validate(prompt, params, stop_ids), None
+            grammar = Grammar(self.grammar_tokenizer, params.structured_outputs) if params.structured_outputs else None
         except ValueError as e:
-            ids, error = [], str(e)
+            ids, grammar, error = [], None, str(e)
         seed = params.seed if params.seed is not None else int(self._rng.integers(2**32))
         req = Request(request_id=request_id, prompt=prompt if isinstance(prompt, str) else None,
                       prompt_token_ids=ids, params=params, seed=seed, arrival=next(self._ids), stop_ids=stop_ids,
-                      bad_word_ids=self._bad_word_ids(params) if not error else [],
+                      bad_word_ids=self._bad_word_ids(params) if not error else [], grammar=grammar,
                       metrics=RequestMetrics(arrival_time=time.perf_counter(), num_prompt_tokens=len(ids)))
         req.logprobs = [] if params.logprobs is not None else None
         self.requests[request_id] = req
@@ -119,6 +123,11 @@ class Engine:
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
             self.scheduler.add(req)
         return request_id
+
+    @functools.cached_property
+    def grammar_tokenizer(self):
+        """The tokenizer structured outputs match with (llguidance's; built at the first request that needs it)."""
+        return grammar_tokenizer(self.tokenizer, self.model.config.vocab_size)
 
     def _bad_word_ids(self, params: SamplingParams) -> list[list[int]]:
         """Each bad word as token ids, alone and after a space (vLLM: the ways it can start in the output)."""
@@ -205,7 +214,10 @@ class Engine:
             budget = req.spec.budget(k) if self.config.speculative.adaptive else k
             budget = min(budget, req.params.max_tokens - len(req.output_ids) - 1,
                          self.max_model_len - len(req.token_ids))
-            req.set_draft(self.drafter.propose(req.token_ids, budget))   # budget <= 0: an empty draft
+            tree = self.drafter.propose(req.token_ids, budget)      # budget <= 0: an empty draft
+            if req.grammar is not None and tree.is_chain:          # drafts the grammar refuses are never accepted
+                tree = DraftTree.chain(tree.tokens[:req.grammar.valid_prefix(tree.tokens)])
+            req.set_draft(tree)
 
     def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
         """The token ids that end a request: its stop_token_ids, and EOS unless ignore_eos."""

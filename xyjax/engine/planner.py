@@ -5,7 +5,9 @@ Shapes depend only on the token bucket T (the smallest configured bucket >= the 
     block-table pages P = ceil((max_model_len + max_draft_tokens) / block_size); attention task tables
     from ``tiling.capacities``; banned ids per row ``max_stop_ids``; per sampled row a token bitmask of
     ceil(V / 32) words, ``max_logit_bias`` biases and a history of P * block_size tokens (penalties). The large
-    ones (bitmask, biases, history) are one shared empty array per bucket in a step where no row uses them.
+    ones (bitmask, biases, history) are one shared empty array per bucket in a step where no row uses them. A row's
+    bitmask is the AND of allowed_token_ids, bad words and its request's structured-outputs grammar (after the
+    row's drafts).
 When the engine drafts token trees, every bucket also carries the tree mask [T, 1 + max_draft_tokens].
 So the jitted step has one program per bucket. Real sizes (num_tokens, num_tasks, num_samples) are data;
 padding tokens have slot -1 (write no KV) and no task covers them (zero attention output). A verify run
@@ -160,8 +162,12 @@ class SamplingArrays:
             self.writable("bias_ids")[r, :len(p.logit_bias)] = list(p.logit_bias)
             self.writable("bias")[r, :len(p.logit_bias)] = list(p.logit_bias.values())
         masked = req.bad_word_tokens(path)
-        if p.allowed_token_ids is not None or masked:
-            self.writable("allowed")[r] = token_bitmask(vocab_size, p.allowed_token_ids, masked)
+        if p.allowed_token_ids is not None or masked or req.grammar is not None:
+            allowed = self.writable("allowed")[r]
+            if req.grammar is not None:
+                req.grammar.fill(allowed, path)
+            if p.allowed_token_ids is not None or masked:
+                allowed &= token_bitmask(vocab_size, p.allowed_token_ids, masked)
         if p.penalized:
             a["presence"][r], a["frequency"][r], a["repetition"][r] = (p.presence_penalty, p.frequency_penalty,
                                                                        p.repetition_penalty)

@@ -5,8 +5,9 @@ Owned by the scheduler (``Scheduler.postprocess`` calls ``apply``). First every 
 run accepts its drafts while they equal the token sampled at their parent (a chain, or a path down a tree:
 exact rejection sampling for deterministic drafts, xyjax.engine.speculative) and rolls ``num_computed`` back to
 the accepted path. Then the sampled tokens are appended (a decode or a prefill end: one; a verify run: the
-accepted drafts and the token after them) with their logprobs, each checked for a stop (``Request.append``);
-a request that stops finishes (``Scheduler.finish``: cached and freed).
+accepted drafts and the token after them) with their logprobs, each checked for a stop and advancing the
+request's structured-outputs grammar (``Request.append``; rejected drafts never reach it); a request that stops
+finishes (``Scheduler.finish``: cached and freed).
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ from xyjax.ops.sampler import SamplerOutput
 
 if TYPE_CHECKING:
     from xyjax.engine.scheduler import Scheduler
+
+# The sampler drew a token the grammar's mask excludes: only when the mask allows nothing (all of its tokens
+# masked by allowed_token_ids, bad_words or min_tokens).
+GRAMMAR_REFUSED = ("token {} does not follow the structured_outputs grammar: allowed_token_ids, bad_words or "
+                   "min_tokens masked every token the grammar allows")
 
 
 def apply(sched: Scheduler, batch: ScheduledBatch, out: SamplerOutput) -> list[tuple[int, int]]:
@@ -76,5 +82,5 @@ def _append(sched: Scheduler, req: Request, out: SamplerOutput, offset: int, pat
         sched.stats.generated_tokens += 1
         reason = req.append(sampled[row], sched.max_model_len)
         if reason:
-            sched.finish(req, reason)
+            sched.finish(req, reason, error=GRAMMAR_REFUSED.format(sampled[row]) if reason == "error" else None)
             return

@@ -23,7 +23,8 @@ class Request:
     """``token_ids`` = prompt + output; the KV of the first ``num_computed`` of them is in ``block_table``.
     ``draft_token_ids``: speculative tokens to verify after ``token_ids`` in the next step (V stage), a chain,
     or with ``draft_parents`` (xyjax.engine.drafters.DraftTree.parents) a token tree. ``spec``: its adaptive drafting
-    control (xyjax.engine.speculative.AdaptiveControl) when the engine speculates."""
+    control (xyjax.engine.speculative.AdaptiveControl) when the engine speculates. ``grammar``: its structured
+    outputs matcher (xyjax.engine.structured.Grammar) or None; only ``append`` advances it."""
 
     request_id: str
     prompt: str | None
@@ -34,6 +35,7 @@ class Request:
     metrics: RequestMetrics
     stop_ids: frozenset[int] = frozenset()           # token ids that end it (stop_token_ids, EOS)
     bad_word_ids: list[list[int]] = dataclasses.field(default_factory=list)   # params.bad_words as token ids
+    grammar: object = None
     token_ids: list[int] = dataclasses.field(default_factory=list)
     draft_token_ids: list[int] = dataclasses.field(default_factory=list)
     draft_parents: list[int] | None = None
@@ -78,9 +80,11 @@ class Request:
                 if len(w) == 1 or (len(out) >= len(w) - 1 and out[len(out) - len(w) + 1:] == w[:-1])]
 
     def append(self, token: int, max_model_len: int) -> str | None:
-        """Append a sampled token and its text; returns the finish reason it brings: "stop" (a stop id, or a
-        stop string ending in the new text, which is cut there), "length" (max_tokens or ``max_model_len``
-        reached) or None."""
+        """Append a sampled token and its text; returns the finish reason it brings: "stop" (a stop id, a stop
+        string ending in the new text, which is cut there, or the grammar complete), "length" (max_tokens or
+        ``max_model_len`` reached), "error" (the grammar refuses the token, which is not appended) or None."""
+        if self.grammar is not None and not self.grammar.consume(token):
+            return "error"
         self.token_ids.append(token)
         self.metrics.num_output_tokens += 1
         delta = self.detokenizer.add(token)
@@ -95,6 +99,9 @@ class Request:
                 if at >= 0:
                     self.text = self.text[:at]
                     return "stop"
+        if self.grammar is not None and self.grammar.complete:
+            self.text += self.detokenizer.flush()
+            return "stop"
         if n >= p.max_tokens or len(self.token_ids) >= max_model_len:
             self.text += self.detokenizer.flush()
             return "length"

@@ -22,6 +22,8 @@ class SamplingParams:
     ``repetition_penalty`` (> 0, 1 off) divides positive and multiplies negative logits of every token in the
     prompt or output; ``frequency_penalty`` and ``presence_penalty`` (in [-2, 2]) subtract per occurrence / once
     for every token in the output. ``min_p`` (in [0, 1]) drops tokens less likely than min_p times the top one.
+    ``structured_outputs``: a StructuredOutputs (or a dict of its fields): the output follows that grammar and ends
+    when it is complete.
     """
 
     max_tokens: int = 16
@@ -43,6 +45,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    structured_outputs: StructuredOutputs | dict | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -54,6 +57,8 @@ class SamplingParams:
         if self.logit_bias is not None and isinstance(self.logit_bias, dict):   # JSON keys are strings
             self.logit_bias = {int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k: v
                                for k, v in self.logit_bias.items()}
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputs.from_dict(self.structured_outputs)
         checks = [
             ("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
             ("temperature", _is_num(self.temperature) and 0 <= self.temperature < float("inf"), "a finite number >= 0"),
@@ -81,6 +86,9 @@ class SamplingParams:
              "None or a non-empty list of token ids >= 0"),
             ("bad_words", self.bad_words is None or (isinstance(self.bad_words, (list, tuple)) and all(
                 isinstance(w, str) and w for w in self.bad_words)), "None or a list of non-empty strings"),
+            ("structured_outputs", self.structured_outputs is None or isinstance(self.structured_outputs,
+                                                                                 StructuredOutputs),
+             "None, a StructuredOutputs or a dict of its fields"),
         ]
         for field, ok, expected in checks:
             if not ok:
@@ -90,6 +98,49 @@ class SamplingParams:
     def penalized(self) -> bool:
         """Whether any penalty is on (the sampler then needs the request's tokens)."""
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+@dataclasses.dataclass
+class StructuredOutputs:
+    """The grammar a request's output follows (vLLM's ``structured_outputs``), exactly one of: ``json`` a JSON
+    schema (a dict), or "object" for any JSON object; ``regex`` a regular expression (Rust regex syntax) the whole
+    output matches; ``choice`` a list of strings, one of which is the output; ``grammar`` a Lark grammar
+    (llguidance's dialect). Only the shape is checked here; the engine compiles the grammar when the request is
+    added and refuses it there, naming the problem."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self):
+        given = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"SamplingParams.structured_outputs must set exactly one of json, regex, choice or "
+                             f"grammar, got {', '.join(given) or 'none'}")
+        checks = {"json": (isinstance(self.json, dict) or self.json == "object", 'a JSON schema (dict) or "object"'),
+                  "regex": (isinstance(self.regex, str) and self.regex != "", "a non-empty string"),
+                  "choice": (isinstance(self.choice, (list, tuple)) and len(self.choice) > 0
+                             and all(isinstance(c, str) and c for c in self.choice),
+                             "a non-empty list of non-empty strings"),
+                  "grammar": (isinstance(self.grammar, str) and self.grammar.strip() != "", "a non-empty string")}
+        ok, expected = checks[given[0]]
+        if not ok:
+            raise ValueError(f"SamplingParams.structured_outputs.{given[0]} must be {expected}, "
+                             f"got {getattr(self, given[0])!r}")
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> StructuredOutputs:
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"SamplingParams.structured_outputs has unknown fields {unknown} "
+                             f"(known: json, regex, choice, grammar)")
+        return cls(**fields)
+
+    @property
+    def kind(self) -> str:
+        """The field that is set."""
+        return next(f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None)
 
 
 def _is_int(x) -> bool:

@@ -7,12 +7,13 @@ values are range-checked once, by ``SamplingParams``.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from xyjax.engine.outputs import RequestOutput
 from xyjax.engine.sampling_params import SamplingParams
@@ -57,10 +58,53 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JsonSchema(_Strict):
+    name: str
+    description: str | None = None
+    schema_: dict = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's response_format: free text, any JSON object, or JSON following ``json_schema.schema``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise APIError("response_format.json_schema is required with type json_schema, and only then",
+                           param="response_format")
+        return self
+
+
+class StructuredOutputsRequest(_Strict):
+    """vLLM's structured_outputs (the fields xyjax implements): exactly one of json (a schema, as an object or
+    JSON text), regex, choice, grammar (Lark)."""
+
+    json_: dict | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
+def _schema(value: dict | str, field: str) -> dict:
+    """A JSON schema given as an object or as JSON text."""
+    if isinstance(value, dict):
+        return value
+    try:
+        return json.loads(value)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise APIError(f"{field} is not valid JSON: {e}", param=field) from None
+
+
 class SamplingRequest(_Strict):
     """The fields completions and chat share; top_k, min_p, min_tokens, ignore_eos, stop_token_ids,
     skip_special_tokens, repetition_penalty, allowed_token_ids and bad_words are vLLM's extensions. logit_bias maps
-    token ids (as JSON object keys: strings) to biases; at most the engine's max_logit_bias entries."""
+    token ids (as JSON object keys: strings) to biases; at most the engine's max_logit_bias entries. Structured
+    outputs: OpenAI's response_format, vLLM's structured_outputs or its older guided_json, guided_regex,
+    guided_choice and guided_grammar (at most one of these)."""
 
     model: str | None = None
     n: int = 1
@@ -83,6 +127,12 @@ class SamplingRequest(_Strict):
     logit_bias: dict[str, float] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # OpenAI fields the engine does not implement: accepted at their no-op values (NO_OPS) only.
     NO_OPS: ClassVar[dict] = {}
 
@@ -112,10 +162,30 @@ class SamplingRequest(_Strict):
                                   frequency_penalty=self.frequency_penalty,
                                   repetition_penalty=self.repetition_penalty, min_p=self.min_p,
                                   logit_bias=self.logit_bias, allowed_token_ids=self.allowed_token_ids,
-                                  bad_words=self.bad_words)
+                                  bad_words=self.bad_words, structured_outputs=self.structured())
         except ValueError as e:   # "SamplingParams.top_p must be ...": the field is the wire name
             field = str(e).split(" ", 1)[0].removeprefix("SamplingParams.")
             raise APIError(str(e).removeprefix("SamplingParams."), param=field) from None
+
+    def structured(self) -> dict | None:
+        """The StructuredOutputs fields the request asks for (None: free text)."""
+        asked = {}
+        if self.response_format is not None and self.response_format.type != "text":
+            schema = self.response_format.json_schema
+            asked["response_format"] = {"json": "object" if schema is None else schema.schema_}
+        if self.structured_outputs is not None:
+            fields = self.structured_outputs.model_dump(by_alias=True, exclude_none=True)
+            if "json" in fields:
+                fields["json"] = _schema(fields["json"], "structured_outputs.json")
+            asked["structured_outputs"] = fields
+        guided = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,
+                  "grammar": self.guided_grammar}
+        for kind, value in guided.items():
+            if value is not None:
+                asked["guided_" + kind] = {kind: _schema(value, "guided_json") if kind == "json" else value}
+        if len(asked) > 1:
+            raise APIError(f"at most one of {', '.join(asked)} may be given", param=list(asked)[1])
+        return next(iter(asked.values()), None)
 
     @property
     def include_usage(self) -> bool:
