@@ -222,25 +222,24 @@ def _llamacpp_peer_module():
     return module
 
 
-def test_llamacpp_peer_is_skipped_when_not_built(tiny_model, tmp_path, monkeypatch):
-    """Without llama-server and llama-bench the llamacpp peer is left out with how to build them; a model that is
-    no GGUF file (the in-memory tiny model) has no path for llama.cpp."""
+@pytest.mark.parametrize("peer,variable", [("llamacpp", "XYJAX_LLAMACPP_BIN"), ("openvino", "XYJAX_OPENVINO_PYTHON")])
+def test_native_peers_are_skipped_when_not_built(peer, variable, tiny_model, tmp_path, monkeypatch):
+    """Without its build (llama-server and llama-bench; .venv-openvino) a peer is left out with how to build it; a
+    model that is no GGUF file (the in-memory tiny model) has no path for llama.cpp."""
     from xyjax import LLM
-    from xyjax.bench.peers import PEERS, PeerUnavailable, gguf_file, llamacpp_bin
+    from xyjax.bench.peers import PEERS, PeerUnavailable, gguf_file
     from xyjax.bench.runs import run_systems
 
-    monkeypatch.setenv("XYJAX_LLAMACPP_BIN", str(tmp_path / "no-such-dir"))
-    with pytest.raises(PeerUnavailable, match="make llamacpp-env"):
-        llamacpp_bin()
-    with pytest.raises(PeerUnavailable, match="make llamacpp-env"):
-        PEERS["llamacpp"].python()
+    monkeypatch.setenv(variable, str(tmp_path / "no-such-path"))
+    with pytest.raises(PeerUnavailable, match=f"make {peer}-env"):
+        PEERS[peer].python()
     with pytest.raises(RuntimeError, match="GGUF"):
         gguf_file(None, tiny_model)
     llm = LLM(tiny_model, block_size=4, max_num_batched_tokens=64, max_num_seqs=4, progress=False)
     requests = make_requests(Workload("tiny", num_requests=2, prompt_median=8, prompt_min=4, prompt_max=12,
                                       output_median=3, output_min=2, output_max=4), VOCAB)
-    systems, skipped = run_systems(requests, llm, (), ("llamacpp",), None, progress=False)
-    assert set(systems) == {"xyjax"} and "make llamacpp-env" in skipped["llamacpp"]
+    systems, skipped = run_systems(requests, llm, (), (peer,), None, progress=False)
+    assert set(systems) == {"xyjax"} and f"make {peer}-env" in skipped[peer]
 
 
 def test_llamacpp_peer_translates_requests_and_streams():
@@ -371,22 +370,6 @@ def test_eval_quant_reads_llama_perplexitys_kl_report():
                                                        kl_max=0.021074, top1_agreement=0.95686, tokens=3 * 255)
     with pytest.raises(RuntimeError, match="llama-perplexity printed no"):
         parse_kld("main: error: failed to load model", 512)
-
-
-def test_openvino_peer_is_skipped_when_not_installed(tiny_model, tmp_path, monkeypatch):
-    """Without .venv-openvino the openvino peer is left out with how to build it."""
-    from xyjax import LLM
-    from xyjax.bench.peers import PEERS, PeerUnavailable
-    from xyjax.bench.runs import run_systems
-
-    monkeypatch.setenv("XYJAX_OPENVINO_PYTHON", str(tmp_path / "no-such-python"))
-    with pytest.raises(PeerUnavailable, match="make openvino-env"):
-        PEERS["openvino"].python()
-    llm = LLM(tiny_model, block_size=4, max_num_batched_tokens=64, max_num_seqs=4, progress=False)
-    requests = make_requests(Workload("tiny", num_requests=2, prompt_median=8, prompt_min=4, prompt_max=12,
-                                      output_median=3, output_min=2, output_max=4), VOCAB)
-    systems, skipped = run_systems(requests, llm, (), ("openvino",), None, progress=False)
-    assert set(systems) == {"xyjax"} and "make openvino-env" in skipped["openvino"]
 
 
 def test_openvino_peer_runs_the_default_gguf():
