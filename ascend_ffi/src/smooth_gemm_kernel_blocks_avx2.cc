@@ -8,12 +8,13 @@
 // GGUFBlocks.dense()'s, in gguf's order (smooth_gemm_blocks_format.h): the float16 fields converted by
 // _mm256_cvtph_ps (exact), the integer scales and q by _mm256_cvtepi32_ps (exact); Q4_1's d * q + m and Q4_K's
 // (d * sc) * q - (dmin * mn) are one fused multiply-add, which rounds the exact product plus m once, as dense()'s
-// separate multiply and add do: the same float32 weight. Blocks of kColumns weight rows are multiplied against
-// every block of up to 6 x rows, the first of which prefetches the rows kPrefetchRows ahead.
+// separate multiply and add do: the same float32 weight. The loops are smooth_gemm_kernel_blocks.inc's.
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <utility>
 
 #include "smooth_gemm_blocks_format.h"
 
@@ -25,7 +26,6 @@ using namespace blocks;
 
 constexpr int64_t kColumns = 32;       // weight rows per block (kept in cache across the x row blocks)
 constexpr int64_t kPrefetchRows = 8;   // how far ahead of a block's rows the stream is prefetched
-constexpr int kNR = 2;                 // weight rows per register block
 
 // The block's float16 at p broadcast to 8 float32 lanes.
 inline __m256 Half8(const uint8_t* p) {
@@ -73,42 +73,17 @@ inline float Sum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// c[i, j] for i < MR, j < NR: x rows at x + i * ldx, weight rows at w + j * row_bytes. pf: weight rows to
-// prefetch alongside (same shape), or null.
-template <int Q, int MR, int NR>
-inline void Block(const float* x, int64_t ldx, const uint8_t* w, int64_t K, float* c, int64_t ldc,
-                  const uint8_t* pf) {
-  constexpr int64_t kInputs = BlockInputs(Q), kBytes = BlockBytes(Q);
-  const int64_t row_bytes = K / kInputs * kBytes;
-  __m256 acc[MR][NR];   // unrolled by pragma: see smooth_gemm_kernel_avx512.cc
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) {
-#pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
-  }
-  for (int64_t b = 0; b < K / kInputs; ++b) {
-    if (pf != nullptr) {
-#pragma GCC unroll 8
-      for (int j = 0; j < NR; ++j) {
-#pragma GCC unroll 4
-        for (int64_t o = 0; o < kBytes; o += 64) {
-          _mm_prefetch(reinterpret_cast<const char*>(pf + j * row_bytes + b * kBytes + o), _MM_HINT_T0);
-        }
-      }
-    }
-#pragma GCC unroll 32
-    for (int k = 0; k < kInputs; k += 8) {
-      __m256 wv[NR];
-#pragma GCC unroll 8
-      for (int j = 0; j < NR; ++j) wv[j] = Weights<Q>(w + j * row_bytes + b * kBytes, k);
-#pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i) {
-        const __m256 xv = _mm256_loadu_ps(x + i * ldx + b * kInputs + k);
-#pragma GCC unroll 8
-        for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
-      }
-    }
-  }
+using Vec = __m256;
+constexpr int kLanes = 8;
+inline Vec Zero() { return _mm256_setzero_ps(); }
+inline Vec LoadX(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec Fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline void StoreVec(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+constexpr int NrFor(int) { return 2; }   // 6 x 2 register blocks: 12 accumulators of the 16 registers
+constexpr int64_t kMaxRows = 6;
+
+template <int MR, int NR>
+inline void StoreSums(Vec (&acc)[MR][NR], float* c, int64_t ldc) {
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) {
 #pragma GCC unroll 8
@@ -116,69 +91,19 @@ inline void Block(const float* x, int64_t ldx, const uint8_t* w, int64_t K, floa
   }
 }
 
-// MR x rows against n weight rows, kNR at a time, then singly.
-template <int Q, int MR>
-void Rows(const float* x, int64_t ldx, const uint8_t* w, int64_t n, int64_t K, float* c, int64_t ldc,
-          const uint8_t* pf) {
-  const int64_t row_bytes = K / BlockInputs(Q) * BlockBytes(Q);
-  int64_t j = 0;
-  for (; j + kNR <= n; j += kNR) {
-    Block<Q, MR, kNR>(x, ldx, w + j * row_bytes, K, c + j, ldc, pf ? pf + j * row_bytes : nullptr);
-  }
-  for (; j < n; ++j) Block<Q, MR, 1>(x, ldx, w + j * row_bytes, K, c + j, ldc, pf ? pf + j * row_bytes : nullptr);
-}
-
-using RowsFn = void (*)(const float*, int64_t, const uint8_t*, int64_t, int64_t, float*, int64_t, const uint8_t*);
-template <int Q>
-constexpr RowsFn kRows[7] = {nullptr, Rows<Q, 1>, Rows<Q, 2>, Rows<Q, 3>, Rows<Q, 4>, Rows<Q, 5>, Rows<Q, 6>};
-
-template <int Q>
-void Gemm(int64_t m, int64_t n, int64_t K, const float* x, int64_t ldx, const uint8_t* w, float* c, int64_t ldc) {
-  const int64_t row_bytes = K / BlockInputs(Q) * BlockBytes(Q);
-  for (int64_t j0 = 0; j0 < n; j0 += kColumns) {
-    const int64_t columns = std::min(kColumns, n - j0);
-    const uint8_t* block = w + j0 * row_bytes;
-    for (int64_t i = 0; i < m; i += 6) {
-      const int rows = static_cast<int>(std::min<int64_t>(6, m - i));
-      kRows<Q>[rows](x + i * ldx, ldx, block, columns, K, c + i * ldc + j0, ldc,
-                     i == 0 ? block + kPrefetchRows * row_bytes : nullptr);
-    }
-  }
-}
-
-// The n rows' blocks one after another (n * K / BlockInputs(Q) of them) into panel [n, K].
-template <int Q>
-void Dequant(int64_t n, int64_t K, const uint8_t* w, float* panel) {
-  constexpr int64_t kInputs = BlockInputs(Q), kBytes = BlockBytes(Q);
-  for (int64_t b = 0; b < n * (K / kInputs); ++b) {
-#pragma GCC unroll 32
-    for (int k = 0; k < kInputs; k += 8) _mm256_storeu_ps(panel + b * kInputs + k, Weights<Q>(w + b * kBytes, k));
-  }
-}
+#include "smooth_gemm_kernel_blocks.inc"
 
 }  // namespace
 
 // panel [n, K] (float32) = the dequantized weight rows w [n, row_bytes].
 void BlocksDequantAvx2(int qtype, int64_t n, int64_t K, const uint8_t* w, float* panel) {
-  switch (qtype) {
-    case kQ8_0: return Dequant<kQ8_0>(n, K, w, panel);
-    case kQ4_0: return Dequant<kQ4_0>(n, K, w, panel);
-    case kQ4_1: return Dequant<kQ4_1>(n, K, w, panel);
-    case kQ4_K: return Dequant<kQ4_K>(n, K, w, panel);
-    case kQ6_K: return Dequant<kQ6_K>(n, K, w, panel);
-  }
+  DequantAny(qtype, n, K, w, panel);
 }
 
 // c [m, n] (row stride ldc) = x [m, K] (row stride ldx) @ dequant(w [n, row_bytes])^T, single-threaded.
 void BlocksGemmAvx2(int qtype, int64_t m, int64_t n, int64_t K, const float* x, int64_t ldx, const uint8_t* w,
                     float* c, int64_t ldc) {
-  switch (qtype) {
-    case kQ8_0: return Gemm<kQ8_0>(m, n, K, x, ldx, w, c, ldc);
-    case kQ4_0: return Gemm<kQ4_0>(m, n, K, x, ldx, w, c, ldc);
-    case kQ4_1: return Gemm<kQ4_1>(m, n, K, x, ldx, w, c, ldc);
-    case kQ4_K: return Gemm<kQ4_K>(m, n, K, x, ldx, w, c, ldc);
-    case kQ6_K: return Gemm<kQ6_K>(m, n, K, x, ldx, w, c, ldc);
-  }
+  GemmAny(qtype, m, n, K, x, ldx, w, c, ldc);
 }
 
 }  // namespace gemm

@@ -10,13 +10,14 @@
 // (d * sc) * q - (dmin * mn) are one fused multiply-add, which rounds the exact product plus m once, as dense()'s
 // separate multiply and add do: the same float32 weight. Q4_0 and Q4_1 compute a block's 16 possible weights so
 // (a table in one register) and pick each weight by its nibble (vpermps), fewer instructions per weight than
-// converting every nibble. Blocks of kColumns weight rows (11 KiB of Q4_1 at K = 576) are multiplied against every
-// block of up to 8 x rows, the first of which prefetches the rows kPrefetchRows ahead: the lane's weights are one
-// forward stream read once.
+// converting every nibble. The loops are smooth_gemm_kernel_blocks.inc's: blocks of kColumns weight rows (11 KiB of
+// Q4_1 at K = 576) against every block of up to 8 x rows, the first prefetching the rows kPrefetchRows ahead.
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <utility>
 
 #include "avx512_sums.h"
 
@@ -72,89 +73,18 @@ inline __m512 Weights(const uint8_t* blk, int j) {
   }
 }
 
-// c[i, j] for i < MR, j < NR: x rows at x + i * ldx, weight rows at w + j * row_bytes. pf: weight rows to
-// prefetch alongside (same shape), or null.
-template <int Q, int MR, int NR>
-inline void Block(const float* x, int64_t ldx, const uint8_t* w, int64_t K, float* c, int64_t ldc,
-                  const uint8_t* pf) {
-  constexpr int64_t kInputs = BlockInputs(Q), kBytes = BlockBytes(Q);
-  const int64_t row_bytes = K / kInputs * kBytes;
-  __m512 acc[MR][NR];   // unrolled by pragma: see smooth_gemm_kernel_avx512.cc
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) {
-#pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
-  }
-  for (int64_t b = 0; b < K / kInputs; ++b) {
-    if (pf != nullptr) {
-#pragma GCC unroll 8
-      for (int j = 0; j < NR; ++j) {
-#pragma GCC unroll 4
-        for (int64_t o = 0; o < kBytes; o += 64) {
-          _mm_prefetch(reinterpret_cast<const char*>(pf + j * row_bytes + b * kBytes + o), _MM_HINT_T0);
-        }
-      }
-    }
-#pragma GCC unroll 16
-    for (int k = 0; k < kInputs; k += 16) {
-      __m512 wv[NR];
-#pragma GCC unroll 8
-      for (int j = 0; j < NR; ++j) wv[j] = Weights<Q>(w + j * row_bytes + b * kBytes, k);
-#pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i) {
-        const __m512 xv = _mm512_loadu_ps(x + i * ldx + b * kInputs + k);
-#pragma GCC unroll 8
-        for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
-      }
-    }
-  }
-  StoreSums<MR, NR>(acc, c, ldc);
-}
-
-// MR x rows against n weight rows, NR at a time (4 for up to 6 x rows, else 2: at most 24 accumulators), then
-// singly.
-template <int Q, int MR>
-void Rows(const float* x, int64_t ldx, const uint8_t* w, int64_t n, int64_t K, float* c, int64_t ldc,
-          const uint8_t* pf) {
-  constexpr int NR = MR <= 6 ? 4 : 2;
-  const int64_t row_bytes = K / BlockInputs(Q) * BlockBytes(Q);
-  int64_t j = 0;
-  for (; j + NR <= n; j += NR) {
-    Block<Q, MR, NR>(x, ldx, w + j * row_bytes, K, c + j, ldc, pf ? pf + j * row_bytes : nullptr);
-  }
-  for (; j < n; ++j) Block<Q, MR, 1>(x, ldx, w + j * row_bytes, K, c + j, ldc, pf ? pf + j * row_bytes : nullptr);
-}
-
-using RowsFn = void (*)(const float*, int64_t, const uint8_t*, int64_t, int64_t, float*, int64_t, const uint8_t*);
-template <int Q>
-constexpr RowsFn kRows[9] = {nullptr,    Rows<Q, 1>, Rows<Q, 2>, Rows<Q, 3>, Rows<Q, 4>,
-                             Rows<Q, 5>, Rows<Q, 6>, Rows<Q, 7>, Rows<Q, 8>};
-// x rows per pass over the weights: 8 (a verify run of 1 + 7 drafts in one pass; from 10 rows the compiler spills)
+using Vec = __m512;
+constexpr int kLanes = 16;
+inline Vec Zero() { return _mm512_setzero_ps(); }
+inline Vec LoadX(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec Fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline void StoreVec(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+// 6 x 4 register blocks (24 accumulators); 7 or 8 x rows as 8 x 2, so a verify run of 1 + 7 drafts is one pass
+// (from 10 rows the compiler spills)
+constexpr int NrFor(int rows) { return rows <= 6 ? 4 : 2; }
 constexpr int64_t kMaxRows = 8;
 
-template <int Q>
-void Gemm(int64_t m, int64_t n, int64_t K, const float* x, int64_t ldx, const uint8_t* w, float* c, int64_t ldc) {
-  const int64_t row_bytes = K / BlockInputs(Q) * BlockBytes(Q);
-  for (int64_t j0 = 0; j0 < n; j0 += kColumns) {
-    const int64_t columns = std::min(kColumns, n - j0);
-    const uint8_t* block = w + j0 * row_bytes;
-    for (int64_t i = 0; i < m; i += kMaxRows) {
-      const int rows = static_cast<int>(std::min(kMaxRows, m - i));
-      kRows<Q>[rows](x + i * ldx, ldx, block, columns, K, c + i * ldc + j0, ldc,
-                     i == 0 ? block + kPrefetchRows * row_bytes : nullptr);
-    }
-  }
-}
-
-// The n rows' blocks one after another (n * K / BlockInputs(Q) of them) into panel [n, K].
-template <int Q>
-void Dequant(int64_t n, int64_t K, const uint8_t* w, float* panel) {
-  constexpr int64_t kInputs = BlockInputs(Q), kBytes = BlockBytes(Q);
-  for (int64_t b = 0; b < n * (K / kInputs); ++b) {
-#pragma GCC unroll 16
-    for (int k = 0; k < kInputs; k += 16) _mm512_storeu_ps(panel + b * kInputs + k, Weights<Q>(w + b * kBytes, k));
-  }
-}
+#include "smooth_gemm_kernel_blocks.inc"
 
 }  // namespace
 
@@ -179,25 +109,13 @@ void BlocksSplitAvx512(int64_t n, int64_t K, const uint8_t* w, float* panel) {
 
 // panel [n, K] (float32) = the dequantized weight rows w [n, row_bytes].
 void BlocksDequantAvx512(int qtype, int64_t n, int64_t K, const uint8_t* w, float* panel) {
-  switch (qtype) {
-    case kQ8_0: return Dequant<kQ8_0>(n, K, w, panel);
-    case kQ4_0: return Dequant<kQ4_0>(n, K, w, panel);
-    case kQ4_1: return Dequant<kQ4_1>(n, K, w, panel);
-    case kQ4_K: return Dequant<kQ4_K>(n, K, w, panel);
-    case kQ6_K: return Dequant<kQ6_K>(n, K, w, panel);
-  }
+  DequantAny(qtype, n, K, w, panel);
 }
 
 // c [m, n] (row stride ldc) = x [m, K] (row stride ldx) @ dequant(w [n, row_bytes])^T, single-threaded.
 void BlocksGemmAvx512(int qtype, int64_t m, int64_t n, int64_t K, const float* x, int64_t ldx, const uint8_t* w,
                       float* c, int64_t ldc) {
-  switch (qtype) {
-    case kQ8_0: return Gemm<kQ8_0>(m, n, K, x, ldx, w, c, ldc);
-    case kQ4_0: return Gemm<kQ4_0>(m, n, K, x, ldx, w, c, ldc);
-    case kQ4_1: return Gemm<kQ4_1>(m, n, K, x, ldx, w, c, ldc);
-    case kQ4_K: return Gemm<kQ4_K>(m, n, K, x, ldx, w, c, ldc);
-    case kQ6_K: return Gemm<kQ6_K>(m, n, K, x, ldx, w, c, ldc);
-  }
+  GemmAny(qtype, m, n, K, x, ldx, w, c, ldc);
 }
 
 }  // namespace gemm
