@@ -10,6 +10,7 @@ import pytest
 
 from xyjax import LLM, SamplingParams
 from xyjax import functional as F
+from xyjax.ops import Backends
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44,
                                                     45, 46, 47, 48]]
@@ -93,3 +94,12 @@ def test_prefill_and_decode_steps_under_jit_with_a_donated_cache(tiny_model, eng
         out.append(np.asarray(state.token))
     assert np.stack(out, 1).tolist() == [want[:4] for want in engine_greedy]
     assert np.asarray(state.done).all() and np.asarray(state.seq_lens).tolist() == [len(p) + 3 for p in PROMPTS]
+
+
+@pytest.mark.parametrize("attention", ["ffi", "pallas"])
+def test_every_attention_backend_serves_the_device_planned_steps(tiny_model, engine_greedy, attention):
+    ids, lens = padded(PROMPTS, 24)
+    run = jax.jit(functools.partial(F.generate, cfg=tiny_model.config, max_new_tokens=3,
+                                    backends=Backends(attention=attention)))
+    tokens, _, _ = run(tiny_model.params, ids, lens)
+    assert np.asarray(tokens).tolist() == [want[:3] for want in engine_greedy]

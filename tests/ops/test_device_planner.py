@@ -28,7 +28,8 @@ def test_device_tables_equal_the_host_planners_on_random_batches(seed):
     tables = rng.integers(0, 100, (seqs, 5)).astype(np.int32)
     host = tiling.attention_metadata(q_start, q_len, kv_len, tables, num_kv_heads=kv_heads, tile=tile,
                                      num_tokens=num_tokens, lanes=4, max_splits=1)
-    plan = jax.jit(device_tiling.attention_metadata, static_argnames=("num_kv_heads", "tile", "num_tokens", "max_q_len"))
+    plan = jax.jit(device_tiling.attention_metadata,
+                   static_argnames=("num_kv_heads", "tile", "num_tokens", "max_q_len"))
     device = plan(q_start, q_len, kv_len, tables, num_kv_heads=kv_heads, tile=tile, num_tokens=num_tokens,
                   max_q_len=40)
     assert_same_metadata(device, host)

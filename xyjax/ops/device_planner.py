@@ -30,7 +30,8 @@ def prefill_inputs(prompt_ids: jax.Array, prompt_lens: jax.Array, *, pages: int,
     pos = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32)[None], (num_seqs, width))
     total = num_seqs * width
     row = jnp.where(pos < lens[:, None], q_start[:, None] + pos, total).reshape(-1)       # padding: dropped
-    pack = lambda values, fill: jnp.full(total, fill, jnp.int32).at[row].set(values.reshape(-1), mode="drop")  # noqa: E731
+    def pack(values, fill):
+        return jnp.full(total, fill, jnp.int32).at[row].set(values.reshape(-1), mode="drop")
     tables = device_tiling.contiguous_block_tables(num_seqs, pages)
     attention = device_tiling.attention_metadata(q_start, lens, lens, tables, num_kv_heads=num_kv_heads, tile=tile,
                                                  num_tokens=total, max_q_len=width)

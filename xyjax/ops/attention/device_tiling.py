@@ -25,7 +25,8 @@ def _scatter_tiles(capacity, valid, slot, seq, q_start, q_len, q_pos, kv_end, nu
     grow = lambda a: jnp.broadcast_to(jnp.asarray(a, jnp.int32)[..., None], shape)  # noqa: E731
     columns = {Field.SEQ: grow(seq), Field.Q_START: grow(q_start), Field.Q_LEN: grow(q_len), Field.Q_POS: grow(q_pos),
                Field.KV_START: jnp.zeros(shape, jnp.int32), Field.KV_END: grow(kv_end), Field.KV_HEAD: heads,
-               Field.MASK_KIND: jnp.full(shape, MaskKind.CAUSAL, jnp.int32), Field.MASK_BASE: jnp.zeros(shape, jnp.int32),
+               Field.MASK_KIND: jnp.full(shape, MaskKind.CAUSAL, jnp.int32),
+               Field.MASK_BASE: jnp.zeros(shape, jnp.int32),
                Field.SPLIT: jnp.zeros(shape, jnp.int32), Field.NUM_SPLITS: jnp.ones(shape, jnp.int32)}
     rows = jnp.stack([columns[f] for f in Field], axis=-1).reshape(-1, NUM_FIELDS)
     dest = jnp.where(grow(valid) > 0, grow(slot) * num_kv_heads + heads, capacity).reshape(-1)   # invalid: dropped
@@ -66,5 +67,6 @@ def attention_metadata(q_start, q_len, kv_len, block_tables, *, num_kv_heads: in
 
 
 def contiguous_block_tables(num_seqs: int, pages: int) -> jax.Array:
-    """Block tables [num_seqs, pages] int32 of a contiguous cache: sequence b owns blocks [b * pages, (b + 1) * pages)."""
+    """Block tables [num_seqs, pages] int32 of a contiguous cache: sequence b owns blocks [b * pages,
+    (b + 1) * pages)."""
     return jnp.arange(num_seqs * pages, dtype=jnp.int32).reshape(num_seqs, pages)
