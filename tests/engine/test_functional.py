@@ -103,3 +103,15 @@ def test_every_attention_backend_serves_the_device_planned_steps(tiny_model, eng
                                     backends=Backends(attention=attention)))
     tokens, _, _ = run(tiny_model.params, ids, lens)
     assert np.asarray(tokens).tolist() == [want[:3] for want in engine_greedy]
+
+
+def test_a_row_whose_cache_is_full_stops(tiny_model, engine_greedy):
+    cfg = tiny_model.config
+    ids, lens = padded(PROMPTS, 24)
+    step = jax.jit(functools.partial(F.decode_step, cfg=cfg))
+    state, cache = F.prefill(tiny_model.params, F.init_cache(cfg, len(PROMPTS), 20, block_size=4), ids, lens, cfg=cfg)
+    for _ in range(3):                                    # the 19-token prompt has room to feed one token
+        state, cache = step(tiny_model.params, cache, state, jax.random.key(0))
+    assert np.asarray(state.done).tolist() == [False, False, False, True]
+    assert int(state.num_generated[3]) == 2 and int(state.seq_lens[3]) == 20
+    assert np.asarray(state.token).tolist()[:3] == [want[2] for want in engine_greedy[:3]]
