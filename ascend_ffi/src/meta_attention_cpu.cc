@@ -347,7 +347,8 @@ ffi::Error Run(const Args& a, Plan* p) {
   const int64_t count = static_cast<int64_t>(p->order.size());
   std::atomic<int64_t> next{0}, bad{-1};
   auto lane = [&](int) {
-    std::vector<float> buffer(static_cast<size_t>(scratch));
+    thread_local std::vector<float> buffer;  // each lane's scratch, reused across calls (pool threads persist)
+    if (static_cast<int64_t>(buffer.size()) < scratch) buffer.resize(static_cast<size_t>(scratch));
     for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < count;) {
       const int32_t index = p->order[i].second;
       const bool split = p->partial_at[index] >= 0;

@@ -44,7 +44,7 @@ constexpr int kMaxRowVector = 16;
 inline int64_t ScratchFloats(const Args& a, int64_t max_rows) {
   const int64_t m = max_rows * a.group;
   const int64_t mp = (m + kMaxRowVector - 1) / kMaxRowVector * kMaxRowVector;
-  const int64_t rows = 2 * m * a.D + 2 * m + 2 * kChunk * a.D;
+  const int64_t rows = 2 * m * a.D + 2 * m + 2 * kChunk * a.D + a.group * kChunk;
   const int64_t tile = (2 * a.D + 2 * kTileKeys + 4) * mp + 2 * kTileKeys * a.D;
   return (rows > tile ? rows : tile) + 64;
 }
