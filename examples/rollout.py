@@ -33,7 +33,7 @@ def mean_logprob(params, prompt_ids, prompt_lens, tokens, lengths, *, cfg, block
     ids, lens = joined(prompt_ids, prompt_lens, tokens, lengths)
     batch, width = ids.shape
     steps = tokens.shape[1]
-    cache = F.init_cache(cfg, batch, width, block_size=block_size, dtype=params["embed"].dtype)
+    cache = F.init_cache(cfg, batch, width, block_size=block_size, dtype=params["final_norm"].dtype)
     inputs = device_planner.prefill_inputs(ids, lens, pages=cache.num_blocks // batch, block_size=block_size,
                                            num_kv_heads=cfg.num_kv_heads, tile=tile)
     q_start = jnp.cumsum(lens) - lens
