@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench-prefix": ("xyjax.bench.prefix", "prefix caching on vs off: shared system prompts, multi-turn chats"),
         "bench-spec": ("xyjax.bench.spec", "output tokens/s with and without speculative decoding"),
         "bench-single": ("xyjax.bench.single", "single-stream prefill, decode tok/s beside llama-bench and OpenVINO"),
+        "bench-functional": ("xyjax.bench.functional", "decode tok/s of the fused jitted generate against the engine"),
         "profile": ("xyjax.bench.profile", "profile the gemm backend's tunables per linear shape and bucket"),
         "eval-quant": ("xyjax.bench.eval_quant", "int8 activations against the exact path: perplexity, KL, top-1"),
     }

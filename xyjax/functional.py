@@ -136,10 +136,11 @@ def generate(params: dict, prompt_ids: jax.Array, prompt_lens: jax.Array, *, cfg
     """Generate up to ``max_new_tokens`` tokens for each prompt (``prefill``'s contract). ``key``: PRNG key of
     the sampled rows (None: key 0). Returns (tokens [B, max_new_tokens] int32, -1 after a row's end; lengths
     [B] int32 tokens generated, an emitted EOS included; steps [] int32 decode steps run, < max_new_tokens when
-    every row stopped early)."""
+    every row stopped early). The cache holds the model's dtype, ``params["final_norm"]``'s (the embedding may be held
+    as quantized blocks)."""
     batch, width = prompt_ids.shape
     key = jax.random.key(0) if key is None else key
-    cache = init_cache(cfg, batch, width + max_new_tokens, block_size=block_size, dtype=params["embed"].dtype)
+    cache = init_cache(cfg, batch, width + max_new_tokens, block_size=block_size, dtype=params["final_norm"].dtype)
     state, cache = prefill(params, cache, prompt_ids, prompt_lens, cfg=cfg, backends=backends, tile=tile)
     out = jnp.full((batch, max_new_tokens), -1, jnp.int32)
 

@@ -395,3 +395,19 @@ def test_openvino_peer_runs_the_default_gguf():
     sequential = PEERS["openvino"].run(requests, gguf, ("--sequential",))["records"]
     assert [len(rec["output_token_ids"]) for rec in sequential] == [r.output_len for r in requests]
     assert all(a["finish"] <= b["added"] for a, b in zip(sequential, sequential[1:]))
+
+
+def test_bench_functional_times_both_systems_and_writes_its_json(tiny_model, tmp_path):
+    from xyjax import LLM
+    from xyjax.bench.functional import bench_functional
+
+    llm = LLM(tiny_model, block_size=4, max_num_batched_tokens=32, max_num_seqs=4, progress=False)
+    result = bench_functional(batch_sizes=(1, 2), prompt_len=5, gen_len=6, repetitions=1, out_dir=str(tmp_path),
+                              llm=llm)
+    saved = json.load(open(result["path"]))
+    assert {"weight_bytes", "read_bandwidth_bytes_per_s", "weight_read_ms", "rows", "backends"} <= set(saved)
+    assert saved["weight_bytes"] > 0 and saved["weight_read_ms"] > 0
+    assert [(r["system"], r["batch"]) for r in saved["rows"]] == [("fused", 1), ("engine", 1), ("fused", 2),
+                                                                  ("engine", 2)]
+    assert all(np.isfinite([r["tok_s"], r["step_ms"], r["reads_per_step"]]).all() and len(r["runs_step_ms"]) == 1
+               for r in saved["rows"])   # tok/s by difference of two short runs: noise may flip its sign here

@@ -1,5 +1,6 @@
 """xyjax.functional: generation as pure functions under the caller's jit, against the engine."""
 
+import dataclasses
 import functools
 
 import chex
@@ -8,9 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import gguf_block_bytes
+from models.weights import DENSE
 from xyjax import LLM, SamplingParams
 from xyjax import functional as F
 from xyjax.ops import Backends
+from xyjax.ops.gemm.formats import GGUFBlocks
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9], [20, 21, 22], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44,
                                                     45, 46, 47, 48]]
@@ -115,3 +119,22 @@ def test_a_row_whose_cache_is_full_stops(tiny_model, engine_greedy):
     assert np.asarray(state.done).tolist() == [False, False, False, True]
     assert int(state.num_generated[3]) == 2 and int(state.seq_lens[3]) == 20
     assert np.asarray(state.token).tolist()[:3] == [want[2] for want in engine_greedy[:3]]
+
+
+def test_generate_runs_the_engines_held_gguf_blocks_with_its_backends(tiny_model):
+    """The engine's held params (every matrix, the embedding too, as Q4_1 GGUF blocks read in place by ffi) and its
+    backends: generate's greedy tokens are the engine's."""
+    rng = np.random.default_rng(3)
+    blocks = lambda w: GGUFBlocks(gguf_block_bytes("Q4_1", np.asarray(w, np.float32), rng), "Q4_1",  # noqa: E731
+                                  w.shape[-1])
+    params = tiny_model.params
+    layers = {name: blocks(w) if name in DENSE else w for name, w in params["layers"].items()}
+    model = dataclasses.replace(tiny_model, params=dict(params, embed=blocks(params["embed"]), layers=layers))
+    llm = LLM(model, block_size=4, max_num_batched_tokens=32, max_num_seqs=4, gemm_backend="ffi",
+              weight_layout="blocks", progress=False)
+    want = [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))]
+    ids, lens = padded(PROMPTS, 24)
+    run = jax.jit(functools.partial(F.generate, cfg=model.config, max_new_tokens=5, backends=llm.engine.backends))
+    tokens, _, _ = run(llm.engine.runner.params, ids, lens)
+    assert isinstance(llm.engine.runner.params["embed"], GGUFBlocks)
+    assert np.asarray(tokens).tolist() == want

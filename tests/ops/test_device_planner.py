@@ -1,9 +1,13 @@
 """The device planner (jnp) builds the host planner's attention tables and a step's inputs for traced lengths."""
 
+import functools
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 from xyjax.ops import device_planner
 from xyjax.ops.attention import device_tiling, tiling
@@ -57,3 +61,31 @@ def test_prefill_and_decode_inputs_pack_tokens_like_the_host_planner():
     np.testing.assert_array_equal(step.sample_index, [0, 0, 1])
     host = tiling.attention_metadata([0, 1, 1], [1, 0, 1], [4, 1, 8], tables, num_kv_heads=2, tile=2, num_tokens=3)
     assert_same_metadata(step.attention, host)
+
+
+class DecodeInputsVariantsTest(chex.TestCase):
+    """decode_inputs under jax.jit and eagerly, on random batches, against the packing rule and the host planner."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(0, 1, 2)
+    def test_decode_inputs_on_random_batches(self, seed):
+        rng = np.random.default_rng(seed)
+        seqs, pages, block = int(rng.integers(1, 7)), int(rng.integers(1, 4)), int(rng.choice([2, 4]))
+        tokens = rng.integers(1, 100, seqs).astype(np.int32)
+        seq_lens = rng.integers(0, pages * block, seqs).astype(np.int32)
+        active = rng.random(seqs) < 0.6
+        plan = self.variant(functools.partial(device_planner.decode_inputs, pages=pages, block_size=block,
+                                              num_kv_heads=2, tile=2))
+        step = plan(jnp.asarray(tokens), jnp.asarray(seq_lens), jnp.asarray(active))
+        live = np.flatnonzero(active)
+        pad = seqs - len(live)
+        np.testing.assert_array_equal(step.token_ids, np.r_[tokens[live], np.zeros(pad)])
+        np.testing.assert_array_equal(step.positions, np.r_[seq_lens[live], np.zeros(pad)])
+        np.testing.assert_array_equal(step.slot_mapping, np.r_[live * pages * block + seq_lens[live], -np.ones(pad)])
+        rank = np.cumsum(active) - active
+        np.testing.assert_array_equal(step.sample_index, np.where(active, rank, 0))
+        assert int(step.num_tokens) == len(live)
+        host = tiling.attention_metadata(rank, active.astype(np.int32), seq_lens + active,
+                                         np.arange(seqs * pages).reshape(seqs, pages), num_kv_heads=2, tile=2,
+                                         num_tokens=seqs)
+        assert_same_metadata(step.attention, host)
