@@ -120,7 +120,7 @@ def _sampling_arrays(rows: int, banned_width: int) -> dict[str, np.ndarray]:
                 min_p=np.zeros(rows, np.float32), seed=np.zeros(rows, np.uint32), counter=np.zeros(rows, np.int32),
                 banned=np.full((rows, banned_width), -1, np.int32), presence=np.zeros(rows, np.float32),
                 frequency=np.zeros(rows, np.float32), repetition=np.ones(rows, np.float32),
-                prompt_len=np.zeros(rows, np.int32), logprobs=np.zeros(rows, bool))
+                prompt_len=np.zeros(rows, np.int32), logprobs=np.zeros(rows, bool), target=np.full(rows, -1, np.int32))
 
 
 def _draft_path(req, parents: list[int] | None, j: int) -> list[int]:
