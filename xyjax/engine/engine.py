@@ -164,8 +164,8 @@ class Engine:
         for name in ("logprobs", "prompt_logprobs"):
             n = getattr(params, name)
             if n is not None and n > self.max_logprobs:
-                raise ValueError(f"{name}={n} exceeds the engine's max_logprobs={self.max_logprobs} "
-                                 f"(max_logprobs={self.config.max_logprobs}, vocabulary {self.model.config.vocab_size})")
+                raise ValueError(f"{name}={n} exceeds the engine's max_logprobs={self.max_logprobs} (max_logprobs="
+                                 f"{self.config.max_logprobs}, vocabulary {self.model.config.vocab_size})")
         if len(stop_ids) > self.config.max_stop_ids and params.min_tokens:
             raise ValueError(f"min_tokens needs {len(stop_ids)} stop token ids masked; the engine masks "
                              f"at most max_stop_ids={self.config.max_stop_ids}")
