@@ -8,7 +8,9 @@ running). KV blocks are taken as tokens are scheduled. An admitted request first
 prefix from the prefix cache (token-wise: full blocks shared, a partial last block copied on write) and only
 its uncached tokens count against the budget. When the pool runs short, idle cached prefixes are evicted (LRU)
 first; then, if a decode or verify still needs a block, the newest running request is preempted (its blocks
-freed, recomputed later from its tokens); prefill chunks never preempt, they take what is free.
+freed, recomputed later from its tokens); prefill chunks never preempt, they take what is free. A request
+scoring its prompt (prompt_logprobs) takes no cached prefix and its chunks sample every row, so they are capped
+to keep the step's sampled rows within max_num_seqs * (1 + max_draft_tokens) (``_RowBudget``).
 
 After the step runs, ``postprocess`` (xyjax.engine.postprocess) applies its results: the scheduler is the one
 owner of request state after scheduling (computed tokens, verify acceptance and rollback, prefix-cache
