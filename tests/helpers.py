@@ -1,8 +1,8 @@
 """Shared test builders (import as ``helpers``; tests/ is on sys.path through pytest's ``pythonpath``).
 
 - the tiny random model's config (TINY) and its synthetic byte-level BPE tokenizer (no download);
-- the model-level reference: ``reference_logits`` / ``reference_greedy`` (models.llama.forward on one
-  contiguous sequence, no engine, no paging);
+- the model-level reference: ``reference_logits`` / ``reference_prompt_logprobs`` / ``reference_greedy``
+  (models.llama.forward on one contiguous sequence, no engine, no paging);
 - THE float64 attention reference, ``reference_attention``, straight from the tile contract (CAUSAL and TREE
   masks, KV splits by task table, GQA), and the builders of attention cases that every attention test uses;
 - ``drive``: runs an Engine over requests arriving at given steps; ``start_server``: a live `xyjax serve`."""
@@ -110,16 +110,25 @@ def _step(cfg):
 
 def reference_logits(cfg, params, ids: list[int]) -> np.ndarray:
     """float32 logits [V] after the whole of ``ids``, computed in one pass from an empty contiguous cache."""
-    L = len(ids)
+    return _reference_pass(cfg, params, ids, [len(ids) - 1])[0]
+
+
+def reference_prompt_logprobs(cfg, params, ids: list[int]) -> np.ndarray:
+    """float32 log-softmax [len(ids), V] after each prefix of ``ids``, from one pass over the whole of it."""
+    return np.asarray(jax.nn.log_softmax(_reference_pass(cfg, params, ids, range(len(ids))), axis=-1))
+
+
+def _reference_pass(cfg, params, ids: list[int], rows) -> np.ndarray:
+    L, rows = len(ids), list(rows)
     T = max(128, 1 << (L - 1).bit_length())
     kv = KVCache.create(cfg.num_layers, T // 16, 16, cfg.num_kv_heads, cfg.head_dim)
     pad = lambda a, fill: np.concatenate([a, np.full(T - L, fill)]).astype(np.int32)  # noqa: E731
     meta = attention_metadata([0], [L], [L], np.arange(T // 16)[None], num_kv_heads=cfg.num_kv_heads, num_tokens=T)
     inputs = StepInputs(token_ids=pad(np.array(ids), 0), positions=pad(np.arange(L), 0),
                         slot_mapping=pad(np.arange(L), -1), num_tokens=jnp.int32(L), attention=meta,
-                        sample_index=jnp.array([L - 1], jnp.int32), num_samples=jnp.int32(1))
+                        sample_index=jnp.array(rows, jnp.int32), num_samples=jnp.int32(len(rows)))
     logits, _ = _step(cfg)(params, kv, inputs)
-    return np.asarray(logits[0])
+    return np.asarray(logits[:len(rows)])
 
 
 def reference_greedy(model, prompt: list[int], n: int) -> list[int]:

@@ -94,7 +94,8 @@ def _sampling_inputs(sampling: Sampling, seed: jax.Array, counter: jax.Array, vo
                           counter=counter, banned=none, allowed=jnp.full((rows, -(-vocab_size // 32)), -1, jnp.int32),
                           bias_ids=none, bias=jnp.zeros((rows, 1), jnp.float32), presence=row(0, jnp.float32),
                           frequency=row(0, jnp.float32), repetition=row(1, jnp.float32), history=none,
-                          prompt_len=row(0, jnp.int32), logprobs=row(False, bool))
+                          prompt_len=row(0, jnp.int32), logprobs=row(False, bool),
+                          target=row(-1, jnp.int32))
 
 
 def decode_step(params: dict, cache: KVCache, state: GenerationState, key: jax.Array, *, cfg: ModelConfig,

@@ -10,13 +10,14 @@ import signal
 import time
 
 import httpx
+import numpy as np
 import pytest
 
 openai = pytest.importorskip("openai")
 
 from models.hf_export import export_hf  # noqa: E402
 
-from helpers import TINY, start_server  # noqa: E402
+from helpers import TINY, reference_prompt_logprobs, start_server  # noqa: E402
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_model, tmp_path_factory):
@@ -163,6 +164,8 @@ BAD_REQUESTS = [  # (path, body: raw bytes or JSON, status, words the message mu
     ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n must be"),
     ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 99}, 400, "max_logprobs"),
+    ("/v1/completions", {"prompt": "hi", "prompt_logprobs": 99}, 400, "prompt_logprobs=99"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0, "echo": False}, 400, "0 only with echo"),
     ("/v1/completions", {"prompt": "hi", "frobnicate": True}, 400, "unsupported field 'frobnicate'"),
     ("/v1/completions", {"prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty must be in [-2, 2]"),
     ("/v1/completions", {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty must be"),
@@ -328,3 +331,26 @@ def test_an_engine_failure_fails_the_requests_in_flight(tiny_model, monkeypatch)
     engine_loop.close(0)
     engine_loop.join(timeout=10)
     assert not engine_loop._thread.is_alive()
+
+
+def test_echo_scores_the_prompt(server, tiny_model, tokenizer):
+    prompt = "The river bends twice"
+    ids = tokenizer.encode(prompt)
+    ref = reference_prompt_logprobs(tiny_model.config, tiny_model.params, ids)
+    only = complete(server, prompt, max_tokens=0, echo=True, logprobs=2,
+                    extra_body={"prompt_logprobs": 1}).choices[0]       # lm-eval-harness's loglikelihood request
+    assert only.text == prompt and only.finish_reason == "length"
+    lp = only.logprobs
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    np.testing.assert_allclose(lp.token_logprobs[1:], [ref[i - 1, t] for i, t in enumerate(ids) if i], atol=1e-3)
+    assert all(len(top) == 2 for top in lp.top_logprobs[1:]) and lp.text_offset[0] == 0
+    vllm = only.model_extra["prompt_logprobs"]                          # vLLM's field: {token id: {logprob, ...}}
+    assert vllm[0] is None and [e[str(t)]["logprob"] for t, e in zip(ids[1:], vllm[1:])] == lp.token_logprobs[1:]
+    more = complete(server, prompt, max_tokens=4, echo=True, logprobs=0, extra_body={"ignore_eos": True}).choices[0]
+    assert more.text.startswith(prompt) and len(more.logprobs.tokens) == len(ids) + 4
+    assert more.logprobs.token_logprobs[:len(ids)] == lp.token_logprobs
+    streamed = complete(server, prompt, max_tokens=4, echo=True, stream=True, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in streamed) == more.text
+    chat = server.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
+                                                   max_tokens=2, extra_body={"prompt_logprobs": 0})
+    assert chat.model_extra["prompt_logprobs"][0] is None and len(chat.model_extra["prompt_logprobs"]) > len(ids)

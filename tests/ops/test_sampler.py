@@ -24,7 +24,7 @@ def inputs(R, temperature=1.0, top_k=0, top_p=1.0, seed=0, counter=0, banned=Non
                           top_p=full(top_p, jnp.float32), seed=full(seed, jnp.uint32),
                           counter=full(counter, jnp.int32),
                           banned=jnp.full((R, 4), -1, jnp.int32) if banned is None else banned,
-                          logprobs=jnp.zeros(R, bool), **(off | processing))
+                          logprobs=jnp.zeros(R, bool), target=full(-1, jnp.int32), **(off | processing))
 
 
 def test_top_k_keeps_exactly_k_largest():
@@ -145,3 +145,16 @@ def test_min_p_keeps_tokens_within_a_factor_of_the_top_one():
     draws = {int(t) for t in np.asarray(jax.jit(sample_tokens)(jnp.tile(logits[:1], (400, 1)), inputs(
         400, V=4, min_p=jnp.full(400, 0.35)).replace(seed=jnp.arange(400, dtype=jnp.uint32))))}
     assert draws == {0, 1}
+
+
+def test_logprob_of_the_target_token_or_the_sampled_one():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(3, 50)), jnp.float32)
+    s = inputs(3, temperature=0.0, V=50).replace(logprobs=jnp.ones(3, bool), target=jnp.array([7, -1, 0], jnp.int32))
+    out = jax.jit(sample, static_argnums=2)(logits, s, 4)
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    greedy = logp.argmax(-1)
+    np.testing.assert_array_equal(out.tokens, greedy)
+    np.testing.assert_allclose(out.logprob, [logp[0, 7], logp[1, greedy[1]], logp[2, 0]], rtol=1e-6)
+    np.testing.assert_array_equal(out.top_ids, np.argsort(-logp, axis=-1)[:, :4])
+    np.testing.assert_allclose(out.top_logprobs, -np.sort(-logp, axis=-1)[:, :4], rtol=1e-6)

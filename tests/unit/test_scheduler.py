@@ -14,11 +14,12 @@ from xyjax.engine.batch import Stage
 from xyjax.engine.scheduler import Scheduler
 
 
-def make_request(i, prompt_len, max_tokens, drafts=0):
+def make_request(i, prompt_len, max_tokens, drafts=0, scores=False):
     req = Request(request_id=str(i), prompt=None, prompt_token_ids=list(range(1, prompt_len + 1)),
-                  params=SamplingParams(max_tokens=max_tokens), seed=0, arrival=i,
-                  metrics=RequestMetrics(arrival_time=0.0))
+                  params=SamplingParams(max_tokens=max_tokens, prompt_logprobs=0 if scores else None), seed=0,
+                  arrival=i, metrics=RequestMetrics(arrival_time=0.0))
     req.draft_token_ids = [7] * drafts
+    req.prompt_logprobs = [None] if scores else None
     return req
 
 
@@ -34,23 +35,24 @@ def check_blocks(sched: Scheduler, blocks: BlockManager):
 
 
 @settings(max_examples=60, deadline=None)
-@given(requests=st.lists(st.tuples(st.integers(1, 60), st.integers(1, 12), st.integers(0, 3)), min_size=1,
-                         max_size=12),
+@given(requests=st.lists(st.tuples(st.integers(1, 60), st.integers(1, 12), st.integers(0, 3), st.booleans()),
+                         min_size=1, max_size=12),
        arrivals=st.lists(st.integers(0, 6), min_size=12, max_size=12),
        budget=st.sampled_from([16, 24, 32]), num_blocks=st.integers(17, 40), max_num_seqs=st.integers(1, 4),
        prefix_caching=st.booleans())
 def test_budget_blocks_completion_and_no_starvation(requests, arrivals, budget, num_blocks, max_num_seqs,
                                                     prefix_caching):
-    """Requests arrive over time, with speculative drafts sometimes; the fake model appends a token for every
-    sampled row. With prefix caching the prompts (all 1, 2, 3, ...) share prefixes. Checks each step and that
-    everyone finishes in bounded steps."""
+    """Requests arrive over time, with speculative drafts sometimes, some scoring their prompt (prompt_logprobs);
+    the fake model appends a token for every sampled row that appends. With prefix caching the prompts (all 1, 2,
+    3, ...) share prefixes. Checks each step (the sampled rows fit R; a scoring chunk skips no position) and that
+    everyone finishes in bounded steps with every prompt position scored once."""
     block_size = 4
     config = EngineConfig(block_size=block_size, max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
                           max_draft_tokens=3)
     blocks = BlockManager(num_blocks, block_size)
     sched = Scheduler(config, blocks, PrefixCache(blocks) if prefix_caching else None)
     max_len = num_blocks * block_size - 3
-    pending = sorted(((arrivals[i], make_request(i, min(p, max_len - m - 1), m, d)) for i, (p, m, d)
+    pending = sorted(((arrivals[i], make_request(i, min(p, max_len - m - 1), m, d, sc)) for i, (p, m, d, sc)
                       in enumerate(requests)), key=lambda x: (x[0], x[1].arrival))
     finished, step = [], 0
     longest = sum(len(r.prompt_token_ids) + r.params.max_tokens for _, r in pending)
@@ -62,6 +64,7 @@ def test_budget_blocks_completion_and_no_starvation(requests, arrivals, budget, 
         assert step < 20 * longest + 100, "no progress: starvation or livelock"
         assert batch.num_tokens <= budget
         assert len(sched.running) <= max_num_seqs
+        assert sum(seq.num_samples for seq in batch.seqs) <= max_num_seqs * (1 + config.max_draft_tokens)
         check_blocks(sched, blocks)
         seen = set()
         for seq in batch.seqs:
@@ -69,7 +72,11 @@ def test_budget_blocks_completion_and_no_starvation(requests, arrivals, budget, 
             assert req.status is Status.RUNNING and req not in seen and req not in batch.preempted
             seen.add(req)
             assert len(req.block_table) * block_size >= req.num_computed + seq.num_tokens
-            k = seq.num_samples
+            k = seq.num_samples if seq.stage is Stage.VERIFY else int(seq.appends)
+            if req.scores_prompt and seq.stage is Stage.PREFILL:
+                assert seq.num_samples == seq.num_tokens and req.num_computed < len(req.prompt_logprobs)
+                scored = min(len(req.prompt_token_ids), req.num_computed + seq.num_tokens + 1)
+                req.prompt_logprobs += [{}] * (scored - len(req.prompt_logprobs))
             req.num_computed += seq.num_tokens
             if seq.stage is Stage.PREFILL:
                 sched.cache_computed(req)
@@ -89,6 +96,7 @@ def test_budget_blocks_completion_and_no_starvation(requests, arrivals, budget, 
             if req.num_pending == 1 and req not in seen and req.output_ids:
                 assert batch.preempted, f"request {req.request_id} skipped a decode step without a preemption"
     assert len(finished) == len(requests)
+    assert all(len(r.prompt_logprobs) == len(r.prompt_token_ids) for r in finished if r.prompt_logprobs is not None)
     if prefix_caching:
         sched.cache.evict(num_blocks)
     assert blocks.num_free == num_blocks

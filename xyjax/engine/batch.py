@@ -17,17 +17,22 @@ class Stage(enum.Enum):
 @dataclasses.dataclass
 class ScheduledSeq:
     """``request`` computes its next ``num_tokens`` tokens (for V: the pending token, then its drafts).
-    ``num_samples``: rows sampled, fixed when scheduled: 1 + drafts for V, 0 for a prefill chunk that does not
-    reach the end of the tokens, else 1."""
+    Fixed when scheduled: ``appends``, whether the step appends a sampled token (D, V, and a prefill chunk that
+    reaches the end of the tokens); ``num_samples``, rows sampled: 1 + drafts for V, every row for a prefill chunk
+    of a request that scores its prompt (Request.scores_prompt; the last row samples when it ``appends``), else
+    1 if it ``appends``, else 0."""
 
     request: Request
     stage: Stage
     num_tokens: int
+    appends: bool = dataclasses.field(init=False)
     num_samples: int = dataclasses.field(init=False)
 
     def __post_init__(self):
         req, n = self.request, self.num_tokens
-        self.num_samples = n if self.stage is Stage.VERIFY else int(req.num_computed + n == len(req.token_ids))
+        self.appends = self.stage is not Stage.PREFILL or req.num_computed + n == len(req.token_ids)
+        every = self.stage is Stage.VERIFY or (self.stage is Stage.PREFILL and req.scores_prompt)
+        self.num_samples = n if every else int(self.appends)
 
 
 @dataclasses.dataclass

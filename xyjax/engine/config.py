@@ -38,7 +38,7 @@ class EngineConfig:
     speculative: None (off) or a dict of ``xyjax.engine.speculative.SpecConfig`` fields, e.g. {"method": "ngram",
         "num_draft_tokens": 4, "tree": False}: the engine drafts for decoding requests and verifies the drafts
         in the V stage; max_draft_tokens is raised to num_draft_tokens. Parsed into a SpecConfig.
-    max_logprobs: the most top logprobs a request may ask for (SamplingParams.logprobs).
+    max_logprobs: the most top logprobs a request may ask for (SamplingParams.logprobs, prompt_logprobs).
     max_stop_ids: the most token ids one request may mask before min_tokens (its stop ids and EOS).
     max_logit_bias: the most entries of one request's logit_bias.
     compilation_cache_dir: JAX's persistent compilation cache ("" disables it); default

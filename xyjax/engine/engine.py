@@ -116,6 +116,7 @@ class Engine:
                       bad_word_ids=self._bad_word_ids(params) if not error else [], grammar=grammar,
                       metrics=RequestMetrics(arrival_time=time.perf_counter(), num_prompt_tokens=len(ids)))
         req.logprobs = [] if params.logprobs is not None else None
+        req.prompt_logprobs = [None] if params.prompt_logprobs is not None else None
         self.requests[request_id] = req
         if error:
             self.scheduler.finish(req, "error", error=error)
@@ -160,9 +161,11 @@ class Engine:
             bad = [t for t in tokens if t >= vocab]
             if bad:
                 raise ValueError(f"{name} token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        if params.logprobs is not None and params.logprobs > self.max_logprobs:
-            raise ValueError(f"logprobs={params.logprobs} exceeds the engine's max_logprobs={self.max_logprobs} "
-                             f"(max_logprobs={self.config.max_logprobs}, vocabulary {self.model.config.vocab_size})")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(params, name)
+            if n is not None and n > self.max_logprobs:
+                raise ValueError(f"{name}={n} exceeds the engine's max_logprobs={self.max_logprobs} (max_logprobs="
+                                 f"{self.config.max_logprobs}, vocabulary {self.model.config.vocab_size})")
         if len(stop_ids) > self.config.max_stop_ids and params.min_tokens:
             raise ValueError(f"min_tokens needs {len(stop_ids)} stop token ids masked; the engine masks "
                              f"at most max_stop_ids={self.config.max_stop_ids}")
@@ -196,7 +199,7 @@ class Engine:
                 self.runner.move_slots(moves)
         elif self.scheduler.has_unfinished():   # cannot happen while every prompt fits the pool: never spin
             raise RuntimeError(f"scheduler found no work for {len(self.scheduler.waiting)} waiting requests")
-        outputs = self._outputs([seq.request for seq in batch.seqs if seq.num_samples])
+        outputs = self._outputs([seq.request for seq in batch.seqs if seq.appends])
         timer.done()
         return outputs
 
@@ -239,14 +242,15 @@ class Engine:
         return outputs
 
     def _delta(self, req: Request) -> RequestOutput:
-        """What ``req`` produced since its last delta. Text that may still become a stop string is held back
-        until it cannot (or the request finishes)."""
+        """What ``req`` produced since its last delta (the first: with its prompt logprobs). Text that may still
+        become a stop string is held back until it cannot (or the request finishes)."""
         holdback = 0 if req.finished else max((len(s) for s in req.params.stop), default=1) - 1
+        first = req.sent_tokens == 0             # the prompt is done: its first delta carries prompt_logprobs
         text_end = max(req.sent_text, len(req.text) - holdback)
         out = RequestOutput(request_id=req.request_id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
                             token_ids=req.output_ids[req.sent_tokens:], text=req.text[req.sent_text:text_end],
                             finish_reason=req.finish_reason, error=req.error,
                             logprobs=None if req.logprobs is None else req.logprobs[req.sent_tokens:],
-                            metrics=req.metrics)
+                            prompt_logprobs=req.prompt_logprobs if first else None, metrics=req.metrics)
         req.sent_tokens, req.sent_text = len(req.output_ids), text_end
         return out

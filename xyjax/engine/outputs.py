@@ -44,7 +44,9 @@ class RequestOutput:
     ``finish_reason`` is "stop" (EOS, stop token or stop string), "length" (max_tokens or the context
     length), "abort" or "error" (then ``error`` says why); None while the request is still running.
     ``logprobs``: per output token, {token id: logprob} of the sampled token and the top ones asked for
-    (None unless SamplingParams.logprobs is set).
+    (None unless SamplingParams.logprobs is set). ``prompt_logprobs``: per prompt token, {token id: logprob} of
+    it given the tokens before it and the top ones asked for, the first None (SamplingParams.prompt_logprobs;
+    in a request's first delta only).
     """
 
     request_id: str
@@ -55,6 +57,7 @@ class RequestOutput:
     finish_reason: str | None = None
     error: str | None = None
     logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     metrics: RequestMetrics | None = None
 
     @property

@@ -8,6 +8,8 @@ Shapes depend only on the token bucket T (the smallest configured bucket >= the 
     ones (bitmask, biases, history) are one shared empty array per bucket in a step where no row uses them. A row's
     bitmask is the AND of allowed_token_ids, bad words and its request's structured-outputs grammar (after the
     row's drafts).
+A prefill chunk of a request that scores its prompt samples every row: a row before the prompt's last scores the
+next prompt token (``target``; no processing, its sample unused), the last one samples the first output token.
 When the engine drafts token trees, every bucket also carries the tree mask [T, 1 + max_draft_tokens].
 So the jitted step has one program per bucket. Real sizes (num_tokens, num_tasks, num_samples) are data;
 padding tokens have slot -1 (write no KV) and no task covers them (zero attention output). A verify run
@@ -79,13 +81,16 @@ class Planner:
             slots[row:row + n] = table[pos // bs] * bs + pos % bs
             q_start[i], q_len[i], kv_len[i] = row, n, start + n
             tables[i, :len(table)] = table
-            k = seq.num_samples
-            p, done = req.params, len(req.output_ids)
-            outputs = done + depth[n - k:] - (depth[n - k] if k else 0)     # output index each sampled row draws
+            k, done = seq.num_samples, len(req.output_ids)
+            verify = seq.stage is Stage.VERIFY
+            outputs = done + (depth[n - k:] - depth[n - k] if verify else np.zeros(k, np.int32))   # index drawn
             for j in range(k):
-                r, index = sample_row + j, int(outputs[j])
+                r, index, q = sample_row + j, int(outputs[j]), start + n - k + j
                 sample_index[r] = row + n - k + j
-                path = _draft_path(req, trees.get(i), n - k + j) if seq.stage is Stage.VERIFY else []
+                if seq.stage is Stage.PREFILL and q + 1 < len(req.token_ids):   # scores the prompt token after q
+                    sampling.score(r, req.token_ids[q + 1])
+                    continue
+                path = _draft_path(req, trees.get(i), n - k + j) if verify else []
                 sampling.fill(r, req, index, path, self.vocab_size)
             sample_row += k
             row += n
@@ -120,7 +125,7 @@ def _sampling_arrays(rows: int, banned_width: int) -> dict[str, np.ndarray]:
                 min_p=np.zeros(rows, np.float32), seed=np.zeros(rows, np.uint32), counter=np.zeros(rows, np.int32),
                 banned=np.full((rows, banned_width), -1, np.int32), presence=np.zeros(rows, np.float32),
                 frequency=np.zeros(rows, np.float32), repetition=np.ones(rows, np.float32),
-                prompt_len=np.zeros(rows, np.int32), logprobs=np.zeros(rows, bool))
+                prompt_len=np.zeros(rows, np.int32), logprobs=np.zeros(rows, bool), target=np.full(rows, -1, np.int32))
 
 
 def _draft_path(req, parents: list[int] | None, j: int) -> list[int]:
@@ -150,6 +155,10 @@ class SamplingArrays:
         if self.arrays[name] is self.large[name]:
             self.arrays[name] = self.large[name].copy()
         return self.arrays[name]
+
+    def score(self, r: int, target: int) -> None:
+        """Row r returns the logprob of ``target`` (the next prompt token) and the top ones; its sample is unused."""
+        self.arrays["logprobs"][r], self.arrays["target"][r] = True, target
 
     def fill(self, r: int, req, index: int, path: list[int], vocab_size: int) -> None:
         """Row r samples ``req``'s output token ``index`` after its tokens and the drafts ``path``."""

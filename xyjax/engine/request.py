@@ -24,7 +24,8 @@ class Request:
     ``draft_token_ids``: speculative tokens to verify after ``token_ids`` in the next step (V stage), a chain,
     or with ``draft_parents`` (xyjax.engine.drafters.DraftTree.parents) a token tree. ``spec``: its adaptive drafting
     control (xyjax.engine.speculative.AdaptiveControl) when the engine speculates. ``grammar``: its structured
-    outputs matcher (xyjax.engine.structured.Grammar) or None; only ``append`` advances it."""
+    outputs matcher (xyjax.engine.structured.Grammar) or None; only ``append`` advances it. ``prompt_logprobs``:
+    with SamplingParams.prompt_logprobs, the entries of the prompt tokens scored so far (the first: None)."""
 
     request_id: str
     prompt: str | None
@@ -45,6 +46,7 @@ class Request:
     status: Status = Status.WAITING
     text: str = ""
     logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     finish_reason: str | None = None
     error: str | None = None
     detokenizer: object = None
@@ -62,6 +64,12 @@ class Request:
     def num_pending(self) -> int:
         """Tokens whose KV is still to be computed, drafts excluded (the prompt at first, then 1 per decode)."""
         return len(self.token_ids) - self.num_computed
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether prompt tokens are still to be scored: its prefill chunks sample every row, and it takes no
+        prefix-cache hit (that would skip rows to score)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
 
     @property
     def finished(self) -> bool:

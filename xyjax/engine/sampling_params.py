@@ -14,7 +14,10 @@ class SamplingParams:
     not included in it); ``stop_token_ids`` and EOS end it too unless ``ignore_eos`` (EOS only). No stop
     condition fires before ``min_tokens`` tokens: EOS and stop tokens are masked until then.
     ``logprobs``: None, or N >= 0 to return each output token's logprob (of the model's distribution, before
-    temperature/top-k/top-p) plus the N most likely tokens' (vLLM's convention).
+    temperature/top-k/top-p) plus the N most likely tokens' (vLLM's convention). ``prompt_logprobs``: None, or
+    N >= 0 to return each prompt token's logprob given the tokens before it plus the N most likely tokens' (the
+    first prompt token's entry is None); ``max_tokens`` 0 (only with prompt_logprobs) scores the prompt and
+    generates nothing.
     ``speculative``: False keeps the engine from drafting for this request (its ``speculative`` option).
     Logits processing (vLLM's semantics, applied in this order before temperature): ``logit_bias`` {token id:
     bias in [-100, 100]} added; ``allowed_token_ids`` the only tokens that may be sampled; ``bad_words`` (strings)
@@ -37,6 +40,7 @@ class SamplingParams:
     min_tokens: int = 0
     skip_special_tokens: bool = True
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     speculative: bool = True
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -60,7 +64,8 @@ class SamplingParams:
         if isinstance(self.structured_outputs, dict):
             self.structured_outputs = StructuredOutputs.from_dict(self.structured_outputs)
         checks = [
-            ("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
+            ("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= (self.prompt_logprobs is None),
+             "an integer >= 1 (0 only with prompt_logprobs)"),
             ("temperature", _is_num(self.temperature) and 0 <= self.temperature < float("inf"), "a finite number >= 0"),
             ("top_k", _is_int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 or -1: disabled)"),
             ("top_p", _is_num(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
@@ -68,6 +73,9 @@ class SamplingParams:
             ("stop_token_ids", all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "non-negative integers"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "non-empty strings"),
             ("logprobs", self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
+             "None or an integer >= 0"),
+            ("prompt_logprobs", self.prompt_logprobs is None or (_is_int(self.prompt_logprobs)
+                                                                and self.prompt_logprobs >= 0),
              "None or an integer >= 0"),
             ("min_tokens", _is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
              f"an integer in [0, max_tokens={self.max_tokens}]"),

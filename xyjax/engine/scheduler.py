@@ -8,7 +8,9 @@ running). KV blocks are taken as tokens are scheduled. An admitted request first
 prefix from the prefix cache (token-wise: full blocks shared, a partial last block copied on write) and only
 its uncached tokens count against the budget. When the pool runs short, idle cached prefixes are evicted (LRU)
 first; then, if a decode or verify still needs a block, the newest running request is preempted (its blocks
-freed, recomputed later from its tokens); prefill chunks never preempt, they take what is free.
+freed, recomputed later from its tokens); prefill chunks never preempt, they take what is free. A request
+scoring its prompt (prompt_logprobs) takes no cached prefix and its chunks sample every row, so they are capped
+to keep the step's sampled rows within max_num_seqs * (1 + max_draft_tokens) (``_RowBudget``).
 
 After the step runs, ``postprocess`` (xyjax.engine.postprocess) applies its results: the scheduler is the one
 owner of request state after scheduling (computed tokens, verify acceptance and rollback, prefix-cache
@@ -123,22 +125,25 @@ class Scheduler:
                 stage = Stage.VERIFY if req.draft_token_ids else (Stage.DECODE if req.output_ids else Stage.PREFILL)
                 seqs.append(ScheduledSeq(req, stage, n))
                 budget -= n
-        for req in sorted((r for r in self.running if r.num_pending > 1), key=lambda r: r.arrival):
-            n = self._chunk(req, budget)
+        chunks = sorted((r for r in self.running if r.num_pending > 1), key=lambda r: r.arrival)
+        rows = _RowBudget(self.config, seqs, len(chunks) + min(len(self.waiting),
+                                                               self.config.max_num_seqs - len(self.running)))
+        for req in chunks:
+            n = self._chunk(req, rows.limit(req, budget))
             if n:
-                seqs.append(ScheduledSeq(req, Stage.PREFILL, n))
+                seqs.append(rows.take(ScheduledSeq(req, Stage.PREFILL, n)))
                 budget -= n
         while self.waiting and budget and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             if req in preempted:             # not back in the step that preempted it
                 break
-            n = self._admit(req, budget)
+            n = self._admit(req, rows.limit(req, budget))
             if not n:
                 break
             self.waiting.popleft()
             req.status = Status.RUNNING
             self.running.append(req)
-            seqs.append(ScheduledSeq(req, Stage.PREFILL, n))
+            seqs.append(rows.take(ScheduledSeq(req, Stage.PREFILL, n)))
             budget -= n
         return seqs
 
@@ -146,7 +151,7 @@ class Scheduler:
         """Give ``req`` its cached prefix and the blocks of its first chunk, leaving a block per running request
         for its next decode so admission forces no preemption. Returns the chunk (0: not admitted, nothing held)."""
         bs, hit = self.blocks.block_size, 0
-        if self.cache:
+        if self.cache and not req.scores_prompt:
             # The last token is always computed (its logits give the next token); a hit never ends inside the
             # pool's last block, whose copy would not fit beside a request as long as the pool.
             limit = min(len(req.token_ids) - 1, (self.blocks.num_blocks - 1) * bs)
@@ -164,7 +169,7 @@ class Scheduler:
             self._copies.append(self.blocks.copy_on_write(req.block_table))
         req.num_computed = hit
         self.blocks.grow(req.block_table, hit + n)
-        if self.cache:
+        if self.cache and not req.scores_prompt:
             s = self.stats
             s.prefix_lookups += 1
             s.prefix_lookup_tokens += len(req.token_ids)
@@ -213,3 +218,23 @@ class Scheduler:
         position = sum(1 for r in self.waiting if r.arrival < req.arrival)   # keep the queue in arrival order
         self.waiting.insert(position, req)
         preempted.append(req)
+
+
+class _RowBudget:
+    """The sampled rows left in one step: at most max_num_seqs * (1 + max_draft_tokens), which the planner's R
+    holds in every bucket. A decode or verify run samples 1 + drafts rows, a prefill chunk at most one, except a
+    prompt-scoring chunk (every row), which is capped to leave a row for each of the ``later`` prefill chunks the
+    step may still take, so no other request's scheduling changes."""
+
+    def __init__(self, config: EngineConfig, seqs: list[ScheduledSeq], later: int):
+        self.left = config.max_num_seqs * (1 + config.max_draft_tokens) - sum(s.num_samples for s in seqs)
+        self.later = later
+
+    def limit(self, req: Request, budget: int) -> int:
+        """The tokens ``req``'s next chunk may have (``budget``, capped for a prompt-scoring request)."""
+        self.later -= 1
+        return min(budget, self.left - self.later) if req.scores_prompt else budget
+
+    def take(self, seq: ScheduledSeq) -> ScheduledSeq:
+        self.left -= seq.num_samples
+        return seq

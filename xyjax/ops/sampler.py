@@ -11,9 +11,10 @@ Every array is per sampled row, R rows:
     the logits (-1: none; logit_bias); presence / frequency [R] float32 subtracted once / per occurrence for each
     token in the row's output, repetition [R] float32 (1: off) dividing positive and multiplying negative logits of
     every token in its prompt or output; history [R, H] int32 the row's tokens so far (prompt, then output; -1
-    pad) with prompt_len [R] int32; logprobs [R] bool (return logprobs).
+    pad) with prompt_len [R] int32; logprobs [R] bool (return logprobs); target [R] int32 the token whose logprob
+    the row returns (-1: the sampled token; prompt logprobs score the next prompt token).
 Each processing step runs (a pass over [R, V]) only when some row of the batch uses it.
-Returns SamplerOutput: token ids [R] int32, and when any row asks, the sampled token's logprob [R] and the
+Returns SamplerOutput: token ids [R] int32, and when any row asks, the target's logprob [R] and the
 top ``num_logprobs`` (static) ids/logprobs [R, K] of the model's distribution (raw logits, before
 processing, temperature and masks; vLLM's default); zeros otherwise.
 """
@@ -43,6 +44,7 @@ class SamplingInputs:
     history: jax.Array
     prompt_len: jax.Array
     logprobs: jax.Array
+    target: jax.Array
 
 
 @struct.dataclass
@@ -145,7 +147,8 @@ def sample(logits: jax.Array, s: SamplingInputs, num_logprobs: int = 0) -> Sampl
     def with_logprobs(_):
         logp = jax.nn.log_softmax(logits, axis=-1)
         top, ids = jax.lax.top_k(logp, k) if k else (jnp.zeros((rows, 0)), jnp.zeros((rows, 0), jnp.int32))
-        return jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0], ids.astype(jnp.int32), top
+        scored = jnp.where(s.target >= 0, s.target, tokens)
+        return jnp.take_along_axis(logp, scored[:, None], axis=-1)[:, 0], ids.astype(jnp.int32), top
 
     def without(_):
         return jnp.zeros(rows), jnp.zeros((rows, k), jnp.int32), jnp.zeros((rows, k))

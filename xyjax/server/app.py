@@ -24,7 +24,7 @@ from xyjax.engine.outputs import RequestOutput, merge_delta
 from xyjax.server.engine_loop import EngineLoop, Generation
 from xyjax.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                    SamplingRequest, TokenizeRequest, chat_logprobs, completion_logprobs, envelope,
-                                   response_id, usage, validation_error)
+                                   prompt_logprobs, response_id, usage, validation_error)
 
 
 def build_app(engine_loop: EngineLoop, model_name: str, max_body_bytes: int = 1 << 20) -> FastAPI:
@@ -155,7 +155,8 @@ def build_app(engine_loop: EngineLoop, model_name: str, max_body_bytes: int = 1 
         requests = [(p, req.sampling_params(limit, logprobs, j)) for p, limit in zip(prompts, limits)
                     for j in range(req.n)]
         choices = _Choices(kind, response_id(kind), model_name, decode, logprobs,
-                           sum(len(p) for p in prompts))
+                           sum(len(p) for p in prompts), echo=getattr(req, "echo", False),
+                           prompt_logprobs=req.prompt_logprobs is not None, detokenize=tokenizer.decode)
         gen = await engine_loop.submit(requests)
         if req.stream:
             return _EventStream(choices.stream(gen, req.include_usage), on_close=gen.abort)
@@ -202,39 +203,56 @@ def _sse(data: dict | str) -> str:
 
 
 class _Choices:
-    """Formats a Generation's outputs as one OpenAI response ("cmpl": completions, "chatcmpl": chat)."""
+    """Formats a Generation's outputs as one OpenAI response ("cmpl": completions, "chatcmpl": chat). ``echo``
+    (completions): a choice's first part starts with its prompt's text and logprobs. ``prompt_logprobs``: vLLM's
+    field, on each completion choice's first part, on a chat response (its first chunk when streamed)."""
 
-    def __init__(self, kind: str, rid: str, model: str, decode, logprobs: int | None, prompt_tokens: int):
+    def __init__(self, kind: str, rid: str, model: str, decode, logprobs: int | None, prompt_tokens: int,
+                 echo: bool, prompt_logprobs: bool, detokenize):
         self.kind, self.rid, self.model, self.decode, self.logprobs = kind, rid, model, decode, logprobs
         self.prompt_tokens, self.created = prompt_tokens, int(time.time())
+        self.echo, self.prompt_logprobs, self.detokenize = echo, prompt_logprobs, detokenize
 
     def _choice(self, i: int, out: RequestOutput, stream: bool = False, first: bool = False,
                 text_offset: int = 0) -> dict:
+        """Choice ``i`` of ``out`` (``first``: its first part; ``text_offset``: characters sent before it)."""
         choice = {"index": i}
+        echo = self.echo and first
+        ids, entries = (out.prompt_token_ids, out.prompt_logprobs) if echo else ([], [])
         logprobs = None
-        if self.logprobs is not None and out.token_ids:
-            logprobs = (completion_logprobs(out, self.logprobs, self.decode, text_offset) if self.kind == "cmpl"
+        if self.logprobs is not None and (out.token_ids or echo):
+            logprobs = (completion_logprobs(ids + out.token_ids, entries + out.logprobs, self.logprobs, self.decode,
+                                            text_offset) if self.kind == "cmpl"
                         else chat_logprobs(out, self.logprobs, self.decode))
         if self.kind == "cmpl":
-            choice["text"] = out.text
+            prompt = (out.prompt if out.prompt is not None else self.detokenize(ids)) if echo else ""
+            choice["text"] = prompt + out.text
+            if self.prompt_logprobs and first:
+                choice["prompt_logprobs"] = prompt_logprobs(out.prompt_logprobs, self.decode)
         elif stream:
             choice["delta"] = dict({"role": "assistant"} if first else {}, content=out.text)
         else:
             choice["message"] = {"role": "assistant", "content": out.text}
         return dict(choice, logprobs=logprobs, finish_reason=out.finish_reason)
 
-    def _envelope(self, choices: list[dict], usage_: dict | None = None, stream: bool = False) -> dict:
+    def _envelope(self, choices: list[dict], usage_: dict | None = None, stream: bool = False,
+                  prompt_out: RequestOutput | None = None) -> dict:
+        """The response (or chunk) around ``choices``; a chat one with the prompt logprobs of ``prompt_out``."""
         obj = ("chat.completion.chunk" if stream else "chat.completion") if self.kind == "chatcmpl" \
             else "text_completion"
-        return envelope(self.rid, obj, self.model, choices, usage_, self.created)
+        body = envelope(self.rid, obj, self.model, choices, usage_, self.created)
+        if self.kind == "chatcmpl" and self.prompt_logprobs and prompt_out is not None:
+            body["prompt_logprobs"] = prompt_logprobs(prompt_out.prompt_logprobs, self.decode)
+        return body
 
     async def collect(self, gen: Generation) -> dict:
         """The whole response."""
         results: list[RequestOutput | None] = [None] * len(gen.ids)
         async for i, out in gen.outputs():
             results[i] = merge_delta(results[i], out)
-        choices = [self._choice(i, out) for i, out in enumerate(results)]
-        return self._envelope(choices, usage(self.prompt_tokens, sum(len(out.token_ids) for out in results)))
+        choices = [self._choice(i, out, first=True) for i, out in enumerate(results)]
+        return self._envelope(choices, usage(self.prompt_tokens, sum(len(out.token_ids) for out in results)),
+                              prompt_out=results[0])
 
     async def stream(self, gen: Generation, include_usage: bool):
         """Server-sent event chunks, then the usage chunk if asked for, then [DONE]."""
@@ -243,9 +261,10 @@ class _Choices:
         async for i, out in gen.outputs():
             completion_tokens += len(out.token_ids)
             if out.text or out.token_ids or out.finished:
-                choice = self._choice(i, out, stream=True, first=sent[i] is None, text_offset=sent[i] or 0)
-                yield _sse(self._envelope([choice], stream=True))
-                sent[i] = (sent[i] or 0) + len(out.text)
+                first = sent[i] is None
+                choice = self._choice(i, out, stream=True, first=first, text_offset=sent[i] or 0)
+                yield _sse(self._envelope([choice], stream=True, prompt_out=out if first and i == 0 else None))
+                sent[i] = (sent[i] or 0) + len(choice.get("text", out.text))
         if include_usage:
             yield _sse(self._envelope([], usage(self.prompt_tokens, completion_tokens), stream=True))
         yield _sse("[DONE]")

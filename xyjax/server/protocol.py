@@ -1,7 +1,7 @@
 """The OpenAI wire format: request models (validated with pydantic) and the response objects (plain dicts).
 
 Requests are strict: an unknown field is refused ("unsupported field"), types are not coerced, and the
-fields the engine cannot honour (echo, best_of, suffix...) are accepted only at their no-op values. Sampling
+fields the engine cannot honour (best_of, suffix) are accepted only at their no-op values. Sampling
 values are range-checked once, by ``SamplingParams``.
 """
 
@@ -101,7 +101,8 @@ def _schema(value: dict | str, field: str) -> dict:
 
 class SamplingRequest(_Strict):
     """The fields completions and chat share; top_k, min_p, min_tokens, ignore_eos, stop_token_ids,
-    skip_special_tokens, repetition_penalty, allowed_token_ids and bad_words are vLLM's extensions. logit_bias maps
+    skip_special_tokens, repetition_penalty, allowed_token_ids, bad_words and prompt_logprobs are vLLM's
+    extensions. logit_bias maps
     token ids (as JSON object keys: strings) to biases; at most the engine's max_logit_bias entries. Structured
     outputs: OpenAI's response_format, vLLM's structured_outputs or its older guided_json, guided_regex,
     guided_choice and guided_grammar (at most one of these)."""
@@ -133,6 +134,7 @@ class SamplingRequest(_Strict):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    prompt_logprobs: int | None = None
     # OpenAI fields the engine does not implement: accepted at their no-op values (NO_OPS) only.
     NO_OPS: ClassVar[dict] = {}
 
@@ -162,10 +164,15 @@ class SamplingRequest(_Strict):
                                   frequency_penalty=self.frequency_penalty,
                                   repetition_penalty=self.repetition_penalty, min_p=self.min_p,
                                   logit_bias=self.logit_bias, allowed_token_ids=self.allowed_token_ids,
-                                  bad_words=self.bad_words, structured_outputs=self.structured())
+                                  bad_words=self.bad_words, structured_outputs=self.structured(),
+                                  prompt_logprobs=self.prompt_scoring(max_tokens))
         except ValueError as e:   # "SamplingParams.top_p must be ...": the field is the wire name
             field = str(e).split(" ", 1)[0].removeprefix("SamplingParams.")
             raise APIError(str(e).removeprefix("SamplingParams."), param=field) from None
+
+    def prompt_scoring(self, max_tokens: int) -> int | None:
+        """The engine's SamplingParams.prompt_logprobs."""
+        return self.prompt_logprobs
 
     def structured(self) -> dict | None:
         """The StructuredOutputs fields the request asks for (None: free text)."""
@@ -193,7 +200,8 @@ class SamplingRequest(_Strict):
 
 
 class CompletionRequest(SamplingRequest):
-    """POST /v1/completions: a prompt is a string or token ids, or a list of either (one per prompt)."""
+    """POST /v1/completions: a prompt is a string or token ids, or a list of either (one per prompt). ``echo``:
+    each choice's text (and logprobs) starts with its prompt's; with max_tokens 0, it is only that."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int = 16
@@ -201,7 +209,20 @@ class CompletionRequest(SamplingRequest):
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
-    NO_OPS: ClassVar[dict] = dict(SamplingRequest.NO_OPS, echo=(False,), best_of=(None, 1), suffix=(None, ""))
+    NO_OPS: ClassVar[dict] = dict(SamplingRequest.NO_OPS, best_of=(None, 1), suffix=(None, ""))
+
+    @model_validator(mode="after")
+    def _check_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError("max_tokens must be >= 1 (0 only with echo=true: the prompt and its logprobs alone)",
+                           param="max_tokens")
+        return self
+
+    def prompt_scoring(self, max_tokens: int) -> int | None:
+        """The engine's prompt_logprobs: the most asked of prompt_logprobs and (with echo) logprobs; 0 to finish
+        after the prompt (max_tokens 0) when neither is given."""
+        asked = [n for n in (self.prompt_logprobs, self.logprobs if self.echo else None) if n is not None]
+        return max(asked) if asked else (0 if max_tokens == 0 else None)
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -302,15 +323,24 @@ def _top(entry: dict[int, float], n: int) -> list[tuple[int, float]]:
     return sorted(entry.items(), key=lambda kv: -kv[1])[:n]
 
 
-def completion_logprobs(out: RequestOutput, n: int, decode, offset: int) -> dict:
-    """OpenAI's legacy completions logprobs of ``out``'s tokens; ``offset``: characters of text before them."""
-    tokens = [decode(t) for t in out.token_ids]
+def completion_logprobs(token_ids: list[int], entries: list[dict[int, float] | None], n: int, decode,
+                        offset: int) -> dict:
+    """OpenAI's legacy completions logprobs of ``token_ids`` with their engine entries (None: no logprob, the
+    first prompt token); ``offset``: characters of text before them."""
+    tokens = [decode(t) for t in token_ids]
     offsets = []
     for t in tokens:
         offsets.append(offset)
         offset += len(t)
-    return dict(tokens=tokens, token_logprobs=[e[t] for t, e in zip(out.token_ids, out.logprobs)],
-                top_logprobs=[{decode(i): lp for i, lp in _top(e, n)} for e in out.logprobs], text_offset=offsets)
+    return dict(tokens=tokens, token_logprobs=[None if e is None else e[t] for t, e in zip(token_ids, entries)],
+                top_logprobs=[None if e is None else {decode(i): lp for i, lp in _top(e, n)} for e in entries],
+                text_offset=offsets)
+
+
+def prompt_logprobs(entries: list[dict[int, float] | None], decode) -> list[dict | None]:
+    """vLLM's prompt_logprobs field: per prompt token None (the first) or {token id: {logprob, decoded_token}}."""
+    return [None if e is None else {str(t): dict(logprob=lp, decoded_token=decode(t)) for t, lp in e.items()}
+            for e in entries]
 
 
 def chat_logprobs(out: RequestOutput, n: int, decode) -> dict:
