@@ -21,6 +21,8 @@ processing, temperature and masks; vLLM's default); zeros otherwise.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -102,14 +104,18 @@ def apply_penalties(logits: jax.Array, s: "SamplingInputs") -> jax.Array:
     return logits - s.frequency[:, None] * counts - s.presence[:, None] * (counts > 0)
 
 
+def _processing(s: "SamplingInputs") -> tuple:
+    """(whether some row uses it, the step) for each processing step, in order."""
+    return ((jnp.any(s.bias_ids >= 0), lambda x: apply_bias(x, s.bias_ids, s.bias)),
+            (jnp.any(s.allowed != -1), lambda x: mask_disallowed(x, s.allowed)),
+            (jnp.any(s.banned >= 0), lambda x: mask_banned(x, s.banned)),
+            (jnp.any((s.presence != 0) | (s.frequency != 0) | (s.repetition != 1)), lambda x: apply_penalties(x, s)))
+
+
 def process_logits(logits: jax.Array, s: "SamplingInputs") -> jax.Array:
     """The logits sampling draws from: logit bias, allowed-token masks, banned ids, then penalties, each only
     when some row uses it."""
-    steps = ((jnp.any(s.bias_ids >= 0), lambda x: apply_bias(x, s.bias_ids, s.bias)),
-             (jnp.any(s.allowed != -1), lambda x: mask_disallowed(x, s.allowed)),
-             (jnp.any(s.banned >= 0), lambda x: mask_banned(x, s.banned)),
-             (jnp.any((s.presence != 0) | (s.frequency != 0) | (s.repetition != 1)), lambda x: apply_penalties(x, s)))
-    for used, step in steps:
+    for used, step in _processing(s):
         logits = jax.lax.cond(used, step, lambda x: x, logits)
     return logits
 
@@ -140,8 +146,11 @@ def top_k_top_p_mask(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> j
 def sample(logits: jax.Array, s: SamplingInputs, num_logprobs: int = 0) -> SamplerOutput:
     """See the module docstring."""
     logits = logits.astype(jnp.float32)
-    # Processing writes a copy of all [R, V] logits (the log-probabilities read the raw ones), a few ms a step.
-    tokens = _sample_tokens(process_logits(logits, s), s)
+    # Processing writes a copy of all [R, V] logits (the log-probabilities read the raw ones), a few ms a step:
+    # only when some row uses it. The branches return tokens [R], so the common one copies no logits.
+    processed = functools.reduce(jnp.logical_or, [used for used, _ in _processing(s)])
+    tokens = jax.lax.cond(processed, lambda x: _sample_tokens(process_logits(x, s), s),
+                          lambda x: _sample_tokens(x, s), logits)
     rows, k = logits.shape[0], num_logprobs
 
     def with_logprobs(_):
