@@ -174,6 +174,7 @@ BAD_REQUESTS = [  # (path, body: raw bytes or JSON, status, words the message mu
     ("/v1/completions", {"prompt": "hi", "logit_bias": {str(i): 1 for i in range(301)}}, 400, "max_logit_bias is 300"),
     ("/v1/completions", {"prompt": "hi", "allowed_token_ids": [10**9]}, 400, "outside the vocabulary"),
     ("/v1/completions", b"[" * 100000 + b"]" * 100000, 400, "nests too deeply"),
+    ("/v1/completions", {"prompt": "hi", "stop": [str(i) for i in range(65)]}, 400, "stop holds 65 strings; at most 64"),
     ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream=true"),
     ("/v1/completions", {"prompt": "word " * 3000}, 400, "context length"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 5000}, 400, "context length"),

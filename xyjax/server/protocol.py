@@ -139,6 +139,7 @@ class SamplingRequest(_Strict):
     NO_OPS: ClassVar[dict] = {}
 
     MAX_N: ClassVar[int] = 64
+    MAX_STOP: ClassVar[int] = 64   # stop strings per request (each is searched in every new piece of text)
 
     # Model validators raise APIError (not ValueError, which pydantic would wrap without the field's name).
     @model_validator(mode="after")
@@ -146,6 +147,8 @@ class SamplingRequest(_Strict):
         for field, allowed in self.NO_OPS.items():
             if getattr(self, field) not in allowed:
                 raise APIError(f"{field} is not supported (only {' or '.join(map(repr, allowed))})", param=field)
+        if isinstance(self.stop, list) and len(self.stop) > self.MAX_STOP:
+            raise APIError(f"stop holds {len(self.stop)} strings; at most {self.MAX_STOP}", param="stop")
         if not 1 <= self.n <= self.MAX_N:
             raise APIError(f"n must be an integer in [1, {self.MAX_N}], got {self.n}", param="n")
         if self.stream_options is not None and not self.stream:
