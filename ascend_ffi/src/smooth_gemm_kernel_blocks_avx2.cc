@@ -24,9 +24,6 @@ namespace {
 
 using namespace blocks;
 
-constexpr int64_t kColumns = 32;       // weight rows per block (kept in cache across the x row blocks)
-constexpr int64_t kPrefetchRows = 8;   // how far ahead of a block's rows the stream is prefetched
-
 // The block's float16 at p broadcast to 8 float32 lanes.
 inline __m256 Half8(const uint8_t* p) {
   return _mm256_cvtph_ps(_mm_set1_epi16(static_cast<short>(p[0] | (p[1] << 8))));
