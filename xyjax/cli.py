@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench-single": ("xyjax.bench.single", "single-stream prefill, decode tok/s beside llama-bench and OpenVINO"),
         "bench-functional": ("xyjax.bench.functional", "decode tok/s of the fused jitted generate against the engine"),
         "profile": ("xyjax.bench.profile", "profile the gemm backend's tunables per linear shape and bucket"),
+        "bench-features": ("xyjax.bench.features", "the cost of penalties and structured outputs on half the requests"),
         "eval-quant": ("xyjax.bench.eval_quant", "int8 activations against the exact path: perplexity, KL, top-1"),
     }
     for name, (_, text) in passthrough.items():

@@ -411,3 +411,19 @@ def test_bench_functional_times_both_systems_and_writes_its_json(tiny_model, tmp
                                                                   ("engine", 2)]
     assert all(np.isfinite([r["tok_s"], r["step_ms"], r["reads_per_step"]]).all() and len(r["runs_step_ms"]) == 1
                for r in saved["rows"])   # tok/s by difference of two short runs: noise may flip its sign here
+
+
+def test_bench_features_runs_plain_and_with_features_at_exact_lengths(tiny_model):
+    """bench-features: the same requests plain and with penalties and a never-ending regex on every other one; both
+    runs end every request at its exact length, with no compile during either."""
+    from xyjax import LLM
+    from xyjax.bench.features import bench_features, with_features
+
+    requests = make_requests(Workload("tiny", num_requests=4, prompt_median=8, prompt_min=4, prompt_max=12,
+                                      output_median=5, output_min=3, output_max=8), VOCAB)
+    assert with_features(0, requests[0]).structured_outputs is None
+    assert with_features(1, requests[1]).structured_outputs is not None
+    llm = LLM(tiny_model, block_size=4, max_num_batched_tokens=64, max_num_seqs=8, progress=False)
+    result = bench_features(llm, requests, progress=False)
+    for name in ("plain", "features"):
+        assert result[name]["total_tokens_per_s"] > 0 and result[name]["compiles_during_run"] == 0, name

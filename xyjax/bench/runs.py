@@ -21,9 +21,16 @@ from xyjax.bench.workload import WORKLOADS, BenchRequest, make_requests, summari
 from xyjax.engine.sampling_params import SamplingParams
 
 
-def run_engine(llm, requests: list[BenchRequest], progress: bool = True) -> tuple[list[dict], dict]:
+def greedy_exact(index: int, request: BenchRequest) -> SamplingParams:
+    """The bench's sampling: greedy, exactly the request's output length."""
+    return SamplingParams(max_tokens=request.output_len, temperature=0, ignore_eos=True)
+
+
+def run_engine(llm, requests: list[BenchRequest], progress: bool = True,
+               sampling=greedy_exact) -> tuple[list[dict], dict]:
     """Feed ``requests`` to ``llm.engine`` at their arrival times (seconds from the start) and step until all
-    finish. Returns per-request records (see ``summarize``) and engine figures for the run."""
+    finish (``sampling(i, request)``: request i's SamplingParams, which must end it at its output length).
+    Returns per-request records (see ``summarize``) and engine figures for the run."""
     engine = llm.engine
     before = dict(llm.stats)
     pending = sorted(range(len(requests)), key=lambda i: requests[i].arrival)
@@ -35,8 +42,7 @@ def run_engine(llm, requests: list[BenchRequest], progress: bool = True) -> tupl
             while pending and requests[pending[0]].arrival <= now:
                 i = pending.pop(0)
                 r = requests[i]
-                ids[engine.add_request(r.prompt_token_ids, SamplingParams(max_tokens=r.output_len, temperature=0,
-                                                                          ignore_eos=True))] = i
+                ids[engine.add_request(r.prompt_token_ids, sampling(i, r))] = i
             if not engine.has_unfinished():
                 time.sleep(max(0.0, requests[pending[0]].arrival - now))
                 continue
