@@ -8,6 +8,7 @@ engine/ (engine, LLM, server on the tiny model), e2e/ (the real default model, t
 import os
 import pathlib
 
+import jax
 import pytest
 
 import helpers
@@ -25,6 +26,14 @@ def pytest_collection_modifyitems(items):
         tier = item.path.relative_to(HERE).parts[0]
         if tier in TIERS:
             item.add_marker(getattr(pytest.mark, tier))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """After each test module, drop jax's compiled programs: one process runs the whole suite, and the programs of
+    every module kept alive exhaust the process's memory maps (XLA's CPU code is mapped per program)."""
+    yield
+    jax.clear_caches()
 
 
 @pytest.fixture(scope="session")
