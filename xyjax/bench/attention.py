@@ -16,7 +16,6 @@ next to the sgemm rate and copy bandwidth measured in the same run, and writes J
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -30,6 +29,7 @@ from xyjax.bench.roofline import machine_limits
 from xyjax.engine.config import EngineConfig
 from xyjax.ops.kv_cache import KVCache
 from xyjax.ops import meta_attention
+from xyjax.bench.workload import write_result
 
 H, HKV, D, BS = 9, 3, 64, 16
 CASES = {   # (stage, query rows, history)
@@ -165,12 +165,9 @@ def main(argv=None) -> int:
               f" | {r['ffi_gflops']:.1f} ({100 * r['ffi_sgemm_fraction']:.0f}%) | {r['ffi_kv_gbps']:.1f} "
               f"({100 * r['ffi_copy_fraction']:.0f}%) |")
     sweep = tile_sweep([int(t) for t in args.tiles.split(",") if t], args.lanes, rng) if args.tiles else {}
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"attention-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    with open(path, "w") as f:
-        json.dump(dict(machine=limits, lanes=args.lanes, max_splits=args.max_splits, tile=args.tile, heads=dict(H=H, Hkv=HKV, D=D, block=BS), results=results,
-                       prefill_tile_ms=sweep), f, indent=2)
-    print(f"wrote {path}")
+    write_result(args.out, "attention", dict(machine=limits, lanes=args.lanes, max_splits=args.max_splits, tile=args.tile,
+                                             heads=dict(H=H, Hkv=HKV, D=D, block=BS), results=results,
+                                             prefill_tile_ms=sweep), indent=2)
     return 0
 
 

@@ -16,17 +16,17 @@ mode; its chunks start one token later (it prepends BOS to the whole text).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
+
+from xyjax.bench.workload import write_result
 
 TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "gpl-3.0.txt")
 
@@ -204,11 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         result["skipped"]["llama.cpp"] = str(e)
         print(f"xyjax eval-quant: skipping llama.cpp: {e}")
     print(table(systems))
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"eval-quant-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {path}")
+    write_result(args.out, "eval-quant", result)
     return 0
 
 

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import time
 
 from xyjax.bench.runs import greedy_exact, run_engine
-from xyjax.bench.workload import WORKLOADS, make_requests, summarize
+from xyjax.bench.workload import WORKLOADS, make_requests, summarize, write_result
 from xyjax.engine.sampling_params import SamplingParams
 
 FEATURES = dict(presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.1,
@@ -56,9 +53,5 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in result.items():
         print(f"| {name} | {r['total_tokens_per_s']:.1f} | {1e3 * r['step_host_plan']:.2f} | "
               f"{1e3 * r['step_device']:.2f} | {1e3 * r['step_host_output']:.2f} | {r['compiles_during_run']} |")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"features-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {path}")
+    write_result(args.out, "features", result)
     return 0

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import os
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from xyjax.bench.workload import write_result
 
 
 def read_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
@@ -119,11 +119,7 @@ def bench_functional(model: str | None = None, batch_sizes=(1, 8), prompt_len: i
     result = dict(model=str(llm.model.name), prompt_len=prompt_len, gen_len=gen_len, repetitions=repetitions,
                   weight_bytes=weight_bytes, read_bandwidth_bytes_per_s=bandwidth, weight_read_ms=read_ms, rows=rows,
                   backends=dict(attention=llm.engine.backends.attention, gemm=llm.engine.backends.gemm))
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"functional-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {path}")
+    path = write_result(out_dir, "functional", result)
     return dict(result, path=path)
 
 

@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+from xyjax.bench.workload import write_result
+
 
 def _timed_request(engine, prompt: list[int], max_tokens: int) -> tuple[float, float, float]:
     """(add time, first token time, finish time), perf_counter seconds, of one request run alone."""
@@ -171,11 +173,7 @@ def bench_single(model: str | None = None, prompt_len: int = 512, gen_len: int =
     print(", ".join(f"{k} {v / 2**20:.1f} MiB" if k.endswith("bytes") else f"{k} {v:.2f}" for k, v in memory.items()))
     result = dict(model=str(llm.model.name), prompt_len=prompt_len, gen_len=gen_len, repetitions=repetitions,
                   threads=threads, systems=results, skipped=skipped, memory=memory)
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"single-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {path}")
+    path = write_result(out_dir, "single", result)
     result["path"] = path
     return result
 

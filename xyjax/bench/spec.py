@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
-import json
 import os
 import time
 
@@ -21,7 +20,7 @@ import jax
 from tqdm import tqdm
 
 from xyjax import LLM, SamplingParams
-from xyjax.bench.workload import WORKLOADS, make_requests
+from xyjax.bench.workload import WORKLOADS, make_requests, write_result
 from xyjax.engine.speculative import SpecConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -110,12 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['workload']} | {r['batch']} | {r['plain_tok_s']:.1f} | {r['spec_tok_s']:.1f} | "
               f"{r['speedup']:.2f}x | {r['acceptance_rate']:.2f} | {r['mean_accepted_length']:.2f} | "
               f"{'yes' if r['identical'] else 'no'} |")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"spec-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    with open(path, "w") as f:
-        json.dump(dict(args=vars(args), results=results, device=jax.devices()[0].device_kind,
-                       cpus=os.cpu_count()), f, indent=1)
-    print(f"wrote {path}")
+    write_result(args.out, "spec", dict(args=vars(args), results=results, device=jax.devices()[0].device_kind,
+                       cpus=os.cpu_count()))
     return 0
 
 

@@ -25,7 +25,10 @@ prompt tokens) so e.g. changing ``rate`` changes only the arrival times.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import time
 
 import numpy as np
 
@@ -121,3 +124,13 @@ def summarize(records: list[dict], wall_time: float) -> dict:
         "tpot_p50": pct(tpot, 50),
         "tpot_p99": pct(tpot, 99),
     }
+
+
+def write_result(out_dir: str, name: str, result: dict, indent: int = 1) -> str:
+    """``result`` as ``<out_dir>/<name>-<time>.json`` (the directory made if missing); prints and returns the path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=indent)
+    print(f"wrote {path}")
+    return path
