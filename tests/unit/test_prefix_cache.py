@@ -127,9 +127,28 @@ def test_eviction_is_lru_over_idle_leaves_and_gives_everything_back():
     assert cache.evict(100) == 2 and not cache.cached and blocks.num_free == 16
 
 
-def make_request(i, prompt, max_tokens=4):
-    return Request(request_id=str(i), prompt=None, prompt_token_ids=prompt, seed=0, arrival=i,
-                   params=SamplingParams(max_tokens=max_tokens), metrics=RequestMetrics(arrival_time=0.0))
+def test_a_match_inside_a_node_leaves_the_rest_evictable():
+    """A request holding the first blocks of a long cached prompt does not pin the rest of it."""
+    blocks = BlockManager(8, 4)
+    cache = PrefixCache(blocks)
+    table = []
+    blocks.grow(table, 20)                                   # 5 blocks
+    cache.insert(list(range(20)), table)
+    blocks.free(table)
+    user = []
+    blocks.share(user, cache.match(list(range(8)) + [99])[1])
+    assert cache.evict(8) == 3 and cache.match(list(range(20)))[0] == 8
+    check_tree(cache)
+    blocks.free(user)
+    check_refcounts(blocks, [], cache)
+
+
+def make_request(i, prompt, max_tokens=4, scores=False):
+    req = Request(request_id=str(i), prompt=None, prompt_token_ids=prompt, seed=0, arrival=i,
+                  params=SamplingParams(max_tokens=max_tokens, prompt_logprobs=0 if scores else None),
+                  metrics=RequestMetrics(arrival_time=0.0))
+    req.prompt_logprobs = [None] if scores else None
+    return req
 
 
 def test_admission_takes_the_cached_prefix_and_charges_only_the_rest():
@@ -162,7 +181,7 @@ def test_admission_takes_the_cached_prefix_and_charges_only_the_rest():
 @settings(max_examples=100, deadline=None)
 @given(stems=st.lists(st.lists(st.integers(1, 3), min_size=1, max_size=30), min_size=1, max_size=3),
        requests=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 30), st.lists(st.integers(1, 4), max_size=8),
-                                   st.integers(1, 16), st.integers(0, 4)), min_size=1, max_size=10),
+                                   st.integers(1, 16), st.integers(0, 4), st.booleans()), min_size=1, max_size=10),
        evictions=st.lists(st.integers(0, 3), min_size=8, max_size=8),
        num_blocks=st.integers(10, 30), budget=st.sampled_from([8, 16, 32]), max_num_seqs=st.integers(1, 4))
 def test_random_scheduling_keeps_tree_refcounts_and_kv_consistent(stems, requests, evictions, num_blocks, budget,
@@ -172,7 +191,8 @@ def test_random_scheduling_keeps_tree_refcounts_and_kv_consistent(stems, request
     model writes a value per (prefix, position) into a simulated KV cache. Every step: each scheduled request
     sees the right KV for all its computed tokens, the tree only points at right KV, refcounts equal the owners
     (request tables + the cache), no free block is referenced; rejected speculative drafts leave dead KV behind
-    without harm. At the end, after evicting all, nothing leaked."""
+    without harm. Requests scoring their prompt compute cached prefixes again, and the cache takes their copies.
+    At the end, after evicting all, nothing leaked."""
     bs = 4
     blocks = BlockManager(num_blocks, bs)
     cache = PrefixCache(blocks)
@@ -181,10 +201,10 @@ def test_random_scheduling_keeps_tree_refcounts_and_kv_consistent(stems, request
     kv = FakeKV(blocks)
     max_len = num_blocks * bs
     pending = []
-    for i, (stem, cut, tail, max_tokens, arrival) in enumerate(requests):
+    for i, (stem, cut, tail, max_tokens, arrival, scores) in enumerate(requests):
         stem = stems[stem % len(stems)]
         prompt = (stem[:cut] + tail)[:max_len - max_tokens - 1] or [1]
-        pending.append((arrival, make_request(i, prompt, max_tokens)))
+        pending.append((arrival, make_request(i, prompt, max_tokens, scores)))
     pending.sort(key=lambda x: (x[0], x[1].arrival))
     finished, step = 0, 0
     while pending or sched.has_unfinished():
@@ -202,6 +222,9 @@ def test_random_scheduling_keeps_tree_refcounts_and_kv_consistent(stems, request
             kv.check(req.block_table, req.token_ids, req.num_computed)
             kv.write(req.block_table, req.token_ids + req.draft_token_ids, req.num_computed,
                      req.num_computed + seq.num_tokens)
+            if req.scores_prompt and seq.stage is Stage.PREFILL:
+                scored = min(len(req.prompt_token_ids), req.num_computed + seq.num_tokens + 1)
+                req.prompt_logprobs += [{}] * (scored - len(req.prompt_logprobs))
             req.num_computed += seq.num_tokens
             if seq.stage is Stage.VERIFY:                  # the draft is rejected: its KV is dead
                 req.num_computed -= len(req.draft_token_ids)
@@ -221,6 +244,7 @@ def test_random_scheduling_keeps_tree_refcounts_and_kv_consistent(stems, request
         assert all(not r.block_table for r in sched.waiting)
     assert finished == len(requests)
     stats = sched.stats.snapshot()
-    assert stats["prefix_block_hit_tokens"] <= stats["prefix_hit_tokens"] < stats["prefix_lookup_tokens"]
+    if stats["prefix_lookups"]:                            # requests scoring their prompt look nothing up
+        assert stats["prefix_block_hit_tokens"] <= stats["prefix_hit_tokens"] < stats["prefix_lookup_tokens"]
     cache.evict(num_blocks)
     assert not cache.cached and blocks.num_free == num_blocks

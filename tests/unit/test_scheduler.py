@@ -34,10 +34,8 @@ def check_blocks(sched: Scheduler, blocks: BlockManager):
     assert all(not r.block_table for r in sched.waiting), "a waiting request holds blocks"
 
 
-@settings(max_examples=60, deadline=None)
-# prompt-scoring requests (the 4th field) are left out: with them this test finds a livelock (open, issue 23:
-# requests [(32, 1, 0, False), (38, 1, 0, True), ...] ran 1540 steps)
-@given(requests=st.lists(st.tuples(st.integers(1, 60), st.integers(1, 12), st.integers(0, 3), st.just(False)),
+@settings(max_examples=100, deadline=None)
+@given(requests=st.lists(st.tuples(st.integers(1, 60), st.integers(1, 12), st.integers(0, 3), st.booleans()),
                          min_size=1, max_size=12),
        arrivals=st.lists(st.integers(0, 6), min_size=12, max_size=12),
        budget=st.sampled_from([16, 24, 32]), num_blocks=st.integers(17, 40), max_num_seqs=st.integers(1, 4),
@@ -116,3 +114,32 @@ def test_decodes_come_first_then_prefill_fills_the_budget():
     sched.add(b)
     batch = sched.schedule()
     assert [(s.request, s.stage, s.num_tokens) for s in batch.seqs] == [(a, Stage.DECODE, 1), (b, Stage.PREFILL, 15)]
+
+
+def test_a_prompt_scoring_request_cached_below_a_copy_of_its_prefix_is_not_preempted_forever():
+    """A request scoring its prompt computes a cached prefix again; were what follows cached below the old copy,
+    that copy could not be evicted while the request runs, and a prompt as long as the pool would be preempted
+    forever (the livelock hypothesis found). The cache takes the request's copy instead."""
+    config = EngineConfig(block_size=4, max_num_batched_tokens=16, max_num_seqs=1, max_draft_tokens=3)
+    blocks = BlockManager(17, 4)
+    sched = Scheduler(config, blocks, PrefixCache(blocks))
+    first, scorer = make_request(0, 16, 1), make_request(1, 54, 1, scores=True)
+    sched.add(first)
+    sched.add(scorer)
+    for _ in range(30):
+        batch = sched.schedule()
+        assert not batch.preempted
+        for seq in batch.seqs:
+            req = seq.request
+            if req.scores_prompt:
+                req.prompt_logprobs += [{}] * (min(54, req.num_computed + seq.num_tokens + 1) - len(req.prompt_logprobs))
+            req.num_computed += seq.num_tokens
+            sched.cache_computed(req)
+            if seq.appends:
+                req.token_ids.append(3)
+                sched.remove(req)
+                req.status = Status.FINISHED
+        if not sched.has_unfinished():
+            break
+    assert first.finished and scorer.finished and len(scorer.prompt_logprobs) == 54
+    assert blocks.num_free + len(sched.cache.cached) == 17        # no block leaked

@@ -48,17 +48,21 @@ class PrefixCache:
 
     def match(self, tokens: list[int]) -> tuple[int, list[int]]:
         """The longest cached prefix of ``tokens``: its length in tokens and the ceil(length / block_size)
-        blocks holding it (owned by the cache: share them to use them). Marks the path recently used."""
+        blocks holding it (owned by the cache: share them to use them). Marks the path recently used; a match
+        ending inside a node splits it there."""
         bs, now = self.block_size, next(self._clock)
         node, pos, table = self.root, 0, []
         while pos < len(tokens) and tokens[pos] in node.children:
             node = node.children[tokens[pos]]
             n = _common(node.tokens, tokens, pos)
+            inside = n < len(node.tokens)
+            if inside:                         # the rest becomes a leaf, which eviction frees while this prefix is used
+                node = self._split(node, n)
             node.last_access = now
             first = node.start // bs
             table[first:] = node.blocks[:(pos + n - 1) // bs - first + 1]
             pos += n
-            if n < len(node.tokens):
+            if inside:
                 break
         if len(table) * bs < pos:              # the match ends in a block the node leaves to its children
             node = next(iter(node.children.values()))
@@ -86,7 +90,23 @@ class PrefixCache:
             child.last_access = now
             if n < len(child.tokens) and pos + n < len(tokens):
                 child = self._split(child, n)
+            self._adopt(child, table, pos + n)
             node, pos = child, pos + n
+
+    def _adopt(self, node: Node, table: list[int], end: int) -> None:
+        """Let ``node`` own the blocks of ``table`` that hold the same tokens as its own in full (positions below
+        ``end``): a request that computed a cached prefix without sharing it (one scoring its prompt) caches what
+        follows below it, and a node above blocks a request holds must hold them too, or eviction (leaves first)
+        could not free it while the request runs."""
+        first = node.start // self.block_size
+        for k, block in enumerate(node.blocks):
+            if (first + k + 1) * self.block_size > end:
+                break
+            mine = table[first + k]
+            if mine != block:
+                self._release(block)
+                self._hold(mine)
+                node.blocks[k] = mine
 
     def evict(self, num_blocks: int) -> int:
         """Drop least recently used leaves no request holds a block of until ``num_blocks`` blocks are back in
