@@ -18,7 +18,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <utility>
 #include <cstring>
 
 #include "avx512_sums.h"
@@ -32,9 +34,8 @@ namespace {
 using namespace blocks;
 
 constexpr int64_t kChunk = 64;         // inputs per chunk: 64 bytes, two activation groups
-constexpr int64_t kColumns = 32;       // weight rows per block (kept in cache across the x row blocks)
-constexpr int64_t kPrefetchRows = 8;   // how far ahead of a block's rows the stream is prefetched
 constexpr int64_t kMaxRows = 8;        // x rows per pass over the weights
+constexpr int NrFor(int mr) { return mr <= 2 ? 4 : 2; }   // weight rows per register block
 
 // The zero point that makes format Q's integers unsigned bytes (u = qw + Z <= 255).
 template <int Q>
@@ -196,48 +197,14 @@ void Block(const QuantRows& x, int64_t t, const uint8_t* w, float* c, int64_t ld
   StoreSums<MR, NR>(acc, c, ldc);
 }
 
-// MR x rows against n weight rows, NR at a time (4 for up to 2 x rows, else 2), then singly.
-template <int Q, int MR>
-void Rows(const QuantRows& x, int64_t t, const uint8_t* w, int64_t n, float* c, int64_t ldc, const uint8_t* pf) {
-  constexpr int NR = MR <= 2 ? 4 : 2;
-  const int64_t row_bytes = x.K / BlockInputs(Q) * BlockBytes(Q);
-  int64_t j = 0;
-  for (; j + NR <= n; j += NR) Block<Q, MR, NR>(x, t, w + j * row_bytes, c + j, ldc, pf ? pf + j * row_bytes : nullptr);
-  for (; j < n; ++j) Block<Q, MR, 1>(x, t, w + j * row_bytes, c + j, ldc, pf ? pf + j * row_bytes : nullptr);
-}
-
-using RowsFn = void (*)(const QuantRows&, int64_t, const uint8_t*, int64_t, float*, int64_t, const uint8_t*);
-template <int Q>
-constexpr RowsFn kRows[kMaxRows + 1] = {nullptr,    Rows<Q, 1>, Rows<Q, 2>, Rows<Q, 3>, Rows<Q, 4>,
-                                        Rows<Q, 5>, Rows<Q, 6>, Rows<Q, 7>, Rows<Q, 8>};
-
-// Blocks of kColumns weight rows, each against every block of up to kMaxRows x rows (the first prefetching the
-// next rows): the weights one forward stream, read once.
-template <int Q>
-void Gemm(int64_t m, int64_t n, const QuantRows& x, const uint8_t* w, float* c, int64_t ldc) {
-  const int64_t row_bytes = x.K / BlockInputs(Q) * BlockBytes(Q);
-  for (int64_t j0 = 0; j0 < n; j0 += kColumns) {
-    const int64_t columns = std::min(kColumns, n - j0);
-    const uint8_t* block = w + j0 * row_bytes;
-    for (int64_t t = 0; t < m; t += kMaxRows) {
-      kRows<Q>[std::min(kMaxRows, m - t)](x, t, block, columns, c + t * ldc + j0, ldc,
-                                          t == 0 ? block + kPrefetchRows * row_bytes : nullptr);
-    }
-  }
-}
+#include "smooth_gemm_kernel_int8.inc"
 
 }  // namespace
 
 // c [m, n] (row stride ldc) = x (m quantized rows of K) @ dequant(w [n, row_bytes])^T, single-threaded.
 void Int8GemmAvx512Vnni(int qtype, int64_t m, int64_t n, const QuantRows& x, const uint8_t* w, float* c,
                         int64_t ldc) {
-  switch (qtype) {
-    case kQ8_0: return Gemm<kQ8_0>(m, n, x, w, c, ldc);
-    case kQ4_0: return Gemm<kQ4_0>(m, n, x, w, c, ldc);
-    case kQ4_1: return Gemm<kQ4_1>(m, n, x, w, c, ldc);
-    case kQ4_K: return Gemm<kQ4_K>(m, n, x, w, c, ldc);
-    case kQ6_K: return Gemm<kQ6_K>(m, n, x, w, c, ldc);
-  }
+  Int8GemmAny(qtype, m, n, x, w, c, ldc);
 }
 
 }  // namespace gemm
