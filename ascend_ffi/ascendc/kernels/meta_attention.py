@@ -1,0 +1,101 @@
+"""Meta-Attention as an asctile kernel (pyasc-dev's tile language for Ascend): one launch for a hybrid
+P/D/V batch over the paged KV cache, driven by the tile contract's task table.
+
+Runs on CPU under asctile's NumPy interpreter (``ASCTILE_INTERPRET=1``) and translates to AscendC C++
+(``ascend_ffi/ascendc/translate.py``); compiling and running that C++ needs CANN and an NPU, which no machine
+of this project has had. The pipeline is the 4-stage form (QK^T on the cube, online softmax with the
+FlashAttention rescale on the vector units, PV on the cube, rescale-and-accumulate); asctile places the stages
+on the AIC/AIV cores and inserts the cross-core hand-off itself.
+
+Operands (the host side, ``xyjax.ops.attention.ascend_tiling``, builds every one of them):
+    q         [KVH * TP * G, D] float16: query rows packed per KV head, row (h * TP + t) * G + g = token t,
+              query head h * G + g (TP = T + tile rows, so a tile never reads past the array).
+    k, v      [NB * KVH * P, D] float16: one layer's cache [NB, KVH, P, D] flattened.
+    tables    [S * PAGES] int32: block tables.
+    tasks     [W * F] int32: the task table (F = 11 fields, ``tile_contract.h``).
+    deal      [W] int32: task indices in the order the cores take them; core c runs deal[offs[c]:offs[c + 1]].
+    offs      [C + 1] int32.
+    cols      [R, P] int32: column index c; rtok [R, P] int32: c - r // G (R = tile * G rows of a task).
+    tree      [TP * G, P + MT + P] int32: the tree mask per packed row, column p - mask_base + P (zero elsewhere).
+Outputs per task slot w (the host merges KV splits by log-sum-exp):
+    out       [W * R, D] float32: the normalised partial output of each row.
+    lse       [W * R] float32: its log-sum-exp, -inf where the row sees no position.
+"""
+
+import asc.experimental.asctile as asctile
+
+F = 11                       # XYJAX_TASK_NUM_FIELDS
+SEQ, Q_START, Q_LEN, Q_POS, KV_START, KV_END, KV_HEAD, MASK_KIND, MASK_BASE = range(9)
+FAR = 1 << 30                # a column bound no position reaches
+NEG = -1.0e30                # masked score (finite: exp(NEG - NEG) stays defined)
+
+
+@asctile.jit
+def scalar(gm: asctile.GlobalTensor, index: int):
+    """gm[index] as a scalar, through a one-element tile (asctile's interpreter has no scalar load)."""
+    return asctile.reduce_max(asctile.copy_in(gm, [index], [1]))
+
+
+@asctile.jit
+def meta_attention(q_ptr: asctile.GlobalAddress, k_ptr: asctile.GlobalAddress, v_ptr: asctile.GlobalAddress,
+                   tables_ptr: asctile.GlobalAddress, tasks_ptr: asctile.GlobalAddress, deal_ptr: asctile.GlobalAddress,
+                   offs_ptr: asctile.GlobalAddress, cols_ptr: asctile.GlobalAddress, rtok_ptr: asctile.GlobalAddress,
+                   tree_ptr: asctile.GlobalAddress, out_ptr: asctile.GlobalAddress, lse_ptr: asctile.GlobalAddress,
+                   q_rows: int, kv_rows: int, num_tables: int, num_slots: int, tree_rows: int,
+                   scale: float, R: asctile.ConstExpr, G: asctile.ConstExpr, D: asctile.ConstExpr, P: asctile.ConstExpr,
+                   PAGES: asctile.ConstExpr, KVH: asctile.ConstExpr, TP: asctile.ConstExpr, MTW: asctile.ConstExpr):
+    q_gm = asctile.global_tensor(q_ptr, [q_rows, D])
+    k_gm = asctile.global_tensor(k_ptr, [kv_rows, D])
+    v_gm = asctile.global_tensor(v_ptr, [kv_rows, D])
+    tables = asctile.global_tensor(tables_ptr, [num_tables])
+    tasks = asctile.global_tensor(tasks_ptr, [num_slots * F])
+    deal = asctile.global_tensor(deal_ptr, [num_slots])
+    offs = asctile.global_tensor(offs_ptr, [asctile.block_num() + 1])
+    tree_gm = asctile.global_tensor(tree_ptr, [tree_rows, MTW])
+    out_gm = asctile.global_tensor(out_ptr, [num_slots * R, D])
+    lse_gm = asctile.global_tensor(lse_ptr, [num_slots * R])
+    cols = asctile.copy_in(asctile.global_tensor(cols_ptr, [R, P]), [0, 0], [R, P])
+    rtok = asctile.copy_in(asctile.global_tensor(rtok_ptr, [R, P]), [0, 0], [R, P])
+    core = asctile.block_idx()
+    for i in asctile.range(scalar(offs, core), scalar(offs, core + 1)):
+        w = scalar(deal, i)
+        seq = scalar(tasks, w * F + SEQ)
+        q_start = scalar(tasks, w * F + Q_START)
+        q_pos = scalar(tasks, w * F + Q_POS)
+        kv_start = scalar(tasks, w * F + KV_START)
+        kv_end = scalar(tasks, w * F + KV_END)
+        head = scalar(tasks, w * F + KV_HEAD)
+        is_tree = scalar(tasks, w * F + MASK_KIND)
+        base = scalar(tasks, w * F + MASK_BASE)
+        q = asctile.copy_in(q_gm, [(head * TP + q_start) * G, 0], [R, D])
+        peak = asctile.full([R, 1], NEG, dtype=asctile.float32)
+        denom = asctile.zeros([R, 1], dtype=asctile.float32)
+        acc = asctile.zeros([R, D], dtype=asctile.float32)
+        for j in asctile.range(kv_start // P, (kv_end + P - 1) // P):
+            page = scalar(tables, seq * PAGES + j)
+            row = (page * KVH + head) * P
+            k = asctile.copy_in(k_gm, [row, 0], [P, D])
+            v = asctile.copy_in(v_gm, [row, 0], [P, D])
+            s = asctile.matmul(q, k.T) * scale                                      # stage 1: QK^T (cube)
+            first = j * P
+            # a row sees column c iff kv_start <= first + c < kv_end and (CAUSAL) c - r // G <= q_pos - first
+            # or (TREE) first + c < base or its tree bit is set; the unused test gets a bound no column reaches
+            s = asctile.where(cols >= kv_start - first, s, NEG)
+            s = asctile.where(cols < kv_end - first, s, NEG)
+            s = asctile.where(rtok <= q_pos - first + is_tree * FAR, s, NEG)
+            tcol = min(max(first - base + P, 0), MTW - P)
+            bits = asctile.copy_in(tree_gm, [q_start * G, tcol], [R, P])
+            s = asctile.where(asctile.maximum(bits, asctile.where(cols < base - first + (1 - is_tree) * FAR, 1, 0)) > 0, s, NEG)
+            new_peak = asctile.maximum(peak, asctile.reduce_max(s, 1, keep_dims=True))
+            # stage 2: online softmax; the reference point never drops below NEG / 2, so masked scores give 0
+            p = asctile.exp(s - asctile.maximum(new_peak, NEG / 2))
+            alpha = asctile.exp(peak - new_peak)
+            denom = denom * alpha + asctile.reduce_sum(p, 1, keep_dims=True)
+            pv = asctile.zeros_acc([R, D], asctile.float32)
+            asctile.matmul_acc(pv, p.to(asctile.float16), v)                       # stage 3: PV (cube)
+            acc = acc * alpha + pv                                              # stage 4: rescale, accumulate
+            peak = new_peak
+        live = denom > 0.0
+        asctile.copy_out(acc / asctile.where(live, denom, 1.0), out_gm, [w * R, 0])
+        lse = asctile.where(live, peak + asctile.log(asctile.where(live, denom, 1.0)), float("-inf"))
+        asctile.copy_out(lse.reshape(R), lse_gm, [w * R])
