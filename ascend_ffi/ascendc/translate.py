@@ -7,13 +7,19 @@ The route is asctile's own ``kernel[cores](...)`` path up to the point where it 
 the JIT function's codegen (with its default options), then its ``Compiler``'s passes and the AscendC translation.
 The Compiler is made without ``__init__``, which asks CANN's runtime for the SoC and looks ``bisheng`` up; the
 SoC is set to Ascend910B1 instead. Each variant is one specialisation (the ConstExpr values and pointer dtypes
-below): a CANN build compiles exactly these."""
+below): a CANN build compiles exactly these. The output is deterministic under a fixed hash seed, which the
+script sets for itself."""
 
 import argparse
 import difflib
 import inspect
+import os
 import pathlib
 import sys
+
+if os.environ.get("PYTHONHASHSEED") != "0":   # pyasc's codegen numbers values in set order: fix the hash seed
+    os.environ["PYTHONHASHSEED"] = "0"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
 
 from asc._C import translation
 from asc.codegen.specialization import Specialization

@@ -829,9 +829,9 @@ extern "C"  __global__ __aicore__ void meta_attention(__gm__ half* v1_q_ptr, __g
     AscendC::LocalTensor<float> v507;
     AscendC::LocalTensor<float> v508;
     AscendC::LocalTensor<float> v509;
-    AscendC::LocalTensor<float> v510 = v22;
-    AscendC::LocalTensor<float> v511 = v26;
-    AscendC::LocalTensor<float> v512 = v24;
+    AscendC::LocalTensor<float> v510 = v24;
+    AscendC::LocalTensor<float> v511 = v22;
+    AscendC::LocalTensor<float> v512 = v26;
     for (int32_t v513 = v504; v513 < v506; v513 += c1_i32) {
       int32_t v514;
       if ASCEND_IS_AIV {
@@ -1054,7 +1054,7 @@ extern "C"  __global__ __aicore__ void meta_attention(__gm__ half* v1_q_ptr, __g
           AscendC::ReduceMax<float, AscendC::Pattern::Reduce::AR, false>(v161, v163, v159, shape, false);
         };
         AscendC::PipeBarrier<PIPE_V>();
-        AscendC::Max(v157, v510, v161, c128_i64);
+        AscendC::Max(v157, v511, v161, c128_i64);
         AscendC::PipeBarrier<PIPE_V>();
         AscendC::Maxs<float, 0>(v155, v157, cm5_00000008Ep29_f32, c128_i64);
         AscendC::PipeBarrier<PIPE_V>();
@@ -1070,11 +1070,11 @@ extern "C"  __global__ __aicore__ void meta_attention(__gm__ half* v1_q_ptr, __g
         AscendC::PipeBarrier<PIPE_V>();
         AscendC::Exp(v149, v151, c16384_i64);
         AscendC::PipeBarrier<PIPE_V>();
-        AscendC::Sub(v147, v510, v157, c128_i64);
+        AscendC::Sub(v147, v511, v157, c128_i64);
         AscendC::PipeBarrier<PIPE_V>();
         AscendC::Exp(v145, v147, c128_i64);
         AscendC::PipeBarrier<PIPE_V>();
-        AscendC::Mul(v143, v512, v145, c128_i64);
+        AscendC::Mul(v143, v510, v145, c128_i64);
         AscendC::PipeBarrier<PIPE_V>();
         {
           const uint32_t shape[2] = {c128_i32, c128_i32};
@@ -1140,7 +1140,7 @@ extern "C"  __global__ __aicore__ void meta_attention(__gm__ half* v1_q_ptr, __g
           AscendC::Broadcast(v127, v145, dstShape, srcShape, &bcTiling);
         };
         AscendC::PipeBarrier<PIPE_V>();
-        AscendC::Mul(v125, v511, v127, c16384_i64);
+        AscendC::Mul(v125, v512, v127, c16384_i64);
         AscendC::PipeBarrier<PIPE_V>();
         ;
       };
@@ -1165,9 +1165,9 @@ extern "C"  __global__ __aicore__ void meta_attention(__gm__ half* v1_q_ptr, __g
         AscendC::PipeBarrier<PIPE_V>();
         ;
       };
-      v510 = v135;
-      v511 = v123;
-      v512 = v137;
+      v510 = v137;
+      v511 = v135;
+      v512 = v123;
     }
     v507 = v510;
     v508 = v511;
@@ -1179,9 +1179,9 @@ extern "C"  __global__ __aicore__ void meta_attention(__gm__ half* v1_q_ptr, __g
     if ASCEND_IS_AIV {
       AscendC::LocalTensor<uint8_t> v652 = v121.ReinterpretCast<uint8_t>();
       AscendC::UnaryRepeatParams v653{c1_i64, c1_i64, c8_i64, c8_i64};
-      AscendC::CompareScalar(v652, v509, c0_f32, AscendC::CMPMODE::GT, c64_i64, c2_i64, v653);
+      AscendC::CompareScalar(v652, v507, c0_f32, AscendC::CMPMODE::GT, c64_i64, c2_i64, v653);
       AscendC::PipeBarrier<PIPE_V>();
-      AscendC::Select(v119, v652, v509, v34, AscendC::SELMODE::VSEL_TENSOR_TENSOR_MODE, c128_i64);
+      AscendC::Select(v119, v652, v507, v34, AscendC::SELMODE::VSEL_TENSOR_TENSOR_MODE, c128_i64);
       AscendC::PipeBarrier<PIPE_V>();
       {
         const uint32_t dstShape[3] = {c1_i32, c128_i32, c128_i32};
@@ -1192,7 +1192,7 @@ extern "C"  __global__ __aicore__ void meta_attention(__gm__ half* v1_q_ptr, __g
       };
       AscendC::PipeBarrier<PIPE_V>();
       AscendC::LocalTensor<float> v654 = v237.AllocTensor<float>();
-      AscendC::Div(v654, v508, v117, c16384_i64);
+      AscendC::Div(v654, v509, v117, c16384_i64);
       v237.EnQue(v654);
       int32_t v655 = v16_num_slots * c128_i32;
       AscendC::GlobalTensor<float> v656;
@@ -1211,7 +1211,7 @@ extern "C"  __global__ __aicore__ void meta_attention(__gm__ half* v1_q_ptr, __g
       AscendC::PipeBarrier<PIPE_V>();
       AscendC::Ln(v115, v119, c128_i64);
       AscendC::PipeBarrier<PIPE_V>();
-      AscendC::Add(v113, v507, v115, c128_i64);
+      AscendC::Add(v113, v508, v115, c128_i64);
       AscendC::PipeBarrier<PIPE_V>();
       AscendC::LocalTensor<float> v666 = v236.AllocTensor<float>();
       AscendC::Select(v666, v652, v113, v36, AscendC::SELMODE::VSEL_TENSOR_TENSOR_MODE, c128_i64);
