@@ -1,5 +1,5 @@
 """NumPy definitions of the asctile ops our kernels use that asctile's interpreter (pyasc-dev 1.1.1.dev20261026)
-lacks, registered through the interpreter's own ``override`` hook. Import before the kernels, with
+lacks, registered through the interpreter's own ``override`` hook (and the scalar form of ``copy_in``). Import before the kernels, with
 ``ASCTILE_INTERPRET=1``.
 
 These are this project's code, not Huawei's: each follows the op's asctile docstring (elementwise with NumPy
@@ -9,7 +9,7 @@ interpreter itself provides (global tensors, ``copy_in``/``copy_out`` with their
 
 import numpy as np
 from asc.experimental.asctile.interpreter import operations  # noqa: F401  (registers the shipped overrides)
-from asc.experimental.asctile.interpreter.patch import override
+from asc.experimental.asctile.interpreter.patch import override, overrides
 from asc.experimental.asctile.interpreter.types import LocalTensor, dtype_to_numpy
 
 
@@ -19,6 +19,19 @@ def _data(x):
 
 def _ints(shape):
     return tuple(int(s) for s in shape)
+
+
+_copy_in = overrides["copy_in"]
+
+
+def copy_in(src, offsets, shape=None, *args, **kwargs):
+    """The shipped copy_in, plus its scalar form (no shape: the one element at ``offsets``)."""
+    if shape is None:
+        return src.data[tuple(int(o) for o in offsets)].item()
+    return _copy_in(src, offsets, shape, *args, **kwargs)
+
+
+overrides["copy_in"] = copy_in
 
 
 @override("full")

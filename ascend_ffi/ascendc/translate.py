@@ -39,7 +39,7 @@ F16, BF16, I32, F32 = KnownTypes.float16, KnownTypes.bfloat16, KnownTypes.int32,
 
 
 def _attention(tile, group, head_dim, block_size, max_pages, kv_heads, q_pad_rows, tree_cols):
-    ptrs = [F16, F16, F16, I32, I32, I32, I32, I32, I32, I32, F32, F32]
+    ptrs = [F16, F16, F16, I32, I32, I32, I32, I32, I32, I32, F32, F16, F32, F32, F32]
     sizes = [1, 1, 1, 1, 1]                                  # runtime sizes: any value, they stay arguments
     consts = [tile * group, group, head_dim, block_size, max_pages, kv_heads, q_pad_rows, tree_cols]
     return meta_attention, [MockTensor(t) for t in ptrs] + sizes + [0.125] + consts

@@ -125,6 +125,11 @@ def test_generated_attention_structure():
     # the task loop's bounds are read from offs; the block table is read per page
     assert re.search(r"for \(int32_t \w+ = \w+; \w+ < \w+; \w+ \+= c1_i32\)", src)
     assert "v4_tables_ptr" in src and "v5_tasks_ptr" in src
+    # 910B has no on-chip path between cube and vector cores: nothing is fixpiped into UB (a C310 path); S and PV
+    # leave L0C for the GM workspaces (Fixpipe), the cube signals after it (PIPE_FIX) and the vector side waits
+    assert "C310" not in src
+    assert re.search(r"void meta_attention\(.*s_ws_ptr.*p_ws_ptr.*pv_ws_ptr", src)
+    assert src.count("AscendC::Fixpipe<") >= 2 and "CrossCoreSetFlag<4, PIPE_FIX>" in src
 
 
 def test_generated_gemm_structure():
@@ -136,6 +141,7 @@ def test_generated_gemm_structure():
         assert "AscendC::GetBlockIdx()" in src and "AscendC::GetBlockNum()" in src
         # virtual padding: the x load's row count is clamped to the real rows (min(max(m - row, 0), M_TILE))
         assert re.search(r"\(\(\w+ < c32_i32\) \? \(\w+\) : \(c32_i32\)\)", src)
+        assert "C310" not in src
     assert "bfloat16_t" in GENERATED["smooth_gemm_bf16_m32_n256_k4096"]
 
 
@@ -169,7 +175,7 @@ def run_attention(meta, q, kv, tmp_path, cores):
         arrays = at.attention_operands(q, k, v, meta.block_tables, g.tasks, meta.tree_mask, tiling)
         out = np.zeros((tiling.num_slots * tiling.rows, head_dim), np.float32)
         lse = np.zeros(tiling.num_slots * tiling.rows, np.float32)
-        res = interpret("meta_attention", cores, arrays + [out, lse], at.scalar_arguments(tiling), tmp_path)
+        res = interpret("meta_attention", cores, arrays + at.workspaces(tiling) + [out, lse], at.scalar_arguments(tiling), tmp_path)
         parts.append(at.partial_parts(g.tasks, g.num_tasks, res[-2], res[-1], tiling, num_tokens))
     return np.asarray(merge_partials(q.shape, [tuple(map(jnp.asarray, p)) for p in parts])[0])
 

@@ -4,8 +4,9 @@ P/D/V batch over the paged KV cache, driven by the tile contract's task table.
 Runs on CPU under asctile's NumPy interpreter (``ASCTILE_INTERPRET=1``) and translates to AscendC C++
 (``ascend_ffi/ascendc/translate.py``); compiling and running that C++ needs CANN and an NPU, which no machine
 of this project has had. The pipeline is the 4-stage form (QK^T on the cube, online softmax with the
-FlashAttention rescale on the vector units, PV on the cube, rescale-and-accumulate); asctile places the stages
-on the AIC/AIV cores and inserts the cross-core hand-off itself.
+FlashAttention rescale on the vector units, PV on the cube, rescale-and-accumulate). The scores, probabilities
+and PV products pass between cube and vector cores through per-core GM workspaces (a 910B has no on-chip path
+between them); asctile splits the code into AIC and AIV parts and inserts the cross-core flags.
 
 Operands (the host side, ``xyjax.ops.attention.ascend_tiling``, builds every one of them):
     q         [KVH * TP * G, D] float16: query rows packed per KV head, row (h * TP + t) * G + g = token t,
@@ -17,6 +18,7 @@ Operands (the host side, ``xyjax.ops.attention.ascend_tiling``, builds every one
     offs      [C + 1] int32.
     cols      [R, P] int32: column index c; rtok [R, P] int32: c - r // G (R = tile * G rows of a task).
     tree      [TP * G, P + MT + P] int32: the tree mask per packed row, column p - mask_base + P (zero elsewhere).
+    s_ws, p_ws, pv_ws  [C * R, P] float32, [C * R, P] float16, [C * R, D] float32: workspaces, R rows per core.
 Outputs per task slot w (the host merges KV splits by log-sum-exp):
     out       [W * R, D] float32: the normalised partial output of each row.
     lse       [W * R] float32: its log-sum-exp, -inf where the row sees no position.
@@ -31,16 +33,11 @@ NEG = -1.0e30                # masked score (finite: exp(NEG - NEG) stays define
 
 
 @asctile.jit
-def scalar(gm: asctile.GlobalTensor, index: int):
-    """gm[index] as a scalar, through a one-element tile (asctile's interpreter has no scalar load)."""
-    return asctile.reduce_max(asctile.copy_in(gm, [index], [1]))
-
-
-@asctile.jit
 def meta_attention(q_ptr: asctile.GlobalAddress, k_ptr: asctile.GlobalAddress, v_ptr: asctile.GlobalAddress,
                    tables_ptr: asctile.GlobalAddress, tasks_ptr: asctile.GlobalAddress, deal_ptr: asctile.GlobalAddress,
                    offs_ptr: asctile.GlobalAddress, cols_ptr: asctile.GlobalAddress, rtok_ptr: asctile.GlobalAddress,
-                   tree_ptr: asctile.GlobalAddress, out_ptr: asctile.GlobalAddress, lse_ptr: asctile.GlobalAddress,
+                   tree_ptr: asctile.GlobalAddress, s_ws_ptr: asctile.GlobalAddress, p_ws_ptr: asctile.GlobalAddress,
+                   pv_ws_ptr: asctile.GlobalAddress,                    out_ptr: asctile.GlobalAddress, lse_ptr: asctile.GlobalAddress,
                    q_rows: int, kv_rows: int, num_tables: int, num_slots: int, tree_rows: int,
                    scale: float, R: asctile.ConstExpr, G: asctile.ConstExpr, D: asctile.ConstExpr, P: asctile.ConstExpr,
                    PAGES: asctile.ConstExpr, KVH: asctile.ConstExpr, TP: asctile.ConstExpr, MTW: asctile.ConstExpr):
@@ -54,29 +51,38 @@ def meta_attention(q_ptr: asctile.GlobalAddress, k_ptr: asctile.GlobalAddress, v
     tree_gm = asctile.global_tensor(tree_ptr, [tree_rows, MTW])
     out_gm = asctile.global_tensor(out_ptr, [num_slots * R, D])
     lse_gm = asctile.global_tensor(lse_ptr, [num_slots * R])
+    # per-core GM workspaces: on a 910B the cube and vector units share no on-chip memory, so S, P and PV
+    # travel through global memory (L2), as in catlass's flash-attention example
+    s_ws = asctile.global_tensor(s_ws_ptr, [asctile.block_num() * R, P])
+    p_ws = asctile.global_tensor(p_ws_ptr, [asctile.block_num() * R, P])
+    pv_ws = asctile.global_tensor(pv_ws_ptr, [asctile.block_num() * R, D])
+    ws_row = asctile.block_idx() * R
     cols = asctile.copy_in(asctile.global_tensor(cols_ptr, [R, P]), [0, 0], [R, P])
     rtok = asctile.copy_in(asctile.global_tensor(rtok_ptr, [R, P]), [0, 0], [R, P])
     core = asctile.block_idx()
-    for i in asctile.range(scalar(offs, core), scalar(offs, core + 1)):
-        w = scalar(deal, i)
-        seq = scalar(tasks, w * F + SEQ)
-        q_start = scalar(tasks, w * F + Q_START)
-        q_pos = scalar(tasks, w * F + Q_POS)
-        kv_start = scalar(tasks, w * F + KV_START)
-        kv_end = scalar(tasks, w * F + KV_END)
-        head = scalar(tasks, w * F + KV_HEAD)
-        is_tree = scalar(tasks, w * F + MASK_KIND)
-        base = scalar(tasks, w * F + MASK_BASE)
+    for i in asctile.range(asctile.copy_in(offs, [core]), asctile.copy_in(offs, [core + 1])):
+        w = asctile.copy_in(deal, [i])
+        seq = asctile.copy_in(tasks, [w * F + SEQ])
+        q_start = asctile.copy_in(tasks, [w * F + Q_START])
+        q_pos = asctile.copy_in(tasks, [w * F + Q_POS])
+        kv_start = asctile.copy_in(tasks, [w * F + KV_START])
+        kv_end = asctile.copy_in(tasks, [w * F + KV_END])
+        head = asctile.copy_in(tasks, [w * F + KV_HEAD])
+        is_tree = asctile.copy_in(tasks, [w * F + MASK_KIND])
+        base = asctile.copy_in(tasks, [w * F + MASK_BASE])
         q = asctile.copy_in(q_gm, [(head * TP + q_start) * G, 0], [R, D])
         peak = asctile.full([R, 1], NEG, dtype=asctile.float32)
         denom = asctile.zeros([R, 1], dtype=asctile.float32)
         acc = asctile.zeros([R, D], dtype=asctile.float32)
         for j in asctile.range(kv_start // P, (kv_end + P - 1) // P):
-            page = scalar(tables, seq * PAGES + j)
+            page = asctile.copy_in(tables, [seq * PAGES + j])
             row = (page * KVH + head) * P
             k = asctile.copy_in(k_gm, [row, 0], [P, D])
             v = asctile.copy_in(v_gm, [row, 0], [P, D])
-            s = asctile.matmul(q, k.T) * scale                                      # stage 1: QK^T (cube)
+            qk = asctile.zeros_acc([R, P], asctile.float32)                    # stage 1: QK^T (cube)
+            asctile.matmul_acc(qk, q, k.T)
+            asctile.copy_out(qk, s_ws, [ws_row, 0])
+            s = asctile.copy_in(s_ws, [ws_row, 0], [R, P]) * scale
             first = j * P
             # a row sees column c iff kv_start <= first + c < kv_end and (CAUSAL) c - r // G <= q_pos - first
             # or (TREE) first + c < base or its tree bit is set; the unused test gets a bound no column reaches
@@ -91,8 +97,11 @@ def meta_attention(q_ptr: asctile.GlobalAddress, k_ptr: asctile.GlobalAddress, v
             p = asctile.exp(s - asctile.maximum(new_peak, NEG / 2))
             alpha = asctile.exp(peak - new_peak)
             denom = denom * alpha + asctile.reduce_sum(p, 1, keep_dims=True)
-            pv = asctile.zeros_acc([R, D], asctile.float32)
-            asctile.matmul_acc(pv, p.to(asctile.float16), v)                       # stage 3: PV (cube)
+            asctile.copy_out(p.to(asctile.float16), p_ws, [ws_row, 0])
+            pv = asctile.zeros_acc([R, D], asctile.float32)                    # stage 3: PV (cube)
+            asctile.matmul_acc(pv, asctile.copy_in(p_ws, [ws_row, 0], [R, P]), v)
+            asctile.copy_out(pv, pv_ws, [ws_row, 0])
+            pv = asctile.copy_in(pv_ws, [ws_row, 0], [R, D])
             acc = acc * alpha + pv                                              # stage 4: rescale, accumulate
             peak = new_peak
         live = denom > 0.0

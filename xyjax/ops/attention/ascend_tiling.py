@@ -124,6 +124,13 @@ def attention_operands(q, k, v, block_tables, tasks, tree_mask, tiling: Attentio
             np.repeat(tree, t.group, axis=0)]
 
 
+def workspaces(t: AttentionTiling) -> list[np.ndarray]:
+    """The kernel's per-core GM workspaces (S, P, PV; the cube-vector hand-off), zeroed."""
+    rows = t.num_cores * t.rows
+    return [np.zeros((rows, t.block_size), np.float32), np.zeros((rows, t.block_size), np.float16),
+            np.zeros((rows, t.head_dim), np.float32)]
+
+
 def scalar_arguments(t: AttentionTiling) -> list:
     """The kernel's runtime scalars, then its ConstExpr values, in its parameter order."""
     return [t.q_rows, t.kv_rows, t.num_tables, t.num_slots, t.tree_rows, t.scale, t.rows, t.group, t.head_dim,
