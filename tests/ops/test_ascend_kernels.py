@@ -19,7 +19,7 @@ from xyjax.ops.attention.contract import Field, MaskKind
 from xyjax.ops.attention.metadata import merge_partials
 from xyjax.ops.attention.tiling import attention_metadata
 from xyjax.ops.attention.xla import attend_xla
-from xyjax.ops.gemm.ascend_tiling import GemmTiling, gemm_tiling
+from xyjax.ops.gemm.ascend_tiling import SHAPES as GEMM_SHAPES, GemmTiling, gemm_tiling
 from xyjax.ops.kv_cache import KVCache
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -81,8 +81,9 @@ def test_pipeline_rule():
 
 def test_gemm_tiling():
     t = gemm_tiling(5, 4096, 11008, {"n_tile": 256, "order": 1})
-    assert (t.m_tile, t.n_tile, t.k_tile, t.order) == (16, 256, 256, 1)
+    assert (t.m_tile, t.n_tile, t.k_tile, t.order) == (16, 256, 128, 1)
     assert gemm_tiling(300, 4096, 4096).m_tile == 128
+    assert gemm_tiling(60, 4096, 4096, {"n_tile": 256}).m_tile == 32     # 64 x 256 is not among the shapes
     with pytest.raises(ValueError, match="n_tile"):
         gemm_tiling(5, 4096, 100)
 
@@ -115,9 +116,9 @@ def test_ctypes_mirror_matches_header(mirror, struct, tmp_path):
 # ---- the AscendC kept in the tree -----------------------------------------------------------------------
 
 def test_generated_attention_structure():
-    src = GENERATED["meta_attention_t16_g8_d128_p128"]
+    src = GENERATED["meta_attention_t16_g1_d128_p16"]
     assert "kernel type MIX_AIC_1_2" in src                                 # cube and vector cores
-    assert re.search(r"__global__ __aicore__ void meta_attention\(", src)
+    assert re.search(r"__global__ __aicore__ void meta_attention_t16_g1_d128_p16\(", src)
     assert "AscendC::GetBlockIdx()" in src                                  # the core's slice of the deal
     assert src.count("AscendC::Mmad") >= 2                                 # QK^T and PV on the cube
     assert "ASCEND_IS_AIC" in src and "ASCEND_IS_AIV" in src
@@ -129,21 +130,25 @@ def test_generated_attention_structure():
     # 910B has no on-chip path between cube and vector cores: nothing is fixpiped into UB (a C310 path); S and PV
     # leave L0C for the GM workspaces (Fixpipe), the cube signals after it (PIPE_FIX) and the vector side waits
     assert "C310" not in src
-    assert re.search(r"void meta_attention\(.*s_ws_ptr.*p_ws_ptr.*pv_ws_ptr", src)
+    assert re.search(r"void meta_attention_\w+\(.*s_ws_ptr.*p_ws_ptr.*pv_ws_ptr", src)
     assert src.count("AscendC::Fixpipe<") >= 2 and "CrossCoreSetFlag<4, PIPE_FIX>" in src
 
 
 def test_generated_gemm_structure():
-    for stem in ("smooth_gemm_f16_m32_n128_k4096", "smooth_gemm_bf16_m32_n256_k4096"):
-        src = GENERATED[stem]
-        assert re.search(r"__global__ __aicore__ void smooth_gemm\(", src)
-        assert "AscendC::Mmad" in src
+    # one kernel per dtype and tile shape the host may pick
+    assert {stem for stem in GENERATED if stem.startswith("smooth_gemm")} == {
+        f"smooth_gemm_{dt}_m{mt}_n{nt}_k4096" for dt in ("f16", "bf16") for mt, nt in GEMM_SHAPES}
+    for stem, src in GENERATED.items():
+        if not stem.startswith("smooth_gemm"):
+            continue
+        mt = stem.split("_m")[1].split("_")[0]
+        assert re.search(rf"__global__ __aicore__ void {stem}\(", src)
+        assert "AscendC::Mmad" in src and "C310" not in src
         # tiles over cores: for (tile = GetBlockIdx(); tile < ...; tile += GetBlockNum())
         assert "AscendC::GetBlockIdx()" in src and "AscendC::GetBlockNum()" in src
         # virtual padding: the x load's row count is clamped to the real rows (min(max(m - row, 0), M_TILE))
-        assert re.search(r"\(\(\w+ < c32_i32\) \? \(\w+\) : \(c32_i32\)\)", src)
-        assert "C310" not in src
-    assert "bfloat16_t" in GENERATED["smooth_gemm_bf16_m32_n256_k4096"]
+        assert re.search(rf"\(\(\w+ < c{mt}_i32\) \? \(\w+\) : \(c{mt}_i32\)\)", src), stem
+        assert ("bfloat16_t" in src) == ("_bf16_" in stem)
 
 
 def test_generated_matches_fresh_translation():
@@ -203,9 +208,11 @@ def test_interpreted_attention_fig7(tmp_path):
     assert err < ERROR
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_interpreted_attention_random_tables(seed, tmp_path):
-    """Random hybrid batches: chunks with history, decodes, KV splits and a token tree."""
+@pytest.mark.parametrize("seed,num_heads,num_kv_heads,head_dim", [(1, 4, 2, 64), (2, 2, 2, 128)])
+def test_interpreted_attention_random_tables(seed, num_heads, num_kv_heads, head_dim, tmp_path):
+    """Random hybrid batches: chunks with history, decodes, KV splits and a token tree. The second case runs the
+    specialisations kept in generated/ (tiles 16 and 1, one query head per KV head, head_dim 128, block 16,
+    trees up to 64 tokens)."""
     asctile_python()
     rng = np.random.default_rng(seed)
     num_seqs, block_size = 5, 16
@@ -219,11 +226,11 @@ def test_interpreted_attention_random_tables(seed, tmp_path):
     pages = -(-kv_len.max() // block_size)
     tables = rng.permutation(num_seqs * pages).reshape(num_seqs, pages).astype(np.int32)
     q_start = np.concatenate([[0], np.cumsum(q_len)[:-1]])
-    meta = attention_metadata(q_start, q_len, kv_len, tables, num_kv_heads=2, tile=16, block_size=block_size,
-                              max_splits=3, lanes=4, min_split_kv=32, trees=trees, max_tree=48)
+    meta = attention_metadata(q_start, q_len, kv_len, tables, num_kv_heads=num_kv_heads, tile=16,
+                              block_size=block_size, max_splits=3, lanes=4, min_split_kv=32, trees=trees, max_tree=64)
     tasks = np.concatenate([np.asarray(g.tasks)[:int(g.num_tasks)] for g in meta.groups])
     assert (tasks[:, Field.NUM_SPLITS] > 1).any() and (tasks[:, Field.MASK_KIND] == MaskKind.TREE).any()          # some task is split, some is TREE
-    q, kv, oracle = random_inputs(meta, int(q_len.sum()), tables.size, rng)
+    q, kv, oracle = random_inputs(meta, int(q_len.sum()), tables.size, rng, num_heads, num_kv_heads, head_dim)
     err = np.abs(run_attention(meta, q, kv, tmp_path, cores=4) - oracle).max()
     print(f"random tables (seed {seed}): max abs error {err:.2e} vs the xla oracle")
     assert err < ERROR
@@ -240,7 +247,7 @@ def test_interpreted_gemm(m, n_tile, order, tmp_path):
     w = rng.standard_normal((n, k)).astype(np.float16)
     t = gemm_tiling(m, k, n, {"n_tile": n_tile, "order": order}, num_cores=3)
     out = np.full((t.m_tile, n), np.nan, np.float16)   # one whole tile of rows: those past m must stay untouched
-    scalars = [t.m, t.n, t.m_tile, t.n_tile, t.k_tile, t.k, t.order]
+    scalars = [t.m, t.n, t.order, t.m_tile, t.n_tile, t.k_tile, t.k]
     got = interpret("smooth_gemm", t.num_cores, [x, w, out], scalars, tmp_path)[2].astype(np.float32)
     oracle = np.asarray(gemm_xla(jnp.asarray(x), jnp.asarray(w), m, None, True, {})).astype(np.float32)
     assert np.isnan(got[m:]).all()                     # virtual padding: no output row past m is written

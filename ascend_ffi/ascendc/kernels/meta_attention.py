@@ -38,9 +38,9 @@ def meta_attention(q_ptr: asctile.GlobalAddress, k_ptr: asctile.GlobalAddress, v
                    offs_ptr: asctile.GlobalAddress, cols_ptr: asctile.GlobalAddress, rtok_ptr: asctile.GlobalAddress,
                    tree_ptr: asctile.GlobalAddress, s_ws_ptr: asctile.GlobalAddress, p_ws_ptr: asctile.GlobalAddress,
                    pv_ws_ptr: asctile.GlobalAddress,                    out_ptr: asctile.GlobalAddress, lse_ptr: asctile.GlobalAddress,
-                   q_rows: int, kv_rows: int, num_tables: int, num_slots: int, tree_rows: int,
-                   scale: float, R: asctile.ConstExpr, G: asctile.ConstExpr, D: asctile.ConstExpr, P: asctile.ConstExpr,
-                   PAGES: asctile.ConstExpr, KVH: asctile.ConstExpr, TP: asctile.ConstExpr, MTW: asctile.ConstExpr):
+                   q_rows: int, kv_rows: int, num_tables: int, num_slots: int, tree_rows: int, pages: int,
+                   kv_heads: int, q_pad_rows: int, scale: float, R: asctile.ConstExpr, G: asctile.ConstExpr,
+                   D: asctile.ConstExpr, P: asctile.ConstExpr, MTW: asctile.ConstExpr):
     q_gm = asctile.global_tensor(q_ptr, [q_rows, D])
     k_gm = asctile.global_tensor(k_ptr, [kv_rows, D])
     v_gm = asctile.global_tensor(v_ptr, [kv_rows, D])
@@ -70,13 +70,13 @@ def meta_attention(q_ptr: asctile.GlobalAddress, k_ptr: asctile.GlobalAddress, v
         head = asctile.copy_in(tasks, [w * F + KV_HEAD])
         is_tree = asctile.copy_in(tasks, [w * F + MASK_KIND])
         base = asctile.copy_in(tasks, [w * F + MASK_BASE])
-        q = asctile.copy_in(q_gm, [(head * TP + q_start) * G, 0], [R, D])
+        q = asctile.copy_in(q_gm, [(head * q_pad_rows + q_start) * G, 0], [R, D])
         peak = asctile.full([R, 1], NEG, dtype=asctile.float32)
         denom = asctile.zeros([R, 1], dtype=asctile.float32)
         acc = asctile.zeros([R, D], dtype=asctile.float32)
         for j in asctile.range(kv_start // P, (kv_end + P - 1) // P):
-            page = asctile.copy_in(tables, [seq * PAGES + j])
-            row = (page * KVH + head) * P
+            page = asctile.copy_in(tables, [seq * pages + j])
+            row = (page * kv_heads + head) * P
             k = asctile.copy_in(k_gm, [row, 0], [P, D])
             v = asctile.copy_in(v_gm, [row, 0], [P, D])
             qk = asctile.zeros_acc([R, P], asctile.float32)                    # stage 1: QK^T (cube)

@@ -133,8 +133,8 @@ def workspaces(t: AttentionTiling) -> list[np.ndarray]:
 
 def scalar_arguments(t: AttentionTiling) -> list:
     """The kernel's runtime scalars, then its ConstExpr values, in its parameter order."""
-    return [t.q_rows, t.kv_rows, t.num_tables, t.num_slots, t.tree_rows, t.scale, t.rows, t.group, t.head_dim,
-            t.block_size, t.max_pages, t.num_kv_heads, t.q_pad_rows, t.tree_cols]
+    return [t.q_rows, t.kv_rows, t.num_tables, t.num_slots, t.tree_rows, t.max_pages, t.num_kv_heads, t.q_pad_rows,
+            t.scale, t.rows, t.group, t.head_dim, t.block_size, t.tree_cols]
 
 
 def partial_parts(tasks, num_tasks, out, lse, tiling: AttentionTiling, num_tokens: int):

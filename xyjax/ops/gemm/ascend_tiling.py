@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import ctypes
 
-M_TILES = (16, 32, 64, 128)     # the fixed tile heights: m is virtually padded to a multiple of one of them
-N_TILE, K_TILE = 128, 256       # defaults; a profile entry may name n_tile 64/128/256 (Fig. 7c) and order
-N_TILES = (64, 128, 256)
+# The fixed tile shapes (m_tile, n_tile): heights 16-128 (m is virtually padded to a multiple of one), widths
+# Fig. 7c's 64-256, each within a 910B's 192 KiB UB as asctile allocates it at K_TILE 128 (translate.py checks;
+# 64 x 256, 128 x 256 do not fit). A profile entry may name n_tile and order.
+SHAPES = ((16, 64), (16, 128), (16, 256), (32, 64), (32, 128), (32, 256), (64, 64), (64, 128), (128, 64),
+          (128, 128))
+N_TILE, K_TILE = 128, 128       # default width; the K step
 NUM_CORES = 24                  # AI cores of a 910B (the paper: 20-25)
 
 
@@ -22,15 +25,16 @@ class GemmTiling(ctypes.Structure):
 
 
 def gemm_tiling(m: int, k: int, n: int, params: dict | None = None, num_cores: int = NUM_CORES) -> GemmTiling:
-    """Tiling of out[m, n] = x[m, k] @ w[n, k]^T: the smallest fixed tile height >= m (the largest past 128),
-    n_tile and order from ``params`` (a ``GemmProfile.params`` entry of the ``ascend`` backend; {} or None:
-    defaults). Raises ValueError when n or k do not divide into the tiles."""
+    """Tiling of out[m, n] = x[m, k] @ w[n, k]^T: n_tile and order from ``params`` (a ``GemmProfile.params`` entry
+    of the ``ascend`` backend; {} or None: defaults), then the smallest tile height >= m of the ``SHAPES`` with
+    that width (else the largest). Raises ValueError when n or k do not divide into the tiles."""
     params = params or {}
-    m_tile = next((t for t in M_TILES if t >= m), M_TILES[-1])
     n_tile, order = int(params.get("n_tile", N_TILE)), int(params.get("order", 0))
+    heights = [mt for mt, nt in SHAPES if nt == n_tile] or [0]
+    m_tile = next((t for t in heights if t >= m), heights[-1])
     k_tile = min(K_TILE, k)
-    if m < 1 or n_tile not in N_TILES or n % n_tile or k % k_tile or order not in (0, 1):
+    if m < 1 or m_tile == 0 or n % n_tile or k % k_tile or order not in (0, 1):
         raise ValueError(f"no Ascend gemm tiling for m={m} k={k} n={n} with n_tile={n_tile} order={order} "
-                         f"(n must divide by n_tile in {N_TILES}, k by {k_tile})")
+                         f"(n must divide by an n_tile of {SHAPES}, k by {k_tile})")
     return GemmTiling(m=m, n=n, k=k, m_tile=m_tile, n_tile=n_tile, k_tile=k_tile, order=order,
                       num_cores=num_cores)
