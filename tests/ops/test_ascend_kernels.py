@@ -151,6 +151,28 @@ def test_generated_gemm_structure():
         assert ("bfloat16_t" in src) == ("_bf16_" in stem)
 
 
+def test_launcher_matches_kernel_signatures():
+    """host/launch.cc (never compiled) passes each kernel its arguments in the generated signature's order, and
+    generated/variants.h lists every generated kernel."""
+    launch = (ASC / "host" / "launch.cc").read_text()
+    variants = (ASC / "generated" / "variants.h").read_text()
+    assert sorted(re.findall(r'#include "aclrtlaunch_(\w+)\.h"', variants)) == sorted(GENERATED)
+    host_name = {"pages": "max_pages", "kv_heads": "num_kv_heads"}      # kernel parameter -> tiling field
+    for kind, stem in (("GEMM", "smooth_gemm_f16_m16_n64_k4096"), ("ATTENTION", "meta_attention_t16_g1_d128_p16")):
+        params = re.search(rf"void {stem}\((.*?)\) \{{", GENERATED[stem]).group(1).split(", ")
+        names = [re.sub(r"^v\d+_", "", p.split()[-1]) for p in params]
+        call = re.search(rf"#define XYJAX_{kind}_CASE.*?aclrtlaunch_##KERNEL\((.*?)\)\);", launch, re.S).group(1)
+        args = [a.strip() for a in call.replace("\\", "").split(",")][2:]          # after num_cores, stream
+        assert len(args) == len(names)
+        scalars = [(n, a) for n, a in zip(names, args) if not n.endswith("_ptr") and n != "ffts_addr"]
+        assert all(a == f"t.{host_name.get(n, n)}" for n, a in scalars), scalars
+        assert args[-1] == "ffts" and names[-1] == "ffts_addr"
+    # the interpreter gets the same scalars in the same order (xyjax's host side)
+    fields = [host_name.get(n, n) for n, _ in scalars]
+    t = at.AttentionTiling(**{f: i + 1 for i, f in enumerate(fields) if f != "scale"}, scale=0.5)
+    assert at.scalar_arguments(t)[:len(fields)] == [getattr(t, f) for f in fields]
+
+
 def test_generated_matches_fresh_translation():
     out = subprocess.run([asctile_python(), str(ASC / "translate.py"), "--check"], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
