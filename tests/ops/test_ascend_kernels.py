@@ -113,6 +113,14 @@ def test_ctypes_mirror_matches_header(mirror, struct, tmp_path):
     assert [t for t, _ in c_types] == ["float" if f is at.ctypes.c_float else "int32_t" for _, f in mirror._fields_]
 
 
+def test_kernel_reads_the_tile_contract():
+    """The asctile kernel (run in another venv, so it cannot import contract.py) names the contract's columns."""
+    src = (ASC / "kernels" / "meta_attention.py").read_text()
+    names = re.search(r"^(SEQ, .*) = range\((\d+)\)$", src, re.M)
+    assert names.group(1).split(", ") == [f.name for f in Field][:int(names.group(2))]
+    assert re.search(r"^F = (\d+) ", src, re.M).group(1) == str(len(Field))
+
+
 # ---- the AscendC kept in the tree -----------------------------------------------------------------------
 
 def test_generated_attention_structure():
