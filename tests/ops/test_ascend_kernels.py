@@ -142,6 +142,15 @@ def test_generated_attention_structure():
     assert src.count("AscendC::Fixpipe<") >= 2 and "CrossCoreSetFlag<4, PIPE_FIX>" in src
 
 
+def test_generated_three_stage_structure():
+    """The 3-stage form: its own QK^T, softmax (max, then exp and sum) and PV loops over the task's blocks, and PV
+    accumulated in one L0C accumulator across them (Mmad's init flag cleared after the first block)."""
+    src = GENERATED["meta_attention_t16_g1_d128_p16_s3_kw2048"]
+    assert "C310" not in src and "kernel type MIX_AIC_1_2" in src
+    assert len(re.findall(r"for \(int32_t", src)) >= 5            # the task loop and four block loops
+    assert re.search(r"cmatrixInitVal = \w+;", src) and src.count("AscendC::Mmad") >= 2
+
+
 def test_generated_gemm_structure():
     # one kernel per dtype and tile shape the host may pick
     assert {stem for stem in GENERATED if stem.startswith("smooth_gemm")} == {
@@ -197,14 +206,14 @@ def interpret(kernel, cores, arrays, scalars, tmp_path):
     return [data[f"arr_{i}"] for i in range(len(arrays))]
 
 
-def run_attention(meta, q, kv, tmp_path, cores):
-    """The kernel on every group, merged by log-sum-exp: [T, H, D] float32."""
+def run_attention(meta, q, kv, tmp_path, cores, pipeline):
+    """The kernel (the form that runs ``pipeline``) on every group, merged by log-sum-exp: [T, H, D] float32."""
     num_tokens, num_heads, head_dim = q.shape
     k, v = np.asarray(kv.k[0]), np.asarray(kv.v[0])
     max_tree = 0 if meta.tree_mask is None else meta.tree_mask.shape[1]
     parts = []
     for g in meta.groups:
-        tiling = at.attention_tiling(g.tasks, g.num_tasks, tile=g.tile, num_cores=cores, pipeline=4,
+        tiling = at.attention_tiling(g.tasks, g.num_tasks, tile=g.tile, num_cores=cores, pipeline=pipeline,
                                      num_tokens=num_tokens, num_heads=num_heads, num_kv_heads=kv.num_kv_heads,
                                      head_dim=head_dim, num_blocks=k.shape[0], block_size=kv.block_size,
                                      block_tables=meta.block_tables, max_tree=max_tree, scale=head_dim ** -0.5)
@@ -228,18 +237,20 @@ def random_inputs(meta, num_tokens, num_blocks, rng, num_heads=4, num_kv_heads=2
 ERROR = 2e-3     # float16 P into the PV matmul against the oracle's float32 (measured about 2e-4)
 
 
-def test_interpreted_attention_fig7(tmp_path):
+@pytest.mark.parametrize("pipeline", [at.PIPELINE_4STAGE, at.PIPELINE_3STAGE])
+def test_interpreted_attention_fig7(pipeline, tmp_path):
     asctile_python()
     meta, q_len, tables = fig7()
     q, kv, oracle = random_inputs(meta, int(q_len.sum()), tables.size, np.random.default_rng(0))
-    got = run_attention(meta, q, kv, tmp_path, cores=3)
+    got = run_attention(meta, q, kv, tmp_path, cores=3, pipeline=pipeline)
     err = np.abs(got - oracle).max()
-    print(f"Fig. 7 batch: max abs error {err:.2e} vs the xla oracle")
+    print(f"Fig. 7 batch, {pipeline}-stage: max abs error {err:.2e} vs the xla oracle")
     assert err < ERROR
 
 
-@pytest.mark.parametrize("seed,num_heads,num_kv_heads,head_dim", [(1, 4, 2, 64), (2, 2, 2, 128)])
-def test_interpreted_attention_random_tables(seed, num_heads, num_kv_heads, head_dim, tmp_path):
+@pytest.mark.parametrize("seed,num_heads,num_kv_heads,head_dim,pipeline", [(1, 4, 2, 64, 4), (2, 2, 2, 128, 4),
+                                                                          (3, 4, 2, 64, 3)])
+def test_interpreted_attention_random_tables(seed, num_heads, num_kv_heads, head_dim, pipeline, tmp_path):
     """Random hybrid batches: chunks with history, decodes, KV splits and a token tree. The second case runs the
     specialisations kept in generated/ (tiles 16 and 1, one query head per KV head, head_dim 128, block 16,
     trees up to 64 tokens)."""
@@ -261,8 +272,8 @@ def test_interpreted_attention_random_tables(seed, num_heads, num_kv_heads, head
     tasks = np.concatenate([np.asarray(g.tasks)[:int(g.num_tasks)] for g in meta.groups])
     assert (tasks[:, Field.NUM_SPLITS] > 1).any() and (tasks[:, Field.MASK_KIND] == MaskKind.TREE).any()          # some task is split, some is TREE
     q, kv, oracle = random_inputs(meta, int(q_len.sum()), tables.size, rng, num_heads, num_kv_heads, head_dim)
-    err = np.abs(run_attention(meta, q, kv, tmp_path, cores=4) - oracle).max()
-    print(f"random tables (seed {seed}): max abs error {err:.2e} vs the xla oracle")
+    err = np.abs(run_attention(meta, q, kv, tmp_path, cores=4, pipeline=pipeline) - oracle).max()
+    print(f"random tables (seed {seed}, {pipeline}-stage): max abs error {err:.2e} vs the xla oracle")
     assert err < ERROR
 
 

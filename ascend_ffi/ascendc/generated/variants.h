@@ -3,6 +3,7 @@
 #include "aclrtlaunch_meta_attention_t16_g1_d128_p16.h"
 #include "aclrtlaunch_meta_attention_t1_g1_d128_p16.h"
 #include "aclrtlaunch_meta_attention_t1_g4_d128_p16.h"
+#include "aclrtlaunch_meta_attention_t16_g1_d128_p16_s3_kw2048.h"
 #include "aclrtlaunch_smooth_gemm_f16_m16_n64_k4096.h"
 #include "aclrtlaunch_smooth_gemm_f16_m16_n128_k4096.h"
 #include "aclrtlaunch_smooth_gemm_f16_m16_n256_k4096.h"
@@ -45,8 +46,9 @@
   X(1, 64, 128, 4096, smooth_gemm_bf16_m64_n128_k4096) \
   X(1, 128, 64, 4096, smooth_gemm_bf16_m128_n64_k4096) \
   X(1, 128, 128, 4096, smooth_gemm_bf16_m128_n128_k4096)
-// X(tile, group, head_dim, block_size, tree_cols, kernel)
+// X(tile, group, head_dim, block_size, tree_cols, stages, score_cols, kernel)
 #define XYJAX_ASCEND_ATTENTION_VARIANTS(X) \
-  X(16, 1, 128, 16, 96, meta_attention_t16_g1_d128_p16) \
-  X(1, 1, 128, 16, 96, meta_attention_t1_g1_d128_p16) \
-  X(1, 4, 128, 16, 96, meta_attention_t1_g4_d128_p16)
+  X(16, 1, 128, 16, 96, 4, 16, meta_attention_t16_g1_d128_p16) \
+  X(1, 1, 128, 16, 96, 4, 16, meta_attention_t1_g1_d128_p16) \
+  X(1, 4, 128, 16, 96, 4, 16, meta_attention_t1_g4_d128_p16) \
+  X(16, 1, 128, 16, 96, 3, 2048, meta_attention_t16_g1_d128_p16_s3_kw2048)

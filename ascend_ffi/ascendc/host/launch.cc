@@ -40,8 +40,9 @@ aclError XyjaxAscendMetaAttention(const XyjaxAscendAttentionTiling& t, void* con
                                   aclrtStream stream) {
   void* ffts = FftsAddress();
   if (ffts == nullptr) return ACL_ERROR_INTERNAL_ERROR;
-#define XYJAX_ATTENTION_CASE(TILE, G, D, P, MTW, KERNEL)                                                  \
-  if (t.rows == TILE * G && t.group == G && t.head_dim == D && t.block_size == P && t.tree_cols == MTW)         \
+#define XYJAX_ATTENTION_CASE(TILE, G, D, P, MTW, STAGES, KW, KERNEL)                                      \
+  if (t.rows == TILE * G && t.group == G && t.head_dim == D && t.block_size == P && t.tree_cols == MTW &&  \
+      (STAGES == 3) == (t.pipeline == XYJAX_ASCEND_PIPELINE_3STAGE) && t.score_cols == KW)                \
     return static_cast<aclError>(aclrtlaunch_##KERNEL(                                                    \
         t.num_cores, stream, o[0], o[1], o[2], o[3], o[4], o[5], o[6], o[7], o[8], o[9], o[10], o[11],    \
         o[12], o[13], o[14], t.q_rows, t.kv_rows, t.num_tables, t.num_slots, t.tree_rows,   \

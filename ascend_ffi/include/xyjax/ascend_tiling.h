@@ -13,7 +13,8 @@
 
 /* Values of the pipeline field (XY-Serve §5.2): 2-stage for decode-only batches, 3-stage when the scores of
  * the tasks running at once fit the cache (alpha * sum over cores of rows x KV length <= cache bytes), else
- * 4-stage with the FlashAttention rescale. The translated kernel implements the 4-stage form only. */
+ * 4-stage with the FlashAttention rescale. The kernel has the 3- and 4-stage forms; a 2-stage choice runs the
+ * 4-stage one (the 2-stage kernel is not written). */
 enum XyjaxAscendPipeline {
   XYJAX_ASCEND_PIPELINE_2STAGE = 2,
   XYJAX_ASCEND_PIPELINE_3STAGE = 3,
@@ -38,6 +39,8 @@ typedef struct XyjaxAscendAttentionTiling {
   int32_t num_tables;   /* S * max_pages */
   int32_t num_slots;    /* W: task-table rows (output slots) */
   int32_t tree_rows;    /* TP * G */
+  int32_t score_cols;   /* KW: workspace columns per row, P (4-stage) or the longest task KV range in whole
+                           blocks (3-stage: the task's scores stay in the workspace) */
   float scale;          /* softmax scale */
 } XyjaxAscendAttentionTiling;
 

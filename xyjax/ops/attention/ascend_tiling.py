@@ -28,7 +28,7 @@ class AttentionTiling(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int32) for name in (
         "num_tasks", "num_cores", "pipeline", "rows", "group", "head_dim", "block_size", "max_pages",
         "num_kv_heads", "q_pad_rows", "tree_cols", "q_rows", "kv_rows", "num_tables", "num_slots",
-        "tree_rows")] + [("scale", ctypes.c_float)]
+        "tree_rows", "score_cols")] + [("scale", ctypes.c_float)]
 
 
 def _live(tasks, num_tasks) -> np.ndarray:
@@ -88,18 +88,31 @@ def choose_pipeline(groups, num_cores: int, group: int, *, alpha: float = ALPHA,
 
 def attention_tiling(tasks, num_tasks, *, tile: int, num_cores: int, pipeline: int, num_tokens: int,
                      num_heads: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
-                     block_tables: np.ndarray, max_tree: int, scale: float) -> AttentionTiling:
-    """The launch's tiling for one group (shapes as ``attention_operands`` lays the operands out)."""
+                     block_tables: np.ndarray, max_tree: int, scale: float,
+                     score_cols: int | None = None) -> AttentionTiling:
+    """The launch's tiling for one group (shapes as ``attention_operands`` lays the operands out). ``score_cols``:
+    the 3-stage workspace width, a static setting >= every task's KV range in whole blocks (a kernel is compiled
+    per width; default: exactly the longest task's)."""
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
     group = num_heads // num_kv_heads
     pad = num_tokens + tile
+    live = _live(tasks, num_tasks)
+    blocks = -(-live[:, Field.KV_END] // block_size) - live[:, Field.KV_START] // block_size
+    needed = block_size * max(int(blocks.max(initial=1)), 1)
+    if pipeline != PIPELINE_3STAGE:
+        score_cols = block_size
+    elif score_cols is None:
+        score_cols = needed
+    elif score_cols < needed or score_cols % block_size:
+        raise ValueError(f"score_cols={score_cols} must be a multiple of {block_size} and >= {needed}, "
+                         "the longest task's KV range in whole blocks")
     return AttentionTiling(
         num_tasks=int(num_tasks), num_cores=num_cores, pipeline=pipeline, rows=tile * group, group=group,
         head_dim=head_dim, block_size=block_size, max_pages=block_tables.shape[1], num_kv_heads=num_kv_heads,
         q_pad_rows=pad, tree_cols=max_tree + 2 * block_size, q_rows=num_kv_heads * pad * group,
         kv_rows=num_blocks * num_kv_heads * block_size, num_tables=block_tables.size,
-        num_slots=np.asarray(tasks).shape[0], tree_rows=pad * group, scale=scale)
+        num_slots=np.asarray(tasks).shape[0], tree_rows=pad * group, score_cols=score_cols, scale=scale)
 
 
 def attention_operands(q, k, v, block_tables, tasks, tree_mask, tiling: AttentionTiling) -> list[np.ndarray]:
@@ -127,14 +140,19 @@ def attention_operands(q, k, v, block_tables, tasks, tree_mask, tiling: Attentio
 def workspaces(t: AttentionTiling) -> list[np.ndarray]:
     """The kernel's per-core GM workspaces (S, P, PV; the cube-vector hand-off), zeroed."""
     rows = t.num_cores * t.rows
-    return [np.zeros((rows, t.block_size), np.float32), np.zeros((rows, t.block_size), np.float16),
+    return [np.zeros((rows, t.score_cols), np.float32), np.zeros((rows, t.score_cols), np.float16),
             np.zeros((rows, t.head_dim), np.float32)]
+
+
+def kernel_stages(pipeline: int) -> int:
+    """The kernel form that runs a pipeline choice: 3 or 4 (a 2-stage choice runs the 4-stage form)."""
+    return PIPELINE_3STAGE if pipeline == PIPELINE_3STAGE else PIPELINE_4STAGE
 
 
 def scalar_arguments(t: AttentionTiling) -> list:
     """The kernel's runtime scalars, then its ConstExpr values, in its parameter order."""
     return [t.q_rows, t.kv_rows, t.num_tables, t.num_slots, t.tree_rows, t.max_pages, t.num_kv_heads, t.q_pad_rows,
-            t.scale, t.rows, t.group, t.head_dim, t.block_size, t.tree_cols]
+            t.scale, t.rows, t.group, t.head_dim, t.block_size, t.tree_cols, kernel_stages(t.pipeline), t.score_cols]
 
 
 def partial_parts(tasks, num_tasks, out, lse, tiling: AttentionTiling, num_tokens: int):
