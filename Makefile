@@ -1,5 +1,5 @@
 # make run      installs the project into .venv and generates text with the default model
-# make test     installs it with the test extra, builds .venv-ref, and runs the whole test suite
+# make test     installs it with the test extra, builds .venv-ref and .venv-asctile, and runs the whole test suite
 # make ref-env  builds .venv-ref, the reference environment of the HF comparisons (see below)
 # make vllm-env builds .venv-vllm, vLLM's CPU build for `xyjax bench --compare vllm`
 # make llamacpp-env builds llama.cpp's llama-server and llama-bench into .llamacpp/bin (`xyjax bench --compare llamacpp`,

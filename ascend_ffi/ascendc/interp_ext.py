@@ -1,6 +1,6 @@
-"""NumPy definitions of the asctile ops our kernels use that asctile's interpreter (pyasc-dev 1.1.1.dev20261026)
-lacks, registered through the interpreter's own ``override`` hook (and the scalar form of ``copy_in``). Import before the kernels, with
-``ASCTILE_INTERPRET=1``.
+"""NumPy definitions of the asctile ops our kernels use that asctile's interpreter (pyasc-dev
+1.1.1.dev20261026) lacks, registered through the interpreter's own ``override`` hook, and the scalar form of
+``copy_in``. Import before the kernels, with ``ASCTILE_INTERPRET=1``.
 
 These are this project's code, not Huawei's: each follows the op's asctile docstring (elementwise with NumPy
 broadcasting, results in the operands' dtype; ``matmul`` accumulates in float32 like the cube's L0C). What the

@@ -220,7 +220,8 @@ def run_attention(meta, q, kv, tmp_path, cores, pipeline):
         arrays = at.attention_operands(q, k, v, meta.block_tables, g.tasks, meta.tree_mask, tiling)
         out = np.zeros((tiling.num_slots * tiling.rows, head_dim), np.float32)
         lse = np.zeros(tiling.num_slots * tiling.rows, np.float32)
-        res = interpret("meta_attention", cores, arrays + at.workspaces(tiling) + [out, lse], at.scalar_arguments(tiling), tmp_path)
+        res = interpret("meta_attention", cores, arrays + at.workspaces(tiling) + [out, lse],
+                        at.scalar_arguments(tiling), tmp_path)
         parts.append(at.partial_parts(g.tasks, g.num_tasks, res[-2], res[-1], tiling, num_tokens))
     return np.asarray(merge_partials(q.shape, [tuple(map(jnp.asarray, p)) for p in parts])[0])
 
@@ -270,7 +271,8 @@ def test_interpreted_attention_random_tables(seed, num_heads, num_kv_heads, head
     meta = attention_metadata(q_start, q_len, kv_len, tables, num_kv_heads=num_kv_heads, tile=16,
                               block_size=block_size, max_splits=3, lanes=4, min_split_kv=32, trees=trees, max_tree=64)
     tasks = np.concatenate([np.asarray(g.tasks)[:int(g.num_tasks)] for g in meta.groups])
-    assert (tasks[:, Field.NUM_SPLITS] > 1).any() and (tasks[:, Field.MASK_KIND] == MaskKind.TREE).any()          # some task is split, some is TREE
+    assert (tasks[:, Field.NUM_SPLITS] > 1).any()                          # some task is split
+    assert (tasks[:, Field.MASK_KIND] == MaskKind.TREE).any()              # and some is TREE
     q, kv, oracle = random_inputs(meta, int(q_len.sum()), tables.size, rng, num_heads, num_kv_heads, head_dim)
     err = np.abs(run_attention(meta, q, kv, tmp_path, cores=4, pipeline=pipeline) - oracle).max()
     print(f"random tables (seed {seed}, {pipeline}-stage): max abs error {err:.2e} vs the xla oracle")

@@ -44,13 +44,20 @@ ffi::Error SmoothGemmAscend(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi:
   }();
   DeviceBuffer dx(x.size_bytes()), dw(w.size_bytes()), dout(out->size_bytes());
   if (dx.ptr == nullptr || dw.ptr == nullptr || dout.ptr == nullptr) return Failed("aclrtMalloc", ACL_ERROR_BAD_ALLOC);
-  if (aclError e = aclrtMemcpy(dx.ptr, x.size_bytes(), x.untyped_data(), x.size_bytes(), ACL_MEMCPY_HOST_TO_DEVICE)) return Failed("copy x", e);
-  if (aclError e = aclrtMemcpy(dw.ptr, w.size_bytes(), w.untyped_data(), w.size_bytes(), ACL_MEMCPY_HOST_TO_DEVICE)) return Failed("copy w", e);
+  if (aclError e = aclrtMemcpy(dx.ptr, x.size_bytes(), x.untyped_data(), x.size_bytes(), ACL_MEMCPY_HOST_TO_DEVICE)) {
+    return Failed("copy x", e);
+  }
+  if (aclError e = aclrtMemcpy(dw.ptr, w.size_bytes(), w.untyped_data(), w.size_bytes(), ACL_MEMCPY_HOST_TO_DEVICE)) {
+    return Failed("copy w", e);
+  }
   if (aclError e = XyjaxAscendSmoothGemm(t, x.element_type() == ffi::BF16, dx.ptr, dw.ptr, dout.ptr, stream)) {
     return Failed("launch (is there a generated kernel for this tile shape and K?)", e);
   }
   if (aclError e = aclrtSynchronizeStream(stream)) return Failed("the kernel", e);
-  if (aclError e = aclrtMemcpy(out->untyped_data(), out->size_bytes(), dout.ptr, out->size_bytes(), ACL_MEMCPY_DEVICE_TO_HOST)) return Failed("copy out", e);
+  if (aclError e = aclrtMemcpy(out->untyped_data(), out->size_bytes(), dout.ptr, out->size_bytes(),
+                               ACL_MEMCPY_DEVICE_TO_HOST)) {
+    return Failed("copy out", e);
+  }
   return ffi::Error::Success();
 }
 

@@ -12,7 +12,8 @@ void* FftsAddress() {
     uint64_t addr = 0;
     uint32_t len = 0;
     void* ptr = nullptr;
-    if (rtGetC2cCtrlAddr(&addr, &len) != 0 || aclrtMalloc(&ptr, sizeof(addr), ACL_MEM_MALLOC_HUGE_FIRST) != ACL_SUCCESS ||
+    if (rtGetC2cCtrlAddr(&addr, &len) != 0 ||
+        aclrtMalloc(&ptr, sizeof(addr), ACL_MEM_MALLOC_HUGE_FIRST) != ACL_SUCCESS ||
         aclrtMemcpy(ptr, sizeof(addr), &addr, sizeof(addr), ACL_MEMCPY_HOST_TO_DEVICE) != ACL_SUCCESS) {
       return static_cast<void*>(nullptr);
     }

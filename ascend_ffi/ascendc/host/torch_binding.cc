@@ -19,7 +19,8 @@ at::Tensor SmoothGemm(const at::Tensor& x, const at::Tensor& w, int64_t m_tile, 
   auto out = at::empty({x.size(0), w.size(0)}, x.options());
   XyjaxAscendGemmTiling t{static_cast<int32_t>(x.size(0)), static_cast<int32_t>(w.size(0)),
                           static_cast<int32_t>(x.size(1)), static_cast<int32_t>(m_tile),
-                          static_cast<int32_t>(n_tile), 128, static_cast<int32_t>(order), static_cast<int32_t>(num_cores)};
+                          static_cast<int32_t>(n_tile), 128, static_cast<int32_t>(order),
+                          static_cast<int32_t>(num_cores)};
   aclError e = XyjaxAscendSmoothGemm(t, x.scalar_type() == at::kBFloat16, xc.data_ptr(), wc.data_ptr(),
                                      out.data_ptr(), c10_npu::getCurrentNPUStream().stream());
   TORCH_CHECK(e == ACL_SUCCESS, "xyjax Ascend gemm launch failed, ACL error ", e,
