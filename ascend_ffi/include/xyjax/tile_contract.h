@@ -2,9 +2,9 @@
  *
  * The planner (host, numpy) writes a task table `int32[W][XYJAX_TASK_NUM_FIELDS]` plus the real
  * task count `num_tasks <= W`. Each backend (the xla oracle, the C++ custom calls, Pallas) reads
- * the same table; an AscendC backend is planned, not present. The Python mirror is
- * xyjax/ops/attention/contract.py; tests/ops/test_ascend_ffi.py checks the two agree through the
- * compiled library. Change both sides and XYJAX_TILE_ABI_VERSION together.
+ * the same table, and so does the asctile kernel of ascend_ffi/ascendc/ (never run on an NPU).
+ * The Python mirror is xyjax/ops/attention/contract.py; tests/ops/test_ascend_ffi.py checks the
+ * two agree through the compiled library. Change both sides and XYJAX_TILE_ABI_VERSION together.
  *
  * One task = one query tile of one sequence, for one KV head group, over one KV split:
  *
