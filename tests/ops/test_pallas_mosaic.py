@@ -168,3 +168,36 @@ def test_gemm_lowers_for_cuda(transpose_w):
         fn = lambda x, w, m: gemm_mosaic.smooth_gemm_mosaic(x, w, m, transpose_w=transpose_w)  # noqa: E731
         calls = custom_calls(fn, x, w, jax.ShapeDtypeStruct((), jnp.int32))
         assert len(calls) == 1 and calls[0].startswith("mosaic_gpu")
+
+
+@pytest.mark.parametrize("dtype,kernel", [("bfloat16", "mosaic_gpu"), ("float32", "__gpu$xla.gpu.triton")])
+def test_model_step_lowers_for_cuda(monkeypatch, dtype, kernel):
+    """A whole step of a 2-layer model with head_dim 64 (models.llama.forward, pallas backends, layers under
+    lax.scan) on a Hopper: in bfloat16 every gemm and attention group is a Mosaic GPU kernel (4 gemms in the layer
+    body, 2 attention groups, the LM head), in float32 the Triton-style ones."""
+    import dataclasses
+    import functools
+
+    from helpers import TINY
+    from models.llama import forward, init_params
+    from xyjax.ops.attention.tiling import attention_metadata
+    from xyjax.ops.backends import Backends
+    from xyjax.ops.step_inputs import StepInputs
+
+    monkeypatch.setenv(pallas_lowering.ENV, "mosaic")
+    cfg = dataclasses.replace(TINY, hidden_size=256, intermediate_size=512, num_heads=4, num_kv_heads=2, head_dim=64)
+    params = jax.tree.map(lambda a: a.astype(dtype), init_params(cfg, jax.random.key(0)))
+    T, L = 64, 20
+    kv = KVCache.create(cfg.num_layers, 16, 16, cfg.num_kv_heads, cfg.head_dim, dtype=dtype)
+    meta = attention_metadata([0], [L], [L], np.arange(16)[None], num_kv_heads=2, num_tokens=T, tile=32)
+    pad = lambda a, fill: np.concatenate([a, np.full(T - L, fill)]).astype(np.int32)  # noqa: E731
+    inputs = StepInputs(token_ids=pad(np.arange(L) + 100, 0), positions=pad(np.arange(L), 0),
+                        slot_mapping=pad(np.arange(L), -1), num_tokens=jnp.int32(L), attention=meta,
+                        sample_index=jnp.array([L - 1], jnp.int32), num_samples=jnp.int32(1))
+    args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype), (params, kv, inputs))
+    fn = jax.jit(functools.partial(forward, cfg=cfg, backends=Backends(attention="pallas", gemm="pallas")))
+    with abstract_cuda_device():
+        exported = jax.export.export(fn, platforms=["cuda"], disabled_checks=[
+            jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    calls = re.findall(r"custom_call @([\w$.]+)", exported.mlir_module())
+    assert len(calls) == 7 and all(c.startswith(kernel) for c in calls), calls
