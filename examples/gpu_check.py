@@ -39,6 +39,7 @@ import dataclasses
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -51,7 +52,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]      # the source tree; tests
 SECTIONS = ("env", "attention", "gemm", "engine", "bench")
 # seconds per section: at most 300 s in all, so one run and a rerun fit a 15-minute lease with the machine's starts;
 # each section keeps what it measured when stopped. On CPU (--dry-run) the interpreters are slow, the shapes tiny.
-TIMEOUTS = {"env": 30, "attention": 50, "gemm": 50, "engine": 80, "bench": 90}
+TIMEOUTS = {"env": 20, "attention": 45, "gemm": 45, "engine": 70, "bench": 120}
 DRY_TIMEOUTS = {"env": 60, "attention": 150, "gemm": 120, "engine": 150, "bench": 120}
 GEMM_SHAPES = {"qkv": (576, 960), "gate_up": (576, 3072), "down": (1536, 576), "o": (576, 576),
                "lm_head": (576, 49152)}   # (K, N) of the default model; weights [N, K] (transpose_w) as the engine's
@@ -166,13 +167,15 @@ def section_attention(res: Result, dry: bool):
     cases = {}
     for name, seqs in attention_mixes(dry).items():
         q, kv, q_start, q_len, kv_len, tables = make_case(seqs, rng, sum(-(-(a + b) // BS) for _, a, b in seqs) + 8)
+        # the engine's tiling, balanced over the H100's 132 SMs (a CTA per task) with up to 4 KV splits a task
         meta = tiling.attention_metadata(q_start, q_len, kv_len, tables, num_kv_heads=HKV, tile=32, block_size=BS,
-                                         lanes=1, max_splits=1)
+                                         lanes=1 if dry else 132, max_splits=1 if dry else 4)
         qb, kvb = q.astype(jnp.bfloat16), KVCache(k=kv.k.astype(jnp.bfloat16), v=kv.v.astype(jnp.bfloat16))
         with jax.default_matmul_precision("highest"):    # the oracle: the xla backend on the bf16 values in f32
             oracle = jax.jit(lambda q, kv, m: meta_attention(q, kv, 0, m, backend="xla"))(
                 qb.astype(jnp.float32), KVCache(k=kvb.k.astype(jnp.float32), v=kvb.v.astype(jnp.float32)), meta)
         case = dict(sequences=len(seqs), stages={s: sum(1 for t, _, _ in seqs if t == s) for s in "PVD"},
+                    tasks=[int(g.num_tasks) for g in meta.groups],
                     query_rows=int(q_len.sum()), kv_positions=int(kv_len.sum()), ms={}, rel_error={}, errors={})
         systems = {f"pallas-{k}": jax.jit(lambda q, kv, m, lo=lo: meta_attention_pallas(q, kv, 0, m, lowering=lo))
                    for k, lo in lowerings(dry).items()}
@@ -306,12 +309,12 @@ def section_engine(res: Result, dry: bool):
             gpu[key] = dict(error=f"{type(e).__name__}: {e}"[:2000], trace=traceback.format_exc()[-2000:])
         gpu[key]["seconds"] = time.perf_counter() - start
         res.add("runs", gpu)
-    log, _ = cpu.communicate(timeout=120)
+    log, _ = cpu.communicate()     # the section's time limit bounds the wait
+    if cpu.returncode:
+        res.add("cpu_reference_log", log[-3000:])
     with open(os.path.join(ref_dir, "engine_cpu_reference.json")) as f:
         ref = json.load(f)
     res.add("cpu_reference", {k: v for k, v in ref.items() if "/" in k})
-    if cpu.returncode:
-        res.add("cpu_reference_log", log[-3000:])
     for key, run in gpu.items():
         expect = ref.get(key.rsplit("/", 1)[0])
         if "tokens" in run and expect:
@@ -419,10 +422,13 @@ def main(argv=None) -> int:
             cmd += ["--dry-run"] if args.dry_run else []
             log.write(f"==== {name}: {' '.join(cmd)}\n")
             log.flush()
+            child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             try:
-                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=limits[name]).returncode
+                rc = child.wait(timeout=limits[name])
                 status = "done" if rc == 0 else f"failed (exit {rc})"
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired:   # the section and what it started (the engine's CPU reference)
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
                 status = f"timed out after {limits[name]} s"
                 _mark(args.out_dir, name, status)
             summary[name] = dict(status=status, seconds=round(time.perf_counter() - start, 1))

@@ -18,7 +18,9 @@ Design (one CTA of one warpgroup per task; ``plgpu.kernel`` grid (W,)):
     online softmax in float32 on the WGMMA register layout; masks from iotas: row r sees position p iff p is in
     [KV_START, KV_END), r < Q_LEN * G and r >= (p - Q_POS) * G (causal: p <= Q_POS + r // G);
   * the normalised output [R, D] float32 and its lse [R] written back by TMA; the scatter into [T, H, D] and the
-    merge of KV splits are ``metadata.merge_partials``, as for the Triton-style kernel.
+    merge of KV splits are ``metadata.merge_partials``, as for the Triton-style kernel. A padding task (Q_LEN 0:
+    the tables' capacity is far above their real tasks) exits at once, its output rows left unwritten: they are
+    all off the task's rows, which the merge drops.
 Unlike the Triton-style kernel, V rows outside the task's range are not zeroed: they meet probabilities that are
 exactly zero, so only a non-finite value in the cache there (the pool starts zeroed and holds model outputs)
 could leak in.
@@ -114,51 +116,53 @@ def _kernel(task_ref, layer_ref, scale_ref, bt_ref, q_ref, k_ref, v_ref, o_ref, 
             plgpu.copy_gmem_to_smem(k_ref.at[layer, page, kv_head], k_smem.at[slot, dst], k_bar.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[layer, page, kv_head], v_smem.at[slot, dst], v_bar.at[slot])
 
-    plgpu.copy_gmem_to_smem(q_ref.at[w], q_smem, q_bar)
-    pl.when(num_chunks > 0)(lambda: fetch(0, 0))
-    plgpu.barrier_wait(q_bar)
-    row = plgpu.broadcasted_iota(jnp.int32, (rows, chunk), 0, layout=plgpu.Layout.WGMMA)
-    col = plgpu.broadcasted_iota(jnp.int32, (rows, chunk), 1, layout=plgpu.Layout.WGMMA)
+    @pl.when(q_len > 0)    # a padding task reads and writes nothing: its rows are dropped by the merge
+    def _():
+        plgpu.copy_gmem_to_smem(q_ref.at[w], q_smem, q_bar)
+        pl.when(num_chunks > 0)(lambda: fetch(0, 0))
+        plgpu.barrier_wait(q_bar)
+        row = plgpu.broadcasted_iota(jnp.int32, (rows, chunk), 0, layout=plgpu.Layout.WGMMA)
+        col = plgpu.broadcasted_iota(jnp.int32, (rows, chunk), 1, layout=plgpu.Layout.WGMMA)
 
-    def step(c, carry):
-        acc, m_prev, l_prev = carry
-        slot = lax.rem(c, 2)
-        pl.when(c + 1 < num_chunks)(lambda: fetch(c + 1, 1 - slot))   # the other slot was read by step c - 1
-        plgpu.barrier_wait(k_bar.at[slot])
+        def step(c, carry):
+            acc, m_prev, l_prev = carry
+            slot = lax.rem(c, 2)
+            pl.when(c + 1 < num_chunks)(lambda: fetch(c + 1, 1 - slot))   # the other slot was read by step c - 1
+            plgpu.barrier_wait(k_bar.at[slot])
 
-        def scores(acc_ref):
-            plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
-            return acc_ref[...]
+            def scores(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+                return acc_ref[...]
 
-        s = pl.run_scoped(scores, plgpu.ACC((rows, chunk), jnp.float32)) * scale
-        pos = (first_page + c * pages_per_chunk) * block_size + col
-        visible = (pos >= lo) & (pos < hi) & (row < q_len * group) & (row >= (pos - q_pos) * group)
-        s = jnp.where(visible, s, MASK_VALUE)
-        m_next = jnp.maximum(m_prev, s.max(axis=1))
-        alpha = jnp.exp(m_prev - m_next)
-        p = jnp.where(visible, jnp.exp(s - lax.broadcast_in_dim(m_next, s.shape, [0])), 0.0)
-        l_next = alpha * l_prev + p.sum(axis=1)
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-        plgpu.barrier_wait(v_bar.at[slot])
+            s = pl.run_scoped(scores, plgpu.ACC((rows, chunk), jnp.float32)) * scale
+            pos = (first_page + c * pages_per_chunk) * block_size + col
+            visible = (pos >= lo) & (pos < hi) & (row < q_len * group) & (row >= (pos - q_pos) * group)
+            s = jnp.where(visible, s, MASK_VALUE)
+            m_next = jnp.maximum(m_prev, s.max(axis=1))
+            alpha = jnp.exp(m_prev - m_next)
+            p = jnp.where(visible, jnp.exp(s - lax.broadcast_in_dim(m_next, s.shape, [0])), 0.0)
+            l_next = alpha * l_prev + p.sum(axis=1)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            plgpu.barrier_wait(v_bar.at[slot])
 
-        def values(acc_ref):
-            plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
+            def values(acc_ref):
+                plgpu.wgmma(acc_ref, p.astype(dtype), v_smem.at[slot])
 
-        return pl.run_state(values)(plgpu.ACC.init(acc)), m_next, l_next
+            return pl.run_state(values)(plgpu.ACC.init(acc)), m_next, l_next
 
-    init = (plgpu.layout_cast(jnp.zeros((rows, head_dim), jnp.float32), plgpu.Layout.WGMMA),
-            plgpu.layout_cast(jnp.full((rows,), MASK_VALUE, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
-            plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
-    acc, m, l = lax.fori_loop(0, num_chunks, step, init)
-    seen = l > 0.0
-    total = jnp.where(seen, l, 1.0)
-    out = acc / lax.broadcast_in_dim(total, acc.shape, [0])
-    o_smem[...] = jnp.where(causal, out, jnp.nan)     # TREE tasks are not ported: poison, never a wrong answer
-    lse_smem[...] = jnp.where(seen, m + jnp.log(total), -jnp.inf)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[w])
-    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[w])
-    plgpu.wait_smem_to_gmem(0)
+        init = (plgpu.layout_cast(jnp.zeros((rows, head_dim), jnp.float32), plgpu.Layout.WGMMA),
+                plgpu.layout_cast(jnp.full((rows,), MASK_VALUE, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+                plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
+        acc, m, l = lax.fori_loop(0, num_chunks, step, init)
+        seen = l > 0.0
+        total = jnp.where(seen, l, 1.0)
+        out = acc / lax.broadcast_in_dim(total, acc.shape, [0])
+        o_smem[...] = jnp.where(causal, out, jnp.nan)     # TREE tasks are not ported: poison, never a wrong answer
+        lse_smem[...] = jnp.where(seen, m + jnp.log(total), -jnp.inf)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[w])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[w])
+        plgpu.wait_smem_to_gmem(0)
 
 
 def attend_mosaic(q, k_cache, v_cache, layer, block_tables, tasks, scale, *, tile: int, interpret: bool = False,
