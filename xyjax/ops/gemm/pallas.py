@@ -41,7 +41,7 @@ from jax.experimental.pallas import triton as pl_triton
 
 from xyjax.ops import pallas_lowering
 from xyjax.ops.gemm import pallas_mosaic
-from xyjax.ops.gemm.formats import dense
+from xyjax.ops.gemm.formats import dense, is_format
 from xyjax.ops.gemm.xla import quantized_input, take_layer
 
 
@@ -138,14 +138,16 @@ def gemm(x, w, m, layer, transpose_w: bool, tuning: dict, lowering: str | None =
     ``lowering`` (None: ``pallas_lowering.default_lowering()``) picks it and it takes the call, else this module's
     (``tuning``: its GemmTiling fields; Triton on GPU, Pallas' interpreter on CPU)."""
     x = quantized_input(x, w)
-    w = dense(take_layer(w, layer)).astype(x.dtype)
     lowering = pallas_lowering.check(lowering or pallas_lowering.default_lowering())
-    N = w.shape[0] if transpose_w else w.shape[1]
+    N = w.shape[-2] if transpose_w else w.shape[-1]
     if lowering in ("mosaic", "mosaic_interpret") and pallas_mosaic.unsupported(x.dtype, x.shape[1], N):
         lowering = pallas_lowering.fallback(lowering)
     if lowering in ("mosaic", "mosaic_interpret"):
-        return pallas_mosaic.smooth_gemm_mosaic(x, w, m, transpose_w=transpose_w,
+        if is_format(w) or w.dtype != x.dtype:     # its dense view (or cast) is a new array anyway
+            w, layer = dense(take_layer(w, layer)).astype(x.dtype), None
+        return pallas_mosaic.smooth_gemm_mosaic(x, w, m, layer=layer, transpose_w=transpose_w,  # layer read in place
                                                 interpret=lowering == "mosaic_interpret")
+    w = dense(take_layer(w, layer)).astype(x.dtype)
     return smooth_gemm_pallas(x, w, m, tiling=GemmTiling(**tuning), transpose_w=transpose_w,
                               interpret=lowering == "interpret")
 

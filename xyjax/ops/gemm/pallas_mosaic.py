@@ -53,10 +53,12 @@ def _transforms(cols: int, dtype):
     return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
-def _kernel(m_ref, x_ref, w_ref, o_ref, o_smem, *, block_n: int, transpose_w: bool):
-    """One [BLOCK_M, block_n] output tile (module docstring)."""
+def _kernel(m_ref, x_ref, w_ref, o_ref, o_smem, *, block_n: int, transpose_w: bool, stacked: bool):
+    """One [BLOCK_M, block_n] output tile (module docstring); m_ref [2]: m and the layer of a stacked w."""
     i, j = lax.axis_index("m"), lax.axis_index("n")
     m = m_ref[0]
+    if stacked:
+        w_ref = w_ref.at[m_ref[1]]
     live = i * BLOCK_M < m
     K = x_ref.shape[1]
     tiles = _transforms(BLOCK_K, x_ref.dtype)
@@ -91,23 +93,27 @@ def _kernel(m_ref, x_ref, w_ref, o_ref, o_smem, *, block_n: int, transpose_w: bo
     plgpu.wait_smem_to_gmem(0)
 
 
-def smooth_gemm_mosaic(x: jax.Array, w: jax.Array, m, *, transpose_w: bool = False,
+def smooth_gemm_mosaic(x: jax.Array, w: jax.Array, m, *, layer=None, transpose_w: bool = False,
                        interpret: bool = False) -> jax.Array:
     """``x @ w`` ([T, K] @ [K, N], or w [N, K] with transpose_w) on the first m rows, zeros below, in x's dtype.
-    ``interpret``: Pallas' GPU interpreter (CPU)."""
-    if x.ndim != 2 or w.ndim != 2 or x.dtype != w.dtype:
-        raise ValueError(f"expected x [T, K] and w [K, N] of one dtype; got x {x.shape} {x.dtype}, w {w.shape} {w.dtype}")
+    ``layer``: None, or an int32 scalar (may be traced) and w a stack [L, ...] whose layer the kernel reads in
+    place (no per-layer copy of the weights). ``interpret``: Pallas' GPU interpreter (CPU)."""
+    stacked = layer is not None
+    if x.ndim != 2 or w.ndim != 2 + stacked or x.dtype != w.dtype:
+        raise ValueError(f"expected x [T, K] and w {'[L, K, N]' if stacked else '[K, N]'} of one dtype; got x "
+                         f"{x.shape} {x.dtype}, w {w.shape} {w.dtype}")
     T, K = x.shape
-    N, w_k = (w.shape[0], w.shape[1]) if transpose_w else (w.shape[1], w.shape[0])
+    N, w_k = (w.shape[-2], w.shape[-1]) if transpose_w else (w.shape[-1], w.shape[-2])
     why = unsupported(x.dtype, K, N) or (w_k != K and f"x {x.shape} and w {w.shape} do not chain")
     if why:
         raise ValueError(f"smooth_gemm_mosaic cannot take x {x.shape} @ w {w.shape}: {why}")
     block_n = next(b for b in BLOCK_N if N % b == 0)
     rows = BLOCK_M * pl.cdiv(T, BLOCK_M)
     x_rows = x if rows == T else jnp.pad(x, ((0, rows - T), (0, 0)))
-    m_arr = jnp.clip(jnp.asarray(m, jnp.int32), 0, T).reshape(1)
+    m_arr = jnp.stack([jnp.clip(jnp.asarray(m, jnp.int32), 0, T), jnp.asarray(0 if layer is None else layer,
+                                                                                jnp.int32)])
     kernel = plgpu.kernel(
-        functools.partial(_kernel, block_n=block_n, transpose_w=transpose_w),
+        functools.partial(_kernel, block_n=block_n, transpose_w=transpose_w, stacked=stacked),
         out_type=jax.ShapeDtypeStruct((rows, N), x.dtype),
         grid=(rows // BLOCK_M, N // block_n),
         grid_names=("m", "n"),
