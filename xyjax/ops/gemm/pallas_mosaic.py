@@ -10,7 +10,9 @@ padding: the work follows the real rows in steps of 64, wgmma's M); a live CTA r
 over K in BLOCK_K slices (x [64, BLOCK_K] and w [BLOCK_K, block_n] tiles by TMA, ``STEPS`` slices in flight,
 wgmma into a float32 accumulator, released one step late so a wgmma can run while the next is issued), zeroes
 rows >= m and writes its tile back by TMA. T is padded to a multiple of 64 rows (a copy only for buckets below
-64). With ``transpose_w`` the w tiles are [block_n, BLOCK_K] slices of w [N, K], fed to wgmma transposed.
+64). With ``transpose_w`` the w tiles are [block_n, BLOCK_K] slices of w [N, K], fed to wgmma transposed. A
+stacked weight [L, ...] is read at ``layer`` in place (the layer a scalar in global memory), where slicing it out
+first would copy that layer's weights on every call.
 
 Tests lower it for CUDA from a CPU host (``jax.export``) and run it in Pallas' GPU interpreter; compiling and
 running it needs the CUDA plugin and a Hopper GPU (``examples/gpu_check.py``).
