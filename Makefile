@@ -38,7 +38,7 @@ PROMPT ?= Write a haiku about the sea.
 MAX_TOKENS ?= 64
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-test build-deps ref-env ascend-env vllm-env llamacpp-env openvino-env clean
+.PHONY: run test install install-test build-deps ref-env ascend-env vllm-env llamacpp-env openvino-env gpu-wheels gpu-check clean
 
 run: install
 	$(BIN)/xyjax generate "$(PROMPT)" --max-tokens $(MAX_TOKENS) --chat
@@ -187,6 +187,24 @@ $(OPENVINO_VENV)/bin/python:
 $(BIN)/python:
 	@test -n "$(PY)" || { echo "no Python >= 3.12 found (tried $(PY_CANDIDATES)); set PY=/path/to/python3.12" >&2; exit 1; }
 	$(PY) -m venv $(VENV)
+
+# The one-run GPU check (examples/gpu_check.py; README, "On an NVIDIA GPU"). A GPU machine without a package index
+# runs the tree with its own python3 (jax + CUDA plugin), not a venv: `make gpu-wheels` (here, online) downloads the
+# wheels the engine needs that such an image lacks into .gpu-wheels/ (ignored; carried with the tree);
+# `make gpu-check GPU_OUT=dir` (there) installs them into /tmp/xyjax-site and runs the check, results under GPU_OUT.
+GPU_WHEELS := llguidance==1.9.1
+GPU_PLATFORMS := $(foreach n,2_35 2_34 2_31 2_28 2_17,--platform manylinux_$(n)_x86_64)
+GPU_OUT ?= gpu-results
+GPU_PY ?= python3
+
+gpu-wheels:
+	$(GPU_PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d .gpu-wheels $(GPU_WHEELS)
+
+gpu-check:
+	@if ls .gpu-wheels/*.whl >/dev/null 2>&1; then $(GPU_PY) -m pip install -q --no-index --no-deps --no-compile \
+		--no-cache-dir --upgrade --target /tmp/xyjax-site .gpu-wheels/*.whl; fi
+	PYTHONPATH=/tmp/xyjax-site PYTHONUNBUFFERED=1 $(GPU_PY) examples/gpu_check.py $(GPU_OUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build

@@ -186,3 +186,20 @@ def test_stats_snapshot_has_the_documented_keys_and_counters_add_up(tiny_model):
     assert s["tokens_per_step"] == s["real_tokens"] / s["steps"]
     assert s["padding_ratio"] == s["padded_tokens"] / s["real_tokens"]
     assert s["step_seconds"] >= s["device_seconds"] > 0 and s["host_plan_seconds"] > 0 and s["host_output_seconds"] > 0
+
+
+def test_gpu_refuses_the_cpu_only_ffi_backends(monkeypatch):
+    """On a GPU (jax's default backend "gpu", simulated: the check reads only that) the defaults are xla, and the ffi
+    backends (C++ CPU custom calls, MKL) fail at once with an error naming the option, not inside XLA's compile."""
+    from xyjax.engine.config import EngineConfig
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    config = EngineConfig()
+    assert (config.attention_backend, config.gemm_backend) == ("xla", "xla")
+    EngineConfig(attention_backend="pallas", gemm_backend="pallas", weight_layout="blocks", activation_quant="int8")
+    for options, named in (({"attention_backend": "ffi"}, "attention_backend='ffi'"),
+                           ({"gemm_backend": "ffi", "attention_backend": "pallas"}, "gemm_backend='ffi'")):
+        with pytest.raises(ValueError, match=f"{named}.*C\\+\\+ CPU kernels.*'gpu'"):
+            EngineConfig(**options)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    EngineConfig(attention_backend="ffi")

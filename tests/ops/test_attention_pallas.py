@@ -18,7 +18,7 @@ from xyjax.ops.attention.pallas import attend_pallas, meta_attention_pallas
 from xyjax.ops.attention.tiling import attention_metadata
 
 TOL = dict(rtol=2e-5, atol=2e-5)
-pallas = jax.jit(meta_attention_pallas, static_argnames=("interpret",))
+pallas = jax.jit(meta_attention_pallas, static_argnames=("lowering",))
 xla = jax.jit(meta_attention, static_argnames="backend")
 attend = jax.jit(attend_pallas, static_argnames=("tile", "interpret", "return_lse", "block_kv"))
 
@@ -67,7 +67,7 @@ def test_mixed_batch_matches_references(heads, kv_heads, dim, block_size, tile):
     rng = np.random.default_rng(heads + dim + block_size)
     q, kv, meta, expected = make_case(rng, *MIXED, heads=heads, kv_heads=kv_heads, dim=dim, block_size=block_size,
                                       tile=tile)
-    out = np.asarray(pallas(q, kv, 1, meta, interpret=True))
+    out = np.asarray(pallas(q, kv, 1, meta, lowering="interpret"))
     np.testing.assert_allclose(out, expected[1], **TOL)
     np.testing.assert_allclose(out, np.asarray(xla(q, kv, 1, meta)), **TOL)
     assert not out[uncovered_rows(meta, q.shape[0])].any(), "rows no task covers must be exactly zero"
@@ -105,7 +105,7 @@ def test_lead_wiring_and_num_tasks_argument():
 def test_random_ragged_batches(seqs, seed):
     rng = np.random.default_rng(seed)
     q, kv, meta, expected = make_case(rng, [s[0] for s in seqs], [s[1] for s in seqs])
-    out = np.asarray(pallas(q, kv, 1, meta, interpret=True))
+    out = np.asarray(pallas(q, kv, 1, meta, lowering="interpret"))
     np.testing.assert_allclose(out, expected[1], **TOL)       # expected zeros on padding rows
 
 
@@ -114,7 +114,7 @@ def test_decode_only_gqa3_long_histories():
     q, kv, meta, expected = make_case(rng, [1] * 6, [0, 3, 17, 40, 61, 63], heads=9, kv_heads=3, tile=4,
                                       num_blocks=128)
     assert int(meta.groups[1].num_tasks) == 0              # decode group only: the chunk table is all padding
-    out = np.asarray(pallas(q, kv, 1, meta, interpret=True))
+    out = np.asarray(pallas(q, kv, 1, meta, lowering="interpret"))
     np.testing.assert_allclose(out, expected[1], **TOL)
     assert not out[6:].any()
 
@@ -139,7 +139,7 @@ def test_tables_without_real_tasks_give_zeros():
     # a whole step of padding (both groups empty) through the wiring
     meta0 = attention_metadata(np.zeros(8, np.int32), np.zeros(8, np.int32), np.zeros(8, np.int32),
                                meta.block_tables, num_kv_heads=2, tile=4, num_tokens=64)
-    assert not np.asarray(pallas(q, kv, 1, meta0, interpret=True)).any()
+    assert not np.asarray(pallas(q, kv, 1, meta0, lowering="interpret")).any()
 
 
 def test_layers_under_scan_with_traced_layer():
@@ -149,7 +149,7 @@ def test_layers_under_scan_with_traced_layer():
     @jax.jit
     def run(q, kv, meta):
         def layer_step(carry, layer):
-            return carry, meta_attention_pallas(q, kv, layer, meta, interpret=True)
+            return carry, meta_attention_pallas(q, kv, layer, meta, lowering="interpret")
         return jax.lax.scan(layer_step, 0, jnp.arange(2, dtype=jnp.int32))[1]
 
     outs = np.asarray(run(q, kv, meta))
@@ -256,7 +256,7 @@ def test_planner_splits_and_trees_end_to_end():
                                       trees={2: parents}, max_tree=8)
     real = np.concatenate([live_tasks(g) for g in meta.groups])
     assert (real[:, Field.NUM_SPLITS] > 1).any() and (real[:, Field.MASK_KIND] == MaskKind.TREE).any()
-    out = np.asarray(pallas(q, kv, 1, meta, interpret=True))
+    out = np.asarray(pallas(q, kv, 1, meta, lowering="interpret"))
     np.testing.assert_allclose(out, expected[1], **TOL)
     np.testing.assert_allclose(out, np.asarray(xla(q, kv, 1, meta)), **TOL)
     assert not out[17:].any()
@@ -277,7 +277,7 @@ def test_bfloat16_against_xla_backend():
     q, kv, meta, expected = make_case(rng, *MIXED, heads=6, kv_heads=2, dim=64, block_size=16, tile=16)
     qb = q.astype(jnp.bfloat16)
     kvb = KVCache(k=kv.k.astype(jnp.bfloat16), v=kv.v.astype(jnp.bfloat16))
-    out = np.asarray(pallas(qb, kvb, 1, meta, interpret=True))
+    out = np.asarray(pallas(qb, kvb, 1, meta, lowering="interpret"))
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, np.asarray(xla(qb, kvb, 1, meta)).astype(np.float32), rtol=3e-2, atol=3e-2)
     np.testing.assert_allclose(out, expected[1], rtol=5e-2, atol=5e-2)

@@ -78,8 +78,9 @@ def work(q_len, kv_len) -> tuple[float, float]:
     return 4.0 * pairs * H * D, float(sum(kv_len)) * HKV * D * 4 * 2
 
 
-def dense_attention(q, kv, q_start, q_len, kv_len, tables, groups):
-    """One padded ``jax.nn.dot_product_attention`` call per group of sequences (KV gathered from the cache)."""
+def dense_attention(q, kv, q_start, q_len, kv_len, tables, groups, implementation: str | None = None):
+    """One padded ``jax.nn.dot_product_attention`` call per group of sequences (KV gathered from the cache), in
+    its ``implementation`` (None: XLA's choice; "cudnn": cuDNN's fused kernel, GPU only)."""
     calls = []
     for members in groups:
         if not len(members):
@@ -100,7 +101,7 @@ def dense_attention(q, kv, q_start, q_len, kv_len, tables, groups):
         for rows, blocks, mask in calls:
             keys = k[0, blocks].transpose(0, 1, 3, 2, 4).reshape(len(blocks), -1, HKV, D)
             values = v[0, blocks].transpose(0, 1, 3, 2, 4).reshape(len(blocks), -1, HKV, D)
-            outs.append(jax.nn.dot_product_attention(q[rows], keys, values, mask=mask))
+            outs.append(jax.nn.dot_product_attention(q[rows], keys, values, mask=mask, implementation=implementation))
         return outs
 
     return lambda: run(q, kv.k, kv.v)

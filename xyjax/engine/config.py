@@ -44,10 +44,11 @@ class EngineConfig:
     compilation_cache_dir: JAX's persistent compilation cache ("" disables it); default
         $XYJAX_CACHE_DIR/jax-compilation-cache. It is process-wide (a jax config).
     precompile: compile every bucket at start (with a progress bar).
-    attention_backend: "ffi" (C++ custom call, the default on CPU), "xla" (pure jnp, the default elsewhere)
-        or "pallas" (Pallas kernel: Triton on GPU, interpret mode on CPU, for tests).
-    gemm_backend: "ffi" (C++ custom call over MKL, the default on CPU where MKL is installed), "xla" (pure
-        jnp, the default elsewhere) or "pallas" (Pallas kernel: Triton on GPU, interpret mode on CPU). The
+    attention_backend: "ffi" (C++ custom call, the default on CPU; CPU only: refused elsewhere), "xla" (pure jnp,
+        the default elsewhere) or "pallas" (Pallas kernels: Mosaic GPU on Hopper, Triton on other GPUs, interpret
+        mode on CPU, for tests; ``xyjax.ops.pallas_lowering``).
+    gemm_backend: "ffi" (C++ custom call over MKL, the default on CPU where MKL is installed; CPU only), "xla"
+        (pure jnp, the default elsewhere) or "pallas" (as attention_backend's). The
         engine reads the backend's tunables from this device's `xyjax profile` table when there is one.
     weight_layout: how the gemm backend holds a GGUF's block-quantized weights (``GGUFBlocks``,
         ``xyjax.ops.gemm.prepare_weights``): "auto" (the backend's choice: "blocks" for ffi, plain for xla and
@@ -103,11 +104,14 @@ class EngineConfig:
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"engine option enable_prefix_caching must be True or False, "
                              f"got {self.enable_prefix_caching!r}")
-        cpu = jax.default_backend() == "cpu"
+        platform = jax.default_backend()
+        cpu = platform == "cpu"
         if self.attention_backend is None:
             self.attention_backend = "ffi" if cpu else "xla"
         if self.gemm_backend is None:   # ffi needs MKL (a dependency on x86-64 Linux only)
             self.gemm_backend = "ffi" if cpu and blas.available() else "xla"
+        if not cpu:
+            self._refuse_cpu_only(platform)
         for name, backends in (("attention_backend", attention.BACKENDS), ("gemm_backend", gemm.BACKENDS),
                                ("weight_layout", formats.LAYOUTS)):
             if getattr(self, name) not in backends:
@@ -133,6 +137,14 @@ class EngineConfig:
         if self.max_num_seqs * per_seq > budget:
             raise ValueError(f"max_num_seqs={self.max_num_seqs} requests x {per_seq} decode/verify tokens exceed the "
                              f"token budget max_num_batched_tokens={budget}; every running request must fit a step")
+
+    def _refuse_cpu_only(self, platform: str) -> None:
+        """The ffi backends are C++ CPU custom calls (``ascend_ffi``; the gemm's BLAS is MKL): on another platform
+        XLA would fail at compile with no word of the option; refuse them here, naming it."""
+        cpu_only = [f"{name}='ffi'" for name in ("attention_backend", "gemm_backend") if getattr(self, name) == "ffi"]
+        if cpu_only:
+            raise ValueError(f"engine option {' and '.join(cpu_only)}: the ffi backends are C++ CPU kernels (ascend_ffi, "
+                             f"MKL) and jax's default backend here is {platform!r}; use 'pallas' or 'xla'")
 
     @classmethod
     def from_options(cls, options: dict) -> "EngineConfig":

@@ -9,6 +9,8 @@ from flax import struct
 
 from xyjax.ops.attention.contract import Field
 
+TASK_COLS = 16   # the Pallas kernels' task rows: NUM_FIELDS int32 padded to a power of two
+
 
 @struct.dataclass
 class TaskTable:
@@ -34,6 +36,17 @@ def live_tasks(group: TaskTable) -> jax.Array:
     tasks = jnp.asarray(group.tasks, jnp.int32)
     live = jnp.arange(tasks.shape[0]) < group.num_tasks
     return tasks.at[:, Field.Q_LEN].set(jnp.where(live, tasks[:, Field.Q_LEN], 0))
+
+
+def packed_rows(tasks, num_tokens: int, group: int, tile: int, rows: int):
+    """The Pallas kernels' packing of a task's G query heads as rows r = i * G + g (query row i, head g): the flat
+    token and query head of each packed row, [W, R] each; token = num_tokens (out of range) past the task's rows."""
+    r = jnp.arange(rows, dtype=jnp.int32)
+    q_len = jnp.minimum(tasks[:, Field.Q_LEN], tile)
+    live = r[None, :] < q_len[:, None] * group
+    token = jnp.where(live, tasks[:, Field.Q_START, None] + r[None, :] // group, num_tokens)
+    head = tasks[:, Field.KV_HEAD, None] * group + r[None, :] % group
+    return token, head
 
 
 def merge_partials(shape, parts) -> tuple[jax.Array, jax.Array]:

@@ -1,4 +1,6 @@
-"""Meta-Attention as a Pallas kernel over the tile-contract task table (GPU-style Pallas: Triton lowering).
+"""Meta-Attention as a Pallas kernel over the tile-contract task table (Triton lowering; interpret mode on CPU),
+and ``meta_attention_pallas``, the pallas backend, which runs each task group on this kernel or on the Mosaic GPU
+one (``pallas_mosaic.py``) by ``xyjax.ops.pallas_lowering``.
 
 Contract (``ascend_ffi/include/xyjax/tile_contract.h``; fields ``xyjax.ops.attention.contract.Field``)::
 
@@ -37,7 +39,7 @@ Masks and splits (all supported):
             the merge is exact (weight exp(0) = 1). KV_START need not be block aligned.
 
 How meta_attention's ``backend="pallas"`` is meant to call it (groups cover disjoint rows, so their
-outputs add up; ``meta_attention_pallas`` below does exactly this)::
+outputs add up; ``meta_attention_pallas`` below does this where it picks this kernel)::
 
     out = jnp.zeros(q.shape, jnp.float32)
     for g in meta.groups:
@@ -74,7 +76,9 @@ Design:
 GPU: the kernel is written for the Pallas Triton lowering (``compiler_params`` are Triton's): all
 loaded values have power-of-two sizes when BS, D, block_kv are powers of two (checked when not
 interpreting). Tests lower it to Triton IR for CUDA on a CPU host (``jax.export`` with
-platforms=["cuda"]); compiling that IR to PTX and running it needs a GPU and was not exercised here.
+platforms=["cuda"]); compiling that IR to PTX and running it needs a GPU (``examples/gpu_check.py``). On
+Hopper the backend prefers the Mosaic GPU kernel (``pallas_mosaic.py``) and uses this one for what that one does
+not take (float32, tree masks, other shapes).
 TPU (Mosaic) would need scalar prefetch of the task table and DMA'd pages instead.
 """
 
@@ -89,12 +93,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from xyjax.ops import pallas_lowering
+from xyjax.ops.attention import pallas_mosaic
 from xyjax.ops.attention.contract import NUM_FIELDS, Field, MaskKind
-from xyjax.ops.attention.metadata import TaskTable, live_tasks, merge_partials
+from xyjax.ops.attention.metadata import TASK_COLS, TaskTable, live_tasks, merge_partials, packed_rows
 
 __all__ = ["attend_pallas", "meta_attention_pallas"]
 
-TASK_COLS = 16                   # task rows padded to a power-of-two number of int32 columns
 MIN_ROWS = 16                    # Triton dots need M, N, K >= 16
 DEFAULT_BLOCK_KV = 64            # KV positions per online-softmax step (whole cache blocks)
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -183,16 +188,6 @@ def _kernel(task_ref, layer_ref, scale_ref, bt_ref, q_ref, k_ref, v_ref, *rest, 
     lse_ref[...] = lse
 
 
-def _packed_rows(tasks, num_tokens: int, group: int, tile: int, rows: int):
-    """Flat token and query head of each packed row [W, R]; token = num_tokens (out of range) off the task."""
-    r = jnp.arange(rows, dtype=jnp.int32)
-    q_len = jnp.minimum(tasks[:, Field.Q_LEN], tile)
-    live = r[None, :] < q_len[:, None] * group
-    token = jnp.where(live, tasks[:, Field.Q_START, None] + r[None, :] // group, num_tokens)
-    head = tasks[:, Field.KV_HEAD, None] * group + r[None, :] % group
-    return token, head
-
-
 def _host_checks(tasks, tile: int, has_tree: bool):
     """Contract checks possible only on a concrete (host) table."""
     real = tasks[tasks[:, Field.Q_LEN] > 0]
@@ -245,7 +240,7 @@ def attend_pallas(q, k_cache, v_cache, layer, block_tables, tasks, scale, *, til
         return (out, jnp.full(out_shape[:2], -jnp.inf, jnp.float32)) if return_lse else out
 
     tasks = jnp.asarray(tasks, jnp.int32) if num_tasks is None else live_tasks(TaskTable(tasks, num_tasks, tile))
-    token, head = _packed_rows(tasks, num_tokens, group, tile, rows)
+    token, head = packed_rows(tasks, num_tokens, group, tile, rows)
     compute = jnp.promote_types(q.dtype, k_cache.dtype)
     q_w = q.astype(compute).at[token, head].get(mode="fill", fill_value=0)            # [W, R, D]
     task_cols = jnp.pad(tasks, ((0, 0), (0, TASK_COLS - NUM_FIELDS)))
@@ -289,15 +284,28 @@ def attend_pallas(q, k_cache, v_cache, layer, block_tables, tasks, scale, *, til
     return (out, lse) if return_lse else out
 
 
-def meta_attention_pallas(q, kv, layer, meta, *, scale=None, interpret: bool | None = None, tree_mask=None):
-    """meta_attention over every group of ``meta`` with this kernel ([T, H, D] float32): the intended
-    ``backend="pallas"`` wiring (rows >= num_tasks zeroed; groups cover disjoint rows, so outputs add).
+def meta_attention_pallas(q, kv, layer, meta, *, scale=None, lowering: str | None = None, tree_mask=None):
+    """meta_attention over every group of ``meta`` ([T, H, D] float32): the ``backend="pallas"`` wiring (rows >=
+    num_tasks zeroed; groups cover disjoint rows, so outputs add). ``lowering``: a name of
+    ``xyjax.ops.pallas_lowering.LOWERINGS`` (None: ``default_lowering()``); a group the Mosaic GPU kernel does
+    not take (``pallas_mosaic.unsupported``) runs this module's kernel on the same kind of device.
     ``tree_mask`` defaults to ``meta.tree_mask`` where AttentionMetadata has one."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     tree_mask = getattr(meta, "tree_mask", None) if tree_mask is None else tree_mask
-    interpret = jax.default_backend() == "cpu" if interpret is None else interpret
+    lowering = pallas_lowering.check(lowering or pallas_lowering.default_lowering())
+    group = q.shape[1] // kv.k.shape[2]
     out = jnp.zeros(q.shape, jnp.float32)
     for g in meta.groups:
-        out = out + attend_pallas(q, kv.k, kv.v, layer, meta.block_tables, live_tasks(g), scale, tile=g.tile,
-                                  interpret=interpret, tree_mask=tree_mask)
+        tasks = live_tasks(g)
+        use = lowering
+        if lowering in ("mosaic", "mosaic_interpret") and pallas_mosaic.unsupported(
+                q.dtype, kv.k.dtype, q.shape[2], kv.k.shape[3], group, g.tile, has_tree=tree_mask is not None):
+            use = pallas_lowering.fallback(lowering)
+        if use in ("mosaic", "mosaic_interpret"):
+            part = pallas_mosaic.attend_mosaic(q, kv.k, kv.v, layer, meta.block_tables, tasks, scale, tile=g.tile,
+                                               interpret=use == "mosaic_interpret")
+        else:
+            part = attend_pallas(q, kv.k, kv.v, layer, meta.block_tables, tasks, scale, tile=g.tile,
+                                 interpret=use == "interpret", tree_mask=tree_mask)
+        out = out + part
     return out

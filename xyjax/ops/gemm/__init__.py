@@ -13,8 +13,10 @@ padding: fast backends skip them; this result is defined and tested).
 
 Backends: ``xla`` (``xla.py``, pure jnp, the oracle: computes every row on the dense view, then zeroes the
 padding), ``ffi`` (``ffi.py``, the C++ CPU handler: BLAS, streaming and AMX kernels over exactly m rows, every
-format read in place), ``pallas`` (``pallas.py``: tiles past m skip their work; Triton on GPU, interpret mode
-on CPU). ``tuning``: the backend's tunables for this format, shape and bucket (``profile`` measures them).
+format read in place), ``pallas`` (``pallas.py``: tiles past m skip their work; the Mosaic GPU kernel of
+``pallas_mosaic.py`` on Hopper, Triton on other GPUs, interpret mode on CPU: ``xyjax.ops.pallas_lowering``).
+``tuning``: the backend's tunables for this format, shape and bucket (``profile`` measures them; the pallas ones
+are the Triton-style kernel's).
 """
 
 from __future__ import annotations

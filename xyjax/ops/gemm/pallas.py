@@ -1,4 +1,6 @@
-"""SmoothGEMM as a Pallas kernel (GPU-style Pallas: Triton lowering); its oracle is the xla backend.
+"""SmoothGEMM as a Pallas kernel (Triton lowering; interpret mode on CPU), and ``gemm``, the pallas backend, which
+runs it or the Mosaic GPU kernel (``pallas_mosaic.py``) by ``xyjax.ops.pallas_lowering``; the oracle is the xla
+backend.
 
 Contract (``xyjax.ops.gemm``)::
 
@@ -22,7 +24,8 @@ device; ``xyjax profile`` measures it.
 
 GPU: Pallas' Triton lowering (``compiler_params`` are Triton's); dots of at least 16 x 16 and power-of-two
 block sizes. Tests run it with ``interpret=True`` on CPU and lower it to Triton IR for CUDA; running it
-needs a GPU.
+needs a GPU (``examples/gpu_check.py``). On Hopper the backend prefers the Mosaic GPU kernel and uses this one
+for float32 and for shapes that one does not take.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from xyjax.ops.gemm.formats import dense
+from xyjax.ops import pallas_lowering
+from xyjax.ops.gemm import pallas_mosaic
+from xyjax.ops.gemm.formats import dense, is_format
 from xyjax.ops.gemm.xla import quantized_input, take_layer
 
 
@@ -128,12 +133,23 @@ def smooth_gemm_pallas(x: jax.Array, w: jax.Array, m, *, tiling: GemmTiling = Ge
     )(m_arr, x, w)
 
 
-def gemm(x, w, m, layer, transpose_w: bool, tuning: dict) -> jax.Array:
-    """smooth_gemm's pallas backend: the kernel on the weights' dense view (interpret mode on CPU)."""
+def gemm(x, w, m, layer, transpose_w: bool, tuning: dict, lowering: str | None = None) -> jax.Array:
+    """smooth_gemm's pallas backend on the weights' dense view: the Mosaic GPU kernel (``pallas_mosaic.py``) where
+    ``lowering`` (None: ``pallas_lowering.default_lowering()``) picks it and it takes the call, else this module's
+    (``tuning``: its GemmTiling fields; Triton on GPU, Pallas' interpreter on CPU)."""
     x = quantized_input(x, w)
+    lowering = pallas_lowering.check(lowering or pallas_lowering.default_lowering())
+    N = w.shape[-2] if transpose_w else w.shape[-1]
+    if lowering in ("mosaic", "mosaic_interpret") and pallas_mosaic.unsupported(x.dtype, x.shape[1], N):
+        lowering = pallas_lowering.fallback(lowering)
+    if lowering in ("mosaic", "mosaic_interpret"):
+        if is_format(w) or w.dtype != x.dtype:     # its dense view (or cast) is a new array anyway
+            w, layer = dense(take_layer(w, layer)).astype(x.dtype), None
+        return pallas_mosaic.smooth_gemm_mosaic(x, w, m, layer=layer, transpose_w=transpose_w,  # layer read in place
+                                                interpret=lowering == "mosaic_interpret")
     w = dense(take_layer(w, layer)).astype(x.dtype)
     return smooth_gemm_pallas(x, w, m, tiling=GemmTiling(**tuning), transpose_w=transpose_w,
-                              interpret=jax.default_backend() == "cpu")
+                              interpret=lowering == "interpret")
 
 
 def auto_layout() -> str:
