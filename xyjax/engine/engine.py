@@ -27,6 +27,7 @@ from xyjax.ops.gemm.formats import with_activation_quant
 from xyjax.ops.gemm.profile import load_default
 from xyjax.ops.kv_cache import bytes_per_token
 from xyjax.engine.outputs import RequestMetrics, RequestOutput
+from xyjax.engine.distributed import Leader
 from xyjax.engine.parallel import make_mesh, shard_model
 from xyjax.engine.planner import Planner
 from xyjax.engine.prefix_cache import PrefixCache
@@ -89,8 +90,15 @@ class Engine:
         self._ids = itertools.count()
         self._rng = np.random.default_rng(config.seed)
         self.drafter = config.speculative.drafter() if config.speculative else None
-        if config.precompile:
+        if jax.process_count() > 1 and jax.process_index() == 0:
+            self.runner = Leader(self.runner)      # the other processes ``follow`` its device operations
+        if config.precompile and jax.process_index() == 0:   # the others compile as they follow
             self.precompile(progress)
+
+    def close(self) -> None:
+        """Release the other processes of a multi-process engine (``xyjax.engine.distributed``); else a no-op."""
+        if isinstance(self.runner, Leader):
+            self.runner.stop()
 
     def precompile(self, progress: bool = True) -> None:
         """Compile (or load from the persistent cache) the step program of every token bucket."""

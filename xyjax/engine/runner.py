@@ -80,9 +80,13 @@ class Runner:
     def move_slots(self, moves: list[tuple[int, int]]) -> None:
         """Copy KV slot ``src`` to ``dst`` in every layer for each pair, all reads first, in one program of
         fixed shape ``[max_moves, 2]`` (tree verify: accepted nodes to their positions; in place)."""
+        self.kv = self._move(self.kv, self.move_pairs(moves))
+
+    def move_pairs(self, moves: list[tuple[int, int]]) -> np.ndarray:
+        """``moves`` as the move program's ``[max_moves, 2]`` int32 input (unused rows -1)."""
         pairs = np.full((self.max_moves, 2), -1, np.int32)
         pairs[:len(moves)] = np.asarray(moves, np.int32).reshape(-1, 2)
-        self.kv = self._move(self.kv, pairs)
+        return pairs
 
     def run(self, inputs: StepInputs, sampling: SamplingInputs) -> SamplerOutput:
         """One step; returns the sampler's output as numpy arrays."""
