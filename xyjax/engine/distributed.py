@@ -31,6 +31,10 @@ def initialize(coordinator: str, num_processes: int, process_id: int, heartbeat_
     if not 0 <= process_id < num_processes:
         raise ValueError(f"process id {process_id} is not in [0, {num_processes}) (--num-processes {num_processes})")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Every process must compile the same program: its HLO carries the Python call stack that traced it, which
+    # differs between process 0 (Leader.run) and the others (follow), and CPU collectives of programs that differ
+    # there never meet (both processes wait in the first all-reduce forever). Only the innermost frame is kept.
+    jax.config.update("jax_include_full_tracebacks_in_locations", False)
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
                                heartbeat_timeout_seconds=heartbeat_timeout, initialization_timeout=120,
                                shutdown_timeout_seconds=heartbeat_timeout)
