@@ -5,12 +5,17 @@ here; a mismatch would show a real error."""
 
 import asyncio
 import dataclasses
+import os
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
 import helpers
+from models.hf_export import export_hf
 from models.llama import init_params
 from models.loader import LoadedModel
 from xyjax import LLM, SamplingParams
@@ -122,3 +127,36 @@ def test_bad_parallel_configs_fail_at_start(model):
     assert [w.k for w in split_inputs(blocks, 2)] == [32, 32]
     with pytest.raises(ValueError, match="K = 64 inputs of Q8_0 blocks .* do not cut into 4 shards"):
         split_inputs(blocks, 4)
+
+
+def test_two_processes_serve_tp2_as_one_device_and_stop_when_one_dies(model, tmp_path):
+    """`xyjax serve` as a jax.distributed job of two processes on 127.0.0.1 (one CPU device each, gloo): process 0
+    serves and schedules, process 1 runs its steps; greedy text equals one device's. Then process 1 is killed:
+    process 0 must exit with the coordination service's error within the heartbeat timeout (plus slack)."""
+    directory = str(tmp_path / "tiny-gqa")
+    export_hf(model, directory)
+    env = dict(os.environ, XLA_FLAGS="")          # one CPU device per process
+    flags = ["--tensor-parallel-size", "2", "--coordinator", f"127.0.0.1:{helpers.free_port()}", "--num-processes",
+             "2", "--heartbeat-timeout", "5"]
+    with open(tmp_path / "log1", "w") as log:
+        follower = subprocess.Popen([sys.executable, "-m", "xyjax.cli", "serve", "--model", directory,
+                                     *helpers.ENGINE_FLAGS, *flags, "--process-id", "1"], stdout=log,
+                                    stderr=subprocess.STDOUT, env=env)
+    try:
+        server = helpers.start_server(directory, str(tmp_path / "log0"), *flags, "--process-id", "0", env=env)
+        prompt = workload()[1][1]
+        reply = server.client().completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0,
+                                                   extra_body={"ignore_eos": True})
+        solo = LLM(model, progress=False, **OPTIONS).generate([prompt], SamplingParams(max_tokens=12, temperature=0,
+                                                                                          ignore_eos=True))[0]
+        assert reply.choices[0].text == solo.text
+        follower.kill()
+        start = time.monotonic()
+        code = server.proc.wait(timeout=60)
+        log0 = open(server.log).read()
+        assert code != 0 and "distributed service detected fatal errors" in log0, log0[-3000:]
+        assert time.monotonic() - start < 30
+    finally:
+        for proc in (follower, getattr(locals().get("server"), "proc", None)):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
