@@ -41,7 +41,7 @@ class EngineConfig:
     max_logprobs: the most top logprobs a request may ask for (SamplingParams.logprobs, prompt_logprobs).
     max_stop_ids: the most token ids one request may mask before min_tokens (its stop ids and EOS).
     max_logit_bias: the most entries of one request's logit_bias.
-    compilation_cache_dir: JAX's persistent compilation cache ("" disables it); default
+    compilation_cache_dir: JAX's persistent compilation cache ("" disables it; unused in a jax.distributed job); default
         $XYJAX_CACHE_DIR/jax-compilation-cache. It is process-wide (a jax config).
     precompile: compile every bucket at start (with a progress bar).
     attention_backend: "ffi" (C++ custom call, the default on CPU), "xla" (pure jnp, the default elsewhere)

@@ -72,7 +72,9 @@ class Engine:
                                    self.stats, self.max_model_len)
         # the task tables describe one tensor-parallel shard's KV heads (each shard runs them on its own)
         self.planner = Planner(config, self.max_model_len, cfg.num_kv_heads // tp, cfg.vocab_size)
-        if config.compilation_cache_dir:
+        # Not in a jax.distributed job: processes that loaded a step from the persistent cache hung in its first
+        # collective (jax 0.12.1, gloo), while freshly compiled ones meet (docs/tp.md).
+        if config.compilation_cache_dir and jax.process_count() == 1:
             enable_persistent_cache(config.compilation_cache_dir)
         self.backends = Backends(attention=config.attention_backend, gemm=config.gemm_backend,
                                  gemm_profile=load_default(config.gemm_backend) if config.gemm_backend != "xla"
