@@ -9,10 +9,10 @@ that bucket), COPY (copy KV block a to b), MOVE (the ``[max_moves, 2]`` slot pai
 the programs' own collectives (gloo between CPU hosts) keep every process in step, so once a STEP has run on
 process 0 every process has read the messages before it, and process 0 deletes them.
 
-The control plane avoids collectives: ``multihost_utils.broadcast_one_to_all`` (a psum) hung on CPU with gloo
-in this role (both processes waiting in the psum forever, depending on what ran before), while the store is plain
-RPC. A process that dies is noticed by the coordination service's heartbeat: the others stop with its error after
-``heartbeat_timeout`` seconds rather than wait forever.
+The control plane is plain RPC, not a collective: no process waits in a collective while process 0 is idle (gloo
+reads time out), and a process that dies is noticed by the coordination service's heartbeat: the others stop with
+its error after ``heartbeat_timeout`` seconds rather than wait forever. Every process must compile the very same
+programs for their collectives to meet (see ``initialize``; the engine skips the persistent compilation cache here).
 """
 
 from __future__ import annotations
