@@ -8,12 +8,17 @@ engine/ (engine, LLM, server on the tiny model), e2e/ (the real default model, t
 import os
 import pathlib
 
-import jax
-import pytest
+# Four CPU devices for the tensor- and data-parallel tests (engine/test_parallel.py), set before jax starts: one
+# process runs the suite, and a device count cannot change once jax has started. Programs run on device 0 as before.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 
-import helpers
-from models.loader import LoadedModel
-from models.tokenizer import Tokenizer
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+import helpers  # noqa: E402
+from models.loader import LoadedModel  # noqa: E402
+from models.tokenizer import Tokenizer  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -452,17 +452,22 @@ class Server:
         return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.M).group(1))
 
 
-def start_server(model: str, log_path: str, *flags: str, name: str = "tiny") -> Server:
-    """`xyjax serve` of ``model`` on a free local port (output to ``log_path``), once /health answers."""
-    import httpx
-
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def start_server(model: str, log_path: str, *flags: str, name: str = "tiny", env: dict | None = None) -> Server:
+    """`xyjax serve` of ``model`` on a free local port (output to ``log_path``; ``env``: the process's environment,
+    default this one's), once /health answers."""
+    import httpx
+
+    port = free_port()
     cmd = [sys.executable, "-m", "xyjax.cli", "serve", "--model", model, "--served-model-name", name,
            "--port", str(port), *ENGINE_FLAGS, *flags]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = Server(proc, f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

@@ -53,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="seconds in-flight requests may finish after SIGINT/SIGTERM before they are aborted")
     _add_engine_options(serve, ENGINE_OPTIONS + SERVE_ENGINE_OPTIONS)
+    serve.add_argument("--data-parallel-size", type=int, default=1, help="engine replicas, each on its own devices")
+    serve.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 of a jax.distributed job")
+    serve.add_argument("--num-processes", type=int, default=1)
+    serve.add_argument("--process-id", type=int, default=0, help="0 serves HTTP; the others run its steps")
+    serve.add_argument("--heartbeat-timeout", type=int, default=10,
+                       help="seconds after which a dead process stops the others (jax.distributed)")
     passthrough = {  # commands with their own parsers: (module, help)
         "bench-attention": ("xyjax.bench.attention", "time Meta-Attention backends on hybrid batches"),
         "bench-gemm": ("xyjax.bench.gemm", "time SmoothGEMM against padded and exact-m XLA dots"),
@@ -62,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench-functional": ("xyjax.bench.functional", "decode tok/s of the fused jitted generate against the engine"),
         "profile": ("xyjax.bench.profile", "profile the gemm backend's tunables per linear shape and bucket"),
         "bench-features": ("xyjax.bench.features", "the cost of penalties and structured outputs on half the requests"),
+        "bench-tp": ("xyjax.bench.tp", "per-step time of tensor parallelism against TP=1 on CPU devices"),
         "eval-quant": ("xyjax.bench.eval_quant", "int8 activations against the exact path: perplexity, KL, top-1"),
     }
     for name, (_, text) in passthrough.items():
@@ -117,7 +124,8 @@ _json.__name__ = "JSON"   # argparse's error: "invalid JSON value: ..."
 
 ENGINE_OPTIONS = (("max_num_batched_tokens", int), ("max_num_seqs", int), ("prefill_tile", int), ("block_size", int),
                   ("attention_backend", str), ("gemm_backend", str), ("weight_layout", str),
-                  ("activation_quant", str), ("enable_prefix_caching", bool), ("speculative", _json))
+                  ("activation_quant", str), ("enable_prefix_caching", bool), ("speculative", _json),
+                  ("tensor_parallel_size", int))
 SERVE_ENGINE_OPTIONS = (("max_model_len", int), ("kv_cache_memory", int), ("max_logprobs", int), ("seed", int))
 
 
@@ -142,8 +150,9 @@ def _serve(args) -> int:
     try:
         return serve(args.model, host=args.host, port=args.port, dtype=args.dtype,
                      served_model_name=args.served_model_name, max_body_bytes=args.max_body_bytes,
-                     shutdown_timeout=args.shutdown_timeout,
-                     **_engine_options(args, ENGINE_OPTIONS + SERVE_ENGINE_OPTIONS))
+                     shutdown_timeout=args.shutdown_timeout, data_parallel_size=args.data_parallel_size,
+                     coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
+                     heartbeat_timeout=args.heartbeat_timeout, **_engine_options(args, ENGINE_OPTIONS + SERVE_ENGINE_OPTIONS))
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"xyjax: error: {e}", file=sys.stderr)
         return 2

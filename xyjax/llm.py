@@ -20,18 +20,19 @@ class LLM:
     HF directory (config.json, *.safetensors, tokenizer.json), or an already loaded
     ``models.loader.LoadedModel`` (e.g. your own params). ``dtype``: weight/KV dtype ("float32",
     "bfloat16").
-    ``engine_options``: fields of ``xyjax.engine.config.EngineConfig``.
+    ``engine_options``: fields of ``xyjax.engine.config.EngineConfig`` (e.g. ``tensor_parallel_size``).
+    ``devices``: the jax devices the engine runs on (default the first tensor_parallel_size of ``jax.devices()``).
     """
 
     def __init__(self, model: str | loader.LoadedModel | None = None, dtype: str = "float32", progress: bool = True,
-                 **engine_options):
+                 devices=None, **engine_options):
         config = EngineConfig.from_options(engine_options)
         if isinstance(model, loader.LoadedModel):
             self.model = model
         else:
             self.model = loader.load(model, dtype=dtype, progress=progress)
         self.progress = progress
-        self.engine = Engine(self.model, config, progress=progress)
+        self.engine = Engine(self.model, config, progress=progress, devices=devices)
 
     @property
     def tokenizer(self):

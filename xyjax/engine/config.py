@@ -41,7 +41,7 @@ class EngineConfig:
     max_logprobs: the most top logprobs a request may ask for (SamplingParams.logprobs, prompt_logprobs).
     max_stop_ids: the most token ids one request may mask before min_tokens (its stop ids and EOS).
     max_logit_bias: the most entries of one request's logit_bias.
-    compilation_cache_dir: JAX's persistent compilation cache ("" disables it); default
+    compilation_cache_dir: JAX's persistent compilation cache ("" disables it; unused in a jax.distributed job); default
         $XYJAX_CACHE_DIR/jax-compilation-cache. It is process-wide (a jax config).
     precompile: compile every bucket at start (with a progress bar).
     attention_backend: "ffi" (C++ custom call, the default on CPU; CPU only: refused elsewhere), "xla" (pure jnp,
@@ -63,6 +63,10 @@ class EngineConfig:
     enable_prefix_caching: token-wise automatic prefix caching (xyjax.engine.prefix_cache): a request reuses the KV of
         the longest prefix of its tokens that an earlier request computed, down to the token.
     seed: seeds requests that bring none.
+    tensor_parallel_size: devices one engine's step runs on (``xyjax.engine.parallel``): heads, the MLP and the
+        vocabulary cut over a mesh axis, the KV cache by KV head (kv_cache_memory is the pool over all of them).
+        The model's heads, KV heads, intermediate size and vocabulary must divide by it; weights are plain or
+        GGUF blocks (layout "plain" or "blocks"; row-parallel blocks need K / n a multiple of the block).
     """
 
     block_size: int = 16
@@ -88,12 +92,14 @@ class EngineConfig:
     activation_quant: str = "none"
     enable_prefix_caching: bool = True
     seed: int = 0
+    tensor_parallel_size: int = 1
 
     def __post_init__(self):
         if self.attention_lanes is None:
             self.attention_lanes = int(os.environ.get("XYJAX_ATTENTION_THREADS") or os.cpu_count() or 1)
         positive = ("block_size", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens", "prefill_tile",
-                    "max_logprobs", "max_stop_ids", "max_logit_bias", "attention_lanes", "max_kv_splits", "min_split_kv")
+                    "max_logprobs", "max_stop_ids", "max_logit_bias", "attention_lanes", "max_kv_splits", "min_split_kv",
+                    "tensor_parallel_size")
         for name in positive + ("max_model_len", "max_draft_tokens"):
             value = getattr(self, name)
             if name == "max_model_len" and value is None:

@@ -27,6 +27,8 @@ from xyjax.ops.gemm.formats import with_activation_quant
 from xyjax.ops.gemm.profile import load_default
 from xyjax.ops.kv_cache import bytes_per_token
 from xyjax.engine.outputs import RequestMetrics, RequestOutput
+from xyjax.engine.distributed import Leader
+from xyjax.engine.parallel import make_mesh, shard_model
 from xyjax.engine.planner import Planner
 from xyjax.engine.prefix_cache import PrefixCache
 from xyjax.engine.request import Request
@@ -50,9 +52,12 @@ class Engine:
     """Owns the scheduler, the planner, the runner, the stats and every live request (``requests``: id ->
     Request, until its finish is reported)."""
 
-    def __init__(self, model: LoadedModel, config: EngineConfig, progress: bool = True):
+    def __init__(self, model: LoadedModel, config: EngineConfig, progress: bool = True, devices=None):
+        """``devices``: where the step runs (tensor_parallel_size of them; default the first of ``jax.devices()``)."""
         self.model, self.config, self.tokenizer = model, config, model.tokenizer
         cfg = model.config
+        tp = config.tensor_parallel_size
+        mesh = make_mesh(tp, devices) if tp > 1 or devices is not None else None
         per_block = config.block_size * bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, model.dtype)
         num_blocks = config.kv_cache_memory // per_block
         if num_blocks < 2:
@@ -65,15 +70,20 @@ class Engine:
         blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(config, blocks, PrefixCache(blocks) if config.enable_prefix_caching else None,
                                    self.stats, self.max_model_len)
-        self.planner = Planner(config, self.max_model_len, cfg.num_kv_heads, cfg.vocab_size)
-        if config.compilation_cache_dir:
+        # the task tables describe one tensor-parallel shard's KV heads (each shard runs them on its own)
+        self.planner = Planner(config, self.max_model_len, cfg.num_kv_heads // tp, cfg.vocab_size)
+        # Not in a jax.distributed job: processes that loaded a step from the persistent cache hung in its first
+        # collective (jax 0.12.1, gloo), while freshly compiled ones meet (docs/tp.md).
+        if config.compilation_cache_dir and jax.process_count() == 1:
             enable_persistent_cache(config.compilation_cache_dir)
         self.backends = Backends(attention=config.attention_backend, gemm=config.gemm_backend,
                                  gemm_profile=load_default(config.gemm_backend) if config.gemm_backend != "xla"
                                  else None)
         self.max_logprobs = min(config.max_logprobs, cfg.vocab_size)   # top-k over the vocabulary at most
         params = held_weights(model.params, config)
-        self.stats.weight_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+        if mesh is not None:
+            params = shard_model(params, cfg, mesh)
+        self.stats.weight_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(getattr(params, "leaves", params)))
         self.stats.activation_quant = config.activation_quant
         self.runner = Runner(cfg, params, num_blocks, config.block_size, self.backends, self.stats, model.dtype,
                              num_logprobs=self.max_logprobs,
@@ -82,8 +92,15 @@ class Engine:
         self._ids = itertools.count()
         self._rng = np.random.default_rng(config.seed)
         self.drafter = config.speculative.drafter() if config.speculative else None
-        if config.precompile:
+        if jax.process_count() > 1 and jax.process_index() == 0:
+            self.runner = Leader(self.runner)      # the other processes ``follow`` its device operations
+        if config.precompile and jax.process_index() == 0:   # the others compile as they follow
             self.precompile(progress)
+
+    def close(self) -> None:
+        """Release the other processes of a multi-process engine (``xyjax.engine.distributed``); else a no-op."""
+        if isinstance(self.runner, Leader):
+            self.runner.stop()
 
     def precompile(self, progress: bool = True) -> None:
         """Compile (or load from the persistent cache) the step program of every token bucket."""

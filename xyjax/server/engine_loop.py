@@ -17,6 +17,7 @@ import uuid
 from xyjax.llm import LLM
 from xyjax.engine.outputs import RequestOutput
 from xyjax.engine.sampling_params import SamplingParams
+from xyjax.engine.stats import merge
 from xyjax.server.metrics import Metrics
 from xyjax.server.protocol import APIError
 
@@ -67,6 +68,7 @@ class EngineLoop:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._generations: dict[str, Generation] = {}     # request id -> its Generation
         self._deadline: float | None = None               # closing: abort what still runs at this time
+        self._submitted = self._done = 0                  # engine requests (each written by one thread only)
         self.error: str | None = None                     # the engine failed: the loop stopped
         self._thread = threading.Thread(target=self._run, name="xyjax-engine-loop", daemon=True)
 
@@ -75,12 +77,18 @@ class EngineLoop:
         self._thread.start()
 
     @property
+    def load(self) -> int:
+        """Engine requests submitted and not yet finished (or refused)."""
+        return self._submitted - self._done
+
+    @property
     def ready(self) -> bool:
         return self._thread.is_alive() and self._deadline is None and self.error is None
 
     async def submit(self, requests: list[tuple[list[int], SamplingParams]]) -> Generation:
         """Queue the requests of one HTTP request; raises APIError if the engine refuses one (then none runs)."""
         gen = Generation(self, len(requests))
+        self._submitted += len(requests)
         self._commands.put(("add", gen, requests))
         try:
             error = await gen.admitted
@@ -137,6 +145,7 @@ class EngineLoop:
     def _add(self, gen: Generation, requests: list[tuple[list[int], SamplingParams]]) -> None:
         if self.error or self._deadline is not None:
             gen.admit(APIError(self.error or "the server is shutting down", status=503, type="service_unavailable"))
+            self._done += len(requests)
             return
         for rid, (prompt, params) in zip(gen.ids, requests):
             self.engine.add_request(prompt, params, request_id=rid)
@@ -163,5 +172,46 @@ class EngineLoop:
             gen = self._generations.pop(out.request_id) if out.finished else self._generations[out.request_id]
             gen.deliver(out)
             if out.finished:
+                self._done += 1
                 self.metrics.finished(out)
         self.stats = self.llm.stats
+
+
+class Replicas:
+    """Data parallelism: one ``EngineLoop`` per replica (each engine on its own devices), the interface of one loop
+    to the app. A submitted HTTP request goes whole to the least-loaded replica (fewest unfinished engine
+    requests); ``/metrics`` reads one registry, its engine figures summed over the replicas (``stats.merge``)."""
+
+    def __init__(self, llms: list[LLM]):
+        self.loops = [EngineLoop(llm) for llm in llms]
+        self.llm, self.engine = llms[0], llms[0].engine
+        self.metrics = Metrics(lambda: self.stats)
+        for loop in self.loops:
+            loop.metrics = self.metrics
+
+    @property
+    def stats(self) -> dict:
+        return merge([loop.stats for loop in self.loops])
+
+    @property
+    def ready(self) -> bool:
+        return all(loop.ready for loop in self.loops)
+
+    @property
+    def error(self) -> str | None:
+        return next((loop.error for loop in self.loops if loop.error), None)
+
+    def start(self) -> None:
+        for loop in self.loops:
+            loop.start()
+
+    async def submit(self, requests: list[tuple[list[int], SamplingParams]]) -> Generation:
+        return await min(self.loops, key=lambda loop: loop.load).submit(requests)
+
+    def close(self, grace_seconds: float) -> None:
+        for loop in self.loops:
+            loop.close(grace_seconds)
+
+    def join(self, timeout: float | None = None) -> None:
+        for loop in self.loops:
+            loop.join(timeout)

@@ -302,3 +302,43 @@ def convert(params, layout: str):
 
     blocky = lambda w: isinstance(w, (SplitBlocks, GGUFBlocks))  # noqa: E731
     return jax.tree.map(lambda w: to(w) if blocky(w) else w, params, is_leaf=blocky)
+
+
+def split_outputs(w, n: int, sections: tuple[int, ...] | None = None) -> list:
+    """A weight [..., N, K] (plain or ``GGUFBlocks``, host arrays) cut into ``n`` column-parallel shards by output
+    rows: each section of ``sections`` (row counts summing to N, e.g. the q, k, v parts of a fused QKV; None: one
+    section) is cut into n equal pieces and shard s holds piece s of every section, in order. A row is whole in any
+    block format, so only the row counts must divide (a ValueError naming the section otherwise)."""
+    data = np.asarray(w.data if isinstance(w, GGUFBlocks) else _host_plain(w, "split_outputs"))
+    sections = sections or (data.shape[-2],)
+    if sum(sections) != data.shape[-2]:
+        raise ValueError(f"split_outputs: sections {sections} do not add up to the {data.shape[-2]} output rows")
+    bad = [size for size in sections if size % n]
+    if bad:
+        raise ValueError(f"split_outputs: a section of {bad[0]} output rows does not divide into {n} shards")
+    pieces = np.split(data, np.cumsum(sections)[:-1], axis=-2)
+    shards = [np.concatenate([np.split(p, n, axis=-2)[s] for p in pieces], axis=-2) for s in range(n)]
+    return [dataclasses.replace(w, data=d) if isinstance(w, GGUFBlocks) else d for d in shards]
+
+
+def split_inputs(w, n: int) -> list:
+    """A weight [..., N, K] (plain or ``GGUFBlocks``, host arrays) cut into ``n`` row-parallel shards along K:
+    shard s holds inputs [s K / n, (s + 1) K / n). ``GGUFBlocks`` are cut at block boundaries, so K / n must be a
+    multiple of the qtype's block (a ValueError naming both otherwise)."""
+    if not isinstance(w, GGUFBlocks):
+        data = _host_plain(w, "split_inputs")
+        if data.shape[-1] % n:
+            raise ValueError(f"split_inputs: K = {data.shape[-1]} inputs do not divide into {n} shards")
+        return np.split(data, n, axis=-1)
+    block = GGUF_QTYPES[w.qtype][0]
+    if w.k % (n * block):
+        raise ValueError(f"split_inputs: K = {w.k} inputs of {w.qtype} blocks ({block} inputs each) do not cut "
+                         f"into {n} shards at block boundaries")
+    return [dataclasses.replace(w, data=d, k=w.k // n) for d in np.split(np.asarray(w.data), n, axis=-1)]
+
+
+def _host_plain(w, what: str) -> np.ndarray:
+    if is_format(w):
+        raise ValueError(f"{what}: tensor parallelism shards plain matrices and GGUF blocks, not {type(w).__name__} "
+                         f"(use weight_layout 'plain' or 'blocks')")
+    return np.asarray(w)
