@@ -355,3 +355,41 @@ def test_echo_scores_the_prompt(server, tiny_model, tokenizer):
     chat = server.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}],
                                                    max_tokens=2, extra_body={"prompt_logprobs": 0})
     assert chat.model_extra["prompt_logprobs"][0] is None and len(chat.model_extra["prompt_logprobs"]) > len(ids)
+
+
+def test_replicas_go_on_without_a_failed_one_and_count_refused_requests(tiny_model, monkeypatch):
+    """Two replicas in this process: the first one's engine fails; the server stays ready and the other serves. A
+    refused HTTP request (a bad prompt among good ones) leaves no load behind on the replica that refused it."""
+    from xyjax import LLM, SamplingParams
+    from xyjax.server import Replicas
+    from xyjax.server.protocol import APIError
+
+    options = dict(progress=False, max_num_batched_tokens=16, max_num_seqs=4, kv_cache_memory=1 << 20)
+    replicas = Replicas([LLM(tiny_model, **options) for _ in range(2)])
+    broken, healthy = replicas.loops
+
+    def broken_step():
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(broken.engine, "step", broken_step)
+    replicas.start()
+    params = SamplingParams(max_tokens=4)
+
+    async def run(prompts):
+        gen = await replicas.submit([(p, params) for p in prompts])
+        return [out async for _, out in gen.outputs()]
+
+    async def scenario():   # one event loop throughout: the loops deliver the aborted requests' deltas to it
+        assert (await run([[1, 2, 3]]))[-1].finish_reason == "error"     # both idle: the first replica took it
+        assert replicas.ready and not broken.ready
+        assert (await run([[1, 2, 3]]))[-1].finish_reason == "length"
+        with pytest.raises(APIError, match="empty"):
+            await run([[1, 2], [], [3, 4]])
+        deadline = time.monotonic() + 30
+        while healthy.load and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    asyncio.run(scenario())
+    assert healthy.load == 0 and healthy.ready
+    replicas.close(0)
+    replicas.join(timeout=10)

@@ -147,13 +147,14 @@ class EngineLoop:
             gen.admit(APIError(self.error or "the server is shutting down", status=503, type="service_unavailable"))
             self._done += len(requests)
             return
-        for rid, (prompt, params) in zip(gen.ids, requests):
+        for i, (rid, (prompt, params)) in enumerate(zip(gen.ids, requests)):
             self.engine.add_request(prompt, params, request_id=rid)
             self._generations[rid] = gen
             error = self.engine.requests[rid].error   # a bad prompt finishes at once, reported by the next step
             if error:
                 for other in gen.ids:
                     self.engine.abort(other)
+                self._done += len(requests) - i - 1    # never added: they will not finish
                 gen.admit(APIError(error))
                 return
         gen.admit(None)
@@ -195,7 +196,8 @@ class Replicas:
 
     @property
     def ready(self) -> bool:
-        return all(loop.ready for loop in self.loops)
+        """Some replica takes requests (one whose engine failed refuses them; the others go on)."""
+        return any(loop.ready for loop in self.loops)
 
     @property
     def error(self) -> str | None:
@@ -206,7 +208,9 @@ class Replicas:
             loop.start()
 
     async def submit(self, requests: list[tuple[list[int], SamplingParams]]) -> Generation:
-        return await min(self.loops, key=lambda loop: loop.load).submit(requests)
+        """``EngineLoop.submit`` on the least-loaded replica that is ready (any, to refuse, when none is)."""
+        loops = [loop for loop in self.loops if loop.ready] or self.loops
+        return await min(loops, key=lambda loop: loop.load).submit(requests)
 
     def close(self, grace_seconds: float) -> None:
         for loop in self.loops:
