@@ -63,15 +63,12 @@ class EngineStats:
                     peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **self.gauges())
 
 
-_DERIVED = ("mean_step_time", "tokens_per_step", "padding_ratio", "spec_acceptance_rate", "spec_mean_accepted_length",
-            "prefix_cache_hit_rate", "peak_rss_bytes")
-
-
 def merge(snapshots: list[dict]) -> dict:
     """One snapshot over data-parallel replicas (``snapshot()`` dicts): counters and gauges summed, the derived
     figures recomputed from the sums (one process: its peak RSS)."""
     names = {f.name for f in dataclasses.fields(EngineStats)} - {"gauges", "activation_quant"}
-    gauges = sorted(set(snapshots[0]) - names - {"activation_quant", *_DERIVED})
+    derived = set(EngineStats().snapshot()) - names      # no gauges: the counters' keys and the derived figures
+    gauges = sorted(set(snapshots[0]) - derived - names)
     total = EngineStats(activation_quant=snapshots[0]["activation_quant"],
                         **{name: sum(s[name] for s in snapshots) for name in names})
     total.gauges = lambda: {name: sum(s[name] for s in snapshots) for name in gauges}
